@@ -1,0 +1,54 @@
+"""`mmlm` console script: dispatches `mmlm COMMAND ...` to the command's module.
+
+Each command lives in its own module with a `main(argv: list[str]) -> int`
+function and its own argparse parser, imported only when the command runs so
+that `mmlm --help` stays instant and one command's heavy imports never slow
+another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line help). Modules define `main(argv) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "summary": ("mmlm.models.summary", "parameter counts, vision tokens and sequence lengths of a config"),
+    "train": ("mmlm.train.cli", "train a model from a config (the demo: --config configs/demo.py)"),
+    "eval": ("mmlm.eval.cli", "evaluate a checkpoint on a question JSONL across token budgets"),
+    "chat": ("mmlm.infer.chat", "ask a model about an image or a video"),
+    "convert": ("mmlm.convert.cli", "import HF CLIP / LLaMA / LLaVA-Mini weights, or export to HF"),
+    "verify": ("mmlm.convert.verify", "compare a converted checkpoint against transformers"),
+    "data": ("mmlm.data.cli", "synthesise, build, inspect and benchmark datasets"),
+    "bench": ("mmlm.bench.cli", "benchmarks: flops, compress, latency, video-memory, data"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mmlm COMMAND [options]   (mmlm COMMAND --help for details)", "", "commands:"]
+    width = max(len(c) for c in COMMANDS)
+    for name, (_, doc) in COMMANDS.items():
+        lines.append(f"  {name:<{width}}  {doc}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from mmlm import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"mmlm: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
