@@ -1,0 +1,10 @@
+"""LLaVA-Mini / LLaMA-3.1-8B-Instruct: 1 token per image or video frame, 4 pre-fusion layers."""
+
+from mmlm import config_defaults as d
+
+
+def get_config():
+    model = d.model_config(vision=d.vision_clip_vit_l14_336(), llm=d.llm_llama31_8b(), tokens=1, prefusion_layers=4)
+    config = d.base_config(model)
+    config.max_frames = 64  # video frames sampled at 1 fps, at most this many (middle of equal segments)
+    return config

@@ -1,0 +1,9 @@
+"""Matryoshka LLaVA-Mini / Vicuna-7B: M=64 nested queries, budgets {1, 4, 16, 64}."""
+
+from mmlm import config_defaults as d
+
+
+def get_config():
+    model = d.model_config(vision=d.vision_clip_vit_l14_336(), llm=d.llm_vicuna7b(), tokens=64, prefusion_layers=4,
+                           budgets=(1, 4, 16, 64))
+    return d.base_config(model)

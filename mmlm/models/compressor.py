@@ -1,0 +1,124 @@
+"""Vision-token compressors, working in the vision width Dv before the projector.
+
+`QueryCompressor` is the LLaVA-Mini resampler made Matryoshka: M learned
+queries; a budget of m tokens uses the first m (in `matryoshka_order`). The
+queries never attend to each other, so the m-token output is exactly the
+first m rows of the M-token output. With budgets empty and M = C^2 it is the
+LLaVA-Mini compressor, parameter for parameter:
+
+    q_in = LN_q(Q) + PE_q        k_in = LN_kv(X) + PE_k        v_in = LN_kv(X)
+    out  = MultiheadAttention(q_in, k_in, v_in)    (packed in-proj, 8 heads)
+
+PE_q is the C x C sin-cos table; PE_k that table bicubically resized (torch
+semantics) to the key grid. The cross-attention core (LN_kv, K/V projection,
+softmax attention) runs through `mmlm.kernels.compress_attention`, which is a
+fused Pallas kernel on GPU/TPU and plain XLA on CPU (`impl`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmlm.kernels import compress_attention
+from mmlm.models.config import CompressorConfig
+from mmlm.models.layers import dense, layer_norm
+from mmlm.models.positions import adaptive_avg_pool_matrix, key_position_table, matryoshka_order, sincos_2d
+
+
+class LayerNormParams(nn.Module):
+    """The (scale, bias) of a LayerNorm applied elsewhere (inside a fused kernel)."""
+
+    dim: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("vision_embed",)),
+                           (self.dim,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vision_embed",)),
+                          (self.dim,), self.param_dtype)
+        return scale, bias
+
+
+def _square_side(n: int, what: str) -> int:
+    side = int(round(n**0.5))
+    if side * side != n:
+        raise ValueError(f"{what} must form a square grid, got {n} tokens")
+    return side
+
+
+def query_position_table(cfg: CompressorConfig, dim: int) -> np.ndarray:
+    """(M, dim) query position codes in query order (Matryoshka-permuted when on)."""
+    table = sincos_2d(dim, cfg.grid)
+    if cfg.matryoshka:
+        table = table[matryoshka_order(cfg.grid, cfg.budgets)]
+    return table
+
+
+class QueryCompressor(nn.Module):
+    """features (B, N, Dv), N a square key grid -> (B, m, Dv)."""
+
+    cfg: CompressorConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, num_tokens: int) -> jax.Array:
+        cfg = self.cfg
+        b, n, dv = x.shape
+        if not 1 <= num_tokens <= cfg.tokens:
+            raise ValueError(f"compressor asked for {num_tokens} tokens, it has {cfg.tokens} queries")
+        if dv % cfg.heads:
+            raise ValueError(f"vision width {dv} is not divisible by compressor.heads={cfg.heads}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        query = self.param("query", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                 ("queries", "vision_embed")),
+                           (cfg.tokens, dv), self.param_dtype)
+        ln_q = layer_norm(cfg.ln_eps, name="ln_q", axis="vision_embed", **kw)
+        # LN_kv is applied inside the fused kernel, which takes its raw parameters.
+        ln_kv_scale, ln_kv_bias = LayerNormParams(dv, self.param_dtype, name="ln_kv")()
+        w_in = self.param("in_proj_kernel", nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
+                                                                         ("vision_embed", "qkv")),
+                          (dv, 3 * dv), self.param_dtype)
+        b_in = self.param("in_proj_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("qkv",)),
+                          (3 * dv,), self.param_dtype)
+        out_proj = dense(dv, ("qkv", "vision_embed"), use_bias=True, name="out_proj", **kw)
+
+        pe_q = jnp.asarray(query_position_table(cfg, dv)[:num_tokens], self.dtype)
+        pe_k = jnp.asarray(key_position_table(dv, cfg.grid, _square_side(n, "compressor keys")), self.dtype)
+        w_in, b_in = w_in.astype(self.dtype), b_in.astype(self.dtype)
+        wq, wk, wv = w_in[:, :dv], w_in[:, dv:2 * dv], w_in[:, 2 * dv:]
+        bq, bk, bv = b_in[:dv], b_in[dv:2 * dv], b_in[2 * dv:]
+        # Queries are shared by the whole batch: project them once, (m, Dv).
+        q = (ln_q(query[:num_tokens].astype(self.dtype)) + pe_q) @ wq + bq
+        attn = compress_attention(
+            x.astype(self.dtype), q, ln_kv_scale.astype(self.dtype), ln_kv_bias.astype(self.dtype),
+            wk, bk, wv, bv, pe_k, num_heads=cfg.heads, eps=cfg.ln_eps, impl=cfg.impl)
+        return out_proj(attn)
+
+
+class AvgPoolCompressor(nn.Module):
+    """Adaptive average pooling of the key grid to sqrt(m) x sqrt(m) (the paper's ablation)."""
+
+    cfg: CompressorConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, num_tokens: int) -> jax.Array:
+        side = _square_side(num_tokens, "average-pooling budget")
+        pool = adaptive_avg_pool_matrix(_square_side(x.shape[1], "compressor keys"), side)
+        return jnp.einsum("mn,bnd->bmd", jnp.asarray(pool, x.dtype), x)
+
+
+def make_compressor(cfg: CompressorConfig, dtype, param_dtype, name: str = "compressor") -> nn.Module:
+    if cfg.kind == "query":
+        return QueryCompressor(cfg, dtype=dtype, param_dtype=param_dtype, name=name)
+    if cfg.kind == "avgpool":
+        return AvgPoolCompressor(cfg, dtype=dtype, param_dtype=param_dtype, name=name)
+    raise ValueError(f"unknown compressor kind {cfg.kind!r}; use 'query' or 'avgpool'")

@@ -1,0 +1,217 @@
+"""Typed, hashable model configs built from the `config.model` ConfigDict.
+
+Flax modules take these frozen dataclasses (not ConfigDicts) so they can be
+hashed by `nn.scan`/`jax.jit` and read without string lookups. Field meanings
+are documented where the ConfigDict is built (`configs/common.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from mmlm import IMAGE_TOKEN_ID
+
+MODES = ("llava_mini", "llava15")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """CLIP-style ViT."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    width: int = 1024
+    layers: int = 24  # depth of the full (checkpoint) tower
+    heads: int = 16
+    mlp_dim: int = 4096
+    select_layer: int = -2  # HF hidden_states index whose output is used
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def grid(self) -> int:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def blocks_used(self) -> int:
+        """Blocks actually built: those whose output reaches `select_layer`.
+
+        HF `hidden_states[k]` is the output of block k (0 = embeddings after
+        the pre-LayerNorm), so blocks after the selected one and the
+        post-LayerNorm never influence the features and are not built.
+        """
+        k = self.select_layer if self.select_layer >= 0 else self.layers + 1 + self.select_layer
+        if not 0 <= k <= self.layers:
+            raise ValueError(f"select_layer {self.select_layer} out of range for {self.layers} layers")
+        return k
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """LLaMA-family decoder (also the block config of pre-fusion layers)."""
+
+    vocab_size: int = 32000
+    width: int = 4096
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int = 32
+    head_dim: int = 128
+    mlp_dim: int = 11008
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] = ()  # e.g. (("rope_type","llama3"),("factor",8.0),...)
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any]:
+        return dict(self.rope_scaling)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressorConfig:
+    kind: str = "query"  # "query" (LLaVA-Mini resampler) or "avgpool" (ablation)
+    tokens: int = 1  # C^2, or M (max queries) for Matryoshka
+    budgets: tuple[int, ...] = ()  # Matryoshka budgets; empty = off
+    heads: int = 8
+    ln_eps: float = 1e-5
+    impl: str = "auto"  # "auto" | "pallas" | "xla" (cross-attention implementation)
+
+    @property
+    def grid(self) -> int:
+        c = int(round(self.tokens**0.5))
+        if c * c != self.tokens:
+            raise ValueError(f"compressor.tokens must be a perfect square (C^2), got {self.tokens}")
+        return c
+
+    @property
+    def matryoshka(self) -> bool:
+        return len(self.budgets) > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    mode: str = "llava_mini"
+    image_size: int = 336
+    hd_grid: int = 1
+    prefusion_layers: int = 4
+    projector: str = "mlp2x_gelu"
+    image_token_id: int = IMAGE_TOKEN_ID
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    vision: VisionConfig = VisionConfig()
+    llm: LlamaConfig = LlamaConfig()
+    compressor: CompressorConfig = CompressorConfig()
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"model.mode must be one of {MODES}, got {self.mode!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.hd_grid < 1:
+            raise ValueError(f"model.hd_grid must be >= 1, got {self.hd_grid}")
+        if self.mode == "llava15" and self.hd_grid > 1:
+            raise ValueError("the llava15 baseline has no HD path; set model.hd_grid=1")
+        if self.vision.image_size != self.image_size:
+            raise ValueError(
+                f"model.image_size ({self.image_size}) and model.vision.image_size "
+                f"({self.vision.image_size}) disagree")
+        for b in self.compressor.budgets:
+            if not 1 <= b <= self.compressor.tokens:
+                raise ValueError(
+                    f"Matryoshka budget {b} is outside 1..{self.compressor.tokens} "
+                    "(model.compressor.tokens)")
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def default_budget(self) -> int:
+        """Vision tokens per image/frame when the caller does not choose."""
+        return self.compressor.tokens
+
+    @property
+    def supported_budgets(self) -> tuple[int, ...]:
+        if self.mode == "llava15":
+            return (self.vision.num_patches,)
+        if self.compressor.matryoshka:
+            return tuple(sorted(set(self.compressor.budgets) | {self.compressor.tokens}))
+        return (self.compressor.tokens,)
+
+    def check_budget(self, m: int | None) -> int:
+        """Returns the budget to use, with a clear error for an unsupported one."""
+        if self.mode == "llava15":
+            n = self.vision.num_patches
+            if m not in (None, n):
+                raise ValueError(f"the llava15 baseline always uses all {n} vision tokens; got {m}")
+            return n
+        if m is None:
+            return self.default_budget
+        if self.compressor.matryoshka:
+            if not 1 <= m <= self.compressor.tokens:
+                raise ValueError(
+                    f"num_vision_tokens={m} is not supported: this Matryoshka model has "
+                    f"{self.compressor.tokens} queries (trained budgets {self.compressor.budgets})")
+            if self.compressor.kind == "avgpool" and int(round(m**0.5)) ** 2 != m:
+                raise ValueError(f"average pooling needs a square token budget, got {m}")
+            return m
+        if m != self.compressor.tokens:
+            raise ValueError(
+                f"num_vision_tokens={m} is not supported: this model was built for "
+                f"{self.compressor.tokens} tokens (model.compressor.tokens) and is not Matryoshka")
+        return m
+
+
+def _plain(value):
+    if isinstance(value, ml_collections.ConfigDict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _build(cls, cfg: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
+    return cls(**cfg)
+
+
+def model_config_from_dict(model: ml_collections.ConfigDict | dict) -> ModelConfig:
+    """Builds a `ModelConfig` from `config.model`."""
+    d = _plain(model) if isinstance(model, ml_collections.ConfigDict) else dict(model)
+    d = dict(d)
+    vision = _build(VisionConfig, dict(d.pop("vision", {})))
+    llm_d = dict(d.pop("llm", {}))
+    scaling = llm_d.get("rope_scaling") or {}
+    if isinstance(scaling, dict):
+        llm_d["rope_scaling"] = tuple(sorted(scaling.items()))
+    llm = _build(LlamaConfig, llm_d)
+    comp_d = dict(d.pop("compressor", {}))
+    comp_d["budgets"] = tuple(int(b) for b in comp_d.get("budgets", ()))
+    compressor = _build(CompressorConfig, comp_d)
+    return _build(ModelConfig, dict(d, vision=vision, llm=llm, compressor=compressor))

@@ -1,0 +1,133 @@
+"""LLaMA-family decoder: RMSNorm, RoPE (default / llama3), MHA/GQA, SwiGLU, KV cache.
+
+The same `LlamaBlock` is used by the modality pre-fusion layers.
+
+KV cache layout: `{"k": (L, B, S, Hkv, Dh), "v": ...}` with `S` cache slots.
+A call writes its T new keys/values at slots `[index, index+T)`; the caller
+passes `key_valid` (B, S) marking every slot that holds a real token
+(including the new ones), so prompts of different lengths can share a batch
+(left-padded) and the same mask code serves training and decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmlm.models.config import LlamaConfig
+from mmlm.models.layers import (BlockStack, RMSNorm, apply_rope, causal_mask, dense, dot_product_attention,
+                                rope_inv_freq)
+
+KVCache = dict[str, jax.Array]
+
+
+class LlamaBlock(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: KVCache | None, positions: jax.Array, mask: jax.Array,
+                 cache_index: jax.Array | None = None):
+        """x: (B, T, D); positions: (B, T); mask: (B, T, S). Returns (x, new layer cache)."""
+        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, t, _ = x.shape
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+        h = RMSNorm(cfg.rms_eps, name="input_layernorm", **kw)(x)
+        q = dense(cfg.heads * cfg.head_dim, ("embed", "heads"), use_bias=False, name="q_proj", **kw)(h)
+        k = dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), use_bias=False, name="k_proj", **kw)(h)
+        v = dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), use_bias=False, name="v_proj", **kw)(h)
+        q = apply_rope(q.reshape(b, t, cfg.heads, cfg.head_dim), positions, inv_freq)
+        k = apply_rope(k.reshape(b, t, cfg.kv_heads, cfg.head_dim), positions, inv_freq)
+        v = v.reshape(b, t, cfg.kv_heads, cfg.head_dim)
+        new_cache = None
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            new_cache = {"k": k, "v": v}
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        attn = dot_product_attention(q, k, v, mask).reshape(b, t, cfg.heads * cfg.head_dim)
+        x = x + dense(cfg.width, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(attn)
+        h = RMSNorm(cfg.rms_eps, name="post_attention_layernorm", **kw)(x)
+        gate = dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=False, name="gate_proj", **kw)(h)
+        up = dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=False, name="up_proj", **kw)(h)
+        x = x + dense(cfg.width, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(nn.silu(gate) * up)
+        return x, new_cache
+
+
+def block_stack(cfg: LlamaConfig, num_layers: int, dtype, param_dtype, scan: bool, remat: str,
+                name: str) -> BlockStack:
+    return BlockStack(LlamaBlock, (("cfg", cfg), ("dtype", dtype), ("param_dtype", param_dtype)),
+                      num_layers, scan=scan, remat=remat, name=name)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32, layers: int | None = None) -> KVCache:
+    """Zeroed KV cache with `slots` positions per sequence."""
+    shape = (layers or cfg.layers, batch, slots, cfg.kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class LlamaModel(nn.Module):
+    """Decoder-only LM. Parameters: embed_tokens, layers, norm, lm_head (unless tied)."""
+
+    cfg: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = True
+    remat: str = "none"
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.width, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+        self.decoder = block_stack(cfg, cfg.layers, self.dtype, self.param_dtype, self.scan_layers, self.remat,
+                                   name="decoder")
+        self.norm = RMSNorm(cfg.rms_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name="lm_head")
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """Token embeddings (B, T, D); negative ids (placeholders) embed as id 0."""
+        return self.embed_tokens(jnp.maximum(ids, 0))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.cfg.tie_embeddings:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(self, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array,
+                 cache: KVCache | None = None, cache_index: jax.Array | int = 0,
+                 return_hidden: bool = False):
+        """Runs the decoder.
+
+        embeds: (B, T, D); positions: (B, T) RoPE positions; key_valid: (B, S)
+        valid key slots, S = T without a cache or the cache size with one.
+        Returns (logits (B, T, V) fp32 — or the final hidden states if
+        `return_hidden` — , new cache or None).
+        """
+        t = embeds.shape[1]
+        q_slots = jnp.arange(t) + (cache_index if cache is not None else 0)
+        mask = causal_mask(q_slots, key_valid)
+        if cache is None:
+            x, _ = self.decoder(embeds.astype(self.dtype), None, positions, mask)
+            new_cache = None
+        else:
+            x, new_cache = self.decoder(embeds.astype(self.dtype), cache, positions, mask,
+                                        jnp.asarray(cache_index, jnp.int32))
+        x = self.norm(x)
+        if return_hidden:
+            return x, new_cache
+        return self.logits(x).astype(jnp.float32), new_cache
+
+    def forward_tokens(self, ids: jax.Array, valid: jax.Array | None = None):
+        """Convenience: logits (B, T, V) for right-padded token ids (B, T)."""
+        if valid is None:
+            valid = jnp.ones(ids.shape, bool)
+        positions = jnp.where(valid, jnp.cumsum(valid, axis=-1) - 1, 0)
+        return self(self.embed(ids), positions, valid)[0]

@@ -1,0 +1,193 @@
+"""LLaVA-Mini (and the LLaVA-1.5 baseline) assembled from the parts.
+
+Batch (see `mmlm.data`): `input_ids`, `labels`, `attention_mask` (B, T);
+`images` (B, F, K, H, W, 3) with F frames and K views per frame (1, or
+n*n crops in raster order + the whole image for HD); `frame_mask` (B, F).
+A sample has media iff its `input_ids` contain the placeholder
+`model.image_token_id`; its vision tokens replace that placeholder.
+
+Per image/frame (llava_mini mode):
+    feats  = ViT(view)                                   (N, Dv) per view
+    comp   = compressor(feats or stitched HD crops, m)   (m, Dv)
+    fused  = prefusion([proj(feats...), proj(comp), text])
+    LLM gets fused[compressed positions] in place of `<image>`, and the fused
+    text (averaged over frames for video).
+llava15 mode: the LLM gets proj(feats) for all N patches of every frame.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange, repeat
+
+from mmlm import IGNORE_INDEX
+from mmlm.models.compressor import make_compressor
+from mmlm.models.config import ModelConfig
+from mmlm.models.layers import positions_from_valid
+from mmlm.models.llama import KVCache, LlamaModel
+from mmlm.models.loss import shift_targets
+from mmlm.models.prefusion import PreFusion
+from mmlm.models.projector import Projector
+from mmlm.models.vit import VisionTower
+
+Batch = dict[str, jax.Array]
+
+
+def stitch_crops(feats: jax.Array, n: int) -> jax.Array:
+    """n*n crops' patch grids (B, n*n, g*g, D), raster order -> one (B, (n*g)^2, D) grid."""
+    g = int(round(feats.shape[2] ** 0.5))
+    return rearrange(feats, "b (r c) (i j) d -> b (r i c j) d", r=n, c=n, i=g, j=g)
+
+
+def merge_vision_into_text(text: jax.Array, labels: jax.Array, text_valid: jax.Array, has_media: jax.Array,
+                           placeholder: jax.Array, vision: jax.Array, vision_valid: jax.Array,
+                           align: str = "right") -> dict[str, jax.Array]:
+    """Replaces each sample's placeholder by its V vision tokens, then packs tokens.
+
+    text: (B, T, D); labels, text_valid: (B, T); has_media, placeholder: (B,);
+    vision: (B, V, D); vision_valid: (B, V). Output length L = T - 1 + V
+    (T when V = 0). `align="right"` puts valid tokens first (training, right
+    padding); `"left"` puts them last (batched prompts for generation).
+    Returns embeds (B, L, D), labels, valid and RoPE positions (B, L).
+    """
+    b, t, _ = text.shape
+    v = vision.shape[1]
+    length = t - 1 + v if v else t
+    p = jnp.arange(length)[None, :]
+    p0 = placeholder[:, None]
+    in_vision = has_media[:, None] & (p >= p0) & (p < p0 + v)
+    text_idx = jnp.where(has_media[:, None] & (p >= p0 + v), p - v + 1, p)
+    text_ok = text_idx < t
+    text_idx = jnp.clip(text_idx, 0, t - 1)
+    vis_idx = jnp.clip(p - p0, 0, max(v - 1, 0))
+    take = lambda a, idx: jnp.take_along_axis(a, idx if a.ndim == 2 else idx[..., None], axis=1)
+    emb = take(text, text_idx)
+    valid = take(text_valid, text_idx) & text_ok
+    lab = take(labels, text_idx)
+    if v:
+        emb = jnp.where(in_vision[..., None], take(vision, vis_idx).astype(emb.dtype), emb)
+        valid = jnp.where(in_vision, take(vision_valid, vis_idx), valid)
+    lab = jnp.where(in_vision | ~valid, IGNORE_INDEX, lab)
+    # Stable sort on validity packs real tokens together in their original order.
+    key = (~valid) if align == "right" else valid
+    order = jnp.argsort(key.astype(jnp.int32), axis=1, stable=True)
+    emb, valid, lab = take(emb, order), take(valid, order), take(lab, order)
+    return {"embeds": emb, "labels": lab, "valid": valid, "positions": positions_from_valid(valid)}
+
+
+class LlavaMini(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+        self.vision = VisionTower(cfg.vision, scan_layers=cfg.scan_layers, remat=cfg.remat_policy, **kw)
+        self.projector = Projector(cfg.projector, cfg.llm.width, **kw)
+        if cfg.mode == "llava_mini":
+            self.compressor = make_compressor(cfg.compressor, **kw)
+            if cfg.prefusion_layers:
+                self.prefusion = PreFusion(cfg.llm, cfg.prefusion_layers, scan_layers=cfg.scan_layers,
+                                           remat=cfg.remat_policy, **kw)
+        self.llm = LlamaModel(cfg.llm, scan_layers=cfg.scan_layers, remat=cfg.remat_policy, **kw)
+
+    # ------------------------------------------------------------------ vision
+    def encode_images(self, images: jax.Array) -> jax.Array:
+        """(B, F, K, H, W, 3) -> ViT patch features (B, F, K, N, Dv)."""
+        b, f, k = images.shape[:3]
+        feats = self.vision(rearrange(images, "b f k h w c -> (b f k) h w c"))
+        return rearrange(feats, "(b f k) n d -> b f k n d", b=b, f=f, k=k)
+
+    def compress(self, feats: jax.Array, num_tokens: int) -> jax.Array:
+        """(B, F, K, N, Dv) -> compressed tokens (B, F, m, Dv) (HD crops stitched first)."""
+        b, f = feats.shape[:2]
+        keys = self._compressor_keys(feats)
+        comp = self.compressor(rearrange(keys, "b f n d -> (b f) n d"), num_tokens)
+        return rearrange(comp, "(b f) m d -> b f m d", b=b, f=f)
+
+    def _compressor_keys(self, feats: jax.Array) -> jax.Array:
+        n = self.cfg.hd_grid
+        if n == 1:
+            return feats[:, :, 0]
+        b, f = feats.shape[:2]
+        crops = rearrange(feats[:, :, : n * n], "b f k n d -> (b f) k n d")
+        return rearrange(stitch_crops(crops, n), "(b f) n d -> b f n d", b=b, f=f)
+
+    def _check_views(self, images: jax.Array):
+        n = self.cfg.hd_grid
+        want = 1 if n == 1 else n * n + 1
+        if images.shape[2] != want:
+            raise ValueError(
+                f"images have {images.shape[2]} views per frame, model.hd_grid={n} needs {want} "
+                "(n*n crops + the whole image for HD, else 1)")
+
+    def vision_and_text(self, batch: Batch, num_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Vision tokens for the LLM (B, V, D), their validity (B, V), and LLM text embeddings (B, T, D)."""
+        cfg = self.cfg
+        ids, images, frame_mask = batch["input_ids"], batch["images"], batch["frame_mask"]
+        self._check_views(images)
+        b, f = images.shape[:2]
+        text = self.llm.embed(ids)
+        feats = self.encode_images(images)  # (B, F, K, N, Dv)
+        if cfg.mode == "llava15":
+            tokens = self.projector(feats[:, :, 0])  # (B, F, N, D)
+            valid = repeat(frame_mask, "b f -> b (f n)", n=tokens.shape[2])
+            return rearrange(tokens, "b f n d -> b (f n) d"), valid, text
+        comp = self.compress(feats, num_tokens)  # (B, F, m, Dv)
+        comp_proj = self.projector(comp)
+        valid = repeat(frame_mask, "b f -> b (f m)", m=num_tokens)
+        if not cfg.prefusion_layers:
+            return rearrange(comp_proj, "b f m d -> b (f m) d"), valid, text
+        views = [self._compressor_keys(feats)]
+        if cfg.hd_grid > 1:
+            views.append(feats[:, :, cfg.hd_grid**2])  # the whole image, after the stitched crops
+        seq = jnp.concatenate([self.projector(v) for v in views] + [comp_proj], axis=2)
+        has_media = jnp.any(ids == cfg.image_token_id, axis=1)
+        fuse = (batch["attention_mask"] & (ids != cfg.image_token_id) & (batch["labels"] == IGNORE_INDEX))
+        text_f = repeat(text, "b t d -> (b f) t d", f=f)
+        fuse_f = repeat(fuse, "b t -> (b f) t", f=f)
+        vis_out, text_out = self.prefusion(rearrange(seq, "b f p d -> (b f) p d"), text_f, fuse_f)
+        tokens = rearrange(vis_out[:, -num_tokens:], "(b f) m d -> b (f m) d", b=b)
+        # Text states averaged over the sample's real frames (one frame for images).
+        w = frame_mask.astype(jnp.float32)
+        w = w / jnp.maximum(w.sum(axis=1, keepdims=True), 1.0)
+        text_out = jnp.einsum("bf,bftd->btd", w, rearrange(text_out, "(b f) t d -> b f t d", b=b).astype(jnp.float32))
+        text = jnp.where(has_media[:, None, None], text_out.astype(text.dtype), text)
+        return tokens, valid, text
+
+    # ------------------------------------------------------------- LLM inputs
+    def build_llm_inputs(self, batch: Batch, num_vision_tokens: int | None = None,
+                         align: str = "right") -> dict[str, jax.Array]:
+        """The LLM's input sequence: embeds (B, L, D), labels, valid, positions (B, L)."""
+        cfg = self.cfg
+        ids = batch["input_ids"]
+        has_media = jnp.any(ids == cfg.image_token_id, axis=1)
+        placeholder = jnp.argmax(ids == cfg.image_token_id, axis=1)
+        if "images" in batch:
+            m = cfg.check_budget(num_vision_tokens)
+            vision, vision_valid, text = self.vision_and_text(batch, m)
+        else:  # text-only batch
+            text = self.llm.embed(ids)
+            vision = jnp.zeros((ids.shape[0], 0, text.shape[-1]), text.dtype)
+            vision_valid = jnp.zeros((ids.shape[0], 0), bool)
+        return merge_vision_into_text(text, batch["labels"], batch["attention_mask"], has_media, placeholder,
+                                      vision, vision_valid, align=align)
+
+    def __call__(self, batch: Batch, num_vision_tokens: int | None = None) -> dict[str, jax.Array]:
+        """Training/scoring forward: logits (B, L, V) and the targets they predict (B, L)."""
+        inputs = self.build_llm_inputs(batch, num_vision_tokens)
+        logits, _ = self.llm(inputs["embeds"], inputs["positions"], inputs["valid"])
+        return {"logits": logits, "targets": shift_targets(inputs["labels"]), "valid": inputs["valid"]}
+
+    # -------------------------------------------------------------- decoding
+    def decode(self, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array, cache: KVCache,
+               cache_index: jax.Array | int):
+        """LLM step with a KV cache (prefill or one token): (logits, new cache)."""
+        return self.llm(embeds, positions, key_valid, cache=cache, cache_index=cache_index)
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:
+        return self.llm.embed(ids)
+

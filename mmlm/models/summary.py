@@ -1,0 +1,114 @@
+"""`mmlm summary`: parameter counts, vision tokens and sequence lengths of a config.
+
+Shapes come from `jax.eval_shape` of the model's init, so nothing is
+allocated: a 7B config answers in seconds on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from mmlm import IGNORE_INDEX
+from mmlm.config_utils import load_config, split_config_overrides
+from mmlm.models.config import ModelConfig, model_config_from_dict
+from mmlm.models.layers import count_params
+from mmlm.models.llava_mini import LlavaMini
+
+PARTS = ("vision", "projector", "compressor", "prefusion", "llm")
+
+
+def dummy_batch(cfg: ModelConfig, batch: int = 1, text_len: int = 16, frames: int = 1,
+                abstract: bool = True) -> dict[str, Any]:
+    """A batch of the right shapes (one `<image>` placeholder per sample at position 1)."""
+    views = 1 if cfg.hd_grid == 1 else cfg.hd_grid**2 + 1
+    s = cfg.image_size
+    shapes = {
+        "input_ids": ((batch, text_len), jnp.int32),
+        "labels": ((batch, text_len), jnp.int32),
+        "attention_mask": ((batch, text_len), jnp.bool_),
+        "images": ((batch, frames, views, s, s, 3), jnp.float32),
+        "frame_mask": ((batch, frames), jnp.bool_),
+    }
+    if abstract:
+        return {k: jax.ShapeDtypeStruct(shape, dt) for k, (shape, dt) in shapes.items()}
+    ids = np.ones((batch, text_len), np.int32)
+    ids[:, 1] = cfg.image_token_id
+    return {
+        "input_ids": ids,
+        "labels": np.full((batch, text_len), IGNORE_INDEX, np.int32),
+        "attention_mask": np.ones((batch, text_len), bool),
+        "images": np.zeros((batch, frames, views, s, s, 3), np.float32),
+        "frame_mask": np.ones((batch, frames), bool),
+    }
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """Parameter ShapeDtypeStructs (unboxed) without allocating anything."""
+    model = LlavaMini(cfg)
+    batch = dummy_batch(cfg)
+    variables = jax.eval_shape(lambda b: model.init(jax.random.key(0), b), batch)
+    return nn.unbox(variables)["params"]
+
+
+def summarize(cfg: ModelConfig, text_len: int = 64) -> dict[str, Any]:
+    params = abstract_params(cfg)
+    counts = {part: count_params(params.get(part, {})) for part in PARTS}
+    counts["total"] = sum(counts.values())
+    v = cfg.vision
+    n = v.num_patches
+    m = cfg.check_budget(None)
+    seq: dict[str, int] = {"text": text_len, "vision_patches_per_view": n}
+    if cfg.mode == "llava_mini" and cfg.prefusion_layers:
+        views = n * cfg.hd_grid**2 + (n if cfg.hd_grid > 1 else 0)
+        seq["prefusion"] = views + m + text_len
+    seq["llm"] = text_len - 1 + m
+    return {
+        "params": counts,
+        "llm_vision_tokens": m,
+        "budgets": list(cfg.supported_budgets),
+        "vision_blocks_built": v.blocks_used,
+        "sequence_lengths": seq,
+    }
+
+
+def _print_table(name: str, s: dict[str, Any]) -> None:
+    print(f"config: {name}")
+    print(f"{'part':<12}{'parameters':>18}")
+    for part in PARTS + ("total",):
+        print(f"{part:<12}{s['params'][part]:>18,}")
+    print(f"\nvision tokens the LLM sees per image/frame: {s['llm_vision_tokens']}"
+          f"  (budgets: {', '.join(map(str, s['budgets']))})")
+    print(f"vision blocks built: {s['vision_blocks_built']} (blocks after the selected layer are not built)")
+    print("sequence lengths: " + ", ".join(f"{k}={v}" for k, v in s["sequence_lengths"].items()))
+
+
+def main(argv: list[str]) -> int:
+    argv, overrides = split_config_overrides(argv)
+    parser = argparse.ArgumentParser(
+        prog="mmlm summary",
+        description="Parameter count per part (vision, projector, compressor, prefusion, llm), vision tokens "
+                    "per image/frame and sequence lengths of a config, from abstract shapes (no weights "
+                    "are allocated). Config overrides: --config.a.b=value.")
+    parser.add_argument("--config", required=True, help="config file, e.g. configs/llava_mini_vicuna7b.py")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--text_len", type=int, default=None,
+                        help="text tokens per sample for the sequence lengths (default: config.text_len)")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, overrides)
+    cfg = model_config_from_dict(config.model)
+    text_len = args.text_len or int(config.get("text_len", 64))
+    s = summarize(cfg, text_len)
+    if args.json:
+        json.dump(s, sys.stdout, indent=2)
+        print()
+    else:
+        _print_table(args.config, s)
+    return 0

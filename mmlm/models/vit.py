@@ -1,0 +1,78 @@
+"""CLIP-compatible ViT vision encoder.
+
+Matches `transformers.CLIPVisionModel` up to the selected hidden state:
+patch conv (no bias) + class token + learned positions, `pre_layrnorm`, then
+pre-LN blocks with quick-GELU MLPs. Only the blocks whose output reaches
+`select_layer` are built (see `VisionConfig.blocks_used`); the post-LayerNorm
+never touches `hidden_states[k]` and is not built either.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from mmlm.models.config import VisionConfig
+from mmlm.models.layers import BlockStack, dense, dot_product_attention, layer_norm, quick_gelu
+
+
+class VitBlock(nn.Module):
+    cfg: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, state):
+        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, n, d = x.shape
+        dh = d // cfg.heads
+        h = layer_norm(cfg.layer_norm_eps, name="layer_norm1", axis="embed", **kw)(x)
+        q = dense(d, ("embed", "heads"), use_bias=True, name="q_proj", **kw)(h)
+        k = dense(d, ("embed", "heads"), use_bias=True, name="k_proj", **kw)(h)
+        v = dense(d, ("embed", "heads"), use_bias=True, name="v_proj", **kw)(h)
+        split = lambda t: t.reshape(b, n, cfg.heads, dh)
+        attn = dot_product_attention(split(q), split(k), split(v), None).reshape(b, n, d)
+        x = x + dense(d, ("heads", "embed"), use_bias=True, name="out_proj", **kw)(attn)
+        h = layer_norm(cfg.layer_norm_eps, name="layer_norm2", axis="embed", **kw)(x)
+        h = quick_gelu(dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=True, name="fc1", **kw)(h))
+        x = x + dense(d, ("mlp", "embed"), use_bias=True, name="fc2", **kw)(h)
+        return x, None
+
+
+class VisionTower(nn.Module):
+    """images (B, H, W, 3) channels-last, CLIP-normalised -> patch features (B, N, width)."""
+
+    cfg: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = True
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        if images.shape[1:3] != (cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"vision tower expects {cfg.image_size}x{cfg.image_size} images, got {images.shape[1:3]}")
+        patches = nn.Conv(
+            cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, padding="VALID",
+            use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                     ("conv_h", "conv_w", "channels", "embed")),
+            name="patch_embedding")(images.astype(self.dtype))
+        x = rearrange(patches, "b h w d -> b (h w) d")
+        cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                         (cfg.width,), self.param_dtype)
+        pos = self.param("position_embedding",
+                         nn.with_logical_partitioning(nn.initializers.normal(0.02), ("patches", "embed")),
+                         (cfg.num_patches + 1, cfg.width), self.param_dtype)
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, cfg.width))
+        x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+        x = layer_norm(cfg.layer_norm_eps, name="pre_layrnorm", axis="embed",
+                       dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        if cfg.blocks_used:
+            x, _ = BlockStack(VitBlock, (("cfg", cfg), ("dtype", self.dtype), ("param_dtype", self.param_dtype)),
+                              cfg.blocks_used, scan=self.scan_layers, remat=self.remat, name="encoder")(x, None)
+        return x[:, 1:]  # drop the class token
