@@ -1,0 +1,320 @@
+"""Behavioural tests of the model core on the tiny config (CPU, fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mmlm.config_utils import load_config
+from mmlm.models.config import model_config_from_dict
+from mmlm.models.layers import stack_layers, unstack_layers
+from mmlm.models.llama import LlamaModel, init_cache
+from mmlm.models.llava_mini import LlavaMini, stitch_crops
+from mmlm.models.loss import token_loss
+
+T = 14  # text length of the test batches
+
+
+def make_cfg(*overrides: str):
+    return model_config_from_dict(load_config("configs/tiny.py", overrides).model)
+
+
+def make_batch(cfg, batch=3, frames=1, seed=0, media=(True, True, False)):
+    """Samples: text ids with a placeholder at position 2 (if media), instruction up to 8, response after."""
+    rng = np.random.default_rng(seed)
+    views = 1 if cfg.hd_grid == 1 else cfg.hd_grid**2 + 1
+    ids = rng.integers(3, cfg.llm.vocab_size, (batch, T)).astype(np.int32)
+    labels = np.full((batch, T), IGNORE_INDEX, np.int32)
+    labels[:, 9:12] = ids[:, 9:12]
+    mask = np.ones((batch, T), bool)
+    mask[:, 12:] = False  # right padding
+    ids[:, 12:] = 0
+    for b, has in enumerate(media[:batch]):
+        if has:
+            ids[b, 2] = IMAGE_TOKEN_ID
+    s = cfg.image_size
+    return {
+        "input_ids": ids, "labels": labels, "attention_mask": mask,
+        "images": rng.normal(size=(batch, frames, views, s, s, 3)).astype(np.float32),
+        "frame_mask": np.repeat(np.array(media[:batch])[:, None], frames, axis=1),
+    }
+
+
+def init(cfg, batch):
+    return nn.unbox(LlavaMini(cfg).init(jax.random.key(0), batch))["params"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = make_cfg()
+    batch = make_batch(cfg)
+    return cfg, batch, init(cfg, batch)
+
+
+def apply(cfg, params, *args, method=None, **kw):
+    return LlavaMini(cfg).apply({"params": params}, *args, method=method, **kw)
+
+
+def test_matryoshka_prefix_is_exact(tiny):
+    cfg, batch, params = tiny
+    feats = apply(cfg, params, batch["images"], method=LlavaMini.encode_images)
+    full = apply(cfg, params, feats, cfg.compressor.tokens, method=LlavaMini.compress)
+    for m in (1, 2, 3):
+        part = apply(cfg, params, feats, m, method=LlavaMini.compress)
+        np.testing.assert_allclose(part, full[:, :, :m], atol=1e-6)
+
+
+def test_prefix_survives_prefusion(tiny):
+    """Compressed tokens are causal in pre-fusion, so the LLM's m vision tokens are a prefix too."""
+    cfg, batch, params = tiny
+    full, _, _ = apply(cfg, params, batch, 4, method=LlavaMini.vision_and_text)
+    one, _, _ = apply(cfg, params, batch, 1, method=LlavaMini.vision_and_text)
+    np.testing.assert_allclose(one, full[:, :1], atol=1e-5)
+
+
+def test_budget_errors():
+    cfg = make_cfg()
+    with pytest.raises(ValueError, match="num_vision_tokens=5"):
+        cfg.check_budget(5)
+    plain = make_cfg("--config.model.compressor.budgets=()")
+    with pytest.raises(ValueError, match="not Matryoshka"):
+        plain.check_budget(1)
+
+
+def _fusion(cfg, params, batch):
+    tokens, _, text = apply(cfg, params, batch, 1, method=LlavaMini.vision_and_text)
+    return np.asarray(tokens), np.asarray(text)
+
+
+def test_response_and_padding_tokens_do_not_leak_into_fusion(tiny):
+    cfg, batch, params = tiny
+    tokens, text = _fusion(cfg, params, batch)
+    instruction = slice(0, 9)
+    for position in (10, 13):  # a response token, a padding token
+        changed = {k: v.copy() for k, v in batch.items()}
+        changed["input_ids"][:, position] = 7
+        if position == 10:
+            changed["labels"][:, position] = 7
+        tokens2, text2 = _fusion(cfg, params, changed)
+        np.testing.assert_array_equal(tokens2, tokens)
+        np.testing.assert_array_equal(text2[:, instruction], text[:, instruction])
+    # ...while an instruction token changes the fused text after it (not the
+    # vision tokens: they precede the text in the causal pre-fusion sequence).
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["input_ids"][:, 5] = 7
+    tokens3, text3 = _fusion(cfg, params, changed)
+    np.testing.assert_array_equal(tokens3, tokens)
+    assert np.abs(text3[:2, 6:9] - text[:2, 6:9]).max() > 1e-4
+
+
+def test_no_media_sample_uses_raw_embeddings(tiny):
+    cfg, batch, params = tiny
+    _, text = _fusion(cfg, params, batch)
+    raw = apply(cfg, params, batch["input_ids"], method=LlavaMini.embed_tokens)
+    np.testing.assert_allclose(text[2], raw[2], atol=0)
+    assert np.abs(text[0, 5] - raw[0, 5]).max() > 1e-4  # fused instruction text differs
+
+
+def test_right_padding_does_not_change_real_logits(tiny):
+    cfg, batch, params = tiny
+    out = apply(cfg, params, batch)
+    padded = {k: v for k, v in batch.items()}
+    extra = 5
+    padded["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (0, extra)), constant_values=3)
+    padded["labels"] = np.pad(batch["labels"], ((0, 0), (0, extra)), constant_values=IGNORE_INDEX)
+    padded["attention_mask"] = np.pad(batch["attention_mask"], ((0, 0), (0, extra)))
+    out2 = apply(cfg, params, padded)
+    valid = np.asarray(out["valid"])
+    length = valid.shape[1]
+    a = np.asarray(out["logits"])[valid]
+    b = np.asarray(out2["logits"])[:, :length][valid]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out2["valid"])[:, length:], False)
+
+
+def test_causality(tiny):
+    cfg, batch, params = tiny
+    logits = np.asarray(apply(cfg, params, batch)["logits"])
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["input_ids"][:, 11] = 5  # a late response token (labels unchanged: no effect on fusion)
+    logits2 = np.asarray(apply(cfg, params, changed)["logits"])
+    # LLM position of text token 11 = 11 - 1 + m for media samples, 11 otherwise.
+    m = cfg.default_budget
+    for b, pos in enumerate((10 + m, 10 + m, 11)):
+        np.testing.assert_allclose(logits2[b, :pos], logits[b, :pos], atol=1e-6)
+        assert np.abs(logits2[b, pos] - logits[b, pos]).max() > 1e-5
+
+
+def test_loss_ignores_unsupervised_positions(tiny):
+    cfg, batch, params = tiny
+    out = apply(cfg, params, batch)
+    stats = token_loss(out["logits"], out["targets"])
+    assert int(stats["num_tokens"]) == int((batch["labels"] != IGNORE_INDEX).sum())
+    assert np.isfinite(float(stats["loss"]))
+
+
+def test_llm_inputs_place_vision_tokens_at_placeholder(tiny):
+    cfg, batch, params = tiny
+    m = 4
+    inp = apply(cfg, params, batch, m, method=LlavaMini.build_llm_inputs)
+    tokens, _, text = apply(cfg, params, batch, m, method=LlavaMini.vision_and_text)
+    emb, lab = np.asarray(inp["embeds"]), np.asarray(inp["labels"])
+    np.testing.assert_allclose(emb[0, 2:2 + m], tokens[0], atol=0)
+    np.testing.assert_allclose(emb[0, :2], text[0, :2], atol=0)
+    np.testing.assert_allclose(emb[0, 2 + m], text[0, 3], atol=0)
+    np.testing.assert_array_equal(lab[0, 2:2 + m], IGNORE_INDEX)
+    np.testing.assert_array_equal(lab[0, 9 - 1 + m:12 - 1 + m], batch["labels"][0, 9:12])
+    # The sample without media keeps its text where it was, padding after.
+    np.testing.assert_allclose(emb[2, :12], text[2, :12], atol=0)
+    assert np.asarray(inp["valid"])[2].sum() == 12
+    np.testing.assert_array_equal(np.asarray(inp["positions"])[0, :11 + m], np.arange(11 + m))
+
+
+def test_video_frame_order_is_preserved():
+    cfg = make_cfg()
+    frames = 3
+    batch = make_batch(cfg, batch=2, frames=frames, media=(True, True))
+    batch["frame_mask"][1, 2] = False  # second sample has 2 real frames
+    params = init(cfg, batch)
+    m = 1
+    inp = apply(cfg, params, batch, m, method=LlavaMini.build_llm_inputs)
+    emb = np.asarray(inp["embeds"])
+    # Each frame alone (as an image) gives the token the LLM sees at 2 + f.
+    for f in range(frames):
+        single = {k: v for k, v in batch.items()}
+        single["images"] = batch["images"][:, f:f + 1]
+        single["frame_mask"] = np.ones((2, 1), bool)
+        tok, _, _ = apply(cfg, params, single, m, method=LlavaMini.vision_and_text)
+        np.testing.assert_allclose(emb[0, 2 + f], tok[0, 0], atol=1e-5)
+        if f < 2:
+            np.testing.assert_allclose(emb[1, 2 + f], tok[1, 0], atol=1e-5)
+    # The padded frame is dropped: sample 1 continues with its text right after two frames.
+    _, _, text = apply(cfg, params, batch, m, method=LlavaMini.vision_and_text)
+    np.testing.assert_allclose(emb[1, 4], text[1, 3], atol=0)
+    # Video text states are the mean over real frames of the per-frame fused text.
+    per_frame = []
+    for f in range(2):
+        single = {k: v for k, v in batch.items()}
+        single["images"] = batch["images"][:, f:f + 1]
+        single["frame_mask"] = np.ones((2, 1), bool)
+        per_frame.append(np.asarray(apply(cfg, params, single, m, method=LlavaMini.vision_and_text)[2])[1])
+    np.testing.assert_allclose(np.asarray(text)[1], np.mean(per_frame, axis=0), atol=1e-5)
+
+
+def test_hd_crops_stitched_in_raster_order():
+    n, g, d = 2, 3, 1
+    crops = np.zeros((1, n * n, g * g, d), np.float32)
+    for c in range(n * n):  # crop c holds (crop row, crop col, patch row, patch col) codes
+        r, col = divmod(c, n)
+        for p in range(g * g):
+            i, j = divmod(p, g)
+            crops[0, c, p, 0] = (r * g + i) * 100 + (col * g + j)
+    stitched = np.asarray(stitch_crops(jnp.asarray(crops), n))[0, :, 0]
+    expected = np.array([y * 100 + x for y in range(n * g) for x in range(n * g)], np.float32)
+    np.testing.assert_array_equal(stitched, expected)
+
+
+def test_hd_model_runs_and_uses_whole_image():
+    cfg = make_cfg("--config.model.hd_grid=2", "--config.model.compressor.tokens=16",
+                   "--config.model.compressor.budgets=()")
+    batch = make_batch(cfg, batch=2, media=(True, False))
+    params = init(cfg, batch)
+    out = apply(cfg, params, batch)
+    assert out["logits"].shape == (2, T - 1 + 16, cfg.llm.vocab_size)
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["images"][:, :, 4] += 1.0  # only the whole-image view
+    tok1, _, _ = apply(cfg, params, batch, method=LlavaMini.vision_and_text, num_tokens=16)
+    tok2, _, _ = apply(cfg, params, changed, method=LlavaMini.vision_and_text, num_tokens=16)
+    assert np.abs(np.asarray(tok1[0]) - np.asarray(tok2[0])).max() > 1e-5
+    with pytest.raises(ValueError, match="views per frame"):
+        apply(cfg, params, make_batch(make_cfg(), batch=2, media=(True, False)))
+
+
+def test_llava15_baseline_sees_all_patches():
+    cfg = make_cfg("--config.model.mode=llava15", "--config.model.prefusion_layers=0",
+                   "--config.model.compressor.budgets=()")
+    batch = make_batch(cfg)
+    params = init(cfg, batch)
+    assert "compressor" not in params and "prefusion" not in params
+    out = apply(cfg, params, batch)
+    n = cfg.vision.num_patches
+    assert out["logits"].shape[1] == T - 1 + n
+    assert int(np.asarray(out["valid"])[0].sum()) == 12 - 1 + n
+
+
+def test_avgpool_compressor_matches_torch_adaptive_pool():
+    torch = pytest.importorskip("torch")
+    cfg = make_cfg("--config.model.compressor.kind=avgpool", "--config.model.compressor.tokens=4",
+                   "--config.model.compressor.budgets=(1,4)")
+    batch = make_batch(cfg)
+    params = init(cfg, batch)
+    assert "compressor" not in params
+    feats = apply(cfg, params, batch["images"], method=LlavaMini.encode_images)
+    comp = np.asarray(apply(cfg, params, feats, 4, method=LlavaMini.compress))
+    f = np.asarray(feats)[:, 0, 0]  # (B, N, D), N = 4x4
+    grid = torch.tensor(f).reshape(f.shape[0], 4, 4, -1).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.adaptive_avg_pool2d(grid, 2).permute(0, 2, 3, 1).reshape(f.shape[0], 4, -1)
+    np.testing.assert_allclose(comp[:, 0], ref.numpy(), atol=1e-6)
+
+
+def test_scanned_and_unrolled_layers_agree(tiny):
+    cfg, batch, params = tiny
+    unrolled_cfg = make_cfg("--config.model.scan_layers=False")
+    unrolled = unstack_layers(params)
+    out_scan = apply(cfg, params, batch)["logits"]
+    out_loop = apply(unrolled_cfg, unrolled, batch)["logits"]
+    np.testing.assert_allclose(out_scan, out_loop, atol=1e-5)
+    # The unrolled init has the same tree as unstacking the scanned one, and stacking inverts it.
+    ref = init(unrolled_cfg, batch)
+    assert jax.tree.structure(ref) == jax.tree.structure(unrolled)
+    restacked = stack_layers(unrolled, cfg.llm.layers)
+    assert jax.tree.structure(restacked) == jax.tree.structure(params)
+
+
+def test_remat_does_not_change_results(tiny):
+    cfg, batch, params = tiny
+    remat_cfg = make_cfg("--config.model.remat_policy=full")
+
+    def loss(c, p):
+        out = LlavaMini(c).apply({"params": p}, batch)
+        return token_loss(out["logits"], out["targets"])["loss"]
+
+    g1 = jax.grad(lambda p: loss(cfg, p))(params)
+    g2 = jax.grad(lambda p: loss(remat_cfg, p))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_kv_cache_decoding_matches_full_forward(scan):
+    cfg = make_cfg(f"--config.model.scan_layers={scan}").llm
+    model = LlamaModel(cfg, scan_layers=scan)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, cfg.vocab_size, (2, 10)).astype(np.int32)
+    valid = np.ones((2, 10), bool)
+    valid[1, :3] = False  # left padding on the second row
+    params = model.init(jax.random.key(0), jnp.asarray(ids), method=LlamaModel.forward_tokens)
+    positions = np.where(valid, np.cumsum(valid, 1) - 1, 0)
+    embeds = model.apply(params, jnp.asarray(ids), method=LlamaModel.embed)
+    full, _ = model.apply(params, embeds, positions, valid)
+    prompt = 6
+    cache = init_cache(cfg, 2, 10)
+    key_valid = np.zeros((2, 10), bool)
+    key_valid[:, :prompt] = valid[:, :prompt]
+    logits, cache = model.apply(params, embeds[:, :prompt], positions[:, :prompt], key_valid, cache, 0)
+    steps = [logits]
+    for t in range(prompt, 10):
+        key_valid[:, t] = valid[:, t]
+        logits, cache = model.apply(params, embeds[:, t:t + 1], positions[:, t:t + 1], key_valid, cache, t)
+        steps.append(logits)
+    cached = np.concatenate([np.asarray(s) for s in steps], axis=1)
+    np.testing.assert_allclose(cached[valid], np.asarray(full)[valid], atol=1e-5)
+
+
+def test_tied_embeddings_have_no_lm_head():
+    cfg = make_cfg("--config.model.llm.tie_embeddings=True")
+    params = init(cfg, make_batch(cfg))
+    assert "lm_head" not in params["llm"]
