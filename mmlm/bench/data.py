@@ -1,0 +1,127 @@
+"""`mmlm bench data`: examples/s of the grain input pipeline on this machine.
+
+Without `--dataset`, it synthesises a `shapes` dataset (rendered at
+`--source-size` px so image decoding costs what a real photo's would, roughly)
+and builds it in a temporary directory first (building needs TensorFlow).
+Timing covers `--batches` batches after `--warmup` batches; each batch is
+fully materialised (decode, pad-to-square, resize, normalise, tokenise, pad).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmlm bench data",
+        description="Measure examples/s of the mmlm grain input pipeline (make_dataset) on this "
+                    "machine. Without --dataset a synthetic shapes dataset is made and built first.")
+    p.add_argument("--dataset", default=None, metavar="DIR",
+                   help="an `mmlm data build --out` directory (default: synthesise one)")
+    p.add_argument("--split", default="train", help="split to read (default: %(default)s)")
+    p.add_argument("--kind", default="shapes", choices=("shapes", "shapes_hd", "moving_shapes"),
+                   help="synthetic kind when no --dataset (default: %(default)s)")
+    p.add_argument("--num", type=int, default=512, help="synthetic records (default: %(default)s)")
+    p.add_argument("--source-size", type=int, default=336,
+                   help="side of the synthetic images in pixels (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=336, help="model image side H = W (default: %(default)s)")
+    p.add_argument("--hd-grid", type=int, default=0, help="HD grid n, 0 = off (default: %(default)s)")
+    p.add_argument("--max-frames", type=int, default=8, help="F for video datasets (default: %(default)s)")
+    p.add_argument("--max-text-len", type=int, default=128, help="T (default: %(default)s)")
+    p.add_argument("--template", default="vicuna_v1", help="conversation template (default: %(default)s)")
+    p.add_argument("--tokenizer", default="", help="tokenizer path (default: the tiny tokenizer)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default: %(default)s)")
+    p.add_argument("--batches", type=int, default=40, help="timed batches (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="grain worker processes (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=4, help="read/preprocess threads (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    return p
+
+
+def _make_dataset_dir(args, tmp: str) -> str:
+    from mmlm.data import build, synth
+
+    src = os.path.join(tmp, "synth")
+    print(f"synthesising {args.num} {args.kind} records at {args.source_size} px ...", file=sys.stderr)
+    path = synth.synthesize(args.kind, src, args.num, 0, args.split, image_size=args.source_size,
+                            progress=False)
+    out = os.path.join(tmp, "ds")
+    build.build_dataset({args.split: path}, src, out, videos_dir=src, name="bench", progress=False)
+    return out
+
+
+def run(args) -> dict:
+    """Runs the benchmark; returns the measurements."""
+    import ml_collections
+
+    from mmlm.data.config import default_data_config
+    from mmlm.data.pipeline import make_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = args.dataset or _make_dataset_dir(args, tmp)
+        config = ml_collections.ConfigDict()
+        config.data = default_data_config()
+        d = config.data
+        d.dataset_dir, d.template, d.max_text_len = dataset, args.template, args.max_text_len
+        d.image_size, d.hd_grid, d.max_frames = args.image_size, args.hd_grid, args.max_frames
+        d.batch_size, d.worker_count, d.read_threads = args.batch_size, args.workers, args.threads
+        if args.tokenizer:
+            d.tokenizer = args.tokenizer
+        pipe = make_dataset(config, args.split, process_index=0, process_count=1, train=True)
+        it = iter(pipe)
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            next(it)
+        t1 = time.perf_counter()
+        for _ in range(args.batches):
+            batch = next(it)
+        t2 = time.perf_counter()
+        if hasattr(it, "close"):
+            it.close()
+    n = args.batches * args.batch_size
+    return {
+        "examples_per_s": n / (t2 - t1),
+        "batches_per_s": args.batches / (t2 - t1),
+        "warmup_s": t1 - t0,
+        "batch_size": args.batch_size,
+        "batches": args.batches,
+        "images_shape": list(batch["images"].shape),
+        "text_len": args.max_text_len,
+        "workers": args.workers,
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "dataset": args.dataset or f"synthetic {args.kind} ({args.num} records, {args.source_size} px)",
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("num", "source_size", "image_size", "max_frames", "max_text_len", "batch_size", "batches"):
+        if getattr(args, name) < 1:
+            print(f"mmlm bench data: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}",
+                  file=sys.stderr)
+            return 2
+    if args.hd_grid < 0 or args.workers < 0 or args.threads < 0 or args.warmup < 0:
+        print("mmlm bench data: --hd-grid, --workers, --threads and --warmup must be >= 0", file=sys.stderr)
+        return 2
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"data pipeline: {result['examples_per_s']:.1f} examples/s "
+              f"({result['batches_per_s']:.2f} batches/s of {args.batch_size}; images "
+              f"{tuple(result['images_shape'])}, T={args.max_text_len}; {args.workers} workers, "
+              f"{args.threads} threads, {result['cpus']} CPUs; {result['dataset']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""`mmlm data ...`: synthesise, build, inspect datasets and make the tiny tokenizer.
+
+    mmlm data synth --kind shapes --out DIR --num N --seed S [--split val]
+    mmlm data build --json FILE [--json SPLIT=FILE ...] --images DIR [--videos DIR] --out DIR [--name NAME]
+    mmlm data inspect DIR [--split train] [--num 3]
+    mmlm data tokenizer [--out data/tiny_tokenizer.model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+_DESCRIPTION = """\
+Data tools for mmlm.
+
+  synth      write a synthetic LLaVA dataset (JSON + images/videos + eval JSONL)
+  build      turn LLaVA JSON + media into a TFDS ArrayRecord dataset for training
+  inspect    print decoded examples with the supervised (trained-on) spans marked
+  tokenizer  re-train the tiny sentencepiece tokenizer shipped in data/
+
+Typical flow:
+  mmlm data synth --kind shapes --out /tmp/shapes --num 2000 --seed 0 --split train
+  mmlm data synth --kind shapes --out /tmp/shapes --num 200 --seed 0 --split val
+  mmlm data build --json train=/tmp/shapes/train.json --json val=/tmp/shapes/val.json \\
+      --images /tmp/shapes --out /tmp/shapes_ds --name shapes
+  mmlm data inspect /tmp/shapes_ds --split train --num 3
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from mmlm.data import synth, templates
+
+    parser = argparse.ArgumentParser(prog="mmlm data", description=_DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic LLaVA dataset split",
+                       description="Write a synthetic LLaVA dataset split: OUT/SPLIT.json, "
+                                   "OUT/SPLIT_questions.jsonl and media under OUT/images or OUT/videos. "
+                                   "Deterministic: the same kind/seed/split always gives the same files.")
+    p.add_argument("--kind", required=True, choices=synth.KINDS,
+                   help="shapes: coloured shapes, questions on colour/shape/count/position/existence; "
+                        "shapes_hd: small shapes that need high resolution; "
+                        "moving_shapes: videos with direction/order-of-appearance questions")
+    p.add_argument("--out", required=True, help="output directory (created; splits can share it)")
+    p.add_argument("--num", required=True, type=_positive_int, help="number of images/videos")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--split", default="train", help="split name, e.g. train, val, test (default: %(default)s)")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="image/video side in pixels (default: shapes 64, shapes_hd 128, moving_shapes 64)")
+    p.add_argument("--questions-per-image", type=_positive_int, default=1,
+                   help="question-answer turns per record (default: %(default)s)")
+
+    p = sub.add_parser("build", help="LLaVA JSON + media -> TFDS ArrayRecord dataset",
+                       description="Build a TFDS ArrayRecord dataset from LLaVA-format JSON. Bad records "
+                                   "(missing/undecodable media, no assistant turn, <image> markers that do "
+                                   "not match the media, paths escaping their root, non-UTF-8 text) are "
+                                   "skipped and counted in OUT/build_report.json. Needs TensorFlow "
+                                   "(pip install -e .[data]).")
+    p.add_argument("--json", required=True, action="append", metavar="[SPLIT=]FILE",
+                   help="LLaVA JSON (.json list or .jsonl); repeat as SPLIT=FILE for several splits")
+    p.add_argument("--images", default=None, metavar="DIR", help="root directory of image paths")
+    p.add_argument("--videos", default=None, metavar="DIR", help="root directory of video paths")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--name", default="llava_data",
+                   help="dataset name: lowercase letters, digits, '_' (default: %(default)s)")
+    p.add_argument("--split", default="train", help="split of a --json given without SPLIT= (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing build of NAME in OUT")
+    p.add_argument("--max-video-frames", type=_positive_int, default=64,
+                   help="frames stored per video after 1 fps sampling (default: %(default)s)")
+    p.add_argument("--video-fps", type=_positive_float, default=1.0,
+                   help="video sampling rate, frames per second (default: %(default)s)")
+    p.add_argument("--max-frame-side", type=_positive_int, default=768,
+                   help="stored video frames are downscaled to fit this side (default: %(default)s)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="threads decoding media (default: CPU count, at most 16)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("inspect", help="print decoded examples with supervised spans marked",
+                       description="Print examples of a built dataset as the model sees them: the "
+                                   "templated text with supervised (trained-on) tokens marked, the "
+                                   "placeholder, truncation; saves each example's views/frames as a PNG.")
+    p.add_argument("dataset_dir", metavar="DIR", help="an `mmlm data build --out` directory")
+    p.add_argument("--split", default="train", help="split to read (default: %(default)s)")
+    p.add_argument("--num", type=_positive_int, default=3, help="examples to show (default: %(default)s)")
+    p.add_argument("--start", type=_nonneg_int, default=0, help="first example index (default: %(default)s)")
+    p.add_argument("--template", default="vicuna_v1", choices=templates.TEMPLATES,
+                   help="conversation template (default: %(default)s)")
+    p.add_argument("--tokenizer", default="", help="tokenizer path (default: the tiny tokenizer in data/)")
+    p.add_argument("--max-text-len", type=_positive_int, default=256, help="T (default: %(default)s)")
+    p.add_argument("--image-size", type=_positive_int, default=336, help="H = W (default: %(default)s)")
+    p.add_argument("--hd-grid", type=_nonneg_int, default=0, help="HD grid n, 0 = off (default: %(default)s)")
+    p.add_argument("--max-frames", type=_positive_int, default=8, help="F for videos (default: %(default)s)")
+    p.add_argument("--save-dir", default="mmlm_inspect",
+                   help="where to save each example's image sheet; '' to skip (default: %(default)s)")
+    p.add_argument("--show", action="store_true", help="also open the images in a viewer (PIL show)")
+    p.add_argument("--color", action="store_true", help="mark supervised tokens with ANSI green")
+
+    p = sub.add_parser("tokenizer", help="re-train the tiny sentencepiece tokenizer", add_help=False)
+    return parser
+
+
+def _synth(args) -> int:
+    from mmlm.data import synth
+
+    path = synth.synthesize(args.kind, args.out, args.num, args.seed, args.split,
+                            image_size=args.image_size, questions_per_image=args.questions_per_image)
+    print(f"wrote {path} and {path.parent / (args.split + '_questions.jsonl')}")
+    return 0
+
+
+def _build(args) -> int:
+    from mmlm.data import build
+
+    try:
+        jsons = build.parse_json_args(args.json, args.split)
+        report = build.build_dataset(
+            jsons, args.images, args.out, videos_dir=args.videos, name=args.name,
+            overwrite=args.overwrite, max_video_frames=args.max_video_frames, video_fps=args.video_fps,
+            max_frame_side=args.max_frame_side, workers=args.workers, progress=not args.quiet)
+    except build.BuildError as e:
+        print(f"mmlm data build: error: {e}", file=sys.stderr)
+        return 1
+    print(report.pop("_summary"))
+    print(f"report: {args.out}/{build.REPORT_FILE}")
+    return 0
+
+
+def _inspect(args) -> int:
+    import ml_collections
+
+    from mmlm.data.build import BuildError
+    from mmlm.data.config import default_data_config
+    from mmlm.data.inspect_data import inspect
+
+    config = ml_collections.ConfigDict()
+    config.data = default_data_config()
+    d = config.data
+    d.dataset_dir, d.template, d.max_text_len = args.dataset_dir, args.template, args.max_text_len
+    d.image_size, d.hd_grid, d.max_frames = args.image_size, args.hd_grid, args.max_frames
+    if args.tokenizer:
+        d.tokenizer = args.tokenizer
+    try:
+        return inspect(args.dataset_dir, args.split, config, num=args.num, start=args.start,
+                       save_dir=args.save_dir or None, show=args.show, color=args.color)
+    except (BuildError, ValueError, FileNotFoundError) as e:
+        print(f"mmlm data inspect: error: {e}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "tokenizer":  # its own parser (also `python -m mmlm.data.make_tokenizer`)
+        from mmlm.data import make_tokenizer
+
+        return make_tokenizer.main(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return {"synth": _synth, "build": _build, "inspect": _inspect}[args.command](args)
+    except (OSError, ValueError) as e:
+        print(f"mmlm data {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

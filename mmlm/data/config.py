@@ -1,0 +1,79 @@
+"""The `config.data` ConfigDict read by `mmlm.data.pipeline.make_dataset`.
+
+Training configs do `config.data = default_data_config()` and override
+fields. Defaults are the paper's stage-2 settings (LLaVA-Mini, Vicuna v1.5,
+336 px); the tiny/demo configs override sizes.
+
+Fields the pipeline may take from the model config: `image_size` and
+`hd_grid` default to None, meaning "use `config.model.image_size` /
+`config.model.hd_grid`" (336 / 0 when the config has no such field), so the
+model and the data cannot disagree by accident. Set them here to override.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mmlm.data.preprocess import CLIP_MEAN, CLIP_STD
+from mmlm.data.tokenizer import TINY_TOKENIZER_PATH
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Defaults for `config.data`; every field has a comment with meaning and units."""
+    c = ml_collections.ConfigDict()
+    # Output directory of `mmlm data build` (holds mmlm_dataset.json).
+    c.dataset_dir = ""
+    # Split names used by the trainer for training and evaluation.
+    c.train_split = "train"
+    c.eval_split = "val"
+    # Conversation template: "vicuna_v1", "llama_3_1" or "plain" (stage 1).
+    c.template = "vicuna_v1"
+    # System prompt replacing the template's default; None keeps the default.
+    c.system_prompt = None
+    # Tokenizer: a sentencepiece .model, a tokenizer.json, or a directory
+    # with one of them. Default: the tiny tokenizer shipped in data/.
+    c.tokenizer = str(TINY_TOKENIZER_PATH)
+    # Text length T of input_ids/labels (tokens, including the one image
+    # placeholder); longer conversations are truncated (placeholder kept).
+    c.max_text_len = 2048
+    # Global batch size (examples per step over all hosts); each process gets
+    # batch_size / process_count.
+    c.batch_size = 256
+    # Global batch size for evaluation; 0 means batch_size.
+    c.eval_batch_size = 0
+    # Image side H = W in pixels; None: config.model.image_size (else 336).
+    c.image_size = None
+    # HD grid n (n x n crops + the whole image, K = n*n + 1 views);
+    # 0 or 1 disables HD (K = 1); None: config.model.hd_grid (else 0).
+    c.hd_grid = None
+    # Frames F per video sample (cap after 1 fps sampling); batches of a
+    # dataset with videos have F = max_frames, image-only datasets F = 1.
+    c.max_frames = 8
+    # Video sampling rate in frames per second (LLaVA-Mini: 1 fps). Used to
+    # re-sample the frames stored by `mmlm data build` (also at 1 fps by default).
+    c.video_fps = 1.0
+    # CLIP normalisation mean and std (RGB, on 0..1 pixels); the mean is also
+    # the padding colour of the pad-to-square step.
+    c.image_mean = tuple(CLIP_MEAN)
+    c.image_std = tuple(CLIP_STD)
+    # Seed of the shuffle (each epoch is shuffled differently, deterministically).
+    c.seed = 0
+    # Shuffle training data (evaluation data is never shuffled).
+    c.shuffle = True
+    # Training epochs; None repeats forever (the trainer stops by step count).
+    c.num_epochs = None
+    # Worker processes per host for decoding/preprocessing (grain mp_prefetch);
+    # 0 keeps everything in the training process. Changing it changes the
+    # order of examples within batches, so keep it fixed across a resume.
+    c.worker_count = 0
+    # Batches each worker process prepares ahead.
+    c.worker_buffer_size = 2
+    # Threads per process that read and preprocess examples (PIL and PyAV
+    # release the GIL, so threads help even without worker processes).
+    c.read_threads = 4
+    # Examples read ahead per process (grain ReadOptions.prefetch_buffer_size).
+    c.prefetch_buffer_size = 64
+    # Also emit `truncated` (bool, B) and `num_tokens` (int32, B: length
+    # before truncation) in each batch, for logging truncation.
+    c.with_stats = False
+    return c

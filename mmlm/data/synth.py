@@ -1,0 +1,496 @@
+"""Synthetic LLaVA-format datasets that exercise every path (image, HD, video).
+
+Kinds:
+
+* `shapes`: 1-3 coloured shapes (6 colours x 4 shapes, distinct pairs) on a
+  plain background, placed on a 3x3 grid. Questions with single-word answers
+  on colour, shape, count, relative position (left/right, above/below) and
+  existence. Small (default 64 px) so that a tiny model learns it in minutes.
+* `shapes_hd`: 3-6 small shapes on a 4x4 grid of a larger image (default
+  128 px). Shapes are ~9 px wide: at half resolution they blur into coloured
+  blobs, so the shape questions (which shape, how many of a shape, is there
+  a <colour> <shape>) need the HD crops.
+* `moving_shapes`: short videos (default 64 px, 6 s at 4 fps, PyAV-encoded
+  MPEG-4 MP4) of 1-2 shapes moving in straight lines, the second appearing 2-3.5 s
+  after the first. Temporal questions: direction of motion, which colour
+  appears first, how many objects appear, plus colour.
+
+Output of `synthesize(kind, out_dir, num, seed, split)`:
+
+* `OUT/{split}.json`: LLaVA JSON, a list of
+  `{"id", "image" | "video", "conversations": [{"from": "human", "value":
+  "<image>\\nQ"}, {"from": "gpt", "value": "A"}, ...]}`; videos use the
+  `<video>` marker as LLaVA-Mini does. Media paths are relative to OUT, so
+  `mmlm data build --json OUT/train.json --images OUT --videos OUT` builds it;
+* `OUT/{split}_questions.jsonl`: one question per line (LLaVA eval style):
+  `{"question_id", "image" | "video", "text", "answer", "category"}`, the
+  media path relative to the JSONL's directory;
+* media under `OUT/images/` or `OUT/videos/`.
+
+Everything is a pure function of (kind, seed, split, record index): record i is
+the same whatever `num` is, and different splits never share a random stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+KINDS = ("shapes", "shapes_hd", "moving_shapes")
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 90, 230),
+    "yellow": (235, 205, 35),
+    "purple": (150, 60, 200),
+    "orange": (245, 135, 25),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+# Neutral backgrounds, far from every object colour.
+BACKGROUNDS = ((245, 245, 245), (128, 128, 128), (25, 25, 25))
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+DIRECTIONS = ("left", "right", "up", "down")
+
+# Question templates per category (the tokenizer corpus enumerates them all).
+Q_COLOR = "What color is the {shape}?"
+Q_SHAPE = "What shape is the {color} object?"
+Q_COUNT = "How many objects are there?"
+Q_COUNT_SHAPE = "How many {plural} are there?"
+Q_LEFT_RIGHT = "Is the {color} {shape} left or right of the {color2} {shape2}?"
+Q_ABOVE_BELOW = "Is the {color} {shape} above or below the {color2} {shape2}?"
+Q_EXIST = "Is there a {color} {shape}?"
+Q_DIRECTION = "Which way is the {color} {shape} moving?"
+Q_FIRST = "Which color appears first?"
+Q_COUNT_VIDEO = "How many objects appear in the video?"
+
+DEFAULT_SIZES = {"shapes": 64, "shapes_hd": 128, "moving_shapes": 64}
+VIDEO_FPS = 4  # frames per second of the synthetic videos
+VIDEO_SECONDS = 6.0
+_SUPERSAMPLE = 4  # shapes are drawn 4x larger then box-filtered (anti-aliasing)
+
+
+@dataclasses.dataclass(frozen=True)
+class Obj:
+    """A shape in a scene; (cx, cy, r) in pixels of the output image."""
+
+    color: str
+    shape: str
+    cx: float
+    cy: float
+    r: float
+    row: int = 0
+    col: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class QA:
+    category: str
+    question: str
+    answer: str
+
+
+def _stable_hash(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def record_rng(kind: str, seed: int, split: str, index: int) -> np.random.Generator:
+    """The random stream of one record: a function of (kind, seed, split, index)."""
+    return np.random.default_rng([int(seed), _stable_hash(kind), _stable_hash(split), int(index)])
+
+
+# ----------------------------------------------------------------------------
+# Drawing
+# ----------------------------------------------------------------------------
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
+                color: tuple[int, int, int]) -> None:
+    """Draws one shape of radius r centred at (cx, cy), coordinates in canvas pixels."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+    elif shape == "square":
+        s = 0.85 * r  # a square of the same visual weight as the circle
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=color)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=color)
+    elif shape == "cross":
+        w = 0.36 * r
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(objs: Sequence[Obj], size: int, background: tuple[int, int, int]) -> Image.Image:
+    """Renders shapes on a plain background, anti-aliased by supersampling."""
+    big = Image.new("RGB", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), background)
+    draw = ImageDraw.Draw(big)
+    for o in objs:
+        s = _SUPERSAMPLE
+        _draw_shape(draw, o.shape, o.cx * s, o.cy * s, o.r * s, COLORS[o.color])
+    return big.reduce(_SUPERSAMPLE)
+
+
+# ----------------------------------------------------------------------------
+# Scenes and questions (still images)
+# ----------------------------------------------------------------------------
+
+def _distinct_pairs(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+    """n distinct (colour, shape) pairs."""
+    pairs = list(itertools.product(COLORS, SHAPES))
+    picks = rng.choice(len(pairs), size=n, replace=False)
+    return [pairs[int(i)] for i in picks]
+
+
+def _grid_scene(rng: np.random.Generator, size: int, grid: int, n: int,
+                radius: tuple[float, float]) -> list[Obj]:
+    """n objects in distinct cells of a grid x grid layout, jittered in their cell."""
+    cell = size / grid
+    cells = rng.choice(grid * grid, size=n, replace=False)
+    objs = []
+    for (color, shape), c in zip(_distinct_pairs(rng, n), cells):
+        row, col = divmod(int(c), grid)
+        r = float(rng.uniform(*radius))
+        slack = max(cell / 2 - r - 1.0, 0.0)  # keep the shape inside its cell
+        cx = (col + 0.5) * cell + float(rng.uniform(-slack, slack))
+        cy = (row + 0.5) * cell + float(rng.uniform(-slack, slack))
+        objs.append(Obj(color, shape, cx, cy, r, row, col))
+    return objs
+
+
+def _unique(objs: Sequence[Obj], attr: str) -> list[Obj]:
+    """Objects whose `attr` value no other object shares."""
+    values = [getattr(o, attr) for o in objs]
+    return [o for o in objs if values.count(getattr(o, attr)) == 1]
+
+
+def _absent_pair(rng: np.random.Generator, objs: Sequence[Obj]) -> tuple[str, str]:
+    """A (colour, shape) pair not in the scene; half the time a near miss."""
+    present = {(o.color, o.shape) for o in objs}
+    if rng.random() < 0.5:
+        o = objs[int(rng.integers(len(objs)))]
+        near = [(o.color, s) for s in SHAPES] + [(c, o.shape) for c in COLORS]
+        near = [p for p in near if p not in present]
+        if near:
+            return near[int(rng.integers(len(near)))]
+    absent = [p for p in itertools.product(COLORS, SHAPES) if p not in present]
+    return absent[int(rng.integers(len(absent)))]
+
+
+def _position_qa(rng: np.random.Generator, objs: Sequence[Obj]) -> QA | None:
+    """A left/right or above/below question on two objects in different columns/rows."""
+    pairs = [(a, b) for a, b in itertools.permutations(objs, 2) if a.col != b.col or a.row != b.row]
+    if not pairs:
+        return None
+    a, b = pairs[int(rng.integers(len(pairs)))]
+    options = []
+    if a.col != b.col:
+        options.append(QA("position", Q_LEFT_RIGHT.format(color=a.color, shape=a.shape, color2=b.color,
+                                                          shape2=b.shape), "left" if a.col < b.col else "right"))
+    if a.row != b.row:
+        options.append(QA("position", Q_ABOVE_BELOW.format(color=a.color, shape=a.shape, color2=b.color,
+                                                           shape2=b.shape), "above" if a.row < b.row else "below"))
+    return options[int(rng.integers(len(options)))]
+
+
+def _shapes_qa(rng: np.random.Generator, objs: Sequence[Obj], category: str) -> QA | None:
+    """One question of `category` about a `shapes` scene, or None if not applicable."""
+    if category == "color":
+        cands = _unique(objs, "shape")
+        if not cands:
+            return None
+        o = cands[int(rng.integers(len(cands)))]
+        return QA(category, Q_COLOR.format(shape=o.shape), o.color)
+    if category == "shape":
+        cands = _unique(objs, "color")
+        if not cands:
+            return None
+        o = cands[int(rng.integers(len(cands)))]
+        return QA(category, Q_SHAPE.format(color=o.color), o.shape)
+    if category == "count":
+        return QA(category, Q_COUNT, NUMBER_WORDS[len(objs)])
+    if category == "position":
+        return _position_qa(rng, objs)
+    if category == "exist":
+        if rng.random() < 0.5:
+            o = objs[int(rng.integers(len(objs)))]
+            return QA(category, Q_EXIST.format(color=o.color, shape=o.shape), "yes")
+        color, shape = _absent_pair(rng, objs)
+        return QA(category, Q_EXIST.format(color=color, shape=shape), "no")
+    raise ValueError(category)
+
+
+def _hd_qa(rng: np.random.Generator, objs: Sequence[Obj], category: str) -> QA | None:
+    """Shape-centric questions for `shapes_hd` (the shape needs high resolution)."""
+    if category == "shape":
+        return _shapes_qa(rng, objs, "shape")
+    if category == "count_shape":
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        n = sum(o.shape == shape for o in objs)
+        return QA(category, Q_COUNT_SHAPE.format(plural=PLURALS[shape]), NUMBER_WORDS[n])
+    if category == "exist":
+        if rng.random() < 0.5:
+            o = objs[int(rng.integers(len(objs)))]
+            return QA(category, Q_EXIST.format(color=o.color, shape=o.shape), "yes")
+        # Near misses only: same colour, other shape; the colour alone does not tell.
+        present = {(o.color, o.shape) for o in objs}
+        o = objs[int(rng.integers(len(objs)))]
+        near = [(o.color, s) for s in SHAPES if (o.color, s) not in present]
+        if not near:
+            return None
+        color, shape = near[int(rng.integers(len(near)))]
+        return QA(category, Q_EXIST.format(color=color, shape=shape), "no")
+    raise ValueError(category)
+
+
+def _pick_questions(rng: np.random.Generator, categories: Sequence[str], make, n: int) -> list[QA]:
+    """n questions with distinct texts, categories drawn uniformly among applicable ones."""
+    out: list[QA] = []
+    for _ in range(8 * n):
+        if len(out) == n:
+            break
+        qa = make(categories[int(rng.integers(len(categories)))])
+        if qa is not None and all(qa.question != q.question for q in out):
+            out.append(qa)
+    if not out:
+        raise RuntimeError("no applicable question")  # cannot happen: count always applies
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Videos
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Mover:
+    """A shape that appears at `t0` seconds and moves from start to end by the last frame."""
+
+    color: str
+    shape: str
+    r: float
+    start: tuple[float, float]
+    end: tuple[float, float]
+    t0: float
+    direction: str
+
+    def at(self, t: float, duration: float) -> Obj | None:
+        if t < self.t0:
+            return None
+        a = (t - self.t0) / max(duration - self.t0, 1e-6)
+        x = self.start[0] + a * (self.end[0] - self.start[0])
+        y = self.start[1] + a * (self.end[1] - self.start[1])
+        return Obj(self.color, self.shape, x, y, self.r)
+
+
+def _movers(rng: np.random.Generator, size: int) -> list[Mover]:
+    """1-2 movers; with two, each keeps to its own half (lane) of the frame."""
+    n = int(rng.integers(1, 3))
+    pairs = _distinct_pairs(rng, n)
+    colors = [c for c, _ in pairs]
+    if len(set(colors)) < n:  # "which colour appears first" needs distinct colours
+        pairs[1] = (next(c for c in COLORS if c != colors[0]), pairs[1][1])
+    r = size * 0.09
+    lanes = [(0.0, float(size))] if n == 1 else [(0.0, size / 2), (size / 2, float(size))]
+    movers = []
+    for i, ((color, shape), (lo, hi)) in enumerate(zip(pairs, lanes)):
+        direction = DIRECTIONS[int(rng.integers(4))]
+        t0 = 0.0 if i == 0 else float(rng.uniform(2.0, 3.5))
+        margin = r + 1.0
+        if direction in ("left", "right"):
+            y = float(rng.uniform(lo + margin, hi - margin))
+            travel = float(rng.uniform(0.5, 0.7)) * size
+            x0 = float(rng.uniform(margin, size - margin - travel))
+            xs = (x0, x0 + travel) if direction == "right" else (x0 + travel, x0)
+            start, end = (xs[0], y), (xs[1], y)
+        else:
+            x = float(rng.uniform(margin, size - margin))
+            y0, y1 = lo + margin, hi - margin
+            start, end = ((x, y0), (x, y1)) if direction == "down" else ((x, y1), (x, y0))
+        movers.append(Mover(color, shape, r, start, end, t0, direction))
+    return movers
+
+
+def _video_qa(rng: np.random.Generator, movers: Sequence[Mover], category: str) -> QA | None:
+    if category == "direction":
+        m = movers[int(rng.integers(len(movers)))]
+        return QA(category, Q_DIRECTION.format(color=m.color, shape=m.shape), m.direction)
+    if category == "order":
+        if len(movers) < 2:
+            return None
+        return QA(category, Q_FIRST, min(movers, key=lambda m: m.t0).color)
+    if category == "count":
+        return QA(category, Q_COUNT_VIDEO, NUMBER_WORDS[len(movers)])
+    if category == "color":
+        m = movers[int(rng.integers(len(movers)))]
+        return QA(category, Q_COLOR.format(shape=m.shape), m.color)
+    raise ValueError(category)
+
+
+def encode_video(frames: Sequence[np.ndarray], fps: int, path: str | os.PathLike) -> None:
+    """Writes uint8 (H, W, 3) frames as an MPEG-4 Part 2 MP4 with PyAV.
+
+    `mpeg4` (libavcodec's own encoder, single-threaded, constant 1 Mb/s,
+    which at these sizes means near-lossless colours) is byte-for-byte
+    deterministic; libx264 was not in processes that had TensorFlow loaded.
+    """
+    import av
+
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.bit_rate = 1_000_000
+        stream.codec_context.thread_count = 1
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def render_video(movers: Sequence[Mover], size: int, background: tuple[int, int, int],
+                 fps: int = VIDEO_FPS, seconds: float = VIDEO_SECONDS) -> list[np.ndarray]:
+    """Frames (uint8 (size, size, 3)) of the movers at `fps` for `seconds`."""
+    n = int(round(fps * seconds))
+    frames = []
+    for k in range(n):
+        t = k / fps
+        objs = [o for o in (m.at(t, seconds) for m in movers) if o is not None]
+        frames.append(np.asarray(render(objs, size, background), np.uint8))
+    return frames
+
+
+# ----------------------------------------------------------------------------
+# Records
+# ----------------------------------------------------------------------------
+
+def _conversation(qas: Sequence[QA], marker: str) -> list[dict[str, str]]:
+    turns = []
+    for j, qa in enumerate(qas):
+        turns.append({"from": "human", "value": (marker + "\n" if j == 0 else "") + qa.question})
+        turns.append({"from": "gpt", "value": qa.answer})
+    return turns
+
+
+def make_record(kind: str, index: int, seed: int, split: str, out_dir: Path, *,
+                image_size: int, questions_per_image: int) -> tuple[dict, list[dict]]:
+    """Renders record `index`: writes its media, returns (LLaVA record, eval lines)."""
+    rng = record_rng(kind, seed, split, index)
+    rec_id = f"{kind}-{split}-{index:06d}"
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    if kind == "moving_shapes":
+        movers = _movers(rng, image_size)
+        qas = _pick_questions(rng, ("direction", "order", "count", "color"),
+                              lambda c: _video_qa(rng, movers, c), questions_per_image)
+        rel = f"videos/{rec_id}.mp4"
+        encode_video(render_video(movers, image_size, background), VIDEO_FPS, out_dir / rel)
+        media_key, marker = "video", "<video>"
+    else:
+        if kind == "shapes":
+            objs = _grid_scene(rng, image_size, 3, int(rng.integers(1, 4)),
+                               (0.11 * image_size, 0.145 * image_size))
+            qas = _pick_questions(rng, ("color", "shape", "count", "position", "exist"),
+                                  lambda c: _shapes_qa(rng, objs, c), questions_per_image)
+        elif kind == "shapes_hd":
+            objs = _grid_scene(rng, image_size, 4, int(rng.integers(3, 7)),
+                               (0.032 * image_size, 0.040 * image_size))
+            qas = _pick_questions(rng, ("shape", "count_shape", "exist"),
+                                  lambda c: _hd_qa(rng, objs, c), questions_per_image)
+        else:
+            raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
+        rel = f"images/{rec_id}.png"
+        render(objs, image_size, background).save(out_dir / rel, format="PNG")
+        media_key, marker = "image", "<image>"
+    record = {"id": rec_id, media_key: rel, "conversations": _conversation(qas, marker)}
+    lines = [{"question_id": rec_id if len(qas) == 1 else f"{rec_id}-q{j}", media_key: rel,
+              "text": qa.question, "answer": qa.answer, "category": qa.category}
+             for j, qa in enumerate(qas)]
+    return record, lines
+
+
+def synthesize(kind: str, out_dir: str | os.PathLike, num: int, seed: int, split: str = "train", *,
+               image_size: int | None = None, questions_per_image: int = 1,
+               progress: bool = True) -> Path:
+    """Writes a synthetic LLaVA dataset split; returns the path of its JSON.
+
+    Args:
+      kind: "shapes", "shapes_hd" or "moving_shapes".
+      out_dir: output directory (created); several splits may share it.
+      num: number of records (images or videos).
+      seed: random seed; with `split` and the record index it fixes everything.
+      split: split name, e.g. "train", "val", "test".
+      image_size: image / video side in pixels (defaults: shapes 64,
+        shapes_hd 128, moving_shapes 64).
+      questions_per_image: question-answer turns per record (multi-turn
+        conversations when > 1; the eval JSONL gets one line per question).
+      progress: show a tqdm progress bar.
+
+    Returns:
+      `out_dir/{split}.json`; `out_dir/{split}_questions.jsonl` sits next to it.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if questions_per_image < 1:
+        raise ValueError(f"questions_per_image must be >= 1, got {questions_per_image}")
+    if not split or any(ch in split for ch in "/\\") or split.startswith("."):
+        raise ValueError(f"invalid split name {split!r}")
+    size = int(image_size or DEFAULT_SIZES[kind])
+    if size < 16 or (kind == "moving_shapes" and size % 2):
+        raise ValueError(f"image_size must be >= 16 (and even for videos), got {size}")
+    out = Path(out_dir)
+    (out / ("videos" if kind == "moving_shapes" else "images")).mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    records, lines = [], []
+    for i in tqdm(range(num), desc=f"synth {kind}/{split}", unit="rec", disable=not progress):
+        rec, qs = make_record(kind, i, seed, split, out, image_size=size,
+                              questions_per_image=questions_per_image)
+        records.append(rec)
+        lines += qs
+    json_path = out / f"{split}.json"
+    json_path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    with open(out / f"{split}_questions.jsonl", "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    return json_path
+
+
+# ----------------------------------------------------------------------------
+# Tokenizer corpus
+# ----------------------------------------------------------------------------
+
+def corpus_sentences() -> Iterator[str]:
+    """Every question and answer the synthesisers can emit (for the tokenizer)."""
+    colors, shapes = list(COLORS), list(SHAPES)
+    for shape in shapes:
+        yield Q_COLOR.format(shape=shape)
+        yield Q_COUNT_SHAPE.format(plural=PLURALS[shape])
+    for color in colors:
+        yield Q_SHAPE.format(color=color)
+    for color, shape in itertools.product(colors, shapes):
+        yield Q_EXIST.format(color=color, shape=shape)
+        yield Q_DIRECTION.format(color=color, shape=shape)
+    for (c1, s1), (c2, s2) in itertools.permutations(itertools.product(colors, shapes), 2):
+        yield Q_LEFT_RIGHT.format(color=c1, shape=s1, color2=c2, shape2=s2)
+        yield Q_ABOVE_BELOW.format(color=c1, shape=s1, color2=c2, shape2=s2)
+    yield Q_COUNT
+    yield Q_FIRST
+    yield Q_COUNT_VIDEO
+    yield from answer_words()
+
+
+def answer_words() -> list[str]:
+    """All single-word answers (each should be one token of the tiny tokenizer)."""
+    return sorted(set(COLORS) | set(SHAPES) | set(NUMBER_WORDS) | set(DIRECTIONS)
+                  | {"left", "right", "above", "below", "yes", "no"})

@@ -1,0 +1,136 @@
+"""Synthetic datasets: determinism, file formats, and answers that match the scenes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from mmlm.data import preprocess, synth
+from mmlm.data.synth import Mover, Obj
+
+
+def _digest(directory) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", synth.KINDS)
+def test_deterministic_per_seed(kind, tmp_path):
+    num = 3 if kind == "moving_shapes" else 6
+    a = synth.synthesize(kind, tmp_path / "a", num, seed=7, split="train", progress=False)
+    b = synth.synthesize(kind, tmp_path / "b", num, seed=7, split="train", progress=False)
+    assert _digest(a.parent) == _digest(b.parent)
+    c = synth.synthesize(kind, tmp_path / "c", num, seed=8, split="train", progress=False)
+    assert json.loads(a.read_text()) != json.loads(c.read_text()) or _digest(a.parent) != _digest(c.parent)
+
+
+def test_record_independent_of_num_and_split_dependent(tmp_path):
+    few = json.loads(synth.synthesize("shapes", tmp_path / "few", 3, 0, progress=False).read_text())
+    many = json.loads(synth.synthesize("shapes", tmp_path / "many", 12, 0, progress=False).read_text())
+    assert many[:3] == few
+    assert (tmp_path / "few/images/shapes-train-000002.png").read_bytes() == \
+        (tmp_path / "many/images/shapes-train-000002.png").read_bytes()
+    val = json.loads(synth.synthesize("shapes", tmp_path / "few", 12, 0, "val", progress=False).read_text())
+    assert [r["conversations"] for r in val] != [r["conversations"] for r in many]
+    assert val[0]["id"] == "shapes-val-000000"
+
+
+def test_llava_json_and_eval_jsonl_formats(tmp_path):
+    path = synth.synthesize("shapes", tmp_path, 20, 1, "val", questions_per_image=2, progress=False)
+    records = json.loads(path.read_text())
+    assert len(records) == 20
+    lines = [json.loads(x) for x in (tmp_path / "val_questions.jsonl").read_text().splitlines()]
+    assert len(lines) == 40
+    answers = set(synth.answer_words())
+    for rec in records:
+        turns = rec["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt", "human", "gpt"]
+        assert turns[0]["value"].startswith("<image>\n") and "<image>" not in turns[2]["value"]
+        assert turns[1]["value"] in answers and turns[3]["value"] in answers
+        assert (tmp_path / rec["image"]).is_file()
+    for line in lines:
+        assert set(line) == {"question_id", "image", "text", "answer", "category"}
+        assert line["answer"] in answers and "<image>" not in line["text"]
+    assert len({line["question_id"] for line in lines}) == 40
+    img = preprocess.load_image(tmp_path / records[0]["image"])
+    assert img.size == (64, 64)
+
+
+def test_shapes_questions_match_the_scene():
+    rng = np.random.default_rng(0)
+    red_circle = Obj("red", "circle", 10, 10, 6, row=0, col=0)
+    blue_square = Obj("blue", "square", 54, 54, 6, row=2, col=2)
+    blue_cross = Obj("blue", "cross", 54, 10, 6, row=0, col=2)
+    objs = [red_circle, blue_square, blue_cross]
+    assert synth._shapes_qa(rng, objs, "count").answer == "three"
+    for _ in range(10):
+        qa = synth._shapes_qa(rng, objs, "color")  # only shapes that are unique: all three here
+        shape = qa.question.split("the ")[1].rstrip("?")
+        assert qa.answer == {"circle": "red", "square": "blue", "cross": "blue"}[shape]
+        qa = synth._shapes_qa(rng, objs, "shape")  # blue is shared: only the red object qualifies
+        assert qa.question == "What shape is the red object?" and qa.answer == "circle"
+        qa = synth._shapes_qa(rng, objs, "exist")
+        words = qa.question.rstrip("?").split()
+        present = (words[-2], words[-1]) in {(o.color, o.shape) for o in objs}
+        assert qa.answer == ("yes" if present else "no")
+        qa = synth._position_qa(rng, [red_circle, blue_square])
+        first = qa.question.split()[2]  # "Is the <color> ..."
+        if "left or right" in qa.question:
+            assert qa.answer == ("left" if first == "red" else "right")
+        else:
+            assert qa.answer == ("above" if first == "red" else "below")
+
+
+def test_rendered_colours_at_object_centres():
+    objs = [Obj("red", "circle", 12, 12, 7), Obj("green", "triangle", 50, 20, 7), Obj("blue", "cross", 30, 50, 7)]
+    img = np.asarray(synth.render(objs, 64, synth.BACKGROUNDS[0]))
+    for o in objs:
+        np.testing.assert_allclose(img[int(o.cy), int(o.cx)], synth.COLORS[o.color], atol=2)
+    np.testing.assert_array_equal(img[0, 63], synth.BACKGROUNDS[0])
+
+
+def test_video_motion_and_order_of_appearance(tmp_path):
+    movers = [Mover("red", "circle", 5, (10, 16), (50, 16), 0.0, "right"),
+              Mover("blue", "square", 5, (32, 40), (32, 58), 2.5, "down")]
+    frames = synth.render_video(movers, 64, synth.BACKGROUNDS[1])
+    assert len(frames) == synth.VIDEO_FPS * synth.VIDEO_SECONDS
+    path = tmp_path / "v.mp4"
+    synth.encode_video(frames, synth.VIDEO_FPS, path)
+    video = preprocess.decode_video(path, max_frames=8)
+    assert video.indices.tolist() == [2, 6, 10, 14, 18, 22]
+
+    def centre_of(colour, frame):
+        d = np.abs(np.asarray(frame, np.int32) - np.asarray(synth.COLORS[colour])).sum(-1)
+        ys, xs = np.nonzero(d < 60)
+        return (xs.mean(), ys.mean()) if len(xs) > 20 else None
+
+    reds = [centre_of("red", f) for f in video.frames]
+    blues = [centre_of("blue", f) for f in video.frames]
+    assert all(r is not None for r in reds)
+    assert [b is None for b in blues] == [True, True, False, False, False, False]  # appears at 2.5 s
+    assert reds[-1][0] > reds[0][0] + 20  # moving right
+    assert blues[-1][1] > blues[2][1]  # moving down
+    qa = synth._video_qa(np.random.default_rng(0), movers, "order")
+    assert (qa.question, qa.answer) == ("Which color appears first?", "red")
+
+
+def test_moving_shapes_files(tmp_path):
+    path = synth.synthesize("moving_shapes", tmp_path, 2, 0, "train", progress=False)
+    rec = json.loads(path.read_text())[0]
+    assert rec["video"].endswith(".mp4") and rec["conversations"][0]["value"].startswith("<video>\n")
+    video = preprocess.decode_video(tmp_path / rec["video"], max_frames=64)
+    assert video.num_frames == 24 and len(video.frames) == 6
+
+
+def test_corpus_covers_answers_and_rejects_bad_arguments(tmp_path):
+    corpus = set(synth.corpus_sentences())
+    assert set(synth.answer_words()) <= corpus
+    with pytest.raises(ValueError, match="unknown kind"):
+        synth.synthesize("faces", tmp_path, 1, 0)
+    with pytest.raises(ValueError, match="num"):
+        synth.synthesize("shapes", tmp_path, 0, 0)
+    with pytest.raises(ValueError, match="split"):
+        synth.synthesize("shapes", tmp_path, 1, 0, split="../x")
