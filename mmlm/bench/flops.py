@@ -1,0 +1,616 @@
+"""`mmlm bench flops`: FLOPs per part for ONE image-question, analytic and XLA.
+
+Parts: vision (CLIP tower), projector, compressor, prefusion, llm. Both counts
+describe the prefill of one image-question (batch 1, one image, ``t`` text
+tokens) up to the logits, i.e. the compute before the first generated token.
+
+**Analytic count** (FLOPs = 2 x multiply-adds), matmuls only:
+
+* every dense layer: ``2 * tokens * d_in * d_out`` (biases, norms, activations,
+  RoPE, softmax, residual adds and other elementwise work are NOT counted);
+* attention scores ``Q K^T`` and ``A V``: ``2 * q_len * k_len * heads *
+  head_dim`` each, over the FULL square (``q_len = k_len = S``), both in the
+  bidirectional ViT and in the causal LLaMA blocks: mmlm's XLA attention
+  computes every score and masks afterwards, so that is the work done (a
+  causal-aware kernel would do about half of the causal part);
+* the patch-embedding convolution: ``2 * patches * (p * p * 3) * Dv``;
+* the compressor: query projection (m queries), key and value projections of
+  every patch, scores and ``A V`` over ``m x N_keys``, output projection;
+* the LM head over every LLM position by default (``--lm_head all``, what the
+  model's forward computes and what the paper's "2 x params x tokens" rule
+  implies); ``--lm_head last`` counts only the position that predicts the
+  first answer token;
+* the token-embedding lookup is a gather, not a matmul: 0 FLOPs.
+
+The vision tower is counted as mmlm builds it: ``vision.blocks_used`` blocks
+(23 of CLIP ViT-L's 24: the features are the output of block 23, so block 24
+and the post-LayerNorm never run). The full-tower figure is reported under
+``assumptions`` for comparison with papers that count all 24 blocks.
+
+**XLA count**: each part is lowered on its own with abstract inputs and
+abstract parameters (``jax.eval_shape`` of the module's init, nothing is
+allocated), compiled, and ``compiled.cost_analysis()["flops"]`` is read. XLA
+also counts elementwise work (norms, softmax, activations, RoPE, masks, and on
+CPU the fp32 converts of bf16 matmul operands, weights included): that is the
+systematic excess of ``xla`` over ``analytic``; it shrinks as widths grow
+(0.3-1.8% for the bf16 7B configs, ~0 with fp32 compute). ``xla_matmul`` sums
+only the dot and convolution instructions of the same compiled programs and
+equals the analytic count. A scanned layer stack (``model.scan_layers=True``)
+compiles to a while loop whose body XLA's cost analysis counts once; when
+that is detected (a one-off calibration on a tiny scan), ``(layers - 1)``
+times the cost of one separately compiled block is added, so scanned and
+unrolled (``--config.model.scan_layers=False``) programs give the same
+numbers. The whole-model forward (``LlavaMini`` up to the logits) is also
+compiled as a cross-check of the sum of the parts (``xla_whole_model``).
+
+**Text length.** ``--text_tokens`` (default ``DEFAULT_TEXT_TOKENS`` = 43)
+counts the instruction's text tokens, not the ``<image>`` placeholder. The
+default is derived from the paper's Table 14 (LLaVA-Mini, arXiv 2501.03895),
+whose totals follow "2 x params x tokens" (``paper_rule_flops``): matmul
+parameters only (every layer and the LM head; the embedding table is a
+lookup), the full 24-block CLIP tower over 577 tokens, no attention scores.
+That rule is linear in ``t``; solving it for the ``t`` that hits each
+trustworthy figure gives LLaVA-1.5 8.55 T: 42.8; LLaVA-Mini 0/1/2/4
+pre-fusion layers 0.96/1.21/1.46/1.96 T: 45.0/43.1/43.0/42.8. Their mean,
+43.3, rounded, is the one length used for every row. (E.g. the 0-layer row:
+0.96 T - 0.35 T of vision = 2 x 6.61 B x (1 + t), t = 45; the per-layer step
+0.25 T = 2 x 0.2024 B x (576 + 1 + t + 1), t = 40.) With it, the paper rule
+reproduces the table to 0.3% (0-layer row: -2.8%), and mmlm's analytic count,
+which adds the attention scores, is within -1%..+3% (``experiments/efficiency``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import sys
+import textwrap
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmlm.config_utils import load_config, split_config_overrides
+from mmlm.models.compressor import make_compressor
+from mmlm.models.config import LlamaConfig, ModelConfig, VisionConfig, model_config_from_dict
+from mmlm.models.llama import LlamaBlock, LlamaModel
+from mmlm.models.llava_mini import LlavaMini
+from mmlm.models.prefusion import PreFusion
+from mmlm.models.projector import Projector, projector_depth
+from mmlm.models.summary import dummy_batch
+from mmlm.models.vit import VisionTower, VitBlock
+
+PARTS = ("vision", "projector", "compressor", "prefusion", "llm")
+DEFAULT_TEXT_TOKENS = 43
+LM_HEAD_CHOICES = ("all", "last")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """Token counts of one image-question prefill (batch 1, one image)."""
+
+    text_tokens: int  # instruction text tokens (the <image> placeholder excluded)
+    vision_tokens: int  # m: vision tokens the LLM sees
+    views: int  # images through the vision tower (1, or n*n crops + the whole image for HD)
+    patches: int  # N per view
+    compressor_keys: int  # patches the compressor attends over (0 = no compressor)
+    projected: int  # tokens through the projector
+    prefusion_vision: int  # vision positions of the pre-fusion sequence (0 = no pre-fusion)
+    prefusion_len: int  # pre-fusion sequence: vision + text + the (masked) placeholder slot
+    llm_len: int  # LLM sequence: text + vision tokens (the placeholder replaced)
+    lm_head_positions: int  # positions the LM head is applied to
+
+
+def make_workload(cfg: ModelConfig, text_tokens: int, num_vision_tokens: int | None = None,
+                  lm_head: str = "all") -> Workload:
+    """Sequence lengths of every part for `text_tokens` instruction tokens and one image."""
+    if text_tokens < 1:
+        raise ValueError(f"--text_tokens must be >= 1, got {text_tokens}")
+    if lm_head not in LM_HEAD_CHOICES:
+        raise ValueError(f"lm_head must be one of {LM_HEAD_CHOICES}, got {lm_head!r}")
+    m = cfg.check_budget(num_vision_tokens)
+    n = cfg.vision.num_patches
+    hd = cfg.hd_grid
+    views = 1 if hd == 1 else hd * hd + 1
+    if cfg.mode == "llava15":
+        keys, projected, pf_vision = 0, n, 0
+    else:
+        keys = n * hd * hd
+        pf_vision = (keys + (n if hd > 1 else 0) + m) if cfg.prefusion_layers else 0
+        projected = pf_vision if cfg.prefusion_layers else m
+    llm_len = text_tokens + m
+    return Workload(
+        text_tokens=text_tokens, vision_tokens=m, views=views, patches=n, compressor_keys=keys,
+        projected=projected, prefusion_vision=pf_vision,
+        prefusion_len=pf_vision + text_tokens + 1 if pf_vision else 0,
+        llm_len=llm_len, lm_head_positions=llm_len if lm_head == "all" else 1)
+
+
+# ----------------------------------------------------------------------------- analytic
+
+
+def dense_flops(tokens: int, d_in: int, d_out: int) -> int:
+    """A (tokens, d_in) x (d_in, d_out) matmul."""
+    return 2 * tokens * d_in * d_out
+
+
+def attention_flops(q_len: int, k_len: int, width: int) -> int:
+    """Q K^T plus A V over the full q_len x k_len score matrix; width = heads * head_dim."""
+    return 2 * (2 * q_len * k_len * width)
+
+
+def vit_block_flops(cfg: VisionConfig, seq: int) -> int:
+    """One pre-LN CLIP block over `seq` tokens (q, k, v, out projections, MLP, attention)."""
+    d = cfg.width
+    return dense_flops(seq, d, 4 * d) + dense_flops(seq, d, 2 * cfg.mlp_dim) + attention_flops(seq, seq, d)
+
+
+def llama_block_flops(cfg: LlamaConfig, seq: int) -> int:
+    """One LLaMA block over `seq` tokens (q/k/v/o, gate/up/down, full-square attention)."""
+    d, qd, kvd = cfg.width, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    proj = dense_flops(seq, d, qd + 2 * kvd) + dense_flops(seq, qd, d)
+    mlp = dense_flops(seq, d, 2 * cfg.mlp_dim) + dense_flops(seq, cfg.mlp_dim, d)
+    return proj + mlp + attention_flops(seq, seq, qd)
+
+
+def vision_flops(cfg: VisionConfig, views: int, blocks: int | None = None) -> int:
+    """Patch embedding + `blocks` (default: the built ones) ViT blocks, for `views` images."""
+    blocks = cfg.blocks_used if blocks is None else blocks
+    patch = dense_flops(cfg.num_patches, cfg.patch_size**2 * 3, cfg.width)
+    return views * (patch + blocks * vit_block_flops(cfg, cfg.num_patches + 1))
+
+
+def projector_flops(cfg: ModelConfig, tokens: int) -> int:
+    depth = projector_depth(cfg.projector)
+    dv, d = cfg.vision.width, cfg.llm.width
+    return dense_flops(tokens, dv, d) + (depth - 1) * dense_flops(tokens, d, d)
+
+
+def compressor_flops(cfg: ModelConfig, m: int, keys: int) -> int:
+    """Query compressor (q/k/v/out projections, attention) or average pooling (a pooling matmul)."""
+    if not keys:
+        return 0
+    dv = cfg.vision.width
+    if cfg.compressor.kind == "avgpool":
+        return dense_flops(m, keys, dv)
+    return (dense_flops(m, dv, dv) + 2 * dense_flops(keys, dv, dv) + attention_flops(m, keys, dv)
+            + dense_flops(m, dv, dv))
+
+
+def analytic_flops(cfg: ModelConfig, w: Workload) -> dict[str, int]:
+    """Matmul FLOPs per part and their total (see the module docstring for what is counted)."""
+    llm = cfg.llm
+    out = {
+        "vision": vision_flops(cfg.vision, w.views),
+        "projector": projector_flops(cfg, w.projected),
+        "compressor": compressor_flops(cfg, w.vision_tokens, w.compressor_keys),
+        "prefusion": cfg.prefusion_layers * llama_block_flops(llm, w.prefusion_len) if w.prefusion_len else 0,
+        "llm": llm.layers * llama_block_flops(llm, w.llm_len)
+        + dense_flops(w.lm_head_positions, llm.width, llm.vocab_size),
+    }
+    out["total"] = sum(out[p] for p in PARTS)
+    return out
+
+
+def paper_rule_flops(cfg: ModelConfig, w: Workload, vision_blocks: int | None = None) -> int:
+    """The paper's rule, 2 x (matmul) params x tokens: no attention scores, LM head over every LLM token."""
+    llm, v = cfg.llm, cfg.vision
+    blocks = v.layers if vision_blocks is None else vision_blocks
+    layer = llama_block_flops(llm, 1) - attention_flops(1, 1, llm.heads * llm.head_dim)  # 2 x params
+    vit = vit_block_flops(v, 1) - attention_flops(1, 1, v.width)
+    vision = w.views * (v.num_patches * dense_flops(1, v.patch_size**2 * 3, v.width)
+                        + blocks * (v.num_patches + 1) * vit)
+    comp = compressor_flops(cfg, w.vision_tokens, w.compressor_keys)
+    if comp and cfg.compressor.kind == "query":
+        comp -= attention_flops(w.vision_tokens, w.compressor_keys, v.width)
+    return (vision + projector_flops(cfg, w.projected) + comp
+            + cfg.prefusion_layers * w.prefusion_len * layer
+            + w.llm_len * (llm.layers * layer + dense_flops(1, llm.width, llm.vocab_size)))
+
+
+# ----------------------------------------------------------------------------- XLA
+
+
+@dataclasses.dataclass
+class Program:
+    """A function to compile and its abstract arguments."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    flops: float  # cost_analysis()["flops"]
+    matmul: float  # dot + convolution FLOPs of the compiled HLO
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.flops + other.flops, self.matmul + other.matmul)
+
+    def scale(self, k: float) -> "Cost":
+        return Cost(self.flops * k, self.matmul * k)
+
+
+ZERO = Cost(0.0, 0.0)
+
+
+def _sds(shape: Sequence[int], dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def _split_static(args: Sequence[Any]) -> tuple[list[int], Callable[[Sequence[Any]], list[Any]]]:
+    """Indices of the abstract args (pytrees of ShapeDtypeStructs) and a function rebuilding the full arg list.
+
+    Everything else (None, Python ints such as a token budget) stays static.
+    """
+    def abstract(a: Any) -> bool:
+        leaves = jax.tree.leaves(a)
+        return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+    dynamic = [i for i, a in enumerate(args) if abstract(a)]
+
+    def rebuild(values: Sequence[Any]) -> list[Any]:
+        full = list(args)
+        for i, v in zip(dynamic, values):
+            full[i] = v
+        return full
+
+    return dynamic, rebuild
+
+
+def abstract_params(module: nn.Module, *args, method: Callable | str | None = None, **kwargs) -> Any:
+    """Unboxed parameter ShapeDtypeStructs of `module` (nothing allocated)."""
+    dynamic, rebuild = _split_static(args)
+
+    def init(*values):
+        variables = module.init(jax.random.key(0), *rebuild(values), method=method, **kwargs)
+        return nn.unbox(variables).get("params", {})  # parameter-free modules (avgpool) have none
+
+    return jax.eval_shape(init, *(args[i] for i in dynamic))
+
+
+def module_program(module: nn.Module, *args, method: Callable | str | None = None, **kwargs) -> Program:
+    """`module.apply({'params': p}, *args)` as a Program with abstract params (non-array args static)."""
+    params = abstract_params(module, *args, method=method, **kwargs)
+    dynamic, rebuild = _split_static(args)
+    fn = lambda p, *a: module.apply({"params": p}, *rebuild(a), method=method, **kwargs)
+    return Program(fn, (params,) + tuple(args[i] for i in dynamic))
+
+
+_SHAPE_RE = re.compile(r"\b(?:pred|[sfu]\d+|bf16|f8\w*|c64|c128)\[([\d,]*)\]")
+_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+(dot|convolution|[\w\-]+)\((.*)$")
+
+
+def _dims(shape_text: str) -> list[int]:
+    return [int(d) for d in shape_text.split(",") if d]
+
+
+def hlo_matmul_flops(hlo_text: str) -> float:
+    """2 x multiply-adds of every `dot` and `convolution` in an HLO module's text (each counted once).
+
+    Operand shapes are looked up from the instructions defining them (HLO
+    instruction names are unique in a module).
+    """
+    shapes: dict[str, list[int]] = {}
+    pending: list[tuple[str, list[int], str]] = []
+    for line in hlo_text.splitlines():
+        match = _INSTR_RE.match(line)
+        if not match:
+            continue
+        name, type_text, op, rest = match.groups()
+        shape = _SHAPE_RE.search(type_text)
+        if shape and not type_text.startswith("("):
+            shapes[name] = _dims(shape.group(1))
+        if op in ("dot", "convolution"):
+            pending.append((op, _dims(shape.group(1)) if shape else [], rest))
+    total = 0.0
+    for op, out, rest in pending:
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        lhs, rhs = (shapes.get(o) for o in operands[:2])
+        if op == "dot":
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+            ok = contracting is not None and lhs is not None
+            k = math.prod(lhs[i] for i in _dims(contracting.group(1))) if ok else 0
+        else:  # convolution: multiply-adds per output element = kernel volume / output features
+            labels = re.search(r"dim_labels=\w+_(\w+)->", rest)
+            ok = labels is not None and rhs is not None
+            k = math.prod(rhs) // rhs[labels.group(1).index("o")] if ok else 0
+        if not ok or not out:
+            raise ValueError(f"cannot read the shapes of an HLO {op}: {rest[:200]}")
+        total += 2.0 * math.prod(out) * k
+    return total
+
+
+def compile_cost(program: Program) -> Cost:
+    """Compiles `program` (abstract shapes only) and reads its cost."""
+    compiled = jax.jit(program.fn).lower(*program.args).compile()
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax returned one dict per device
+        analysis = analysis[0]
+    return Cost(float(analysis.get("flops", 0.0)), hlo_matmul_flops(compiled.as_text()))
+
+
+@functools.lru_cache(maxsize=None)
+def scan_body_counted_once() -> bool:
+    """Whether XLA's cost analysis counts a while-loop (scan) body once instead of per iteration.
+
+    Calibrated on a 4-step scan of a matmul against the unrolled loop.
+    """
+    x = _sds((8, 8), jnp.float32)
+    w = _sds((4, 8, 8), jnp.float32)
+
+    def scanned(x, w):
+        return jax.lax.scan(lambda c, wi: (c @ wi, None), x, w)[0]
+
+    def unrolled(x, w):
+        for i in range(4):
+            x = x @ w[i]
+        return x
+
+    s = compile_cost(Program(scanned, (x, w))).flops
+    u = compile_cost(Program(unrolled, (x, w))).flops
+    return s < 0.5 * u
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """A scanned stack inside a program: `layers` copies of one `kind` block ("vit" or "llama")."""
+
+    kind: str
+    rows: int  # views (ViT: batch of images) or sequence length (LLaMA, batch 1)
+    layers: int
+
+
+def _llama_block_program(cfg: ModelConfig, seq: int) -> Program:
+    """One LLaMA block (LLM or pre-fusion) on a sequence of `seq` tokens (batch 1)."""
+    block = LlamaBlock(cfg.llm, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+    x = _sds((1, seq, cfg.llm.width), cfg.compute_dtype)
+    return module_program(block, x, None, _sds((1, seq), jnp.int32), _sds((1, seq, seq), jnp.bool_))
+
+
+def _vit_block_program(cfg: ModelConfig, views: int) -> Program:
+    """One CLIP block on `views` images of N + 1 tokens."""
+    block = VitBlock(cfg.vision, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+    x = _sds((views, cfg.vision.num_patches + 1, cfg.vision.width), cfg.compute_dtype)
+    return module_program(block, x, None)
+
+
+@functools.lru_cache(maxsize=64)
+def block_cost(cfg: ModelConfig, kind: str, rows: int) -> Cost:
+    """Cost of one separately compiled block (cached: parts and the whole model share them)."""
+    program = _vit_block_program(cfg, rows) if kind == "vit" else _llama_block_program(cfg, rows)
+    return compile_cost(program)
+
+
+def stack_correction(cfg: ModelConfig, stack: Stack) -> Cost:
+    """Cost to add to a program holding `stack`: (layers - 1) blocks if XLA counted a scanned body once."""
+    if not cfg.scan_layers or stack.layers <= 1 or not scan_body_counted_once():
+        return ZERO
+    return block_cost(cfg, stack.kind, stack.rows).scale(stack.layers - 1)
+
+
+def _llm_forward(module: LlamaModel, embeds, positions, valid, last_only: bool):
+    hidden, _ = module(embeds, positions, valid, return_hidden=True)
+    if last_only:
+        hidden = hidden[:, -1:]
+    return module.logits(hidden).astype(jnp.float32)
+
+
+def part_programs(cfg: ModelConfig, w: Workload) -> dict[str, tuple[Program, list[Stack]]]:
+    """Per part: its Program and the layer stacks it contains."""
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+    stack = dict(scan_layers=cfg.scan_layers, remat=cfg.remat_policy)
+    v, llm = cfg.vision, cfg.llm
+    out: dict[str, tuple[Program, list[Stack]]] = {}
+    images = _sds((w.views, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    out["vision"] = (module_program(VisionTower(v, **kw, **stack), images),
+                     [Stack("vit", w.views, v.blocks_used)])
+    feats = lambda n: _sds((1, n, v.width), cfg.compute_dtype)
+    out["projector"] = (module_program(Projector(cfg.projector, llm.width, **kw), feats(w.projected)), [])
+    if w.compressor_keys:
+        comp = make_compressor(cfg.compressor, cfg.compute_dtype, cfg.params_dtype)
+        out["compressor"] = (module_program(comp, feats(w.compressor_keys), w.vision_tokens), [])
+    if w.prefusion_len:
+        text = w.prefusion_len - w.prefusion_vision
+        pf = PreFusion(llm, cfg.prefusion_layers, **kw, **stack)
+        prog = module_program(pf, _sds((1, w.prefusion_vision, llm.width), cfg.compute_dtype),
+                              _sds((1, text, llm.width), cfg.compute_dtype), _sds((1, text), jnp.bool_))
+        out["prefusion"] = (prog, [Stack("llama", w.prefusion_len, cfg.prefusion_layers)])
+    model = LlamaModel(llm, **kw, scan_layers=cfg.scan_layers, remat=cfg.remat_policy)
+    seq = w.llm_len
+    prog = module_program(model, _sds((1, seq, llm.width), cfg.compute_dtype), _sds((1, seq), jnp.int32),
+                          _sds((1, seq), jnp.bool_), method=_llm_forward,
+                          last_only=w.lm_head_positions == 1 and seq > 1)
+    out["llm"] = (prog, [Stack("llama", seq, llm.layers)])
+    return out
+
+
+def program_cost(cfg: ModelConfig, program: Program, stacks: Sequence[Stack]) -> Cost:
+    """Compiled cost of `program`, corrected for the scanned stacks it contains."""
+    cost = compile_cost(program)
+    for stack in stacks:
+        cost = cost + stack_correction(cfg, stack)
+    return cost
+
+
+def xla_flops(cfg: ModelConfig, w: Workload) -> tuple[dict[str, float], dict[str, float]]:
+    """(cost_analysis FLOPs, dot+conv FLOPs) per part and total, scan-corrected."""
+    programs = part_programs(cfg, w)
+    costs = {p: program_cost(cfg, *programs[p]) if p in programs else ZERO for p in PARTS}
+    flops = {p: costs[p].flops for p in PARTS}
+    matmul = {p: costs[p].matmul for p in PARTS}
+    flops["total"], matmul["total"] = sum(flops.values()), sum(matmul.values())
+    return flops, matmul
+
+
+def whole_forward(module: LlavaMini, batch, num_vision_tokens: int, last_only: bool):
+    """LlavaMini up to the logits (all positions, or only the last: the prefill before the first token)."""
+    inputs = module.build_llm_inputs(batch, num_vision_tokens)
+    hidden, _ = module.llm(inputs["embeds"], inputs["positions"], inputs["valid"], return_hidden=True)
+    if last_only:
+        hidden = hidden[:, -1:]
+    return module.llm.logits(hidden).astype(jnp.float32)
+
+
+def whole_model_cost(cfg: ModelConfig, w: Workload) -> Cost:
+    """The whole LlavaMini forward up to the logits, compiled as one program (scan-corrected)."""
+    model = LlavaMini(cfg)
+    batch = dummy_batch(cfg, batch=1, text_len=w.text_tokens + 1)
+    last_only = w.lm_head_positions == 1 and w.llm_len > 1
+    stacks = [Stack("vit", w.views, cfg.vision.blocks_used), Stack("llama", w.llm_len, cfg.llm.layers)]
+    if w.prefusion_len:
+        stacks.append(Stack("llama", w.prefusion_len, cfg.prefusion_layers))
+    return program_cost(cfg, module_program(model, batch, w.vision_tokens, last_only, method=whole_forward), stacks)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def assumptions(cfg: ModelConfig, w: Workload) -> dict[str, Any]:
+    """What the counts include, in words and numbers."""
+    full = vision_flops(cfg.vision, w.views, cfg.vision.layers)
+    return {
+        "text_tokens": f"{w.text_tokens} instruction text tokens (the <image> placeholder not included); "
+                       f"default {DEFAULT_TEXT_TOKENS}, derived from the paper's Table 14 (see --help)",
+        "counted": "2 x multiply-adds of every matmul: dense layers, attention QK^T and AV over the full "
+                   "S x S square (computed then masked), patch-embedding conv; norms, softmax, activations, "
+                   "RoPE, biases and residual adds are not counted analytically (XLA counts them)",
+        "lm_head": f"LM head applied to {w.lm_head_positions} of {w.llm_len} LLM positions",
+        "vision_blocks": f"{cfg.vision.blocks_used} of {cfg.vision.layers} CLIP blocks (the ones mmlm builds); "
+                         f"the full tower would be {full:.4g} FLOPs for vision",
+        "vision_full_tower_flops": full,
+        "scan_correction": bool(cfg.scan_layers and scan_body_counted_once()),
+        "sequence": dataclasses.asdict(w),
+        "paper_rule_total": paper_rule_flops(cfg, w),
+    }
+
+
+def flops_report(cfg: ModelConfig, text_tokens: int = DEFAULT_TEXT_TOKENS, num_vision_tokens: int | None = None,
+                 lm_head: str = "all", xla: bool = True, whole_model: bool = True) -> dict[str, Any]:
+    """The JSON report: analytic and XLA FLOPs per part (values in FLOPs)."""
+    w = make_workload(cfg, text_tokens, num_vision_tokens, lm_head)
+    report: dict[str, Any] = {"text_tokens": text_tokens, "num_vision_tokens": w.vision_tokens,
+                              "analytic": analytic_flops(cfg, w)}
+    if xla:
+        report["xla"], report["xla_matmul"] = xla_flops(cfg, w)
+        if whole_model:
+            whole = whole_model_cost(cfg, w)
+            report["xla_whole_model"] = {"flops": whole.flops, "matmul": whole.matmul}
+    report["assumptions"] = assumptions(cfg, w)
+    return report
+
+
+def _unit(value: float) -> tuple[str, float]:
+    """A readable FLOPs unit for numbers of `value`'s size."""
+    for name, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return name, scale
+    return "", 1.0
+
+
+def _print_table(name: str, r: dict[str, Any]) -> None:
+    unit, scale = _unit(r["analytic"]["total"])
+    f = lambda x: f"{x / scale:14.4f}"
+    print(f"config: {name}   text tokens: {r['text_tokens']}   LLM vision tokens: {r['num_vision_tokens']}")
+    has_xla = "xla" in r
+    head = f"{'part':<12}{'analytic ' + unit:>14}"
+    if has_xla:
+        head += f"{'xla ' + unit:>14}{'xla matmul ' + unit:>14}{'xla/analytic':>14}"
+    print(f"{head}\n{'-' * len(head)}")
+    for part in PARTS + ("total",):
+        a = r["analytic"][part]
+        row = f"{part:<12}{f(a)}"
+        if has_xla:
+            ratio = f"{r['xla'][part] / a:14.4f}" if a else f"{'-':>14}"
+            row += f"{f(r['xla'][part])}{f(r['xla_matmul'][part])}{ratio}"
+        print(row)
+    if "xla_whole_model" in r:
+        wm = r["xla_whole_model"]
+        print(f"whole-model forward (XLA, one program): {wm['flops'] / scale:.4f} {unit} "
+              f"(matmul {wm['matmul'] / scale:.4f} {unit})")
+    print(f"vision: {r['assumptions']['vision_blocks']}")
+    print(f"LM head: {r['assumptions']['lm_head']}")
+    print(f"the paper's rule (2 x params x tokens, full tower): {r['assumptions']['paper_rule_total'] / scale:.4f} "
+          f"{unit}")
+
+
+def resolve_config_path(name: str) -> str:
+    """A config file path, or a bare name looked up in the repository's configs/ directory."""
+    if os.path.isfile(name):
+        return name
+    for candidate in (os.path.join("configs", name), os.path.join(CONFIG_DIR, name)):
+        for path in (candidate, candidate + ".py"):
+            if os.path.isfile(path):
+                return path
+    raise FileNotFoundError(f"no config {name!r}: pass a file (configs/tiny.py) or a name in {CONFIG_DIR}")
+
+
+def load_model_config(name: str, overrides: Sequence[str] = ()) -> ModelConfig:
+    return model_config_from_dict(load_config(resolve_config_path(name), overrides).model)
+
+
+def _help_epilog() -> str:
+    """The module docstring from "Analytic count" on: what is counted, XLA, the text-length derivation."""
+    doc = __doc__ or ""
+    start = doc.find("**Analytic count**")
+    return doc[start:].replace("**", "").replace("``", "") if start >= 0 else ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmlm bench flops",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "FLOPs per part (vision, projector, compressor, prefusion, llm) for ONE image-question prefill: "
+            "an analytic count (2 x multiply-adds of every matmul) and XLA's cost analysis of each part "
+            "compiled on abstract shapes (no weights). Values in FLOPs in --json. Config overrides: "
+            "--config.a.b=value, e.g. --config.model.prefusion_layers=2.", 79),
+        epilog=_help_epilog())
+    parser.add_argument("--config", required=True,
+                        help="config file or name in configs/ (e.g. llava_mini_vicuna7b or configs/tiny.py)")
+    parser.add_argument("--json", action="store_true", help="print JSON (values in FLOPs) instead of a table")
+    parser.add_argument("--text_tokens", type=int, default=DEFAULT_TEXT_TOKENS,
+                        help=f"instruction text tokens, <image> placeholder excluded (default "
+                             f"{DEFAULT_TEXT_TOKENS}: the length that reproduces the paper's Table 14 under its "
+                             "'2 x params x tokens' rule, derivation below)")
+    parser.add_argument("--num_vision_tokens", type=int, default=None,
+                        help="Matryoshka budget m (default: the config's default budget)")
+    parser.add_argument("--lm_head", choices=LM_HEAD_CHOICES, default="all",
+                        help="LM head over every LLM position (default, as the forward and the paper's rule) "
+                             "or only the last one (what generating the first token needs)")
+    parser.add_argument("--analytic_only", action="store_true", help="skip XLA compilation")
+    parser.add_argument("--no_whole_model", action="store_true",
+                        help="skip compiling the whole-model forward (the cross-check of the parts' sum)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    argv, overrides = split_config_overrides(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_model_config(args.config, overrides)
+        w = make_workload(cfg, args.text_tokens, args.num_vision_tokens, args.lm_head)  # validates early
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"mmlm bench flops: {e}", file=sys.stderr)
+        return 2
+    report = flops_report(cfg, w.text_tokens, w.vision_tokens, args.lm_head,
+                          xla=not args.analytic_only, whole_model=not args.no_whole_model)
+    report["config"] = args.config
+    if overrides:
+        report["overrides"] = list(overrides)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        _print_table(args.config, report)
+    return 0
