@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import jax
@@ -45,7 +47,8 @@ def make_batch(cfg, batch=3, frames=1, seed=0, media=(True, True, False)):
 
 
 def init(cfg, batch):
-    return nn.unbox(LlavaMini(cfg).init(jax.random.key(0), batch))["params"]
+    variables = jax.jit(lambda b: LlavaMini(cfg).init(jax.random.key(0), b))(batch)
+    return nn.unbox(variables)["params"]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +58,27 @@ def tiny():
     return cfg, batch, init(cfg, batch)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(cfg, method, static_args, static_kw):
+    """One jitted apply per (config, method, static arguments): eager dispatch is slow."""
+    model = LlavaMini(cfg)
+
+    def run(params, arrays):
+        args = [arrays.pop(0) if a is _ARRAY else a for a in static_args]
+        return model.apply({"params": params}, *args, method=method, **dict(static_kw))
+
+    return jax.jit(run)
+
+
+_ARRAY = object()
+
+
 def apply(cfg, params, *args, method=None, **kw):
-    return LlavaMini(cfg).apply({"params": params}, *args, method=method, **kw)
+    """`LlavaMini(cfg).apply` with Python scalars (budgets) static and arrays traced."""
+    is_static = lambda a: a is None or isinstance(a, (int, str))
+    arrays = [a for a in args if not is_static(a)]
+    static_args = tuple(a if is_static(a) else _ARRAY for a in args)
+    return _compiled(cfg, method, static_args, tuple(sorted(kw.items())))(params, arrays)
 
 
 def test_matryoshka_prefix_is_exact(tiny):
@@ -283,8 +305,8 @@ def test_remat_does_not_change_results(tiny):
         out = LlavaMini(c).apply({"params": p}, batch)
         return token_loss(out["logits"], out["targets"])["loss"]
 
-    g1 = jax.grad(lambda p: loss(cfg, p))(params)
-    g2 = jax.grad(lambda p: loss(remat_cfg, p))(params)
+    g1 = jax.jit(jax.grad(lambda p: loss(cfg, p)))(params)
+    g2 = jax.jit(jax.grad(lambda p: loss(remat_cfg, p)))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
 
 
