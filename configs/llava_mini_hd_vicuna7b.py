@@ -6,4 +6,4 @@ from mmlm import config_defaults as d
 def get_config():
     model = d.model_config(vision=d.vision_clip_vit_l14_336(), llm=d.llm_vicuna7b(), tokens=64, prefusion_layers=4)
     model.hd_grid = 2  # 2x2 crops: source image 672 px
-    return d.base_config(model)
+    return d.paper_stage2(d.base_config(model))  # training: paper stage 2

@@ -7,4 +7,7 @@ def get_config():
     model = d.model_config(vision=d.vision_clip_vit_l14_336(), llm=d.llm_llama31_8b(), tokens=1, prefusion_layers=4)
     config = d.base_config(model)
     config.max_frames = 64  # video frames sampled at 1 fps, at most this many (middle of equal segments)
+    d.paper_stage2(config)  # training: paper stage 2
+    config.data.template = "llama_3_1"
+    config.data.max_frames = config.get_ref("max_frames")
     return config

@@ -5,4 +5,6 @@ from mmlm import config_defaults as d
 
 def get_config():
     model = d.model_config(vision=d.vision_clip_vit_l14_336(), llm=d.llm_vicuna7b(), tokens=1, prefusion_layers=4)
-    return d.base_config(model)
+    # Training: the paper's stage 2 (instruction tuning); configs/llava_mini_vicuna7b_stage1.py is stage 1.
+    # Set --config.data.dataset_dir (an `mmlm data build` output) and --config.data.tokenizer (Vicuna's).
+    return d.paper_stage2(d.base_config(model))

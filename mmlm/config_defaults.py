@@ -119,3 +119,122 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.sharding_rules = SHARDING_RULES  # logical axis -> mesh axis rules
     config.text_len = 64            # text tokens per sample assumed by `mmlm summary` (sequence lengths)
     return config
+
+
+# ----------------------------------------------------------------------------- training
+
+# Top-level parameter groups of a LLaVA-Mini model (keys of the params tree).
+PARTS = ("vision", "projector", "compressor", "prefusion", "llm")
+STAGE1_TRAINABLE = ("projector",)
+STAGE2_TRAINABLE = ("projector", "compressor", "prefusion", "llm")
+
+
+def train_config(*, steps: int = 1000, trainable: tuple[str, ...] = STAGE2_TRAINABLE) -> ml_collections.ConfigDict:
+    """`config.train`: the loop, what trains, checkpoints and logging (read by `mmlm.train`).
+
+    The global batch (sequences per optimizer step, all hosts) is
+    `data.batch_size`; each step splits it into `grad_accum_steps` micro-batches.
+    """
+    return ml_collections.ConfigDict(dict(
+        steps=steps,              # optimizer steps; -1 = train.epochs passes over the training split
+        epochs=1.0,               # passes over the training split, used only when steps == -1
+        grad_accum_steps=1,       # micro-batches per step (activations held for data.batch_size/this sequences)
+        trainable=tuple(trainable),  # parts updated by the optimizer (subset of PARTS); the rest is frozen
+        checkpoint_every=1000,    # steps between (asynchronous) checkpoints; the last step is always saved
+        keep_checkpoints=3,       # most recent checkpoints kept in WORKDIR/checkpoints
+        log_every=10,             # steps between metric rows (console, TensorBoard, metrics.jsonl)
+        init_from="",             # model checkpoint dir (`mmlm convert` output) loaded before step 0; CLI --init_from
+        peak_tflops_per_device=0.0,  # peak dense TFLOP/s of one device for MFU; 0 = look up / estimate
+        progress_bar=True,        # tqdm progress bar on the console (process 0 only)
+    ))
+
+
+def optim_config(*, lr: float = 1e-4, part_lrs: dict[str, float] | None = None) -> ml_collections.ConfigDict:
+    """`config.optim`: AdamW with per-part peak learning rates, warmup + cosine decay, clipping.
+
+    `learning_rate.<part>` is the peak LR of that parameter group (ignored
+    when the part is frozen); `lr` fills the parts not in `part_lrs`.
+    """
+    lrs = {part: float(lr) for part in PARTS}
+    lrs.update({k: float(v) for k, v in (part_lrs or {}).items()})
+    return ml_collections.ConfigDict(dict(
+        learning_rate=ml_collections.ConfigDict(lrs),  # peak LR per part: vision/projector/compressor/prefusion/llm
+        schedule="cosine",        # "cosine" (warmup then cosine decay), "linear" (warmup then linear) or "constant"
+        warmup_ratio=0.03,        # fraction of train.steps spent warming up linearly from 0
+        end_lr_ratio=0.0,         # final LR as a fraction of the peak (cosine / linear)
+        b1=0.9,                   # Adam beta1
+        b2=0.999,                 # Adam beta2
+        eps=1e-8,                 # Adam epsilon
+        weight_decay=0.0,         # decoupled (AdamW) weight decay on matrices (ndim >= 2), 0 = off as in LLaVA
+        grad_clip_norm=1.0,       # clip the global gradient norm to this; 0 = no clipping
+    ))
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    """`config.eval`: periodic evaluation on the eval split (loss and exact-match accuracy)."""
+    return ml_collections.ConfigDict(dict(
+        every=1000,               # steps between evaluations; 0 = only after the last step; -1 = never
+        loss_batches=4,           # batches of the eval split scored for eval/loss (teacher forcing)
+        num_questions=256,        # held-out questions answered greedily for eval/accuracy (0 = skip)
+        max_new_tokens=16,        # answer length limit for greedy generation, tokens
+        budgets=(),               # Matryoshka budgets to report accuracy at (eval/accuracy@m); () = default only
+        print_samples=0,          # questions printed with the model's answers after training
+    ))
+
+
+def add_training(config: ml_collections.ConfigDict, *, train: ml_collections.ConfigDict,
+                 optim: ml_collections.ConfigDict, eval: ml_collections.ConfigDict | None = None,
+                 data: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """Adds the train / optim / eval / data sections to a base config."""
+    config.train = train
+    config.optim = optim
+    config.eval = eval if eval is not None else eval_config()
+    if data is None:
+        from mmlm.data.config import default_data_config  # the data package is optional for `mmlm summary`
+
+        data = default_data_config()
+    # One seed drives init, budget sampling and the data order (a reference: --config.seed moves both).
+    data.seed = config.get_ref("seed")
+    config.data = data
+    return config
+
+
+def paper_stage2(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """LLaVA-Mini stage 2 (instruction tuning, DESIGN.md 4 / paper Table 9).
+
+    Projector, compressor, pre-fusion and LLM train, vision frozen; LR 1e-4
+    for the LLM and 1e-5 for the multimodal modules; global batch 256;
+    2 epochs; AdamW, warmup ratio 0.03, cosine decay; bf16 compute.
+    """
+    train = train_config(steps=-1, trainable=STAGE2_TRAINABLE)
+    train.epochs = 2.0
+    optim = optim_config(lr=1e-4, part_lrs=dict(projector=1e-5, compressor=1e-5, prefusion=1e-5))
+    add_training(config, train=train, optim=optim)
+    _full_scale_data(config)
+    config.data.template = "vicuna_v1"
+    return config
+
+
+def _full_scale_data(config: ml_collections.ConfigDict) -> None:
+    """Data settings shared by the paper recipes: the user supplies the dataset and the LLM's tokenizer."""
+    config.data.batch_size = 256
+    config.data.dataset_dir = ""   # required: --config.data.dataset_dir=<mmlm data build --out DIR>
+    config.data.tokenizer = ""     # required: --config.data.tokenizer=<the LLM's tokenizer.model / tokenizer.json>
+    config.data.worker_count = 8   # grain worker processes per host (decoding 336 px images)
+    config.eval.every = 2000
+
+
+def paper_stage1(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """LLaVA-Mini stage 1 (vision-language pretraining): only the projector trains, LR 1e-3.
+
+    Same batch, schedule and optimizer as stage 2, one epoch (LLaVA-1.5's
+    pretraining recipe); the conversation template is `plain`.
+    """
+    train = train_config(steps=-1, trainable=STAGE1_TRAINABLE)
+    train.epochs = 1.0
+    optim = optim_config(lr=1e-3)
+    add_training(config, train=train, optim=optim)
+    _full_scale_data(config)
+    config.data.template = "plain"
+    config.eval.num_questions = 0  # "plain" prompts hold no question: report eval/loss only
+    return config

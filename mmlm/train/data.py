@@ -1,0 +1,151 @@
+"""Input side of the trainer: synthetic data on first use, iterators, global batches.
+
+* `prepare_synthetic(config, workdir)`: when `config.synthetic.kind` is set
+  and `config.data.dataset_dir` holds no built dataset, process 0 renders
+  the synthetic splits (`mmlm.data.synth`) and builds them
+  (`mmlm.data.build`) under `synthetic.cache_dir` (default `WORKDIR/data`);
+  the other processes wait for it. The demo uses this.
+* `train_iterator(...)`: this host's shard of the training stream (grain,
+  checkpointable).
+* `global_batch(...)`: host-local numpy batches -> global `jax.Array`s split
+  over the mesh's batch axes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from mmlm.sharding import batch_sharding
+
+log = logging.getLogger(__name__)
+
+SYNTH_DONE = "synthetic_build.json"  # marker written last: the build is complete
+
+
+def synthetic_config() -> ml_collections.ConfigDict:
+    """`config.synthetic`: a dataset rendered and built on first use (empty kind = off)."""
+    return ml_collections.ConfigDict(dict(
+        kind="",                 # "shapes", "shapes_hd" or "moving_shapes" (mmlm.data.synth); "" = off
+        num_train=2000,          # records (images / videos) in the train split
+        num_eval=200,            # records in the eval split (config.data.eval_split)
+        seed=0,                  # synthesis seed (records are a pure function of seed, split, index)
+        image_size=0,            # rendered side in pixels; 0 = the synthesiser's default
+        questions_per_image=1,   # question/answer turns per record
+        cache_dir="",            # where to build; "" = WORKDIR/data. Reused when already built.
+    ))
+
+
+def _synth_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    s = config.synthetic
+    return {"kind": s.kind, "num_train": int(s.num_train), "num_eval": int(s.num_eval), "seed": int(s.seed),
+            "image_size": int(s.image_size), "questions_per_image": int(s.questions_per_image),
+            "train_split": config.data.train_split, "eval_split": config.data.eval_split}
+
+
+def prepare_synthetic(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Builds the synthetic dataset if needed and points `config.data.dataset_dir` at it.
+
+    A build is reused when its marker records the same synthesis settings,
+    so a restarted run (or a second run with the same cache_dir) skips it.
+    """
+    if "synthetic" not in config or not config.synthetic.kind:
+        return
+    root = Path(config.synthetic.cache_dir or os.path.join(workdir, "data")).absolute()
+    key = _synth_key(config)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    out = root / f"{key['kind']}_{key['num_train']}_{key['num_eval']}_{digest}"  # one directory per setting
+    marker = out / SYNTH_DONE
+    if jax.process_index() == 0:
+        if not (marker.is_file() and json.loads(marker.read_text()) == key):
+            _build_synthetic(config, key, out)
+            marker.write_text(json.dumps(key, indent=2) + "\n")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("mmlm_synthetic_data_ready")
+    if not marker.is_file():
+        raise FileNotFoundError(f"synthetic dataset {str(out)!r} is not visible from process "
+                                f"{jax.process_index()}: put synthetic.cache_dir on a shared filesystem")
+    config.data.dataset_dir = str(out / "built")
+
+
+def _build_synthetic(config: ml_collections.ConfigDict, key: Mapping[str, Any], out: Path) -> None:
+    from mmlm.data import build, synth
+
+    try:  # TFDS draws its own progress bars while preparing; the trainer has its own console
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()
+    except ImportError:
+        pass
+    s = config.synthetic
+    raw = out / "raw"
+    log.info("building synthetic %s data in %s", s.kind, out)
+    size = int(s.image_size) or None
+    jsons = {}
+    for split, num in ((key["train_split"], key["num_train"]), (key["eval_split"], key["num_eval"])):
+        jsons[split] = str(synth.synthesize(s.kind, raw, int(num), int(s.seed), split, image_size=size,
+                                            questions_per_image=int(s.questions_per_image), progress=False))
+    media = raw if s.kind != "moving_shapes" else None
+    videos = raw if s.kind == "moving_shapes" else None
+    # TFDS prints its own "Downloading and preparing ..." lines; keep the console for the trainer.
+    with contextlib.redirect_stdout(io.StringIO()):
+        build.build_dataset(jsons, media, out / "built", videos_dir=videos, name=f"synthetic_{s.kind}",
+                            overwrite=True, progress=False)
+
+
+def resolve_data_config(config: ml_collections.ConfigDict) -> None:
+    """Pins fields of `config.data` that follow the model, in the data package's conventions.
+
+    The model counts HD grids from 1 (`model.hd_grid = 1`: no HD) while the
+    pipeline uses 0 for "no HD"; an unset `data.hd_grid` is translated here so
+    the two cannot disagree.
+    """
+    if config.data.get("hd_grid") is None:
+        n = int(config.model.get("hd_grid", 1))
+        config.data.hd_grid = 0 if n <= 1 else n
+    if config.data.get("image_size") is None:
+        config.data.image_size = int(config.model.image_size)
+
+
+def make_pipeline(config: ml_collections.ConfigDict, split: str, *, train: bool, local_only: bool = False):
+    """The grain pipeline of `split` for this process (`local_only`: as if this were the only process)."""
+    from mmlm.data.pipeline import make_dataset
+
+    if local_only:
+        return make_dataset(config, split, process_index=0, process_count=1, train=train)
+    return make_dataset(config, split, process_index=jax.process_index(), process_count=jax.process_count(),
+                        train=train)
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host-local batch (B/P rows per process) -> global arrays (B rows) split over (data, fsdp)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in local.items()}
+
+
+def replicated_batch(full: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """A batch every process holds in full -> global arrays split over (data, fsdp)."""
+    out = {}
+    for k, v in full.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim), lambda idx, v=v: v[idx])
+    return out
+
+
+def take(iterator: Iterator[dict[str, np.ndarray]], n: int | None) -> Iterator[dict[str, np.ndarray]]:
+    for i, batch in enumerate(iterator):
+        if n is not None and i >= n:
+            return
+        yield batch

@@ -1,0 +1,119 @@
+"""The training recipe as an optax transformation.
+
+* Parameters are grouped by the top-level key of the params tree (the
+  model's parts: vision, projector, compressor, prefusion, llm).
+* Trainable parts each get AdamW with their own peak learning rate and the
+  shared warmup + decay schedule (`optax.multi_transform`).
+* Frozen parts get `optax.set_to_zero()`: no update and no optimizer state
+  (multi_transform masks every inner transform, so Adam allocates its
+  moments only for the parts it updates).
+* Gradients are clipped by their global norm first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mmlm.config_defaults import PARTS
+
+log = logging.getLogger(__name__)
+
+FROZEN = "frozen"
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def trainable_parts(params: Mapping[str, Any], trainable: Sequence[str]) -> tuple[str, ...]:
+    """The configured trainable parts that exist in `params` (a clear error for unknown names)."""
+    unknown = sorted(set(trainable) - set(PARTS))
+    if unknown:
+        raise ValueError(f"train.trainable names unknown part(s) {unknown}; parts are {list(PARTS)}")
+    absent = [p for p in trainable if p not in params]
+    if absent:
+        log.info("train.trainable: model has no %s (e.g. llava15 mode has no compressor/pre-fusion); skipped",
+                 absent)
+    parts = tuple(p for p in PARTS if p in trainable and p in params)
+    if not parts:
+        raise ValueError(f"nothing to train: train.trainable={tuple(trainable)} but the model has parts "
+                         f"{sorted(params)}")
+    return parts
+
+
+def part_labels(params: Mapping[str, Any], parts: Sequence[str]) -> dict[str, Any]:
+    """Label tree for multi_transform: every leaf of part p is p if p trains, else FROZEN."""
+    return {k: jax.tree.map(lambda _: (k if k in parts else FROZEN), v) for k, v in params.items()}
+
+
+def lr_factor(optim: ml_collections.ConfigDict, total_steps: int) -> Schedule:
+    """Schedule shape in [0, 1] (multiplied by each part's peak LR).
+
+    Linear warmup from 0 over ceil(warmup_ratio * total_steps) steps, then
+    cosine / linear decay to `end_lr_ratio` at `total_steps`, or constant.
+    """
+    total = max(int(total_steps), 1)
+    warmup = min(int(math.ceil(float(optim.warmup_ratio) * total)), total)
+    end = float(optim.end_lr_ratio)
+    kind = optim.schedule
+    if kind == "constant":
+        return optax.warmup_constant_schedule(0.0, 1.0, warmup) if warmup else optax.constant_schedule(1.0)
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, total, end_value=end)
+    if kind == "linear":
+        return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup),
+                                     optax.linear_schedule(1.0, end, total - warmup)], [warmup])
+    raise ValueError(f"optim.schedule must be cosine, linear or constant; got {kind!r}")
+
+
+def part_schedule(optim: ml_collections.ConfigDict, part: str, total_steps: int) -> Schedule:
+    peak = float(optim.learning_rate[part])
+    factor = lr_factor(optim, total_steps)
+    return lambda step: peak * factor(step)
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices and embeddings only (not norms, biases, or per-layer vectors).
+
+    Scanned layers add a leading layer axis, so a stacked bias is 2-D; the
+    names tell them apart.
+    """
+    def leaf(path, x):
+        name = str(getattr(path[-1], "key", path[-1]))
+        return x.ndim >= 2 and name in ("kernel", "embedding", "in_proj_kernel", "query", "position_embedding")
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, params: Mapping[str, Any], parts: Sequence[str],
+                   total_steps: int) -> optax.GradientTransformation:
+    """clip_by_global_norm -> multi_transform({part: AdamW(part LR schedule), frozen: zero})."""
+    transforms: dict[str, optax.GradientTransformation] = {FROZEN: optax.set_to_zero()}
+    for part in parts:
+        transforms[part] = optax.adamw(
+            part_schedule(optim, part, total_steps), b1=float(optim.b1), b2=float(optim.b2),
+            eps=float(optim.eps), weight_decay=float(optim.weight_decay), mask=_decay_mask)
+    chain = []
+    if float(optim.grad_clip_norm) > 0:
+        chain.append(optax.clip_by_global_norm(float(optim.grad_clip_norm)))
+    chain.append(optax.multi_transform(transforms, part_labels(params, parts)))
+    return optax.chain(*chain)
+
+
+def count_state(opt_state: Any) -> int:
+    """Number of scalars held by an optimizer state (frozen parts contribute none)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(opt_state) if hasattr(x, "shape")))
+
+
+def split_trainable(params: Mapping[str, Any], parts: Sequence[str]) -> tuple[dict, dict]:
+    """(trainable subtree, frozen subtree) by top-level part."""
+    train = {k: v for k, v in params.items() if k in parts}
+    frozen = {k: v for k, v in params.items() if k not in parts}
+    return train, frozen
+
+
+def zeros_for(tree: Any) -> Any:
+    return jax.tree.map(jnp.zeros_like, tree)

@@ -1,0 +1,152 @@
+"""The jitted train and eval steps.
+
+Train state (a plain dict, so Orbax saves it item by item):
+
+    {"step": () int32, "params": fp32 master weights, "opt_state": optax state,
+     "rng": (2,) uint32 raw key data of the run's base key}
+
+One `train_step` = one optimizer update over the global batch:
+
+1. The step's key is `fold_in(rng, step)`; it samples the Matryoshka budget
+   (index into `budgets`) uniformly. The budget is a static shape, so the
+   forward is a `lax.switch` with one branch per budget: one compiled
+   program, only the chosen branch runs, and resuming at any step replays
+   the same budgets.
+2. The batch (B, ...) is split into `grad_accum` micro-batches; a `lax.scan`
+   sums per-token loss and gradients over them (activations for only B/k
+   sequences are live). Gradients are taken w.r.t. the trainable parts only.
+3. The loss is the mean over all supervised tokens of the global batch
+   (sum / count, so micro-batching, sharding and hosts do not change it).
+4. Non-finite loss or gradients leave params and optimizer state unchanged
+   (`finite` = 0 in the metrics); the host stops the run (`mmlm.train.trainer`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mmlm.models.llava_mini import LlavaMini
+from mmlm.models.loss import token_loss
+from mmlm.sharding import BATCH_AXES
+from mmlm.train.optimizer import Schedule, split_trainable, zeros_for
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+# Batch entries the model reads; anything else the pipeline yields (example ids, ...) stays on the host.
+MODEL_KEYS = ("input_ids", "labels", "attention_mask", "images", "frame_mask")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+def _loss_sums(model: LlavaMini, params: dict, batch: Batch, budget: int) -> tuple[jax.Array, tuple]:
+    """(sum of token cross-entropy, (supervised tokens, correct tokens, LLM input tokens))."""
+    out = model.apply({"params": params}, batch, budget)
+    sums = token_loss(out["logits"], out["targets"])
+    return sums["loss_sum"], (sums["num_tokens"], sums["num_correct"], jnp.sum(out["valid"]))
+
+
+def split_microbatches(batch: Batch, k: int, mesh: Mesh | None) -> Batch:
+    """(B, ...) -> (k, B/k, ...). Micro-batch i takes rows i, i+k, i+2k, ...
+
+    Strided rather than contiguous so that each device's rows stay on that
+    device (a contiguous split would put a whole micro-batch on a few devices).
+    """
+    def one(x):
+        b = x.shape[0]
+        y = jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+        if mesh is not None:
+            axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None
+            y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, axes)))
+        return y
+    return jax.tree.map(one, batch)
+
+
+def budget_index(rng: jax.Array, step: jax.Array, num_budgets: int) -> jax.Array:
+    """The step's Matryoshka budget (index), a pure function of (run key, step)."""
+    if num_budgets == 1:
+        return jnp.zeros((), jnp.int32)
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    return jax.random.randint(key, (), 0, num_budgets, dtype=jnp.int32)
+
+
+def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: Sequence[str],
+                    budgets: Sequence[int], grad_accum: int, schedules: dict[str, Schedule],
+                    mesh: Mesh | None = None) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    """Builds `train_step(state, batch) -> (new_state, metrics)` (not jitted; see `jit_train_step`)."""
+    budgets = tuple(int(b) for b in budgets)
+
+    def loss_for(train_params, frozen, mb, idx):
+        params = {**train_params, **frozen}  # gradients are taken w.r.t. train_params only
+        branches = [functools.partial(_loss_sums, model, budget=m) for m in budgets]
+        if len(branches) == 1:
+            return branches[0](params, mb)
+        return jax.lax.switch(idx, [lambda p, b, f=f: f(p, b) for f in branches], params, mb)
+
+    grad_fn = jax.value_and_grad(loss_for, has_aux=True)
+
+    def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        params = state["params"]
+        train_params, frozen = split_trainable(params, parts)
+        idx = budget_index(state["rng"], state["step"], len(budgets))
+        if grad_accum == 1:
+            (loss_sum, (ntok, ncorrect, nseq)), grads = grad_fn(train_params, frozen, batch, idx)
+        else:
+            micro = split_microbatches(batch, grad_accum, mesh)
+
+            def body(carry, mb):
+                g_acc, l_acc, n_acc, c_acc, s_acc = carry
+                (l, (n, c, s)), g = grad_fn(train_params, frozen, mb, idx)
+                g_acc = jax.tree.map(jnp.add, g_acc, g)
+                return (g_acc, l_acc + l, n_acc + n, c_acc + c, s_acc + s), None
+
+            zero = jnp.zeros((), jnp.float32)
+            init = (zeros_for(train_params), zero, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+                    jnp.zeros((), jnp.int32))
+            (grads, loss_sum, ntok, ncorrect, nseq), _ = jax.lax.scan(body, init, micro)
+        denom = jnp.maximum(ntok, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        grad_norm = optax.tree.norm(grads)
+        full_grads = {**grads, **zeros_for(frozen)}
+        updates, new_opt = tx.update(full_grads, state["opt_state"], params)
+        new_train = optax.apply_updates(train_params, {k: updates[k] for k in train_params})
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": {**keep(new_train, train_params), **frozen},
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "rng": state["rng"],
+        }
+        metrics = {
+            "loss": loss,
+            "token_accuracy": ncorrect.astype(jnp.float32) / denom,
+            "grad_norm": grad_norm,
+            "supervised_tokens": ntok,
+            "tokens": nseq,
+            "budget": jnp.asarray(budgets, jnp.int32)[idx],
+            "finite": finite.astype(jnp.int32),
+        }
+        for part, sched in schedules.items():
+            metrics[f"lr/{part}"] = jnp.asarray(sched(state["step"]), jnp.float32)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: LlavaMini) -> Callable[..., dict[str, jax.Array]]:
+    """`eval_step(params, batch, budget)` -> sums for eval/loss and eval/token_accuracy (budget static)."""
+
+    def eval_step(params: dict, batch: Batch, budget: int) -> dict[str, jax.Array]:
+        loss_sum, (ntok, ncorrect, _) = _loss_sums(model, params, batch, budget)
+        return {"loss_sum": loss_sum, "num_tokens": ntok, "num_correct": ncorrect}
+
+    return eval_step

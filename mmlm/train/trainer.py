@@ -1,0 +1,457 @@
+"""The training loop: setup, resume, steps, evaluation, checkpoints, report.
+
+    result = train(config, workdir)
+
+1. Mesh from `config.mesh`; params and optimizer state sharded by the
+   logical-axis rules (`mmlm.sharding`); the step is `jax.jit`-compiled
+   ahead of time with in/out shardings and a donated state.
+2. Resume: the latest checkpoint in `WORKDIR/checkpoints` (state, data
+   iterator, run key) is restored onto the current mesh, so the same command
+   continues a killed run exactly. Otherwise params are initialised from
+   `config.seed` (and `train.init_from`, a converted model checkpoint).
+3. Every step: one optimizer update on the global batch (`mmlm.train.step`).
+   Metrics every `train.log_every` steps, evaluation every `eval.every`,
+   asynchronous checkpoints every `train.checkpoint_every` and at the end.
+4. SIGTERM (preemption): the current step finishes, a checkpoint is saved,
+   and the run exits with `PREEMPTED_EXIT_CODE`; rerunning resumes it.
+5. A non-finite loss stops the run (`NonFiniteLossError`) without saving, so
+   the last checkpoint on disk is the last good state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+
+from mmlm.checkpoint import load_model_params, save_config
+from mmlm.models.config import ModelConfig, model_config_from_dict
+from mmlm.models.layers import count_params
+from mmlm.models.llava_mini import LlavaMini
+from mmlm.models.summary import dummy_batch
+from mmlm import sharding as shd
+from mmlm.train import data as data_lib
+from mmlm.train.checkpointing import Checkpointer
+from mmlm.train.evaluate import Evaluator
+from mmlm.train.metrics import MetricWriter, compiled_flops, peak_tflops_per_device
+from mmlm.train.optimizer import count_state, make_optimizer, part_schedule, trainable_parts
+from mmlm.train.step import make_train_step, model_inputs
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a killed process reports
+RESULTS_FILE = "results.json"
+
+
+class TrainError(RuntimeError):
+    """A problem the user can fix (reported without a traceback by `mmlm train`)."""
+
+
+class NonFiniteLossError(TrainError):
+    """The loss or gradient norm became NaN/inf."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved."""
+
+
+# ----------------------------------------------------------------------------- setup
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop needs that does not change across steps."""
+
+    config: ml_collections.ConfigDict
+    cfg: ModelConfig
+    model: LlavaMini
+    mesh: Mesh
+    parts: tuple[str, ...]
+    budgets: tuple[int, ...]
+    total_steps: int
+    tx: Any
+    schedules: dict[str, Any]
+    abstract_state: dict[str, Any]     # ShapeDtypeStructs carrying the target shardings
+    state_shardings: dict[str, Any]
+    param_logical_specs: Any
+
+
+def training_budgets(cfg: ModelConfig) -> tuple[int, ...]:
+    """Budgets sampled in training: the Matryoshka set, or the single default budget."""
+    if cfg.mode == "llava_mini" and cfg.compressor.matryoshka:
+        return tuple(sorted(set(int(b) for b in cfg.compressor.budgets)))
+    return (cfg.check_budget(None),)
+
+
+def resolve_total_steps(config: ml_collections.ConfigDict, pipeline: Any) -> int:
+    """train.steps, or (steps == -1) train.epochs passes over the training split."""
+    steps = int(config.train.steps)
+    if steps > 0:
+        return steps
+    if steps != -1:
+        raise ValueError(f"train.steps must be > 0, or -1 for train.epochs epochs; got {steps}")
+    per_epoch = int(pipeline.batches_per_epoch)
+    return max(1, int(math.ceil(float(config.train.epochs) * per_epoch)))
+
+
+def build_setup(config: ml_collections.ConfigDict, total_steps: int, mesh: Mesh | None = None) -> Setup:
+    """Model, mesh, optimizer and the sharded abstract train state (nothing allocated)."""
+    cfg = model_config_from_dict(config.model)
+    model = LlavaMini(cfg)
+    mesh = mesh or shd.make_mesh(shd.mesh_config_from(config))
+    rules = config.sharding_rules
+    boxed = jax.eval_shape(model.init, jax.random.key(0), dummy_batch(cfg, abstract=False))
+    logical = nn.get_partition_spec(boxed)["params"]
+    abstract_params = nn.unbox(boxed)["params"]
+    param_sh = shd.logical_to_shardings(logical, abstract_params, mesh, rules)
+    parts = trainable_parts(abstract_params, tuple(config.train.trainable))
+    schedules = {p: part_schedule(config.optim, p, total_steps) for p in parts}
+    tx = make_optimizer(config.optim, abstract_params, parts, total_steps)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = shd.opt_state_shardings(abstract_opt, param_sh, mesh)
+    rep = shd.replicated(mesh)
+    state_sh = {"step": rep, "params": param_sh, "opt_state": opt_sh, "rng": rep}
+    abstract = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": abstract_params,
+        "opt_state": abstract_opt,
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    return Setup(config=config, cfg=cfg, model=model, mesh=mesh, parts=parts, budgets=training_budgets(cfg),
+                 total_steps=total_steps, tx=tx, schedules=schedules, abstract_state=abstract,
+                 state_shardings=state_sh, param_logical_specs=logical)
+
+
+def init_state(setup: Setup, seed: int) -> dict[str, Any]:
+    """Fresh state, created directly in its shardings (threefry is partitionable: values do not
+    depend on the mesh)."""
+    cfg, model, tx = setup.cfg, setup.model, setup.tx
+    sample = dummy_batch(cfg, abstract=False)
+
+    def create(seed_arr):
+        root = jax.random.key(seed_arr)
+        params = nn.unbox(model.init(jax.random.fold_in(root, 0), sample))["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                "rng": jax.random.key_data(jax.random.fold_in(root, 1)).astype(jnp.uint32)}
+
+    return jax.jit(create, out_shardings=setup.state_shardings)(jnp.asarray(seed, jnp.uint32))
+
+
+def load_init_from(setup: Setup, state: dict[str, Any], path: str) -> dict[str, Any]:
+    """Overwrites params with those of a model checkpoint (`mmlm convert` output; may be partial).
+
+    Every checkpoint leaf must exist in the model with the same shape; model
+    leaves absent from the checkpoint keep their fresh initialisation. The
+    optimizer state stays zero (it is a fresh run).
+    """
+    import orbax.checkpoint as ocp
+
+    params_dir = os.path.join(os.path.abspath(path), "params")
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(params_dir)
+    meta_tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+    model_flat = {jax.tree_util.keystr(p): a for p, a in
+                  jax.tree_util.tree_flatten_with_path(setup.abstract_state["params"])[0]}
+    ckpt_flat = jax.tree_util.tree_flatten_with_path(meta_tree)[0]
+    problems = []
+    for p, m in ckpt_flat:
+        key = jax.tree_util.keystr(p)
+        if key not in model_flat:
+            problems.append(f"{key}: not a parameter of this model")
+        elif tuple(m.shape) != tuple(model_flat[key].shape):
+            problems.append(f"{key}: checkpoint {tuple(m.shape)} vs model {tuple(model_flat[key].shape)}")
+    if problems:
+        raise TrainError(f"--init_from {path}: checkpoint does not fit config.model:\n  " + "\n  ".join(problems))
+    target = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(meta_tree),
+        [model_flat[jax.tree_util.keystr(p)] for p, _ in ckpt_flat])
+    loaded = load_model_params(path, target)
+    loaded_flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: loaded_flat.get(jax.tree_util.keystr(p), v), state["params"])
+    log.info("initialised %d of %d parameter arrays from %s", len(loaded_flat), len(model_flat), path)
+    return {**state, "params": params}
+
+
+# ------------------------------------------------------------------------- preemption
+
+class PreemptionWatch:
+    """SIGTERM -> save and stop. Multi-host: JAX's preemption sync point agrees on the step."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = None
+        if jax.process_count() == 1:
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._handler)
+            except ValueError:  # not the main thread (e.g. called from a notebook worker)
+                self._old = None
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.flag
+
+    def close(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+# ------------------------------------------------------------------------------ loop
+
+def _host(tree: Any) -> Any:
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def _check_batch(config: ml_collections.ConfigDict, setup: Setup) -> None:
+    b = int(config.data.batch_size)
+    k = int(config.train.grad_accum_steps)
+    dp = shd.data_parallel_size(setup.mesh)
+    if k < 1 or b % k:
+        raise TrainError(f"data.batch_size={b} must be a multiple of train.grad_accum_steps={k}")
+    if (b // k) % dp:
+        raise TrainError(f"micro-batch {b // k} (data.batch_size / train.grad_accum_steps) must be a multiple "
+                         f"of the data-parallel size {dp} (mesh.data x mesh.fsdp)")
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+    """Clear errors for the data settings a paper-scale config leaves to the user."""
+    if not config.data.get("dataset_dir"):
+        raise TrainError("config.data.dataset_dir is empty: pass --config.data.dataset_dir=DIR "
+                         "(an `mmlm data build` output) or use a config with a `synthetic` section")
+    if not config.data.get("tokenizer"):
+        raise TrainError("config.data.tokenizer is empty: pass --config.data.tokenizer=PATH "
+                         "(the LLM's tokenizer.model or tokenizer.json)")
+    from mmlm.data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(config.data.tokenizer).vocab_size
+    if vocab > int(config.model.llm.vocab_size):
+        raise TrainError(f"tokenizer {config.data.tokenizer!r} has {vocab} ids but model.llm.vocab_size is "
+                         f"{config.model.llm.vocab_size}: ids past the embedding table cannot be learned")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir`; returns the final results (also in results.json)."""
+    t_start = time.time()
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    data_lib.prepare_synthetic(config, workdir)
+    data_lib.resolve_data_config(config)
+    check_data(config)
+    train_pipe = data_lib.make_pipeline(config, config.data.train_split, train=True)
+    total_steps = resolve_total_steps(config, train_pipe)
+    setup = build_setup(config, total_steps)
+    _check_batch(config, setup)
+    if jax.process_index() == 0:
+        save_config(workdir, config)
+    log.info("mesh %s; trainable %s; budgets %s; %d steps", shd.describe(setup.mesh), setup.parts,
+             setup.budgets, total_steps)
+
+    ckpt = Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
+    data_iter = iter(train_pipe)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, setup.abstract_state, data_iter)
+        log.info("resumed from step %d (%s)", latest, ckpt.manager.directory)
+    else:
+        state = init_state(setup, int(config.seed))
+        if config.train.init_from:
+            state = load_init_from(setup, state, config.train.init_from)
+    start = int(jax.device_get(state["step"]))
+
+    n_params = count_params(setup.abstract_state["params"])
+    n_train = sum(count_params(setup.abstract_state["params"][p]) for p in setup.parts)
+    n_opt = count_state(setup.abstract_state["opt_state"])
+    step_fn = jax.jit(
+        make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, int(config.train.grad_accum_steps),
+                        setup.schedules, setup.mesh),
+        in_shardings=(setup.state_shardings, None), out_shardings=(setup.state_shardings, None),
+        donate_argnums=(0,))
+
+    writer = MetricWriter(workdir, total_steps=total_steps, start_step=start,
+                          progress_bar=bool(config.train.progress_bar))
+    writer.message(f"mmlm train: {n_params:,} params ({n_train:,} trainable in {', '.join(setup.parts)}; "
+                   f"optimizer state {n_opt:,}); mesh {shd.describe(setup.mesh)}; "
+                   f"steps {start}->{total_steps}; workdir {workdir}")
+    evaluator = None
+    ev = config.eval
+    if int(ev.every) >= 0 and (int(ev.num_questions) > 0 or int(ev.loss_batches) > 0):
+        evaluator = Evaluator(config, setup.cfg, setup.mesh)
+    preempt = PreemptionWatch()
+    log_every = max(int(config.train.log_every), 1)
+    ckpt_every = max(int(config.train.checkpoint_every), 1)
+    peak = peak_tflops_per_device(float(config.train.peak_tflops_per_device)) * 1e12 * jax.device_count()
+    flops_per_step = 0.0
+    compiled = None
+    last_row: dict[str, Any] = {}
+    eval_row: dict[str, Any] = {}
+    samples: list[dict[str, str]] = []
+    train_time = 0.0
+    status = "completed"
+    step = start
+    try:
+        pending: list[dict[str, Any]] = []  # device metrics since the last log row
+        t_log = None
+        prev = None
+        while step < total_steps:
+            batch = data_lib.global_batch(model_inputs(next(data_iter)), setup.mesh)
+            if compiled is None:
+                t0 = time.time()
+                compiled = step_fn.lower(state, batch).compile()
+                flops_per_step = compiled_flops(compiled)
+                writer.message(f"compiled the train step in {time.time() - t0:.1f}s "
+                               f"({flops_per_step / 1e9:.2f} GFLOP/step)")
+                t_log = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            step += 1
+            pending.append(metrics)
+            # Check the previous step (already finished or nearly) so the host never stalls the queue.
+            if prev is not None and not int(prev["finite"]):
+                raise NonFiniteLossError(_nan_message(step - 1, _host(prev), ckpt))
+            prev = metrics
+            is_last = step == total_steps
+            do_log = step % log_every == 0 or is_last
+            do_ckpt = step % ckpt_every == 0 or is_last
+            do_eval = evaluator is not None and ((int(ev.every) > 0 and step % int(ev.every) == 0) or is_last)
+            stop = preempt.reached(step)
+            if do_log or do_ckpt or do_eval or stop:
+                host = _host(pending)
+                if not all(int(m["finite"]) for m in host):
+                    bad = next(i for i, m in enumerate(host) if not int(m["finite"]))
+                    raise NonFiniteLossError(_nan_message(step - len(host) + 1 + bad, host[bad], ckpt))
+                now = time.perf_counter()
+                elapsed = now - t_log
+                train_time += elapsed
+                if do_log:
+                    last_row = writer.write(step, _train_row(host, elapsed, flops_per_step, peak, setup.parts))
+                    writer.progress(step, {"loss": last_row["loss"], "acc": last_row["token_accuracy"]})
+                pending = []
+                if do_ckpt or stop:
+                    ckpt.save(step, state, data_iter)
+                if do_eval:
+                    eval_metrics, samples = evaluator.run(state["params"],
+                                                          samples=int(ev.print_samples) if is_last else 0)
+                    eval_row = writer.write(step, eval_metrics)
+                    writer.message(f"step {step}: " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float)))
+                if stop and not is_last:
+                    raise Preempted()
+                t_log = time.perf_counter()
+    except Preempted:
+        status = "preempted"
+        writer.message(f"SIGTERM: saved a checkpoint at step {step}; rerun the same command to resume")
+    finally:
+        preempt.close()
+        ckpt.close()
+        writer.close()
+
+    results = {
+        "status": status,
+        "steps": step,
+        "total_steps": total_steps,
+        "wall_time_s": time.time() - t_start,
+        "train_time_s": train_time,
+        "params": n_params,
+        "trainable_params": n_train,
+        "optimizer_state_size": n_opt,
+        "mesh": shd.describe(setup.mesh),
+        "train": {k: v for k, v in last_row.items()},
+        "eval": {k: v for k, v in eval_row.items()},
+        "samples": samples,
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+            json.dump(results, f, indent=2)
+        if status == "completed":
+            print(format_results(results), flush=True)
+    return results
+
+
+def _nan_message(step: int, metrics: dict[str, Any], ckpt: Checkpointer) -> str:
+    last = ckpt.latest_step()
+    where = f"the last good checkpoint is step {last} in {ckpt.manager.directory}" if last is not None else \
+        "no checkpoint was saved yet"
+    return (f"non-finite loss at step {step} (loss={float(metrics['loss'])}, "
+            f"grad_norm={float(metrics['grad_norm'])}): stopping without saving; {where}. "
+            "Lower optim.learning_rate or optim.grad_clip_norm and rerun (it resumes from that checkpoint).")
+
+
+def _train_row(host: list[dict[str, Any]], elapsed: float, flops_per_step: float, peak: float,
+               parts: tuple[str, ...]) -> dict[str, Any]:
+    """The log row of the last step, with throughput averaged since the previous row."""
+    last = host[-1]
+    n = len(host)
+    tokens = float(sum(float(m["tokens"]) for m in host))
+    row = {
+        "loss": float(last["loss"]),
+        "token_accuracy": float(last["token_accuracy"]),
+        "grad_norm": float(last["grad_norm"]),
+        "lr": float(last[f"lr/{_main_part(parts)}"]),
+        "budget": int(last["budget"]),
+        "supervised_tokens": int(last["supervised_tokens"]),
+        "step_time": elapsed / n,
+        "tokens_per_s": tokens / max(elapsed, 1e-9),
+    }
+    for part in parts:
+        row[f"lr/{part}"] = float(last[f"lr/{part}"])
+    if flops_per_step > 0:
+        row["tflops_per_s"] = flops_per_step * n / max(elapsed, 1e-9) / 1e12
+        if peak > 0:
+            row["mfu"] = flops_per_step * n / max(elapsed, 1e-9) / peak
+    return row
+
+
+def _main_part(parts: tuple[str, ...]) -> str:
+    """The part whose learning rate is reported as `lr` (the LLM when it trains)."""
+    for p in ("llm", "prefusion", "compressor", "projector", "vision"):
+        if p in parts:
+            return p
+    return parts[0]
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The end-of-run table (and sample answers) printed on the console."""
+    tr, ev = results.get("train", {}), results.get("eval", {})
+    rows = [
+        ("steps", f"{results['steps']}"),
+        ("wall time", f"{results['wall_time_s']:.1f} s (training {results['train_time_s']:.1f} s)"),
+        ("parameters", f"{results['params']:,} ({results['trainable_params']:,} trainable)"),
+        ("mesh", results["mesh"]),
+    ]
+    if tr:
+        rows += [("final train loss", f"{tr['loss']:.4f}"),
+                 ("final train token accuracy", f"{tr['token_accuracy']:.4f}"),
+                 ("throughput", f"{tr['tokens_per_s']:.0f} tokens/s, {tr['step_time'] * 1e3:.0f} ms/step")]
+        if "mfu" in tr:
+            rows.append(("MFU (estimate)", f"{100 * tr['mfu']:.1f}%"))
+    if "eval/loss" in ev:
+        rows.append(("eval loss", f"{ev['eval/loss']:.4f}"))
+    for k, v in ev.items():
+        if k.startswith("eval/accuracy"):
+            n = ev.get("eval/num_questions", "?")
+            rows.append((f"held-out exact match{k[len('eval/accuracy'):]}", f"{100 * v:.1f}% of {n} questions"))
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "results", "-" * (width + 40)] + [f"{k:<{width}}  {v}" for k, v in rows]
+    if results.get("samples"):
+        lines += ["", "sample held-out questions:"]
+        for s in results["samples"]:
+            mark = "ok " if s["correct"] == "yes" else "XX "
+            lines.append(f"  {mark} Q: {s['question']}\n      model: {s['answer']!r}   reference: {s['reference']!r}")
+    return "\n".join(lines)

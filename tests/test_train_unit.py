@@ -1,0 +1,190 @@
+"""Trainer pieces in-process on the tiny config: optimizer recipe, train step, metrics, eval helpers."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mmlm.config_utils import load_config
+from mmlm.models.layers import count_params
+from mmlm.train import trainer
+from mmlm.train.evaluate import first_questions, normalize_answer
+from mmlm.train.metrics import truncate_rows_after
+from mmlm.train.optimizer import count_state, lr_factor
+from mmlm.train.step import budget_index, make_eval_step, make_train_step
+
+T = 16
+# These tests compare numbers, not speed: skip LLVM's optimisation passes (halves compile times).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def tiny(*overrides: str):
+    return load_config("configs/tiny.py", list(overrides))
+
+
+def batch_for(cfg, b=8, seed=0):
+    """Random conversations: placeholder at 1, answer tokens at 10..12, right padding from 14."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, cfg.llm.vocab_size, (b, T)).astype(np.int32)
+    ids[:, 1] = IMAGE_TOKEN_ID
+    labels = np.full((b, T), IGNORE_INDEX, np.int32)
+    labels[:, 10:13] = ids[:, 10:13]
+    mask = np.ones((b, T), bool)
+    mask[:, 14:] = False
+    s = cfg.image_size
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "images": rng.standard_normal((b, 1, 1, s, s, 3)).astype(np.float32),
+            "frame_mask": np.ones((b, 1), bool)}
+
+
+def setup_and_state(config, steps=10):
+    setup = trainer.build_setup(config, steps)
+    return setup, trainer.init_state(setup, int(config.seed))
+
+
+_STEPS: dict = {}
+
+
+def step_fn(setup, config, grad_accum=None):
+    """The jitted train step (one per setup and accumulation, so tests share compilations)."""
+    k = int(config.train.grad_accum_steps) if grad_accum is None else grad_accum
+    key = (id(setup), k)
+    if key not in _STEPS:
+        _STEPS[key] = (setup, jax.jit(make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, k,
+                                                      setup.schedules, setup.mesh), compiler_options=FAST_COMPILE))
+    return _STEPS[key][1]
+
+
+@pytest.fixture(scope="module")
+def stage2():
+    config = tiny()
+    setup, state = setup_and_state(config)
+    return config, setup, state
+
+
+def test_frozen_parts_have_no_optimizer_state(stage2):
+    config, setup, state = stage2
+    params = state["params"]
+    assert "vision" not in setup.parts
+    trainable = sum(count_params(params[p]) for p in setup.parts)
+    # Adam: mu + nu per trainable scalar, plus a few step counters; nothing for the frozen vision tower.
+    assert 2 * trainable <= count_state(state["opt_state"]) < 2 * trainable + 100
+    leaves = jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+    assert not any("'vision'" in jax.tree_util.keystr(p) for p, _ in leaves)
+
+
+def test_stage1_trains_only_the_projector():
+    config = tiny("--config.train.trainable=('projector',)", "--config.optim.warmup_ratio=0.0")
+    setup = trainer.build_setup(config, 10)
+    assert setup.parts == ("projector",)
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), setup.abstract_state["params"])
+    opt_state = setup.tx.init(params)
+    assert count_state(opt_state) < 2 * count_params(params["projector"]) + 100
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = setup.tx.update(grads, opt_state, params)
+    for part in ("vision", "compressor", "prefusion", "llm"):
+        assert all(not bool(jnp.any(u)) for u in jax.tree.leaves(updates[part])), part
+    assert all(bool(jnp.all(u < 0)) for u in jax.tree.leaves(updates["projector"]))
+
+
+def test_unknown_trainable_part_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown part"):
+        trainer.build_setup(tiny("--config.train.trainable=('projector','decoder')"), 10)
+
+
+def test_per_part_learning_rates_and_schedule():
+    config = tiny("--config.optim.learning_rate.llm=1e-3", "--config.optim.learning_rate.projector=1e-4",
+                  "--config.optim.warmup_ratio=0.1")
+    setup = trainer.build_setup(config, 100)
+    f = lr_factor(config.optim, 100)
+    assert float(f(0)) == 0.0 and float(f(10)) == pytest.approx(1.0) and float(f(100)) == pytest.approx(0.0)
+    assert float(f(5)) == pytest.approx(0.5)
+    assert float(setup.schedules["llm"](10)) == pytest.approx(1e-3)
+    assert float(setup.schedules["projector"](10)) == pytest.approx(1e-4)
+    assert float(setup.schedules["llm"](55)) == pytest.approx(1e-3 * 0.5, rel=1e-5)  # cosine midpoint
+
+
+def test_gradient_accumulation_matches_one_big_batch(stage2):
+    config, setup, state = stage2
+    batch = batch_for(setup.cfg, b=8)
+    one, m1 = step_fn(setup, config, 1)(jax.tree.map(jnp.copy, state), batch)
+    acc, m2 = step_fn(setup, config, 4)(jax.tree.map(jnp.copy, state), batch)
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
+    assert int(m1["supervised_tokens"]) == int(m2["supervised_tokens"]) == 8 * 3
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(acc["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_matryoshka_budget_is_sampled_from_the_step_key(stage2):
+    config, setup, state = stage2
+    assert setup.budgets == (1, 4)
+    rng = state["rng"]
+    picks = [int(budget_index(rng, jnp.int32(s), 2)) for s in range(40)]
+    assert set(picks) == {0, 1}  # both budgets get trained
+    assert picks == [int(budget_index(rng, jnp.int32(s), 2)) for s in range(40)]  # a function of (key, step)
+    # The step trains the sampled budget: its loss equals the loss at that budget.
+    batch = batch_for(setup.cfg)
+    eval_step = jax.jit(make_eval_step(setup.model), static_argnums=2, compiler_options=FAST_COMPILE)
+    ref = {m: eval_step(state["params"], batch, m) for m in setup.budgets}
+    ref = {m: float(r["loss_sum"]) / float(r["num_tokens"]) for m, r in ref.items()}
+    assert ref[1] != ref[4]
+    for s in (picks.index(0), picks.index(1)):
+        st = dict(jax.tree.map(jnp.copy, state), step=jnp.asarray(s, jnp.int32))
+        _, m = step_fn(setup, config)(st, batch)
+        assert int(m["budget"]) == setup.budgets[picks[s]]
+        assert float(m["loss"]) == pytest.approx(ref[int(m["budget"])], rel=1e-5)
+
+
+def test_non_finite_loss_leaves_state_unchanged(stage2):
+    config, setup, state = stage2
+    batch = batch_for(setup.cfg)
+    batch["images"][0, 0, 0, 0, 0, 0] = np.nan
+    new, m = step_fn(setup, config)(jax.tree.map(jnp.copy, state), batch)
+    assert int(m["finite"]) == 0 and not np.isfinite(float(m["loss"]))
+    for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(new["step"]) == int(state["step"]) + 1
+
+
+def test_init_follows_the_seed(stage2):
+    config, setup, s1 = stage2
+    s3 = trainer.init_state(setup, 1)
+    assert not np.array_equal(np.asarray(s1["params"]["llm"]["embed_tokens"]["embedding"]),
+                              np.asarray(s3["params"]["llm"]["embed_tokens"]["embedding"]))
+
+
+def test_metrics_rows_after_a_resume_point_are_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 9)] + [{"step": 5, "eval/accuracy": 0.5}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"step\": 9, \"lo")  # a line cut by a kill
+    truncate_rows_after(str(path), 5)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in kept] == [1, 2, 3, 4, 5, 5]
+
+
+def test_normalize_answer():
+    assert normalize_answer("  Red.") == normalize_answer("red") == "red"
+    assert normalize_answer("Two  objects!") == "two objects"
+    assert normalize_answer("left") != normalize_answer("right")
+
+
+def test_first_questions_cut_at_the_first_answer():
+    ids = np.array([[1, IMAGE_TOKEN_ID, 7, 8, 9, 2, 10, 11, 12, 2, 0, 0],
+                    [0] * 12], np.int32)
+    labels = np.full_like(ids, IGNORE_INDEX)
+    labels[0, 4:6] = ids[0, 4:6]      # first answer "9 </s>"
+    labels[0, 8:10] = ids[0, 8:10]    # second answer
+    batch = {"input_ids": ids, "labels": labels, "example_id": np.array([3, -1], np.int32),
+             "images": np.ones((2, 1, 1, 4, 4, 3), np.float32), "frame_mask": np.array([[True], [False]])}
+    (q,) = first_questions(batch, stop_ids=[2])
+    assert q.example_id == 3
+    assert q.prompt == [1, IMAGE_TOKEN_ID, 7, 8]
+    assert q.answer == [9]
+    assert q.media.shape == (1, 1, 4, 4, 3)
