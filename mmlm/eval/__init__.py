@@ -1,0 +1,1 @@
+"""Evaluation: `mmlm eval` (`cli`), batched answering across token budgets (`evaluate`), scoring (`metrics`)."""

@@ -1,0 +1,105 @@
+"""`mmlm eval`: answer a LLaVA-style question JSONL and score it, at one or more token budgets.
+
+    mmlm eval --workdir /tmp/demo --data val_questions.jsonl --images DIR --out /tmp/eval
+    mmlm eval --checkpoint ckpt/ --data q.jsonl --images DIR --num_vision_tokens 1,4,16,64 --out OUT
+
+Writes OUT/answers.jsonl (first budget), OUT/answers_m{m}.jsonl (each
+budget) and OUT/metrics.json (`accuracy` of the first budget plus one row
+per budget), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from mmlm.infer.loading import InferenceError, quiet_library_logs
+
+
+def _budgets(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--num_vision_tokens must be comma-separated integers such as 1,4,16; got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--num_vision_tokens needs positive integers; got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmlm eval",
+        description="Answer every question of a LLaVA-style JSONL (question_id, image|video, text, and "
+                    "optionally answer / answers / options) greedily and score the answers: exact match "
+                    "after VQA normalisation, VQA soft accuracy, multiple-choice accuracy. One row per "
+                    "vision-token budget.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training workdir (latest checkpoint + config.json)")
+    src.add_argument("--checkpoint", help="model checkpoint directory (config.json + params/)")
+    p.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default: latest)")
+    p.add_argument("--data", required=True, help="question JSONL")
+    p.add_argument("--images", default=None,
+                   help="root of the image (and video) paths in the JSONL (default: the JSONL's directory)")
+    p.add_argument("--videos", default=None, help="root of the video paths (default: --images)")
+    p.add_argument("--out", required=True, help="output directory (answers*.jsonl, metrics.json)")
+    p.add_argument("--num_vision_tokens", type=_budgets, default=None,
+                   help="comma-separated budgets, e.g. 1,4,16,64 (default: the model's default budget)")
+    p.add_argument("--batch_size", type=int, default=16, help="questions per generation batch (default 16)")
+    p.add_argument("--max_new_tokens", type=int, default=16, help="answer length limit (default 16)")
+    p.add_argument("--max_frames", type=int, default=None, help="video frame cap (default: the model's)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--no_option_prompt", action="store_true",
+                   help="do not append lettered options to multiple-choice questions")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the one in the model's config)")
+    p.add_argument("--template", default=None, help="conversation template (default: the model's)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from mmlm.eval.evaluate import evaluate, prepare_questions, read_jsonl, write_results
+    from mmlm.eval.metrics import format_table
+    from mmlm.infer.loading import load_inference_model
+
+    if args.max_new_tokens < 1:
+        raise InferenceError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.limit is not None and args.limit < 1:
+        raise InferenceError(f"--limit must be >= 1, got {args.limit}")
+    rows = read_jsonl(args.data)[: args.limit]
+    media_root = args.images or os.path.dirname(os.path.abspath(args.data))
+    if not os.path.isdir(media_root):
+        raise InferenceError(f"--images {media_root!r} is not a directory")
+    im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
+                              tokenizer=args.tokenizer, template=args.template)
+    budgets = args.num_vision_tokens or [None]
+    for b in budgets:
+        im.budget(b)  # every budget is checked before any compute
+    questions = prepare_questions(im, rows, media_root, args.videos, append_options=not args.no_option_prompt)
+    start = time.perf_counter()
+    result = evaluate(im, questions, budgets, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      max_frames=args.max_frames, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    path = write_results(args.out, result, {"source": im.source, "data": os.path.abspath(args.data),
+                                            "mode": im.cfg.mode, "seconds": round(seconds, 2)})
+    print(format_table(result.rows))
+    print(f"[mmlm eval] {len(questions)} questions x {len(result.rows)} budget(s) in {seconds:.1f} s -> {path}",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    quiet_library_logs()
+    try:
+        return run(args)
+    except InferenceError as e:
+        print(f"mmlm eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

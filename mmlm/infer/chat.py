@@ -1,0 +1,208 @@
+"""`mmlm chat`: ask a model about an image or a video; answers stream as they are generated.
+
+    mmlm chat --workdir /tmp/demo --image cat.png --prompt "What color is the circle?"
+    mmlm chat --checkpoint ckpt/ --video clip.mp4            # interactive, multi-turn
+    mmlm chat --workdir W --image x.png --num_vision_tokens 4 --save_compression_map map.png
+
+With `--prompt` it answers once and exits; otherwise it reads questions from
+stdin (an empty line or EOF ends the chat; earlier turns stay in the context).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Iterable, TextIO
+
+import jax
+import numpy as np
+
+from mmlm.infer.loading import InferenceError, InferenceModel, quiet_library_logs
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmlm chat",
+        description="Ask a model about an image or a video. One answer with --prompt, an interactive "
+                    "multi-turn chat otherwise. Answers stream to stdout as they are generated.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training workdir (latest checkpoint + config.json)")
+    src.add_argument("--checkpoint", help="model checkpoint directory (config.json + params/)")
+    p.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default: latest)")
+    media = p.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", help="image file (any format PIL reads)")
+    media.add_argument("--video", help="video file (sampled at the model's fps, default 1 frame/s)")
+    p.add_argument("--prompt", default=None, help="question; without it, questions are read interactively")
+    p.add_argument("--num_vision_tokens", type=int, default=None,
+                   help="vision tokens per image/frame (a budget the model supports; default: the model's)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="answer length limit (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--max_frames", type=int, default=None,
+                   help="video frame cap (default: the model's data.max_frames)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the one in the model's config)")
+    p.add_argument("--template", default=None, help="conversation template (default: the model's)")
+    p.add_argument("--save_compression_map", metavar="OUT.png", default=None,
+                   help="write the image with each compressed token's attention over the patches")
+    p.add_argument("--map_panel_size", type=int, default=224, help="pixels per compression-map panel")
+    return p
+
+
+def _validate_args(args: argparse.Namespace) -> None:
+    """Cheap checks before anything heavy is loaded."""
+    from mmlm.infer.loading import check_file
+
+    if args.max_new_tokens < 1:
+        raise InferenceError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise InferenceError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise InferenceError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise InferenceError(f"--max_frames must be >= 1, got {args.max_frames}")
+    if args.map_panel_size < 16:
+        raise InferenceError(f"--map_panel_size must be >= 16 pixels, got {args.map_panel_size}")
+    if args.image is not None:
+        check_file(args.image, "image")
+    else:
+        check_file(args.video, "video")
+    if args.prompt is not None and not args.prompt.strip():
+        raise InferenceError("--prompt is empty; give a question or leave --prompt out for an interactive chat")
+
+
+def _check_budget_early(args: argparse.Namespace) -> None:
+    """Rejects an unsupported --num_vision_tokens from config.json alone (before loading weights)."""
+    from mmlm.checkpoint import load_config_json
+    from mmlm.models.config import model_config_from_dict
+
+    source = args.workdir or args.checkpoint
+    try:
+        cfg = model_config_from_dict(load_config_json(source).model)
+    except FileNotFoundError as e:
+        raise InferenceError(str(e)) from None
+    try:
+        cfg.check_budget(args.num_vision_tokens)
+    except ValueError as e:
+        raise InferenceError(f"--num_vision_tokens {args.num_vision_tokens}: {e}. "
+                             f"Supported budgets: {list(cfg.supported_budgets)}") from None
+
+
+class TextStreamer:
+    """Prints the decoded text of a growing id list, only ever appending (tokenizers may merge pieces)."""
+
+    def __init__(self, tokenizer, out: TextIO):
+        self.tokenizer = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def put(self, token: int) -> None:
+        self.ids.append(int(token))
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids)
+        # An incomplete multi-byte character decodes to U+FFFD until its last byte arrives.
+        if not final and text.endswith("\ufffd"):
+            return
+        if text.startswith(self.printed):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+    def end(self) -> str:
+        self._flush(final=True)
+        self.out.write("\n")
+        self.out.flush()
+        return self.printed
+
+
+def answer(im: InferenceModel, pixels: np.ndarray, question: str, history: list[tuple[str, str]], *,
+           num_vision_tokens: int | None, max_new_tokens: int, temperature: float, top_p: float,
+           rng: jax.Array, out: TextIO) -> str:
+    """Streams the answer to `question` to `out`; returns its text."""
+    from mmlm.infer.batching import make_batch
+    from mmlm.infer.generate import stream
+    from mmlm.infer.loading import encode_question
+
+    prompt = encode_question(im, question, True, history)
+    # Prompt lengths rounded to 32 so that a multi-turn chat reuses compiled programs.
+    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=32)
+    streamer = TextStreamer(im.tokenizer, out)
+    stops = set(im.stop_ids)
+    for tokens in stream(im.cfg, im.params, batch, max_new_tokens=max_new_tokens, eos_id=im.stop_ids,
+                         num_vision_tokens=num_vision_tokens, temperature=temperature, top_p=top_p, rng=rng):
+        token = int(tokens[0])
+        if token in stops:
+            break
+        streamer.put(token)
+    return streamer.end()
+
+
+def _questions(prompt: str | None, stdin: TextIO, out: TextIO) -> Iterable[str]:
+    if prompt is not None:
+        yield prompt
+        return
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            out.write("USER: ")
+            out.flush()
+        line = stdin.readline()
+        if not line or not line.strip():
+            return
+        yield line.strip()
+
+
+def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout,
+        err: TextIO = sys.stderr) -> int:
+    from mmlm.infer.loading import load_inference_model, load_media
+
+    _validate_args(args)
+    _check_budget_early(args)
+    im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
+                              tokenizer=args.tokenizer, template=args.template)
+    m = im.budget(args.num_vision_tokens)
+    kind = "image" if args.image is not None else "video"
+    pixels = load_media(im, args.image or args.video, kind, args.max_frames)
+    frames = pixels.shape[0]
+    tokens_note = f"{m} vision token(s) per {'frame' if kind == 'video' else 'image'}"
+    print(f"[mmlm chat] {im.source}: {im.cfg.mode}, {tokens_note}"
+          + (f", {frames} frames" if kind == "video" else ""), file=err)
+    if args.save_compression_map:
+        from mmlm.infer.compression_map import save_compression_map
+
+        if im.cfg.mode != "llava_mini":
+            raise InferenceError("--save_compression_map needs a llava_mini model; the llava15 baseline has "
+                                 "no compressor")
+        size = save_compression_map(args.save_compression_map, im.cfg, im.params, pixels, num_tokens=m,
+                                    mean=im.image_mean, std=im.image_std, panel_size=args.map_panel_size)
+        print(f"[mmlm chat] compression map ({size[0]}x{size[1]}) -> {args.save_compression_map}", file=err)
+    history: list[tuple[str, str]] = []
+    rng = jax.random.PRNGKey(args.seed)
+    for question in _questions(args.prompt, stdin, out):
+        if args.prompt is None and stdin.isatty():
+            out.write("ASSISTANT: ")
+        rng, sub = jax.random.split(rng)
+        text = answer(im, pixels, question, history, num_vision_tokens=m, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, rng=sub, out=out)
+        history.append((question, text))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    quiet_library_logs()
+    try:
+        return run(args)
+    except InferenceError as e:
+        print(f"mmlm chat: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,211 @@
+"""Loading a model for inference and turning questions + media into prompts.
+
+A model comes from a training workdir (`--workdir`: the latest Orbax
+checkpoint + WORKDIR/config.json) or a standalone model checkpoint
+(`--checkpoint`: `mmlm convert` / `save_model` output). Everything the
+prompt needs besides the weights comes from the saved config: tokenizer,
+conversation template, system prompt, image size / HD grid, video frame cap
+and sampling rate, normalisation constants. A checkpoint whose config has no
+`data` section (e.g. converted from Hugging Face) gets the data defaults, and
+`--tokenizer` / `--template` override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+from mmlm.models.config import ModelConfig, model_config_from_dict
+
+
+def quiet_library_logs() -> None:
+    """Keeps Orbax/absl INFO and WARNING chatter (e.g. "directory is read only") off a chat transcript."""
+    import logging
+
+    for name in ("absl", "orbax", "jax._src"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class InferenceError(Exception):
+    """A user-facing error (bad path, bad budget, unreadable media): printed without a traceback."""
+
+
+@dataclasses.dataclass
+class InferenceModel:
+    """Everything needed to answer questions with one model."""
+
+    cfg: ModelConfig
+    params: Any
+    config: ml_collections.ConfigDict
+    tokenizer: Any  # mmlm.data.tokenizer.Tokenizer
+    template: str
+    system_prompt: str | None
+    stop_ids: list[int]
+    image_size: int
+    hd_grid: int  # data convention: 0 = no HD
+    max_frames: int
+    video_fps: float
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    source: str  # where the weights came from (for messages)
+
+    def budget(self, m: int | None) -> int | None:
+        """Validated vision-token budget (None -> the model's default) with a user-facing error."""
+        try:
+            return self.cfg.check_budget(m)
+        except ValueError as e:
+            raise InferenceError(f"{e}. Supported budgets: {list(self.cfg.supported_budgets)}") from None
+
+
+def _data_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    from mmlm.data.config import default_data_config
+
+    data = default_data_config()
+    if "data" in config:
+        with data.ignore_type():
+            for key, value in config.data.items():
+                data[key] = value
+    return data
+
+
+def load_inference_model(*, workdir: str | None = None, checkpoint: str | None = None, step: int | None = None,
+                         tokenizer: str | None = None, template: str | None = None) -> InferenceModel:
+    """Loads params + config from a workdir or a model checkpoint (exactly one of them)."""
+    from mmlm.data import templates
+    from mmlm.data.tokenizer import load_tokenizer
+
+    if (workdir is None) == (checkpoint is None):
+        raise InferenceError("pass exactly one of --workdir DIR (a training run) or --checkpoint DIR "
+                             "(a model checkpoint)")
+    source = workdir or checkpoint
+    assert source is not None
+    if not os.path.isdir(source):
+        raise InferenceError(f"{'--workdir' if workdir else '--checkpoint'} {source!r} is not a directory")
+    try:
+        if workdir is not None:
+            from mmlm.train.checkpointing import load_params_from_workdir
+
+            params, config = load_params_from_workdir(workdir, step)
+        else:
+            from mmlm.checkpoint import load_config_json, load_model_params
+
+            config = load_config_json(checkpoint)
+            params = load_model_params(checkpoint)
+    except FileNotFoundError as e:
+        raise InferenceError(str(e)) from None
+    cfg = model_config_from_dict(config.model)
+    missing = [p for p in ("vision", "projector", "llm") if p not in params]
+    if cfg.mode == "llava_mini":
+        missing += [p for p in ("compressor",) + (("prefusion",) if cfg.prefusion_layers else ())
+                    if p not in params]
+    if missing:
+        raise InferenceError(f"{source!r} lacks the {missing} parameters: it is a partial checkpoint "
+                             "(e.g. one converted part); it cannot answer questions")
+    data = _data_section(config)
+    tok_path = tokenizer or data.tokenizer
+    if tokenizer is None and "data" not in config:
+        # No data settings saved with the weights: the data defaults' tiny tokenizer would be a silent
+        # mismatch, so use tokenizer files next to the weights or ask for one.
+        if any((Path(source) / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+            tok_path = source
+        else:
+            raise InferenceError(f"{source!r} has no tokenizer settings (config.data) and no tokenizer file; "
+                                 "pass --tokenizer PATH (and --template vicuna_v1|llama_3_1)")
+    try:
+        tok = load_tokenizer(tok_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise InferenceError(f"cannot open the tokenizer: {e} (pass --tokenizer PATH)") from None
+    if tok.vocab_size > cfg.llm.vocab_size:
+        raise InferenceError(f"tokenizer {tok_path!r} has {tok.vocab_size} ids but the model's vocabulary has "
+                             f"{cfg.llm.vocab_size}: wrong --tokenizer?")
+    tmpl = template or data.template
+    if tmpl not in templates.TEMPLATES:
+        raise InferenceError(f"unknown template {tmpl!r}; choose from {templates.TEMPLATES}")
+    if tmpl == "plain":
+        raise InferenceError("this model was trained with the 'plain' (captioning) template, which has no "
+                             "question; pass --template vicuna_v1 or llama_3_1")
+    hd = data.get("hd_grid")
+    hd = (0 if cfg.hd_grid <= 1 else cfg.hd_grid) if hd is None else int(hd)
+    return InferenceModel(
+        cfg=cfg, params=params, config=config, tokenizer=tok, template=tmpl,
+        system_prompt=data.get("system_prompt"), stop_ids=templates.stop_token_ids(tok, tmpl),
+        image_size=int(data.get("image_size") or cfg.image_size), hd_grid=hd,
+        max_frames=int(data.max_frames), video_fps=float(data.video_fps),
+        image_mean=tuple(data.image_mean), image_std=tuple(data.image_std), source=source)
+
+
+# ------------------------------------------------------------------------------ media
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
+
+
+def check_file(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InferenceError(f"{what} {str(path)!r} does not exist")
+    if not p.is_file():
+        raise InferenceError(f"{what} {str(path)!r} is not a file")
+    if not os.access(p, os.R_OK):
+        raise InferenceError(f"{what} {str(path)!r} is not readable (check its permissions)")
+    return p
+
+
+def load_image_pixels(im: InferenceModel, path: str | os.PathLike) -> np.ndarray:
+    """An image file -> pixels (1, K, H, W, 3) float32, as in training."""
+    from mmlm.data import preprocess
+
+    p = check_file(path, "image")
+    try:
+        img = preprocess.load_image(p)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InferenceError(f"cannot read image {str(path)!r}: {e}") from None
+    pixels = preprocess.preprocess_image(img, im.image_size, im.hd_grid, im.image_mean, im.image_std)
+    return pixels[None]
+
+
+def load_video_pixels(im: InferenceModel, path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """A video file -> pixels (T, K, H, W, 3) float32: T <= max_frames frames sampled at the model's fps."""
+    from mmlm.data import preprocess
+
+    p = check_file(path, "video")
+    cap = int(max_frames or im.max_frames)
+    try:
+        frames, count = preprocess.load_video_frames(p, cap, im.image_size, target_fps=im.video_fps,
+                                                     hd_grid=im.hd_grid, mean=im.image_mean, std=im.image_std)
+    except Exception as e:
+        # PyAV's FFmpegError family (some subclass ValueError): the file is not a decodable video.
+        if type(e).__module__.split(".")[0] == "av":
+            raise InferenceError(f"cannot decode video {str(path)!r}: {e}") from None
+        if isinstance(e, ValueError):  # no video stream / no decodable frame
+            raise InferenceError(f"video {str(path)!r} has no frames ({e})") from None
+        raise
+    if count < 1:
+        raise InferenceError(f"video {str(path)!r} has no frames")
+    return frames[:count]
+
+
+def load_media(im: InferenceModel, path: str | os.PathLike, kind: str | None = None,
+               max_frames: int | None = None) -> np.ndarray:
+    """Image or video pixels (F, K, H, W, 3); `kind` "image"/"video" or None (from the suffix)."""
+    if kind is None:
+        kind = "video" if str(path).lower().endswith(VIDEO_SUFFIXES) else "image"
+    if kind == "video":
+        return load_video_pixels(im, path, max_frames)
+    if kind == "image":
+        return load_image_pixels(im, path)
+    raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
+
+
+def encode_question(im: InferenceModel, question: str, has_media: bool,
+                    history: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """Prompt ids in the model's template, ending where the answer starts."""
+    from mmlm.data.templates import encode_prompt
+
+    text = question.replace("<video>", "<image>")
+    return encode_prompt(im.tokenizer, text, im.template, has_media, history=list(history),
+                         system=im.system_prompt)
