@@ -279,13 +279,13 @@ about 1.5 M parameters) trained from scratch: on first use it renders 12,000 `sh
 questions each) and builds them into a TFDS dataset under the workdir, trains for 1,200 steps
 (AdamW, warmup + cosine) and ends with greedy exact-match accuracy on 500 held-out questions.
 
-**Time:** about 10 minutes on Colab's free 2-core CPU for the full demo (`STEPS = 1200`); faster on
+**Time:** about 10 minutes on Colab's free 2-core CPU for the full demo (`STEPS = 1000`); faster on
 a GPU/TPU runtime. Lower `STEPS` for a quick look (the accuracy will be lower). Re-running the cell
 resumes from the last checkpoint in `WORKDIR` (delete it to start over).
 """)
 
 code("""
-STEPS = int(os.environ.get("MMLM_COLAB_STEPS", 1200))     # 1200 = the full demo
+STEPS = int(os.environ.get("MMLM_COLAB_STEPS", 1000))     # 1000 = the full demo
 WORKDIR = f"{RUN_DIR}/demo"
 EXTRA = os.environ.get("MMLM_COLAB_TRAIN_ARGS", "")        # more --config.* overrides, if any
 

@@ -179,6 +179,8 @@ def eval_config() -> ml_collections.ConfigDict:
         max_new_tokens=16,        # answer length limit for greedy generation, tokens
         budgets=(),               # Matryoshka budgets to report accuracy at (eval/accuracy@m); () = default only
         print_samples=0,          # questions printed with the model's answers after training
+        categories_file="",       # JSON {example_id: category} for per-category accuracy ("" = none; the
+                                  # synthetic datasets write one)
     ))
 
 

@@ -135,6 +135,8 @@ def assert_same_run(work: Path, ref: Path) -> None:
             keys = KEYS if kind == "train" else [k for k in w if k.startswith("eval/")]
             assert {k: g[k] for k in keys} == {k: w[k] for k in keys}
     assert rows(ref, "eval")[-1]["eval/num_questions"] == 8
+    # The synthetic data labels each question, so accuracy is also broken down by category.
+    assert any(k.startswith("eval/accuracy/") for k in rows(ref, "eval")[-1])
 
 
 def test_sigkill_and_rerun_resumes_exactly(shared, resume_ref):
@@ -186,18 +188,16 @@ def test_sharded_meshes_give_the_same_losses(mesh_runs):
 
 
 def test_restore_a_checkpoint_onto_another_mesh(shared, mesh_runs):
-    """Saved on fsdp=4 x tensor=2 at step 5, resumed on data=8 and on 1 device: same steps 6..10."""
+    """Saved on fsdp=4 x tensor=2 at step 5, resumed on data=8: the same steps 6..10 and final params."""
     src = mesh_runs["fsdp4_tensor2"]
-    ref = losses(src)
-    for name, overrides, devices in (
-            ("to_data8", ("--config.mesh.data=8", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"), 8),
-            ("to_one", (), 1)):
-        work = shared["root"] / f"remesh_{name}"
-        shutil.copytree(src, work)
-        shutil.rmtree(work / "checkpoints" / str(STEPS))  # keep only step 5
-        proc = run_train(shared, work, *overrides, devices=devices)
-        assert "steps 5->10" in proc.stdout + proc.stderr
-        np.testing.assert_allclose(losses(work), ref, rtol=0, atol=1e-5, err_msg=name)
+    work = shared["root"] / "remesh"
+    shutil.copytree(src, work)
+    shutil.rmtree(work / "checkpoints" / str(STEPS))  # keep only step 5
+    proc = run_train(shared, work, "--config.mesh.data=8", "--config.mesh.fsdp=1", "--config.mesh.tensor=1",
+                     devices=8)
+    assert "steps 5->10" in proc.stdout + proc.stderr
+    np.testing.assert_allclose(losses(work), losses(src), rtol=0, atol=1e-5)
+    assert_params_close(final_params(work), final_params(src), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- multi-host

@@ -188,3 +188,28 @@ def test_first_questions_cut_at_the_first_answer():
     assert q.prompt == [1, IMAGE_TOKEN_ID, 7, 8]
     assert q.answer == [9]
     assert q.media.shape == (1, 1, 4, 4, 3)
+
+
+def test_eval_categories_follow_the_synthetic_question_ids(tmp_path):
+    """example_id (record index) -> category of the record's first question, single- and multi-turn ids."""
+    from mmlm.train.data import _write_categories
+
+    lines = [{"question_id": "shapes-val-000000-q0", "category": "color"},
+             {"question_id": "shapes-val-000000-q1", "category": "count"},
+             {"question_id": "shapes-val-000007-q0", "category": "shape"},
+             {"question_id": "moving_shapes-val-000002", "category": "direction"}]
+    src = tmp_path / "val_questions.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    _write_categories(src, tmp_path / "cats.json")
+    assert json.loads((tmp_path / "cats.json").read_text()) == {"0": "color", "7": "shape", "2": "direction"}
+
+
+def test_results_table_lists_accuracy_by_category():
+    table = trainer.format_results({
+        "steps": 5, "wall_time_s": 2.0, "train_time_s": 1.0, "params": 100, "trainable_params": 100,
+        "mesh": "data=1", "train": {}, "eval": {"eval/accuracy": 0.9, "eval/accuracy/color": 1.0, "eval/accuracy/shape": 0.8,
+                              "eval/num_questions": 10},
+        "samples": [{"question": "What color is the circle?", "answer": "red", "reference": "red",
+                     "category": "color", "correct": "yes"}]})
+    assert "held-out exact match" in table and "90.0% of 10 questions" in table
+    assert "color" in table and "80.0%" in table and "What color is the circle?" in table

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -33,6 +34,7 @@ from mmlm.sharding import batch_sharding
 log = logging.getLogger(__name__)
 
 SYNTH_DONE = "synthetic_build.json"  # marker written last: the build is complete
+CATEGORIES_FILE = "eval_categories.json"  # {example_id: category of its first question} of the eval split
 
 
 def synthetic_config() -> ml_collections.ConfigDict:
@@ -69,15 +71,21 @@ def prepare_synthetic(config: ml_collections.ConfigDict, workdir: str) -> None:
     out = root / f"{key['kind']}_{key['num_train']}_{key['num_eval']}_{digest}"  # one directory per setting
     marker = out / SYNTH_DONE
     if jax.process_index() == 0:
-        if not (marker.is_file() and json.loads(marker.read_text()) == key):
-            _build_synthetic(config, key, out)
-            marker.write_text(json.dumps(key, indent=2) + "\n")
+        root.mkdir(parents=True, exist_ok=True)
+        # Two runs sharing a cache_dir (e.g. started together) must not build into the same directory at once.
+        with open(root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (marker.is_file() and json.loads(marker.read_text()) == key):
+                _build_synthetic(config, key, out)
+                marker.write_text(json.dumps(key, indent=2) + "\n")
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("mmlm_synthetic_data_ready")
     if not marker.is_file():
         raise FileNotFoundError(f"synthetic dataset {str(out)!r} is not visible from process "
                                 f"{jax.process_index()}: put synthetic.cache_dir on a shared filesystem")
     config.data.dataset_dir = str(out / "built")
+    if "eval" in config and not config.eval.get("categories_file"):
+        config.eval.categories_file = str(out / CATEGORIES_FILE)
 
 
 def _build_synthetic(config: ml_collections.ConfigDict, key: Mapping[str, Any], out: Path) -> None:
@@ -99,6 +107,7 @@ def _build_synthetic(config: ml_collections.ConfigDict, key: Mapping[str, Any], 
                                             questions_per_image=int(s.questions_per_image), progress=False))
     media = raw if s.kind != "moving_shapes" else None
     videos = raw if s.kind == "moving_shapes" else None
+    _write_categories(raw / f"{key['eval_split']}_questions.jsonl", out / CATEGORIES_FILE)
     # TFDS prints its own "Downloading and preparing ..." lines; keep the console for the trainer.
     with contextlib.redirect_stdout(io.StringIO()):
         build.build_dataset(jsons, media, out / "built", videos_dir=videos, name=f"synthetic_{s.kind}",
@@ -117,6 +126,25 @@ def resolve_data_config(config: ml_collections.ConfigDict) -> None:
         config.data.hd_grid = 0 if n <= 1 else n
     if config.data.get("image_size") is None:
         config.data.image_size = int(config.model.image_size)
+
+
+def _write_categories(questions: Path, out: Path) -> None:
+    """example_id (the record's index in the split JSON) -> category of its first question.
+
+    Question ids are `KIND-SPLIT-INDEX` (one question per record) or
+    `KIND-SPLIT-INDEX-qJ` (several), see `mmlm.data.synth`.
+    """
+    cats: dict[str, str] = {}
+    with open(questions) as f:
+        for line in f:
+            q = json.loads(line)
+            qid = str(q["question_id"])
+            base, _, turn = qid.rpartition("-q")
+            if not base or not turn.isdigit():
+                base = qid
+            index = str(int(base.rsplit("-", 1)[1]))
+            cats.setdefault(index, q["category"])
+    out.write_text(json.dumps(cats, indent=0) + "\n")
 
 
 def make_pipeline(config: ml_collections.ConfigDict, split: str, *, train: bool, local_only: bool = False):

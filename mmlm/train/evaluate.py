@@ -18,6 +18,8 @@ treats as replicated.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 import string
 from typing import Any, Sequence
@@ -102,6 +104,11 @@ class Evaluator:
         self.model = LlavaMini(cfg)
         self._eval_step = jax.jit(make_eval_step(self.model), static_argnums=2)
         self._loss_pipe = make_pipeline(config, self.split, train=False)
+        self.categories: dict[int, str] = {}
+        path = self.ev.get("categories_file", "")
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                self.categories = {int(k): v for k, v in json.load(f).items()}
         self._gen_pipe = make_pipeline(config, self.split, train=False, local_only=True)
 
     # --------------------------------------------------------------------- loss
@@ -163,9 +170,17 @@ class Evaluator:
                 correct.append(ok)
                 if budget is None and j < samples:
                     shown.append({"question": question_text(self.tokenizer, q.prompt), "reference": ref_text,
+                                  "category": self.categories.get(q.example_id, ""),
                                   "answer": pred_text, "correct": "yes" if ok else "no"})
             acc = float(np.mean(correct))
-            metrics["eval/accuracy" if budget is None else f"eval/accuracy@{m}"] = acc
+            name = "eval/accuracy" if budget is None else f"eval/accuracy@{m}"
+            metrics[name] = acc
+            if budget is None and self.categories:
+                by_cat: dict[str, list[bool]] = {}
+                for q, ok in zip(questions, correct):
+                    by_cat.setdefault(self.categories.get(q.example_id, "other"), []).append(ok)
+                for cat, oks in sorted(by_cat.items()):
+                    metrics[f"{name}/{cat}"] = float(np.mean(oks))
         metrics["eval/num_questions"] = len(questions)
         return metrics, shown
 

@@ -443,15 +443,18 @@ def format_results(results: dict[str, Any]) -> str:
             rows.append(("MFU (estimate)", f"{100 * tr['mfu']:.1f}%"))
     if "eval/loss" in ev:
         rows.append(("eval loss", f"{ev['eval/loss']:.4f}"))
+    n = ev.get("eval/num_questions", "?")
     for k, v in ev.items():
-        if k.startswith("eval/accuracy"):
-            n = ev.get("eval/num_questions", "?")
+        if k.startswith("eval/accuracy") and "/" not in k[len("eval/accuracy"):]:
             rows.append((f"held-out exact match{k[len('eval/accuracy'):]}", f"{100 * v:.1f}% of {n} questions"))
+    for k, v in ev.items():
+        if k.startswith("eval/accuracy/"):
+            rows.append((f"  {k[len('eval/accuracy/'):]}", f"{100 * v:.1f}%"))
     width = max(len(k) for k, _ in rows)
     lines = ["", "results", "-" * (width + 40)] + [f"{k:<{width}}  {v}" for k, v in rows]
     if results.get("samples"):
         lines += ["", "sample held-out questions:"]
         for s in results["samples"]:
-            mark = "ok " if s["correct"] == "yes" else "XX "
-            lines.append(f"  {mark} Q: {s['question']}\n      model: {s['answer']!r}   reference: {s['reference']!r}")
+            mark = "ok" if s["correct"] == "yes" else "XX"
+            lines.append(f"  {mark}  Q: {s['question']}  model: {s['answer']!r}  reference: {s['reference']!r}")
     return "\n".join(lines)
