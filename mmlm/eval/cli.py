@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from mmlm.infer.loading import InferenceError, quiet_library_logs
+from mmlm.infer.loading import InferenceError, run_command
 
 
 def _budgets(text: str) -> list[int]:
@@ -92,13 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    quiet_library_logs()
-    try:
-        return run(args)
-    except InferenceError as e:
-        print(f"mmlm eval: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("eval", run, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Iterable, TextIO
 import jax
 import numpy as np
 
-from mmlm.infer.loading import InferenceError, InferenceModel, quiet_library_logs
+from mmlm.infer.loading import InferenceError, InferenceModel, run_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -192,16 +192,7 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    quiet_library_logs()
-    try:
-        return run(args)
-    except InferenceError as e:
-        print(f"mmlm chat: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
+    return run_command("chat", run, _parser().parse_args(argv), interruptible=True)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,26 @@ class InferenceError(Exception):
     """A user-facing error (bad path, bad budget, unreadable media): printed without a traceback."""
 
 
+def run_command(name: str, run, args, *, interruptible: bool = False) -> int:
+    """Runs an inference command's `run(args)`: quiet library logs, `InferenceError` as one line (exit 2).
+
+    `interruptible`: Ctrl-C ends the command quietly with exit status 130.
+    """
+    import sys
+
+    quiet_library_logs()
+    try:
+        return run(args)
+    except InferenceError as e:
+        print(f"mmlm {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        print("", file=sys.stderr)
+        return 130
+
+
 @dataclasses.dataclass
 class InferenceModel:
     """Everything needed to answer questions with one model."""
