@@ -70,6 +70,9 @@ def test_cli_errors_name_the_bad_value(data_cli_dataset, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["synth", "--kind", "shapes", "--out", str(tmp_path), "--num", "zero"])
     assert "'zero'" in capsys.readouterr().err
+    assert cli.main(["synth", "--kind", "shapes", "--out", str(tmp_path / "w"), "--num", "2",
+                     "--category-weights", "colour=2"]) == 1
+    assert "'colour'" in capsys.readouterr().err
     assert cli.main([]) == 0 and "synth" in capsys.readouterr().out
 
 

@@ -134,3 +134,44 @@ def test_corpus_covers_answers_and_rejects_bad_arguments(tmp_path):
         synth.synthesize("shapes", tmp_path, 0, 0)
     with pytest.raises(ValueError, match="split"):
         synth.synthesize("shapes", tmp_path, 1, 0, split="../x")
+
+
+def _category_counts(questions_jsonl) -> dict[str, int]:
+    import collections
+
+    lines = [json.loads(x) for x in questions_jsonl.read_text().splitlines()]
+    return dict(collections.Counter(line["category"] for line in lines))
+
+
+def test_category_weights_shift_the_question_mix(tmp_path):
+    uniform = synth.synthesize("shapes", tmp_path / "u", 200, 3, questions_per_image=3, progress=False)
+    weighted = synth.synthesize("shapes", tmp_path / "w", 200, 3, questions_per_image=3, progress=False,
+                                category_weights="color=4,count=0.25,position=0")
+    u, w = _category_counts(uniform.parent / "train_questions.jsonl"), \
+        _category_counts(weighted.parent / "train_questions.jsonl")
+    assert "position" not in w and u["position"] > 50
+    assert w["color"] > 2 * u["color"] and w["count"] < u["count"] / 2
+    # Scenes do not depend on the question mix: the same images either way.
+    assert (tmp_path / "u/images/shapes-train-000007.png").read_bytes() == \
+        (tmp_path / "w/images/shapes-train-000007.png").read_bytes()
+    # A mapping and the string form are the same setting; empty weights are the uniform mix.
+    as_dict = synth.synthesize("shapes", tmp_path / "d", 20, 3, questions_per_image=3, progress=False,
+                               category_weights={"color": 4, "count": 0.25, "position": 0})
+    assert json.loads(as_dict.read_text()) == json.loads(weighted.read_text())[:20]
+    empty = synth.synthesize("shapes", tmp_path / "e", 20, 3, questions_per_image=3, progress=False,
+                             category_weights="")
+    assert json.loads(empty.read_text()) == json.loads(uniform.read_text())[:20]
+
+
+def test_category_weights_errors_name_the_bad_value(tmp_path):
+    with pytest.raises(ValueError, match=r"'colour'.*'color'"):
+        synth.synthesize("shapes", tmp_path, 1, 0, category_weights="colour=2")
+    with pytest.raises(ValueError, match="'lots'"):
+        synth.synthesize("shapes", tmp_path, 1, 0, category_weights="color=lots")
+    with pytest.raises(ValueError, match="NAME=WEIGHT"):
+        synth.synthesize("shapes", tmp_path, 1, 0, category_weights="color")
+    with pytest.raises(ValueError, match="not all 0"):
+        synth.synthesize("moving_shapes", tmp_path, 1, 0, category_weights="direction=0,order=0,count=0,color=0")
+    with pytest.raises(ValueError, match=">= 0"):
+        synth.synthesize("shapes_hd", tmp_path, 1, 0, category_weights="shape=-1")
+    assert not list(tmp_path.rglob("*.png"))  # validated before anything is rendered

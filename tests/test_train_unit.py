@@ -213,3 +213,35 @@ def test_results_table_lists_accuracy_by_category():
                      "category": "color", "correct": "yes"}]})
     assert "held-out exact match" in table and "90.0% of 10 questions" in table
     assert "color" in table and "80.0%" in table and "What color is the circle?" in table
+
+
+def test_train_category_weights_reach_the_train_split_only(tmp_path, monkeypatch):
+    """`synthetic.train_category_weights` shapes the train split; the eval split keeps the uniform mix."""
+    from mmlm.data import build, synth
+    from mmlm.train import data as data_lib
+
+    calls = {}
+
+    def fake_synthesize(kind, out, num, seed, split, **kw):
+        calls[split] = kw["category_weights"]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{split}_questions.jsonl").write_text("")
+        return out / f"{split}.json"
+
+    monkeypatch.setattr(synth, "synthesize", fake_synthesize)
+    monkeypatch.setattr(build, "build_dataset", lambda *a, **k: None)
+    config = load_config("configs/demo.py", [f"--config.synthetic.cache_dir={tmp_path}"])
+    data_lib.prepare_synthetic(config, str(tmp_path))
+    weights = synth.parse_category_weights(config.synthetic.train_category_weights)
+    assert weights and calls == {config.data.train_split: weights, config.data.eval_split: None}
+    first = config.data.dataset_dir
+
+    # Another mix is another dataset (the cache key holds the weights); a bad mix fails up front.
+    config = load_config("configs/demo.py", [f"--config.synthetic.cache_dir={tmp_path}",
+                                             "--config.synthetic.train_category_weights=count=2"])
+    data_lib.prepare_synthetic(config, str(tmp_path))
+    assert config.data.dataset_dir != first
+    config = load_config("configs/demo.py", [f"--config.synthetic.cache_dir={tmp_path}",
+                                             "--config.synthetic.train_category_weights=counting=2"])
+    with pytest.raises(ValueError, match="'counting'"):
+        data_lib.prepare_synthetic(config, str(tmp_path))

@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="image/video side in pixels (default: shapes 64, shapes_hd 128, moving_shapes 64)")
     p.add_argument("--questions-per-image", type=_positive_int, default=1,
                    help="question-answer turns per record (default: %(default)s)")
+    p.add_argument("--category-weights", default="", metavar="NAME=W,...",
+                   help="relative frequency of question categories, e.g. color=3,count=0.5 (unlisted: 1; "
+                        "categories per kind: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in
+                                                             synth.CATEGORIES.items()) + "; default: uniform)")
 
     p = sub.add_parser("build", help="LLaVA JSON + media -> TFDS ArrayRecord dataset",
                        description="Build a TFDS ArrayRecord dataset from LLaVA-format JSON. Bad records "
@@ -136,7 +140,8 @@ def _synth(args) -> int:
     from mmlm.data import synth
 
     path = synth.synthesize(args.kind, args.out, args.num, args.seed, args.split,
-                            image_size=args.image_size, questions_per_image=args.questions_per_image)
+                            image_size=args.image_size, questions_per_image=args.questions_per_image,
+                            category_weights=args.category_weights)
     print(f"wrote {path} and {path.parent / (args.split + '_questions.jsonl')}")
     return 0
 

@@ -39,12 +39,18 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 KINDS = ("shapes", "shapes_hd", "moving_shapes")
+# Question categories of each kind (the keys `category_weights` may use).
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "shapes": ("color", "shape", "count", "position", "exist"),
+    "shapes_hd": ("shape", "count_shape", "exist"),
+    "moving_shapes": ("direction", "order", "count", "color"),
+}
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -252,13 +258,54 @@ def _hd_qa(rng: np.random.Generator, objs: Sequence[Obj], category: str) -> QA |
     raise ValueError(category)
 
 
-def _pick_questions(rng: np.random.Generator, categories: Sequence[str], make, n: int) -> list[QA]:
-    """n questions with distinct texts, categories drawn uniformly among applicable ones."""
+def parse_category_weights(spec: str | Mapping[str, float] | None) -> dict[str, float]:
+    """`"color=3,shape=3,count=0.5"` (or a mapping) -> {category: weight}; "" / None -> {} (uniform)."""
+    if not spec:
+        return {}
+    if isinstance(spec, Mapping):
+        items = [(str(k), v) for k, v in spec.items()]
+    else:
+        items = []
+        for part in str(spec).split(","):
+            name, sep, value = part.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"category weights {spec!r}: expected NAME=WEIGHT[,NAME=WEIGHT...], "
+                                 f"got {part!r}")
+            items.append((name.strip(), value.strip()))
+    out = {}
+    for name, value in items:
+        try:
+            out[name] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"category weight of {name!r} must be a number, got {value!r}") from None
+    return out
+
+
+def category_probabilities(kind: str, weights: Mapping[str, float] | None) -> np.ndarray | None:
+    """Sampling probabilities over `CATEGORIES[kind]` (None = uniform); unlisted categories weigh 1."""
+    if not weights:
+        return None
+    cats = CATEGORIES[kind]
+    unknown = sorted(set(weights) - set(cats))
+    if unknown:
+        raise ValueError(f"unknown question categories {unknown} for kind {kind!r}; it has {list(cats)}")
+    w = np.array([float(weights.get(c, 1.0)) for c in cats])
+    if np.any(w < 0) or not np.all(np.isfinite(w)) or w.sum() <= 0:
+        raise ValueError(f"category weights must be finite, >= 0 and not all 0; got {dict(weights)}")
+    return w / w.sum()
+
+
+def _pick_questions(rng: np.random.Generator, categories: Sequence[str], make, n: int,
+                    probs: np.ndarray | None = None) -> list[QA]:
+    """n questions with distinct texts; each draw picks a category (uniformly, or with `probs`) and
+    is redrawn when that category does not apply to the scene."""
     out: list[QA] = []
     for _ in range(8 * n):
         if len(out) == n:
             break
-        qa = make(categories[int(rng.integers(len(categories)))])
+        # The uniform draw keeps its original form so that existing datasets stay bit-identical.
+        pick = int(rng.integers(len(categories))) if probs is None else int(rng.choice(len(categories), p=probs))
+        qa = make(categories[pick])
         if qa is not None and all(qa.question != q.question for q in out):
             out.append(qa)
     if not out:
@@ -382,15 +429,17 @@ def _conversation(qas: Sequence[QA], marker: str) -> list[dict[str, str]]:
 
 
 def make_record(kind: str, index: int, seed: int, split: str, out_dir: Path, *,
-                image_size: int, questions_per_image: int) -> tuple[dict, list[dict]]:
+                image_size: int, questions_per_image: int,
+                category_weights: Mapping[str, float] | None = None) -> tuple[dict, list[dict]]:
     """Renders record `index`: writes its media, returns (LLaVA record, eval lines)."""
     rng = record_rng(kind, seed, split, index)
+    probs = category_probabilities(kind, category_weights)
     rec_id = f"{kind}-{split}-{index:06d}"
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     if kind == "moving_shapes":
         movers = _movers(rng, image_size)
-        qas = _pick_questions(rng, ("direction", "order", "count", "color"),
-                              lambda c: _video_qa(rng, movers, c), questions_per_image)
+        qas = _pick_questions(rng, CATEGORIES[kind], lambda c: _video_qa(rng, movers, c), questions_per_image,
+                              probs)
         rel = f"videos/{rec_id}.mp4"
         encode_video(render_video(movers, image_size, background), VIDEO_FPS, out_dir / rel)
         media_key, marker = "video", "<video>"
@@ -398,13 +447,13 @@ def make_record(kind: str, index: int, seed: int, split: str, out_dir: Path, *,
         if kind == "shapes":
             objs = _grid_scene(rng, image_size, 3, int(rng.integers(1, 4)),
                                (0.11 * image_size, 0.145 * image_size))
-            qas = _pick_questions(rng, ("color", "shape", "count", "position", "exist"),
-                                  lambda c: _shapes_qa(rng, objs, c), questions_per_image)
+            qas = _pick_questions(rng, CATEGORIES[kind], lambda c: _shapes_qa(rng, objs, c),
+                                  questions_per_image, probs)
         elif kind == "shapes_hd":
             objs = _grid_scene(rng, image_size, 4, int(rng.integers(3, 7)),
                                (0.032 * image_size, 0.040 * image_size))
-            qas = _pick_questions(rng, ("shape", "count_shape", "exist"),
-                                  lambda c: _hd_qa(rng, objs, c), questions_per_image)
+            qas = _pick_questions(rng, CATEGORIES[kind], lambda c: _hd_qa(rng, objs, c),
+                                  questions_per_image, probs)
         else:
             raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
         rel = f"images/{rec_id}.png"
@@ -419,7 +468,7 @@ def make_record(kind: str, index: int, seed: int, split: str, out_dir: Path, *,
 
 def synthesize(kind: str, out_dir: str | os.PathLike, num: int, seed: int, split: str = "train", *,
                image_size: int | None = None, questions_per_image: int = 1,
-               progress: bool = True) -> Path:
+               category_weights: Mapping[str, float] | str | None = None, progress: bool = True) -> Path:
     """Writes a synthetic LLaVA dataset split; returns the path of its JSON.
 
     Args:
@@ -432,6 +481,11 @@ def synthesize(kind: str, out_dir: str | os.PathLike, num: int, seed: int, split
         shapes_hd 128, moving_shapes 64).
       questions_per_image: question-answer turns per record (multi-turn
         conversations when > 1; the eval JSONL gets one line per question).
+      category_weights: relative frequency of each question category
+        (`{"color": 3, "count": 0.5}` or `"color=3,count=0.5"`; unlisted
+        categories weigh 1; None = uniform). A category that does not apply
+        to a scene (e.g. position with one object) is redrawn, so the
+        realised mix also depends on the scenes.
       progress: show a tqdm progress bar.
 
     Returns:
@@ -443,6 +497,8 @@ def synthesize(kind: str, out_dir: str | os.PathLike, num: int, seed: int, split
         raise ValueError(f"num must be >= 1, got {num}")
     if questions_per_image < 1:
         raise ValueError(f"questions_per_image must be >= 1, got {questions_per_image}")
+    weights = parse_category_weights(category_weights)
+    category_probabilities(kind, weights)  # fail before rendering anything
     if not split or any(ch in split for ch in "/\\") or split.startswith("."):
         raise ValueError(f"invalid split name {split!r}")
     size = int(image_size or DEFAULT_SIZES[kind])
@@ -455,7 +511,7 @@ def synthesize(kind: str, out_dir: str | os.PathLike, num: int, seed: int, split
     records, lines = [], []
     for i in tqdm(range(num), desc=f"synth {kind}/{split}", unit="rec", disable=not progress):
         rec, qs = make_record(kind, i, seed, split, out, image_size=size,
-                              questions_per_image=questions_per_image)
+                              questions_per_image=questions_per_image, category_weights=weights)
         records.append(rec)
         lines += qs
     json_path = out / f"{split}.json"

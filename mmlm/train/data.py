@@ -46,6 +46,8 @@ def synthetic_config() -> ml_collections.ConfigDict:
         seed=0,                  # synthesis seed (records are a pure function of seed, split, index)
         image_size=0,            # rendered side in pixels; 0 = the synthesiser's default
         questions_per_image=1,   # question/answer turns per record
+        train_category_weights="",  # train split's question mix, "color=3,count=0.5" (unlisted: 1; "" = uniform).
+                                    # The eval split always draws categories uniformly.
         cache_dir="",            # where to build; "" = WORKDIR/data. Reused when already built.
     ))
 
@@ -54,7 +56,18 @@ def _synth_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
     s = config.synthetic
     return {"kind": s.kind, "num_train": int(s.num_train), "num_eval": int(s.num_eval), "seed": int(s.seed),
             "image_size": int(s.image_size), "questions_per_image": int(s.questions_per_image),
+            "train_category_weights": synth_weights(config),
             "train_split": config.data.train_split, "eval_split": config.data.eval_split}
+
+
+def synth_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The train split's category weights, validated against the synthetic kind."""
+    from mmlm.data import synth
+
+    s = config.synthetic
+    weights = synth.parse_category_weights(s.get("train_category_weights", ""))
+    synth.category_probabilities(s.kind, weights)
+    return weights
 
 
 def prepare_synthetic(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -103,8 +116,10 @@ def _build_synthetic(config: ml_collections.ConfigDict, key: Mapping[str, Any], 
     size = int(s.image_size) or None
     jsons = {}
     for split, num in ((key["train_split"], key["num_train"]), (key["eval_split"], key["num_eval"])):
+        weights = key["train_category_weights"] if split == key["train_split"] else None
         jsons[split] = str(synth.synthesize(s.kind, raw, int(num), int(s.seed), split, image_size=size,
-                                            questions_per_image=int(s.questions_per_image), progress=False))
+                                            questions_per_image=int(s.questions_per_image),
+                                            category_weights=weights, progress=False))
     media = raw if s.kind != "moving_shapes" else None
     videos = raw if s.kind == "moving_shapes" else None
     _write_categories(raw / f"{key['eval_split']}_questions.jsonl", out / CATEGORIES_FILE)
