@@ -159,9 +159,11 @@ def optim_config(*, lr: float = 1e-4, part_lrs: dict[str, float] | None = None) 
     lrs.update({k: float(v) for k, v in (part_lrs or {}).items()})
     return ml_collections.ConfigDict(dict(
         learning_rate=ml_collections.ConfigDict(lrs),  # peak LR per part: vision/projector/compressor/prefusion/llm
-        schedule="cosine",        # "cosine" (warmup then cosine decay), "linear" (warmup then linear) or "constant"
+        schedule="cosine",        # "cosine" (warmup then cosine decay), "linear" (warmup then linear), "wsd"
+                                  # (warmup, peak, then linear decay over the last decay_ratio) or "constant"
         warmup_ratio=0.03,        # fraction of train.steps spent warming up linearly from 0
-        end_lr_ratio=0.0,         # final LR as a fraction of the peak (cosine / linear)
+        decay_ratio=0.2,          # wsd only: fraction of train.steps spent decaying at the end
+        end_lr_ratio=0.0,         # final LR as a fraction of the peak (cosine / linear / wsd)
         b1=0.9,                   # Adam beta1
         b2=0.999,                 # Adam beta2
         eps=1e-8,                 # Adam epsilon

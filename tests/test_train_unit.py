@@ -110,6 +110,18 @@ def test_per_part_learning_rates_and_schedule():
     assert float(setup.schedules["llm"](55)) == pytest.approx(1e-3 * 0.5, rel=1e-5)  # cosine midpoint
 
 
+def test_wsd_schedule_holds_the_peak_then_decays_linearly():
+    config = tiny("--config.optim.schedule=wsd", "--config.optim.warmup_ratio=0.1", "--config.optim.decay_ratio=0.2",
+                  "--config.optim.end_lr_ratio=0.1")
+    f = lr_factor(config.optim, 100)
+    assert float(f(0)) == 0.0 and float(f(5)) == pytest.approx(0.5)
+    assert [float(f(s)) for s in (10, 50, 80)] == pytest.approx([1.0, 1.0, 1.0])
+    assert float(f(90)) == pytest.approx(0.55) and float(f(100)) == pytest.approx(0.1)
+    config.optim.decay_ratio = 0.0
+    with pytest.raises(ValueError, match="decay_ratio.*0.0"):
+        lr_factor(config.optim, 100)
+
+
 def test_gradient_accumulation_matches_one_big_batch(stage2):
     config, setup, state = stage2
     batch = batch_for(setup.cfg, b=8)

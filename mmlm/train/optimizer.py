@@ -54,7 +54,9 @@ def lr_factor(optim: ml_collections.ConfigDict, total_steps: int) -> Schedule:
     """Schedule shape in [0, 1] (multiplied by each part's peak LR).
 
     Linear warmup from 0 over ceil(warmup_ratio * total_steps) steps, then
-    cosine / linear decay to `end_lr_ratio` at `total_steps`, or constant.
+    cosine / linear decay to `end_lr_ratio` at `total_steps`, or constant, or
+    "wsd" (warmup-stable-decay): the peak until the last
+    ceil(decay_ratio * total_steps) steps, then linear decay to `end_lr_ratio`.
     """
     total = max(int(total_steps), 1)
     warmup = min(int(math.ceil(float(optim.warmup_ratio) * total)), total)
@@ -67,7 +69,15 @@ def lr_factor(optim: ml_collections.ConfigDict, total_steps: int) -> Schedule:
     if kind == "linear":
         return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup),
                                      optax.linear_schedule(1.0, end, total - warmup)], [warmup])
-    raise ValueError(f"optim.schedule must be cosine, linear or constant; got {kind!r}")
+    if kind == "wsd":
+        ratio = float(optim.get("decay_ratio", 0.2))
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"optim.decay_ratio must be in (0, 1] for the wsd schedule; got {ratio}")
+        decay = min(int(math.ceil(ratio * total)), total - warmup)
+        stable = total - warmup - decay
+        return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), optax.constant_schedule(1.0),
+                                     optax.linear_schedule(1.0, end, decay)], [warmup, warmup + stable])
+    raise ValueError(f"optim.schedule must be cosine, linear, wsd or constant; got {kind!r}")
 
 
 def part_schedule(optim: ml_collections.ConfigDict, part: str, total_steps: int) -> Schedule:
