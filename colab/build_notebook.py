@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from textwrap import dedent
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -16,8 +17,6 @@ OUT = os.path.join(HERE, "mmlm_quickstart.ipynb")
 
 def demo_steps() -> int:
     """`train.steps` of configs/demo.py (read from the file: the builder needs no mmlm install)."""
-    import re
-
     with open(os.path.join(HERE, "..", "configs", "demo.py")) as f:
         m = re.search(r"train_config\(steps=(\d+)", f.read())
     if not m:

@@ -430,16 +430,21 @@ def _conversation(qas: Sequence[QA], marker: str) -> list[dict[str, str]]:
 
 def make_record(kind: str, index: int, seed: int, split: str, out_dir: Path, *,
                 image_size: int, questions_per_image: int,
-                category_weights: Mapping[str, float] | None = None) -> tuple[dict, list[dict]]:
-    """Renders record `index`: writes its media, returns (LLaVA record, eval lines)."""
+                category_probs: np.ndarray | None = None) -> tuple[dict, list[dict]]:
+    """Renders record `index`: writes its media, returns (LLaVA record, eval lines).
+
+    `category_probs`: `category_probabilities(kind, weights)` (None = uniform).
+    """
     rng = record_rng(kind, seed, split, index)
-    probs = category_probabilities(kind, category_weights)
     rec_id = f"{kind}-{split}-{index:06d}"
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+
+    def pick(make) -> list[QA]:
+        return _pick_questions(rng, CATEGORIES[kind], make, questions_per_image, category_probs)
+
     if kind == "moving_shapes":
         movers = _movers(rng, image_size)
-        qas = _pick_questions(rng, CATEGORIES[kind], lambda c: _video_qa(rng, movers, c), questions_per_image,
-                              probs)
+        qas = pick(lambda c: _video_qa(rng, movers, c))
         rel = f"videos/{rec_id}.mp4"
         encode_video(render_video(movers, image_size, background), VIDEO_FPS, out_dir / rel)
         media_key, marker = "video", "<video>"
@@ -447,13 +452,11 @@ def make_record(kind: str, index: int, seed: int, split: str, out_dir: Path, *,
         if kind == "shapes":
             objs = _grid_scene(rng, image_size, 3, int(rng.integers(1, 4)),
                                (0.11 * image_size, 0.145 * image_size))
-            qas = _pick_questions(rng, CATEGORIES[kind], lambda c: _shapes_qa(rng, objs, c),
-                                  questions_per_image, probs)
+            qas = pick(lambda c: _shapes_qa(rng, objs, c))
         elif kind == "shapes_hd":
             objs = _grid_scene(rng, image_size, 4, int(rng.integers(3, 7)),
                                (0.032 * image_size, 0.040 * image_size))
-            qas = _pick_questions(rng, CATEGORIES[kind], lambda c: _hd_qa(rng, objs, c),
-                                  questions_per_image, probs)
+            qas = pick(lambda c: _hd_qa(rng, objs, c))
         else:
             raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
         rel = f"images/{rec_id}.png"
@@ -497,8 +500,7 @@ def synthesize(kind: str, out_dir: str | os.PathLike, num: int, seed: int, split
         raise ValueError(f"num must be >= 1, got {num}")
     if questions_per_image < 1:
         raise ValueError(f"questions_per_image must be >= 1, got {questions_per_image}")
-    weights = parse_category_weights(category_weights)
-    category_probabilities(kind, weights)  # fail before rendering anything
+    probs = category_probabilities(kind, parse_category_weights(category_weights))  # fails before rendering
     if not split or any(ch in split for ch in "/\\") or split.startswith("."):
         raise ValueError(f"invalid split name {split!r}")
     size = int(image_size or DEFAULT_SIZES[kind])
@@ -511,7 +513,7 @@ def synthesize(kind: str, out_dir: str | os.PathLike, num: int, seed: int, split
     records, lines = [], []
     for i in tqdm(range(num), desc=f"synth {kind}/{split}", unit="rec", disable=not progress):
         rec, qs = make_record(kind, i, seed, split, out, image_size=size,
-                              questions_per_image=questions_per_image, category_weights=weights)
+                              questions_per_image=questions_per_image, category_probs=probs)
         records.append(rec)
         lines += qs
     json_path = out / f"{split}.json"
