@@ -4,7 +4,9 @@ A model checkpoint is what `mmlm convert` writes and what `--checkpoint DIR`
 / `--init_from DIR` read: the full mmlm config (so eval/chat can rebuild the
 model) and the parameter pytree (possibly partial, e.g. only `vision` after
 converting a CLIP tower). Training workdirs hold an Orbax CheckpointManager
-instead (see `mmlm.train`); `load_params` reads either.
+under `WORKDIR/checkpoints` instead (written by `mmlm.train.checkpointing`);
+`load_params_from_workdir` reads the params of one of its steps, so that
+eval and chat need nothing from the training package.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+CHECKPOINT_DIR = "checkpoints"  # a training workdir's CheckpointManager root
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
 def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
@@ -95,3 +102,45 @@ def load_model_params(directory: str, target: Any | None = None) -> Any:
 def is_model_checkpoint(directory: str) -> bool:
     return os.path.isdir(os.path.join(directory, PARAMS_DIR)) and os.path.isfile(
         os.path.join(directory, CONFIG_FILE))
+
+
+def _abstract_params(config: ml_collections.ConfigDict, sharding: Any) -> Any:
+    from mmlm.models.config import model_config_from_dict
+    from mmlm.models.summary import abstract_params
+
+    shapes = abstract_params(model_config_from_dict(config.model))
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)
+
+
+def load_params_from_workdir(workdir: str, step: int | None = None, shardings: Any = None
+                             ) -> tuple[Any, ml_collections.ConfigDict]:
+    """(params, config) of a training workdir: the latest checkpoint, or `step`.
+
+    For `mmlm eval --workdir` / `mmlm chat --workdir`. `shardings` is a
+    `Sharding` for every leaf or a pytree of them matching the params (default:
+    everything on the first local device). Params come back as plain (unboxed)
+    jax arrays, fp32 master weights. Only the `params` item of the step is
+    read (the optimizer state and data-iterator state are left on disk).
+    """
+    from flax import linen as nn
+
+    config = load_config_json(workdir)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                    item_handlers={"params": ocp.StandardCheckpointHandler()})
+    try:
+        steps = list(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"{checkpoint_dir(workdir)!r} holds no checkpoint (has training saved one?)")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)!r}; "
+                                    f"available: {sorted(steps)}")
+        target = _abstract_params(config, shardings or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    finally:
+        manager.close()
+    return nn.unbox(restored["params"]), config

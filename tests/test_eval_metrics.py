@@ -8,7 +8,7 @@ import pytest
 
 from mmlm.eval import metrics
 from mmlm.eval.evaluate import question_prompt_text, read_jsonl
-from mmlm.infer.loading import InferenceError
+from mmlm.errors import UserError
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -99,13 +99,13 @@ def test_read_jsonl_errors_name_the_line(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"question_id": 1, "image": "a.png", "text": "q", "answer": "x"}) + "\n"
                     + json.dumps({"question_id": 2, "image": "b.png"}) + "\n")
-    with pytest.raises(InferenceError, match=r"q.jsonl:2: missing field 'text'"):
+    with pytest.raises(UserError, match=r"q.jsonl:2: missing field 'text'"):
         read_jsonl(path)
     path.write_text("{not json\n")
-    with pytest.raises(InferenceError, match=r"q.jsonl:1: not valid JSON"):
+    with pytest.raises(UserError, match=r"q.jsonl:1: not valid JSON"):
         read_jsonl(path)
     path.write_text(json.dumps({"question_id": 1, "text": "q", "options": ["a", "b"], "answer": "z"}) + "\n")
-    with pytest.raises(InferenceError, match="neither an option letter"):
+    with pytest.raises(UserError, match="neither an option letter"):
         read_jsonl(path)
-    with pytest.raises(InferenceError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         read_jsonl(tmp_path / "missing.jsonl")

@@ -38,7 +38,7 @@ def _run(argv, stdin=""):
     args = chat._parser().parse_args(argv)
     try:
         rc = chat.run(args, stdin=io.StringIO(stdin), out=out, err=err)
-    except chat.InferenceError as e:
+    except chat.UserError as e:
         return 2, out.getvalue(), str(e)
     return rc, out.getvalue(), err.getvalue()
 

@@ -77,7 +77,7 @@ def final_params(workdir: Path) -> dict[str, np.ndarray]:
     """The latest checkpoint's params, as eval/chat load them (`load_params_from_workdir`)."""
     import jax
 
-    from mmlm.train.checkpointing import load_params_from_workdir
+    from mmlm.checkpoint import load_params_from_workdir
 
     params, _ = load_params_from_workdir(str(workdir))
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}

@@ -14,7 +14,8 @@ import argparse
 import sys
 import time
 
-from mmlm.infer.loading import InferenceError, run_command
+from mmlm.cli_common import run_command
+from mmlm.errors import UserError
 
 
 def _budgets(text: str) -> list[int]:
@@ -66,13 +67,13 @@ def run(args: argparse.Namespace) -> int:
     from mmlm.infer.loading import load_inference_model
 
     if args.max_new_tokens < 1:
-        raise InferenceError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+        raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.limit is not None and args.limit < 1:
-        raise InferenceError(f"--limit must be >= 1, got {args.limit}")
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
     rows = read_jsonl(args.data)[: args.limit]
     media_root = args.images or os.path.dirname(os.path.abspath(args.data))
     if not os.path.isdir(media_root):
-        raise InferenceError(f"--images {media_root!r} is not a directory")
+        raise UserError(f"--images {media_root!r} is not a directory")
     im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
                               tokenizer=args.tokenizer, template=args.template)
     budgets = args.num_vision_tokens or [None]

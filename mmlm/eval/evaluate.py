@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mmlm.eval import metrics
-from mmlm.infer.loading import InferenceError, InferenceModel, check_file, encode_question, load_media
+from mmlm.errors import UserError
+from mmlm.infer.loading import InferenceModel, check_file, encode_question, load_media
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
@@ -44,7 +45,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Question lines, with errors that name the line."""
     p = Path(path)
     if not p.is_file():
-        raise InferenceError(f"question file {str(path)!r} does not exist")
+        raise UserError(f"question file {str(path)!r} does not exist")
     rows = []
     with open(p, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -53,29 +54,29 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InferenceError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
-                raise InferenceError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             for key in ("question_id", "text"):
                 if key not in row:
-                    raise InferenceError(f"{path}:{n}: missing field {key!r} (need question_id, text, and "
+                    raise UserError(f"{path}:{n}: missing field {key!r} (need question_id, text, and "
                                          "image or video)")
             if "image" in row and "video" in row:
-                raise InferenceError(f"{path}:{n}: has both 'image' and 'video'; give one")
+                raise UserError(f"{path}:{n}: has both 'image' and 'video'; give one")
             if row.get("options") is not None:
                 if not isinstance(row["options"], list) or len(row["options"]) < 2:
-                    raise InferenceError(f"{path}:{n}: 'options' must be a list of at least 2 choices")
+                    raise UserError(f"{path}:{n}: 'options' must be a list of at least 2 choices")
                 if "answer" not in row:
-                    raise InferenceError(f"{path}:{n}: a multiple-choice question needs 'answer'")
+                    raise UserError(f"{path}:{n}: a multiple-choice question needs 'answer'")
                 try:
                     metrics.gold_choice(row["answer"], row["options"])
                 except ValueError as e:
-                    raise InferenceError(f"{path}:{n}: {e}") from None
+                    raise UserError(f"{path}:{n}: {e}") from None
             if row.get("answers") is not None and not isinstance(row["answers"], list):
-                raise InferenceError(f"{path}:{n}: 'answers' must be a list of strings")
+                raise UserError(f"{path}:{n}: 'answers' must be a list of strings")
             rows.append(row)
     if not rows:
-        raise InferenceError(f"question file {str(path)!r} holds no questions")
+        raise UserError(f"question file {str(path)!r} holds no questions")
     return rows
 
 
@@ -102,14 +103,14 @@ def prepare_questions(im: InferenceModel, rows: Sequence[dict[str, Any]], media_
             media = root / str(row[kind])
             try:
                 check_file(media, kind)
-            except InferenceError as e:
-                raise InferenceError(f"question {row['question_id']!r}: {e} (media paths are relative to "
+            except UserError as e:
+                raise UserError(f"question {row['question_id']!r}: {e} (media paths are relative to "
                                      f"--images {str(media_root)!r})") from None
         text = question_prompt_text(row, append_options)
         try:
             prompt = encode_question(im, text, kind is not None)
         except ValueError as e:
-            raise InferenceError(f"question {row['question_id']!r}: {e}") from None
+            raise UserError(f"question {row['question_id']!r}: {e}") from None
         out.append(EvalQuestion(i, dict(row), kind, media, prompt, text))
     return out
 
@@ -134,8 +135,8 @@ def _load_batch(im: InferenceModel, batch: Sequence[EvalQuestion], max_frames: i
             continue
         try:
             pixels.append(load_media(im, q.media, q.kind, max_frames))
-        except InferenceError as e:
-            raise InferenceError(f"question {q.record['question_id']!r}: {e}") from None
+        except UserError as e:
+            raise UserError(f"question {q.record['question_id']!r}: {e}") from None
     return pixels
 
 
@@ -155,7 +156,7 @@ def evaluate(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Seq
     from mmlm.infer.generate import generate, trim_answer
 
     if batch_size < 1:
-        raise InferenceError(f"--batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"--batch_size must be >= 1, got {batch_size}")
     ms = [im.budget(b) for b in budgets]
     frames = max_frames or im.max_frames
     batches = plan_batches(questions, batch_size)

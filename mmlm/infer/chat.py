@@ -17,7 +17,9 @@ from typing import Iterable, TextIO
 import jax
 import numpy as np
 
-from mmlm.infer.loading import InferenceError, InferenceModel, run_command
+from mmlm.cli_common import run_command
+from mmlm.errors import UserError
+from mmlm.infer.loading import InferenceModel
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,21 +56,21 @@ def _validate_args(args: argparse.Namespace) -> None:
     from mmlm.infer.loading import check_file
 
     if args.max_new_tokens < 1:
-        raise InferenceError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+        raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
-        raise InferenceError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
-        raise InferenceError(f"--top_p must be in (0, 1], got {args.top_p}")
+        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.max_frames is not None and args.max_frames < 1:
-        raise InferenceError(f"--max_frames must be >= 1, got {args.max_frames}")
+        raise UserError(f"--max_frames must be >= 1, got {args.max_frames}")
     if args.map_panel_size < 16:
-        raise InferenceError(f"--map_panel_size must be >= 16 pixels, got {args.map_panel_size}")
+        raise UserError(f"--map_panel_size must be >= 16 pixels, got {args.map_panel_size}")
     if args.image is not None:
         check_file(args.image, "image")
     else:
         check_file(args.video, "video")
     if args.prompt is not None and not args.prompt.strip():
-        raise InferenceError("--prompt is empty; give a question or leave --prompt out for an interactive chat")
+        raise UserError("--prompt is empty; give a question or leave --prompt out for an interactive chat")
 
 
 def _check_budget_early(args: argparse.Namespace) -> None:
@@ -80,11 +82,11 @@ def _check_budget_early(args: argparse.Namespace) -> None:
     try:
         cfg = model_config_from_dict(load_config_json(source).model)
     except FileNotFoundError as e:
-        raise InferenceError(str(e)) from None
+        raise UserError(str(e)) from None
     try:
         cfg.check_budget(args.num_vision_tokens)
     except ValueError as e:
-        raise InferenceError(f"--num_vision_tokens {args.num_vision_tokens}: {e}. "
+        raise UserError(f"--num_vision_tokens {args.num_vision_tokens}: {e}. "
                              f"Supported budgets: {list(cfg.supported_budgets)}") from None
 
 
@@ -174,7 +176,7 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
         from mmlm.infer.compression_map import save_compression_map
 
         if im.cfg.mode != "llava_mini":
-            raise InferenceError("--save_compression_map needs a llava_mini model; the llava15 baseline has "
+            raise UserError("--save_compression_map needs a llava_mini model; the llava15 baseline has "
                                  "no compressor")
         size = save_compression_map(args.save_compression_map, im.cfg, im.params, pixels, num_tokens=m,
                                     mean=im.image_mean, std=im.image_std, panel_size=args.map_panel_size)

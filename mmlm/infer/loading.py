@@ -20,39 +20,9 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from mmlm.checkpoint import load_config_json, load_model_params, load_params_from_workdir
+from mmlm.errors import UserError
 from mmlm.models.config import ModelConfig, model_config_from_dict
-
-
-def quiet_library_logs() -> None:
-    """Keeps Orbax/absl INFO and WARNING chatter (e.g. "directory is read only") off a chat transcript."""
-    import logging
-
-    for name in ("absl", "orbax", "jax._src"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-class InferenceError(Exception):
-    """A user-facing error (bad path, bad budget, unreadable media): printed without a traceback."""
-
-
-def run_command(name: str, run, args, *, interruptible: bool = False) -> int:
-    """Runs an inference command's `run(args)`: quiet library logs, `InferenceError` as one line (exit 2).
-
-    `interruptible`: Ctrl-C ends the command quietly with exit status 130.
-    """
-    import sys
-
-    quiet_library_logs()
-    try:
-        return run(args)
-    except InferenceError as e:
-        print(f"mmlm {name}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if not interruptible:
-            raise
-        print("", file=sys.stderr)
-        return 130
 
 
 @dataclasses.dataclass
@@ -79,7 +49,7 @@ class InferenceModel:
         try:
             return self.cfg.check_budget(m)
         except ValueError as e:
-            raise InferenceError(f"{e}. Supported budgets: {list(self.cfg.supported_budgets)}") from None
+            raise UserError(f"{e}. Supported budgets: {list(self.cfg.supported_budgets)}") from None
 
 
 def _data_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -100,31 +70,27 @@ def load_inference_model(*, workdir: str | None = None, checkpoint: str | None =
     from mmlm.data.tokenizer import load_tokenizer
 
     if (workdir is None) == (checkpoint is None):
-        raise InferenceError("pass exactly one of --workdir DIR (a training run) or --checkpoint DIR "
+        raise UserError("pass exactly one of --workdir DIR (a training run) or --checkpoint DIR "
                              "(a model checkpoint)")
     source = workdir or checkpoint
     assert source is not None
     if not os.path.isdir(source):
-        raise InferenceError(f"{'--workdir' if workdir else '--checkpoint'} {source!r} is not a directory")
+        raise UserError(f"{'--workdir' if workdir else '--checkpoint'} {source!r} is not a directory")
     try:
         if workdir is not None:
-            from mmlm.train.checkpointing import load_params_from_workdir
-
             params, config = load_params_from_workdir(workdir, step)
         else:
-            from mmlm.checkpoint import load_config_json, load_model_params
-
             config = load_config_json(checkpoint)
             params = load_model_params(checkpoint)
     except FileNotFoundError as e:
-        raise InferenceError(str(e)) from None
+        raise UserError(str(e)) from None
     cfg = model_config_from_dict(config.model)
     missing = [p for p in ("vision", "projector", "llm") if p not in params]
     if cfg.mode == "llava_mini":
         missing += [p for p in ("compressor",) + (("prefusion",) if cfg.prefusion_layers else ())
                     if p not in params]
     if missing:
-        raise InferenceError(f"{source!r} lacks the {missing} parameters: it is a partial checkpoint "
+        raise UserError(f"{source!r} lacks the {missing} parameters: it is a partial checkpoint "
                              "(e.g. one converted part); it cannot answer questions")
     data = _data_section(config)
     tok_path = tokenizer or data.tokenizer
@@ -134,20 +100,20 @@ def load_inference_model(*, workdir: str | None = None, checkpoint: str | None =
         if any((Path(source) / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
             tok_path = source
         else:
-            raise InferenceError(f"{source!r} has no tokenizer settings (config.data) and no tokenizer file; "
+            raise UserError(f"{source!r} has no tokenizer settings (config.data) and no tokenizer file; "
                                  "pass --tokenizer PATH (and --template vicuna_v1|llama_3_1)")
     try:
         tok = load_tokenizer(tok_path)
     except (FileNotFoundError, ValueError) as e:
-        raise InferenceError(f"cannot open the tokenizer: {e} (pass --tokenizer PATH)") from None
+        raise UserError(f"cannot open the tokenizer: {e} (pass --tokenizer PATH)") from None
     if tok.vocab_size > cfg.llm.vocab_size:
-        raise InferenceError(f"tokenizer {tok_path!r} has {tok.vocab_size} ids but the model's vocabulary has "
+        raise UserError(f"tokenizer {tok_path!r} has {tok.vocab_size} ids but the model's vocabulary has "
                              f"{cfg.llm.vocab_size}: wrong --tokenizer?")
     tmpl = template or data.template
     if tmpl not in templates.TEMPLATES:
-        raise InferenceError(f"unknown template {tmpl!r}; choose from {templates.TEMPLATES}")
+        raise UserError(f"unknown template {tmpl!r}; choose from {templates.TEMPLATES}")
     if tmpl == "plain":
-        raise InferenceError("this model was trained with the 'plain' (captioning) template, which has no "
+        raise UserError("this model was trained with the 'plain' (captioning) template, which has no "
                              "question; pass --template vicuna_v1 or llama_3_1")
     hd = data.get("hd_grid")
     hd = (0 if cfg.hd_grid <= 1 else cfg.hd_grid) if hd is None else int(hd)
@@ -167,11 +133,11 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
 def check_file(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise InferenceError(f"{what} {str(path)!r} does not exist")
+        raise UserError(f"{what} {str(path)!r} does not exist")
     if not p.is_file():
-        raise InferenceError(f"{what} {str(path)!r} is not a file")
+        raise UserError(f"{what} {str(path)!r} is not a file")
     if not os.access(p, os.R_OK):
-        raise InferenceError(f"{what} {str(path)!r} is not readable (check its permissions)")
+        raise UserError(f"{what} {str(path)!r} is not readable (check its permissions)")
     return p
 
 
@@ -183,7 +149,7 @@ def load_image_pixels(im: InferenceModel, path: str | os.PathLike) -> np.ndarray
     try:
         img = preprocess.load_image(p)
     except (OSError, ValueError, SyntaxError) as e:
-        raise InferenceError(f"cannot read image {str(path)!r}: {e}") from None
+        raise UserError(f"cannot read image {str(path)!r}: {e}") from None
     pixels = preprocess.preprocess_image(img, im.image_size, im.hd_grid, im.image_mean, im.image_std)
     return pixels[None]
 
@@ -200,12 +166,12 @@ def load_video_pixels(im: InferenceModel, path: str | os.PathLike, max_frames: i
     except Exception as e:
         # PyAV's FFmpegError family (some subclass ValueError): the file is not a decodable video.
         if type(e).__module__.split(".")[0] == "av":
-            raise InferenceError(f"cannot decode video {str(path)!r}: {e}") from None
+            raise UserError(f"cannot decode video {str(path)!r}: {e}") from None
         if isinstance(e, ValueError):  # no video stream / no decodable frame
-            raise InferenceError(f"video {str(path)!r} has no frames ({e})") from None
+            raise UserError(f"video {str(path)!r} has no frames ({e})") from None
         raise
     if count < 1:
-        raise InferenceError(f"video {str(path)!r} has no frames")
+        raise UserError(f"video {str(path)!r} has no frames")
     return frames[:count]
 
 

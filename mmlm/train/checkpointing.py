@@ -15,33 +15,25 @@ the *current* mesh's shardings: a checkpoint saved on one mesh restores onto
 another (Orbax reshards).
 
 `WORKDIR/config.json` (written by the trainer) is the resolved config, so
-`load_params_from_workdir(workdir)` rebuilds everything eval and chat need.
+`mmlm.checkpoint.load_params_from_workdir(workdir)` rebuilds everything eval
+and chat need.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import grain
 import jax
-import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
-from flax import linen as nn
 
-from mmlm.checkpoint import load_config_json
+from mmlm.checkpoint import checkpoint_dir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 ARRAY_ITEMS = ("params", "opt_state", "meta")
 DATA_ITEM = "data"
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
 class Checkpointer:
@@ -101,60 +93,6 @@ class Checkpointer:
         return {"step": restored["meta"]["step"], "params": restored["params"],
                 "opt_state": restored["opt_state"], "rng": restored["meta"]["rng"]}
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _abstract_params(config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding | Any) -> Any:
-    from mmlm.models.config import model_config_from_dict
-    from mmlm.models.summary import abstract_params
-
-    shapes = abstract_params(model_config_from_dict(config.model))
-    if isinstance(sharding, jax.sharding.Sharding):
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)
-
-
-def load_params_from_workdir(workdir: str, step: int | None = None, shardings: Any = None
-                             ) -> tuple[Any, ml_collections.ConfigDict]:
-    """(params, config) of a training workdir: the latest checkpoint, or `step`.
-
-    For `mmlm eval --workdir` / `mmlm chat --workdir`. `shardings` is a
-    `Sharding` for every leaf or a pytree of them matching the params (default:
-    everything on the first local device). Params come back as plain (unboxed)
-    jax arrays, fp32 master weights.
-    """
-    config = load_config_json(workdir)
-    ckpt = Checkpointer(workdir, read_only=True, async_save=False)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"{checkpoint_dir(workdir)!r} holds no checkpoint (has training saved one?)")
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)!r}; "
-                                    f"available: {sorted(steps)}")
-        target = _abstract_params(config, shardings or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    finally:
-        ckpt.close()
-    return nn.unbox(restored["params"]), config
-
-
-def checkpoint_step_of(workdir: str) -> int | None:
-    """Latest checkpointed step of a workdir (None if none), without loading anything."""
-    path = checkpoint_dir(workdir)
-    if not os.path.isdir(path):
-        return None
-    steps = [int(d) for d in os.listdir(path) if d.isdigit()]
-    return max(steps) if steps else None
-
-
-def host_array(x: Any) -> np.ndarray:
-    """A (replicated or fully addressable) array as numpy on this host."""
-    return np.asarray(jax.device_get(x))
