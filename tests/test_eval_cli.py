@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -91,3 +92,78 @@ def test_eval_missing_media_names_the_question(setup, capsys):
 def test_eval_bad_budget_syntax():
     with pytest.raises(SystemExit):
         cli._parser().parse_args(["--checkpoint", "x", "--data", "y", "--out", "z", "--num_vision_tokens", "1,a"])
+
+
+@pytest.mark.parametrize("kind", ["file", "readonly"])
+def test_eval_checks_out_before_loading_anything(setup, capsys, kind, tmp_path):
+    root, _ = setup
+    if kind == "file":
+        out = tmp_path / "results"
+        out.write_text("not a directory")
+    else:  # /proc refuses new files even to root
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("needs Linux /proc")
+        out = "/proc/mmlm-results/run1"
+    rc = cli.main(["--checkpoint", str(root / "nonexistent-ckpt"), "--data", str(root / "data" / "q.jsonl"),
+                   "--images", str(root / "data"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "--out" in err and str(out) in err
+    assert "nonexistent-ckpt" not in err  # failed on --out, before the model
+
+
+def test_eval_skips_undecodable_media_and_keeps_the_rest(setup, capsys, tmp_path):
+    root, lines = setup
+    (root / "data" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    rows = [lines[0], {"question_id": "broken-1", "image": "broken.png", "text": "q", "answer": "a"}, lines[1]]
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    out = tmp_path / "out"
+    rc = cli.main(["--checkpoint", str(root / "ckpt"), "--data", str(q), "--images", str(root / "data"),
+                   "--out", str(out), "--max_new_tokens", "2", "--no_progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "broken-1" in err and "broken.png" in err and "skipped" in err
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["count"] == 2 and [s["question_id"] for s in summary["skipped"]] == ["broken-1"]
+    answers = [json.loads(x)["question_id"] for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert answers == [lines[0]["question_id"], lines[1]["question_id"]]
+
+
+def test_eval_interrupted_keeps_answers_already_computed(setup, monkeypatch, tmp_path):
+    """An interruption after the first batch leaves that batch's answers on disk."""
+    from mmlm.infer import generate as gen
+
+    root, lines = setup
+    image_lines = [x for x in lines if "image" in x][:4]
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps(x) + "\n" for x in image_lines))
+    real, calls = gen.generate, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate", flaky)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--checkpoint", str(root / "ckpt"), "--data", str(q), "--images", str(root / "data"),
+                  "--out", str(out), "--batch_size", "2", "--max_new_tokens", "2", "--no_progress"])
+    (path,) = out.glob("answers_m*.jsonl")
+    kept = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(kept) == 2 and all("text" in a and "accuracy" in a for a in kept)
+
+
+def test_eval_reads_a_latin1_question_file(setup, capsys, tmp_path):
+    root, _ = setup
+    q = tmp_path / "latin1.jsonl"
+    q.write_bytes((json.dumps({"question_id": "l1", "text": "Caf\u00e9?", "answer": "oui"}, ensure_ascii=False)
+                   + "\n").encode("latin-1"))
+    with pytest.warns(UserWarning, match="Latin-1"):
+        rc = cli.main(["--checkpoint", str(root / "ckpt"), "--data", str(q), "--out", str(tmp_path / "o"),
+                       "--max_new_tokens", "2", "--no_progress"])
+    assert rc == 0
+    (line,) = [json.loads(x) for x in (tmp_path / "o" / "answers.jsonl").read_text().splitlines()]
+    assert line["prompt"] == "Caf\u00e9?"

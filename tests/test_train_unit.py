@@ -14,7 +14,7 @@ from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mmlm.config_utils import load_config
 from mmlm.models.layers import count_params
 from mmlm.train import trainer
-from mmlm.train.evaluate import first_questions, normalize_answer
+from mmlm.train.evaluate import first_questions
 from mmlm.train.metrics import truncate_rows_after
 from mmlm.train.optimizer import count_state, lr_factor
 from mmlm.train.step import budget_index, make_eval_step, make_train_step
@@ -179,12 +179,6 @@ def test_metrics_rows_after_a_resume_point_are_dropped(tmp_path):
     truncate_rows_after(str(path), 5)
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in kept] == [1, 2, 3, 4, 5, 5]
-
-
-def test_normalize_answer():
-    assert normalize_answer("  Red.") == normalize_answer("red") == "red"
-    assert normalize_answer("Two  objects!") == "two objects"
-    assert normalize_answer("left") != normalize_answer("right")
 
 
 def test_first_questions_cut_at_the_first_answer():

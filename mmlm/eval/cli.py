@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from mmlm.eval.evaluate import evaluate, prepare_questions, read_jsonl, write_results
+    from mmlm.eval.evaluate import ResultsWriter, check_output_dir, evaluate, prepare_questions, read_jsonl
     from mmlm.eval.metrics import format_table
     from mmlm.infer.loading import load_inference_model
 
@@ -70,25 +70,35 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     rows = read_jsonl(args.data)[: args.limit]
     media_root = args.images or os.path.dirname(os.path.abspath(args.data))
     if not os.path.isdir(media_root):
         raise UserError(f"--images {media_root!r} is not a directory")
+    check_output_dir(args.out, create=False)  # a bad --out fails before the model is even loaded
     im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
                               tokenizer=args.tokenizer, template=args.template)
     budgets = args.num_vision_tokens or [None]
     for b in budgets:
         im.budget(b)  # every budget is checked before any compute
     questions = prepare_questions(im, rows, media_root, args.videos, append_options=not args.no_option_prompt)
+    writer = ResultsWriter(args.out)
     start = time.perf_counter()
-    result = evaluate(im, questions, budgets, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      max_frames=args.max_frames, progress=not args.no_progress)
+    try:
+        result = evaluate(im, questions, budgets, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          max_frames=args.max_frames, progress=not args.no_progress, on_answers=writer)
+    finally:
+        writer.close()  # answers computed so far stay on disk, flushed
     seconds = time.perf_counter() - start
-    path = write_results(args.out, result, {"source": im.source, "data": os.path.abspath(args.data),
-                                            "mode": im.cfg.mode, "seconds": round(seconds, 2)})
+    path = writer.finish(result, {"source": im.source, "data": os.path.abspath(args.data),
+                                  "mode": im.cfg.mode, "seconds": round(seconds, 2)})
     print(format_table(result.rows))
-    print(f"[mmlm eval] {len(questions)} questions x {len(result.rows)} budget(s) in {seconds:.1f} s -> {path}",
-          file=sys.stderr)
+    for s in result.skipped:
+        print(f"[mmlm eval] skipped: {s['reason']}", file=sys.stderr)
+    answered = len(questions) - len(result.skipped)
+    print(f"[mmlm eval] {answered} questions x {len(result.rows)} budget(s) in {seconds:.1f} s -> {path}"
+          + (f" ({len(result.skipped)} skipped: unreadable media)" if result.skipped else ""), file=sys.stderr)
     return 0
 
 

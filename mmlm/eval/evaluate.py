@@ -1,4 +1,8 @@
-"""Batch evaluation of a model on a LLaVA-style question JSONL across vision-token budgets.
+"""The evaluator: answers questions greedily at each vision-token budget and scores them.
+
+Used by `mmlm eval` (a LLaVA-style question JSONL) and by the training loop
+(held-out conversations, `mmlm.train.evaluate`), so both report the same
+metrics with the same answer normalisation (`mmlm.eval.metrics`).
 
 Input lines: `{"question_id", "image" | "video" (path, relative to the media
 root) or neither (text only), "text", optional "answer", "answers" (list),
@@ -17,6 +21,8 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,6 +45,21 @@ class EvalQuestion:
     media: Path | None
     prompt: list[int]  # prompt ids (one IMAGE_TOKEN_ID when there is media)
     prompt_text: str  # the question as asked (with options appended for multiple choice)
+    pixels: np.ndarray | None = None  # media already decoded (F, K, H, W, 3), e.g. from the training pipeline
+
+
+def read_text_lines(path: Path, what: str = "question file") -> list[str]:
+    """A text file's lines: UTF-8, else Latin-1 with a warning (every byte decodes), never a traceback."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        warnings.warn(f"{what} {str(path)!r} is not UTF-8 (byte {e.start}); reading it as Latin-1", stacklevel=2)
+        text = data.decode("latin-1")
+    return text.splitlines()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -47,34 +68,33 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not p.is_file():
         raise UserError(f"question file {str(path)!r} does not exist")
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for n, line in enumerate(read_text_lines(p), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        for key in ("question_id", "text"):
+            if key not in row:
+                raise UserError(f"{path}:{n}: missing field {key!r} (need question_id, text, and "
+                                "image or video)")
+        if "image" in row and "video" in row:
+            raise UserError(f"{path}:{n}: has both 'image' and 'video'; give one")
+        if row.get("options") is not None:
+            if not isinstance(row["options"], list) or len(row["options"]) < 2:
+                raise UserError(f"{path}:{n}: 'options' must be a list of at least 2 choices")
+            if "answer" not in row:
+                raise UserError(f"{path}:{n}: a multiple-choice question needs 'answer'")
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            for key in ("question_id", "text"):
-                if key not in row:
-                    raise UserError(f"{path}:{n}: missing field {key!r} (need question_id, text, and "
-                                         "image or video)")
-            if "image" in row and "video" in row:
-                raise UserError(f"{path}:{n}: has both 'image' and 'video'; give one")
-            if row.get("options") is not None:
-                if not isinstance(row["options"], list) or len(row["options"]) < 2:
-                    raise UserError(f"{path}:{n}: 'options' must be a list of at least 2 choices")
-                if "answer" not in row:
-                    raise UserError(f"{path}:{n}: a multiple-choice question needs 'answer'")
-                try:
-                    metrics.gold_choice(row["answer"], row["options"])
-                except ValueError as e:
-                    raise UserError(f"{path}:{n}: {e}") from None
-            if row.get("answers") is not None and not isinstance(row["answers"], list):
-                raise UserError(f"{path}:{n}: 'answers' must be a list of strings")
-            rows.append(row)
+                metrics.gold_choice(row["answer"], row["options"])
+            except ValueError as e:
+                raise UserError(f"{path}:{n}: {e}") from None
+        if row.get("answers") is not None and not isinstance(row["answers"], list):
+            raise UserError(f"{path}:{n}: 'answers' must be a list of strings")
+        rows.append(row)
     if not rows:
         raise UserError(f"question file {str(path)!r} holds no questions")
     return rows
@@ -105,7 +125,7 @@ def prepare_questions(im: InferenceModel, rows: Sequence[dict[str, Any]], media_
                 check_file(media, kind)
             except UserError as e:
                 raise UserError(f"question {row['question_id']!r}: {e} (media paths are relative to "
-                                     f"--images {str(media_root)!r})") from None
+                                f"--images {str(media_root)!r})") from None
         text = question_prompt_text(row, append_options)
         try:
             prompt = encode_question(im, text, kind is not None)
@@ -127,16 +147,17 @@ def plan_batches(questions: Sequence[EvalQuestion], batch_size: int) -> list[lis
 
 
 def _load_batch(im: InferenceModel, batch: Sequence[EvalQuestion], max_frames: int | None
-                ) -> list[np.ndarray | None]:
-    pixels = []
+                ) -> list[np.ndarray | None | UserError]:
+    """Each question's pixels (None for text only), or the `UserError` that says why its media is unreadable."""
+    pixels: list[np.ndarray | None | UserError] = []
     for q in batch:
-        if q.media is None:
-            pixels.append(None)
+        if q.pixels is not None or q.media is None:
+            pixels.append(q.pixels)
             continue
         try:
             pixels.append(load_media(im, q.media, q.kind, max_frames))
         except UserError as e:
-            raise UserError(f"question {q.record['question_id']!r}: {e}") from None
+            pixels.append(UserError(f"question {q.record['question_id']!r}: {e}"))
     return pixels
 
 
@@ -144,12 +165,34 @@ def _load_batch(im: InferenceModel, batch: Sequence[EvalQuestion], max_frames: i
 class EvalResult:
     rows: list[dict[str, Any]]  # one per budget
     answers: dict[int, list[dict[str, Any]]]  # budget -> answer lines in question order
+    skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # unreadable media, with reasons
+
+
+def answer_line(q: EvalQuestion, prediction: str, m: int) -> dict[str, Any]:
+    """One answers-file line: the question, the prediction, the budget and its scores."""
+    line = {"question_id": q.record["question_id"], "prompt": q.prompt_text, "text": prediction,
+            "num_vision_tokens": m}
+    for key in ("answer", "answers", "category"):
+        if key in q.record:
+            line[key] = q.record[key]
+    line.update(metrics.score(prediction, q.record))
+    return line
 
 
 def evaluate(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Sequence[int | None], *,
              batch_size: int = 16, max_new_tokens: int = 16, max_frames: int | None = None,
-             progress: bool = True, on_batch: Callable[[int], None] | None = None) -> EvalResult:
-    """Answers every question at every budget; returns metric rows and answer lines."""
+             progress: bool = True, on_answers: Callable[[int, list[dict[str, Any]]], None] | None = None
+             ) -> EvalResult:
+    """Answers every question at every budget in one pass over the media; returns metric rows and answer lines.
+
+    This is the project's one evaluator: `mmlm eval` calls it on a question
+    file, the training loop on held-out conversations (`mmlm.train.evaluate`).
+    Each batch's media are decoded once (in a background thread, while the
+    previous batch is answered) and reused for every budget. A question whose
+    media cannot be decoded is skipped and reported in `EvalResult.skipped`
+    instead of ending the run. `on_answers(m, lines)` receives each batch's
+    scored answer lines as soon as they exist (for incremental writing).
+    """
     from tqdm import tqdm
 
     from mmlm.infer.batching import make_batch
@@ -157,49 +200,119 @@ def evaluate(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Seq
 
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
-    ms = [im.budget(b) for b in budgets]
+    ms = list(dict.fromkeys(im.budget(b) for b in budgets))  # unique, in the order given
     frames = max_frames or im.max_frames
     batches = plan_batches(questions, batch_size)
-    preds: dict[int, dict[int, str]] = {m: {} for m in ms}
+    lines: dict[int, dict[int, dict[str, Any]]] = {m: {} for m in ms}
+    skipped: list[dict[str, Any]] = []
     bar = tqdm(total=len(questions) * len(ms), desc="eval", unit="q", disable=not progress)
     with cf.ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(_load_batch, im, batches[0], max_frames) if batches else None
         for bi, chunk in enumerate(batches):
-            pixels = future.result()
+            loaded = future.result()
             if bi + 1 < len(batches):  # decode the next batch's media while this one runs
                 future = pool.submit(_load_batch, im, batches[bi + 1], max_frames)
+            for q, px in zip(chunk, loaded):
+                if isinstance(px, UserError):
+                    skipped.append({"question_id": q.record["question_id"], "reason": str(px)})
+                    bar.update(len(ms))
+            keep = [(q, px) for q, px in zip(chunk, loaded) if not isinstance(px, UserError)]
+            if not keep:
+                continue
             video = chunk[0].kind == "video"
-            batch = make_batch(im.cfg, [q.prompt for q in chunk], pixels, pad_id=im.tokenizer.pad_id,
-                               pad_len_to=16, frames=frames if video else None, batch_size=batch_size)
+            batch = make_batch(im.cfg, [q.prompt for q, _ in keep], [px for _, px in keep],
+                               pad_id=im.tokenizer.pad_id, pad_len_to=16, frames=frames if video else None,
+                               batch_size=batch_size)
             for m in ms:
                 tokens, lengths = generate(im.cfg, im.params, batch, max_new_tokens=max_new_tokens,
                                            eos_id=im.stop_ids, num_vision_tokens=m, pad_id=im.tokenizer.pad_id)
-                for j, q in enumerate(chunk):
-                    preds[m][q.index] = im.tokenizer.decode(trim_answer(tokens[j], lengths[j])).strip()
-                bar.update(len(chunk))
-            if on_batch is not None:
-                on_batch(bi)
+                new = []
+                for j, (q, _) in enumerate(keep):
+                    pred = im.tokenizer.decode(trim_answer(tokens[j], lengths[j])).strip()
+                    new.append(answer_line(q, pred, m))
+                    lines[m][q.index] = new[-1]
+                if on_answers is not None:
+                    on_answers(m, new)
+                bar.update(len(keep))
     bar.close()
     rows, answers = [], {}
-    ordered = sorted(questions, key=lambda q: q.index)
+    answered = sorted((q for q in questions if q.index in lines[ms[0]]), key=lambda q: q.index)
     for m in ms:
-        scores, lines = [], []
-        for q in ordered:
-            pred = preds[m][q.index]
-            s = metrics.score(pred, q.record)
-            scores.append(s)
-            line = {"question_id": q.record["question_id"], "prompt": q.prompt_text, "text": pred,
-                    "num_vision_tokens": m}
-            for key in ("answer", "answers", "category"):
-                if key in q.record:
-                    line[key] = q.record[key]
-            line.update({k: v for k, v in s.items()})
-            lines.append(line)
+        ordered = [lines[m][q.index] for q in answered]
+        scores = [{k: line[k] for k in metrics.METRICS if k in line} for line in ordered]
         row = {"num_vision_tokens": m}
-        row.update(metrics.aggregate(scores, [q.record.get("category") for q in ordered]))
+        row.update(metrics.aggregate(scores, [q.record.get("category") for q in answered]))
         rows.append(row)
-        answers[m] = lines
-    return EvalResult(rows, answers)
+        answers[m] = ordered
+    return EvalResult(rows, answers, skipped)
+
+
+def check_output_dir(out_dir: str | os.PathLike, create: bool = True) -> Path:
+    """Checks that `out_dir` is, or can be created as, a writable directory (creates it with `create`).
+
+    Run before any compute so that a bad `--out` costs nothing.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out_dir)!r} exists and is not a directory; give a directory path")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {str(out_dir)!r}: {str(existing)!r} is not a directory")
+    try:  # a real write, not os.access: root passes access checks on read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".mmlm-write-test", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--out {str(out_dir)!r} is not writable ({str(existing)!r}: {e.strerror or e}); "
+                        "choose another --out") from None
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".mmlm-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"--out {str(out_dir)!r} is not a writable directory ({e.strerror or e}); "
+                            "choose another --out") from None
+    return out
+
+
+class ResultsWriter:
+    """Writes `OUT/answers_m{m}.jsonl` line by line while an evaluation runs, then the final files.
+
+    Lines are appended and flushed as each batch is answered, so an
+    interrupted evaluation keeps every answer computed so far; `finish`
+    rewrites the answer files in question order and writes `metrics.json`.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.out = check_output_dir(out_dir)
+        self._files: dict[int, Any] = {}
+
+    def __call__(self, m: int, lines: Sequence[dict[str, Any]]) -> None:
+        if m not in self._files:
+            self._files[m] = open(self.out / f"answers_m{m}.jsonl", "w", encoding="utf-8")
+        f = self._files[m]
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+        f.flush()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def finish(self, result: EvalResult, extra: dict[str, Any]) -> Path:
+        self.close()
+        return write_results(self.out, result, extra)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_results(out_dir: str | os.PathLike, result: EvalResult, extra: dict[str, Any]) -> Path:
@@ -207,16 +320,16 @@ def write_results(out_dir: str | os.PathLike, result: EvalResult, extra: dict[st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for i, (m, lines) in enumerate(result.answers.items()):
-        names = [f"answers_m{m}.jsonl"] + (["answers.jsonl"] if i == 0 else [])
-        for name in names:
-            with open(out / name, "w", encoding="utf-8") as f:
-                for line in lines:
-                    f.write(json.dumps(line) + "\n")
+        text = "".join(json.dumps(line) + "\n" for line in lines)
+        for name in [f"answers_m{m}.jsonl"] + (["answers.jsonl"] if i == 0 else []):
+            _write_text_atomic(out / name, text)
     first = result.rows[0]
     summary = {"accuracy": first["accuracy"], "vqa_accuracy": first["vqa_accuracy"],
                "mc_accuracy": first["mc_accuracy"], "num_vision_tokens": first["num_vision_tokens"],
                "count": first["count"], "rows": result.rows}
+    if result.skipped:
+        summary["skipped"] = result.skipped
     summary.update(extra)
     path = out / "metrics.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    _write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
     return path

@@ -87,7 +87,7 @@ def _check_budget_early(args: argparse.Namespace) -> None:
         cfg.check_budget(args.num_vision_tokens)
     except ValueError as e:
         raise UserError(f"--num_vision_tokens {args.num_vision_tokens}: {e}. "
-                             f"Supported budgets: {list(cfg.supported_budgets)}") from None
+                        f"Supported budgets: {list(cfg.supported_budgets)}") from None
 
 
 class TextStreamer:
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
 
         if im.cfg.mode != "llava_mini":
             raise UserError("--save_compression_map needs a llava_mini model; the llava15 baseline has "
-                                 "no compressor")
+                            "no compressor")
         size = save_compression_map(args.save_compression_map, im.cfg, im.params, pixels, num_tokens=m,
                                     mean=im.image_mean, std=im.image_std, panel_size=args.map_panel_size)
         print(f"[mmlm chat] compression map ({size[0]}x{size[1]}) -> {args.save_compression_map}", file=err)

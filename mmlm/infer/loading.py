@@ -66,12 +66,9 @@ def _data_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def load_inference_model(*, workdir: str | None = None, checkpoint: str | None = None, step: int | None = None,
                          tokenizer: str | None = None, template: str | None = None) -> InferenceModel:
     """Loads params + config from a workdir or a model checkpoint (exactly one of them)."""
-    from mmlm.data import templates
-    from mmlm.data.tokenizer import load_tokenizer
-
     if (workdir is None) == (checkpoint is None):
         raise UserError("pass exactly one of --workdir DIR (a training run) or --checkpoint DIR "
-                             "(a model checkpoint)")
+                        "(a model checkpoint)")
     source = workdir or checkpoint
     assert source is not None
     if not os.path.isdir(source):
@@ -84,6 +81,20 @@ def load_inference_model(*, workdir: str | None = None, checkpoint: str | None =
             params = load_model_params(checkpoint)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
+    return inference_model(config, params, source, tokenizer=tokenizer, template=template)
+
+
+def inference_model(config: ml_collections.ConfigDict, params: Any, source: str, *, tokenizer: str | None = None,
+                    template: str | None = None, allow_plain: bool = False) -> InferenceModel:
+    """An `InferenceModel` from a resolved config and its params (`source` names them in messages).
+
+    Used by `load_inference_model` and by the training loop's evaluator, so
+    both prompt and preprocess exactly alike. `allow_plain`: accept the
+    captioning template (stage-1 evaluation, whose prompts come pre-built).
+    """
+    from mmlm.data import templates
+    from mmlm.data.tokenizer import load_tokenizer
+
     cfg = model_config_from_dict(config.model)
     missing = [p for p in ("vision", "projector", "llm") if p not in params]
     if cfg.mode == "llava_mini":
@@ -91,7 +102,7 @@ def load_inference_model(*, workdir: str | None = None, checkpoint: str | None =
                     if p not in params]
     if missing:
         raise UserError(f"{source!r} lacks the {missing} parameters: it is a partial checkpoint "
-                             "(e.g. one converted part); it cannot answer questions")
+                        "(e.g. one converted part); it cannot answer questions")
     data = _data_section(config)
     tok_path = tokenizer or data.tokenizer
     if tokenizer is None and "data" not in config:
@@ -101,20 +112,20 @@ def load_inference_model(*, workdir: str | None = None, checkpoint: str | None =
             tok_path = source
         else:
             raise UserError(f"{source!r} has no tokenizer settings (config.data) and no tokenizer file; "
-                                 "pass --tokenizer PATH (and --template vicuna_v1|llama_3_1)")
+                            "pass --tokenizer PATH (and --template vicuna_v1|llama_3_1)")
     try:
         tok = load_tokenizer(tok_path)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"cannot open the tokenizer: {e} (pass --tokenizer PATH)") from None
     if tok.vocab_size > cfg.llm.vocab_size:
         raise UserError(f"tokenizer {tok_path!r} has {tok.vocab_size} ids but the model's vocabulary has "
-                             f"{cfg.llm.vocab_size}: wrong --tokenizer?")
+                        f"{cfg.llm.vocab_size}: wrong --tokenizer?")
     tmpl = template or data.template
     if tmpl not in templates.TEMPLATES:
         raise UserError(f"unknown template {tmpl!r}; choose from {templates.TEMPLATES}")
-    if tmpl == "plain":
+    if tmpl == "plain" and not allow_plain:
         raise UserError("this model was trained with the 'plain' (captioning) template, which has no "
-                             "question; pass --template vicuna_v1 or llama_3_1")
+                        "question; pass --template vicuna_v1 or llama_3_1")
     hd = data.get("hd_grid")
     hd = (0 if cfg.hd_grid <= 1 else cfg.hd_grid) if hd is None else int(hd)
     return InferenceModel(

@@ -5,10 +5,11 @@
   padding examples carry no labels), at the model's default budget.
 * `eval/accuracy`: the first `eval.num_questions` held-out conversations are
   cut at their first answer; the prompt (everything before it, image
-  included) is answered greedily with `mmlm.infer.generate` (KV cache, stops
-  at the template's end-of-turn token) and the answer counts as correct when
-  it equals the reference after `normalize_answer`. With `eval.budgets`,
-  also `eval/accuracy@m` per Matryoshka budget m.
+  included) is answered and scored by the project's one evaluator,
+  `mmlm.eval.evaluate.evaluate` (greedy KV-cache generation; exact match
+  after `mmlm.eval.metrics.normalize_answer`, the same as `mmlm eval`). With
+  `eval.budgets`, also `eval/accuracy@m` per Matryoshka budget m, answered in
+  the same pass over the questions.
 
 Generation runs the same prompts on every process (each reads the whole
 question set), because the prompt batches are host numpy arrays that jit
@@ -21,7 +22,6 @@ import dataclasses
 import json
 import os
 import re
-import string
 from typing import Any, Sequence
 
 import jax
@@ -30,19 +30,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mmlm.eval.evaluate import EvalQuestion, evaluate
+from mmlm.infer.loading import inference_model
 from mmlm.models.config import ModelConfig
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.train.data import global_batch, make_pipeline, take
 from mmlm.train.step import make_eval_step, model_inputs
 
 _ROLE_SUFFIX = re.compile(r"\s*(ASSISTANT:|assistant)\s*$")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, no surrounding punctuation / whitespace, single spaces (VQA-style exact match)."""
-    text = text.strip().lower()
-    text = text.strip(string.punctuation + string.whitespace)
-    return " ".join(text.split())
 
 
 @dataclasses.dataclass
@@ -110,6 +105,7 @@ class Evaluator:
             with open(path) as f:
                 self.categories = {int(k): v for k, v in json.load(f).items()}
         self._gen_pipe = make_pipeline(config, self.split, train=False, local_only=True)
+        self._questions: list[EvalQuestion] | None = None
 
     # --------------------------------------------------------------------- loss
     def loss(self, params: Any, budget: int | None = None) -> dict[str, float]:
@@ -131,57 +127,52 @@ class Evaluator:
                 break
         return out[:limit]
 
-    def answer(self, params: Any, questions: Sequence[Question], budget: int | None) -> list[list[int]]:
-        """Greedy answers (token ids) to `questions`, in batches of the eval batch size."""
-        from mmlm.infer.batching import make_batch
-        from mmlm.infer.generate import generate, trim_answer
+    def eval_questions(self) -> list[EvalQuestion]:
+        """The first `eval.num_questions` held-out questions as the evaluator's input (built once)."""
+        if self._questions is None:
+            self._questions = [
+                EvalQuestion(index=i, record=self._record(q), kind=_media_kind(q.media), media=None,
+                             prompt=q.prompt, prompt_text=question_text(self.tokenizer, q.prompt), pixels=q.media)
+                for i, q in enumerate(self.questions(int(self.ev.num_questions)))]
+        return self._questions
 
-        bs = int(self.config.data.eval_batch_size or self.config.data.batch_size)
-        frames = max((q.media.shape[0] for q in questions if q.media is not None), default=1)
-        answers: list[list[int]] = []
-        for i in range(0, len(questions), bs):
-            chunk = questions[i: i + bs]
-            batch = make_batch(self.cfg, [q.prompt for q in chunk], [q.media for q in chunk],
-                               pad_id=self.tokenizer.pad_id, pad_len_to=16, frames=frames, batch_size=bs)
-            tokens, lengths = generate(self.cfg, params, batch, max_new_tokens=int(self.ev.max_new_tokens),
-                                       eos_id=self.stop_ids, num_vision_tokens=budget,
-                                       pad_id=self.tokenizer.pad_id)
-            answers += [trim_answer(tokens[j], lengths[j]) for j in range(len(chunk))]
-        return answers
+    def _record(self, q: Question) -> dict[str, Any]:
+        record: dict[str, Any] = {"question_id": q.example_id, "answer": self.tokenizer.decode(q.answer).strip()}
+        if self.categories:
+            record["category"] = self.categories.get(q.example_id, "other")
+        return record
 
     def accuracy(self, params: Any, budgets: Sequence[int | None] = (None,), samples: int = 0
                  ) -> tuple[dict[str, float], list[dict[str, str]]]:
-        """{"eval/accuracy": ..., "eval/accuracy@m": ...} and up to `samples` example answers."""
-        limit = int(self.ev.num_questions)
-        if limit <= 0:
+        """{"eval/accuracy": ..., "eval/accuracy@m": ...} and up to `samples` example answers.
+
+        All budgets are answered in one pass over the questions (each batch's
+        prompts are built once and generated at every budget).
+        """
+        if int(self.ev.num_questions) <= 0:
             return {}, []
-        questions = self.questions(limit)
+        questions = self.eval_questions()
         if not questions:
             return {}, []
+        im = inference_model(self.config, params, "training run", allow_plain=True)
+        bs = int(self.config.data.eval_batch_size or self.config.data.batch_size)
+        result = evaluate(im, questions, budgets, batch_size=bs, max_new_tokens=int(self.ev.max_new_tokens),
+                          progress=False)
+        by_budget = {row["num_vision_tokens"]: row for row in result.rows}
+        default = self.cfg.check_budget(None)
         metrics: dict[str, float] = {}
-        shown: list[dict[str, str]] = []
         for budget in budgets:
             m = self.cfg.check_budget(budget)
-            preds = self.answer(params, questions, m)
-            correct = []
-            for j, (q, p) in enumerate(zip(questions, preds)):
-                pred_text, ref_text = self.tokenizer.decode(p), self.tokenizer.decode(q.answer)
-                ok = normalize_answer(pred_text) == normalize_answer(ref_text)
-                correct.append(ok)
-                if budget is None and j < samples:
-                    shown.append({"question": question_text(self.tokenizer, q.prompt), "reference": ref_text,
-                                  "category": self.categories.get(q.example_id, ""),
-                                  "answer": pred_text, "correct": "yes" if ok else "no"})
-            acc = float(np.mean(correct))
+            row = by_budget[m]
             name = "eval/accuracy" if budget is None else f"eval/accuracy@{m}"
-            metrics[name] = acc
-            if budget is None and self.categories:
-                by_cat: dict[str, list[bool]] = {}
-                for q, ok in zip(questions, correct):
-                    by_cat.setdefault(self.categories.get(q.example_id, "other"), []).append(ok)
-                for cat, oks in sorted(by_cat.items()):
-                    metrics[f"{name}/{cat}"] = float(np.mean(oks))
+            metrics[name] = float(row["accuracy"])
+            if budget is None:
+                for cat, acc in row.get("by_category", {}).items():
+                    metrics[f"{name}/{cat}"] = acc
         metrics["eval/num_questions"] = len(questions)
+        shown = [{"question": line["prompt"], "reference": line["answer"], "category": line.get("category", ""),
+                  "answer": line["text"], "correct": "yes" if line["accuracy"] else "no"}
+                 for line in result.answers[default][:samples]]
         return metrics, shown
 
     def run(self, params: Any, samples: int = 0) -> tuple[dict[str, float], list[dict[str, str]]]:
@@ -190,3 +181,10 @@ class Evaluator:
         acc, shown = self.accuracy(params, (None,) + extra, samples)
         metrics.update(acc)
         return metrics, shown
+
+
+def _media_kind(media: np.ndarray | None) -> str | None:
+    """Batching group of a held-out question: video batches are padded to the model's frame cap."""
+    if media is None:
+        return None
+    return "video" if media.shape[0] > 1 else "image"
