@@ -167,3 +167,13 @@ def test_eval_reads_a_latin1_question_file(setup, capsys, tmp_path):
     assert rc == 0
     (line,) = [json.loads(x) for x in (tmp_path / "o" / "answers.jsonl").read_text().splitlines()]
     assert line["prompt"] == "Caf\u00e9?"
+
+
+def test_eval_refuses_a_question_longer_than_the_model_text_length(setup, capsys, tmp_path):
+    root, _ = setup
+    q = tmp_path / "long.jsonl"
+    q.write_text(json.dumps({"question_id": "long-1", "text": "red " * 20000, "answer": "a"}) + "\n")
+    rc = cli.main(["--checkpoint", str(root / "ckpt"), "--data", str(q), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "long-1" in err and "max_text_len" in err

@@ -131,6 +131,9 @@ def prepare_questions(im: InferenceModel, rows: Sequence[dict[str, Any]], media_
             prompt = encode_question(im, text, kind is not None)
         except ValueError as e:
             raise UserError(f"question {row['question_id']!r}: {e}") from None
+        if len(prompt) > im.max_text_len:  # refused before anything is allocated for it
+            raise UserError(f"question {row['question_id']!r} is {len(prompt)} tokens long with its template; "
+                            f"the model takes at most {im.max_text_len} (data.max_text_len): shorten it")
         out.append(EvalQuestion(i, dict(row), kind, media, prompt, text))
     return out
 

@@ -43,6 +43,7 @@ class InferenceModel:
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
     source: str  # where the weights came from (for messages)
+    max_text_len: int = 2048  # longest prompt (text ids + placeholder) the model was configured for
 
     def budget(self, m: int | None) -> int | None:
         """Validated vision-token budget (None -> the model's default) with a user-facing error."""
@@ -133,7 +134,8 @@ def inference_model(config: ml_collections.ConfigDict, params: Any, source: str,
         system_prompt=data.get("system_prompt"), stop_ids=templates.stop_token_ids(tok, tmpl),
         image_size=int(data.get("image_size") or cfg.image_size), hd_grid=hd,
         max_frames=int(data.max_frames), video_fps=float(data.video_fps),
-        image_mean=tuple(data.image_mean), image_std=tuple(data.image_std), source=source)
+        image_mean=tuple(data.image_mean), image_std=tuple(data.image_std), source=source,
+        max_text_len=int(data.max_text_len))
 
 
 # ------------------------------------------------------------------------------ media
