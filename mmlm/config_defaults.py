@@ -68,6 +68,10 @@ def model_config(*, vision: ml_collections.ConfigDict, llm: ml_collections.Confi
     m.param_dtype = "float32"        # parameter (master weight) dtype
     m.scan_layers = True             # nn.scan over repeated blocks (fast compiles); False unrolls
     m.remat_policy = "none"          # rematerialisation of blocks: none | full | dots | dots_no_batch
+    # Training semantics of the LLaVA-Mini authors' code; the paper recipes (`paper_stage1/2`) turn them on.
+    m.detach_text_embeddings = False  # True: the input embedding table gets no gradient (text embeddings detached)
+    m.text_only_prefusion = False    # True: a text-only sample runs pre-fusion with a zero image; the LLM reads its fused text
+    m.prefusion_skip_token_id = -1   # a token id pre-fusion never fuses (the authors exclude id 0); -1 = none
     m.vision = vision
     m.vision.image_size = m.get_ref("image_size")
     m.llm = llm
@@ -203,6 +207,19 @@ def add_training(config: ml_collections.ConfigDict, *, train: ml_collections.Con
     return config
 
 
+def authors_training_semantics(config: ml_collections.ConfigDict) -> None:
+    """What the LLaVA-Mini authors' training code does beyond what inference outputs show.
+
+    Their text embeddings are detached before pre-fusion and the LLM (the
+    input embedding table gets no gradient), text-only samples go through
+    pre-fusion with an all-zero image (the LLM reads their fused text, with no
+    vision tokens), and token id 0 is never fused.
+    """
+    config.model.detach_text_embeddings = True
+    config.model.text_only_prefusion = True
+    config.model.prefusion_skip_token_id = 0
+
+
 def paper_stage2(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """LLaVA-Mini stage 2 (instruction tuning, DESIGN.md 4 / paper Table 9).
 
@@ -215,6 +232,7 @@ def paper_stage2(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     optim = optim_config(lr=1e-4, part_lrs=dict(projector=1e-5, compressor=1e-5, prefusion=1e-5))
     add_training(config, train=train, optim=optim)
     _full_scale_data(config)
+    authors_training_semantics(config)
     config.data.template = "vicuna_v1"
     return config
 
@@ -239,6 +257,7 @@ def paper_stage1(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     optim = optim_config(lr=1e-3)
     add_training(config, train=train, optim=optim)
     _full_scale_data(config)
+    authors_training_semantics(config)
     config.data.template = "plain"
     config.eval.num_questions = 0  # "plain" prompts hold no question: report eval/loss only
     return config

@@ -189,7 +189,7 @@ def reference_outputs(release, vision, hd_grid: int):
 def mmlm_outputs(directory: str, hd_grid: int):
     cfg, params = load_mmlm(directory)
     ids, labels, mask, images = make_batch(hd_grid)
-    batch = {"input_ids": jnp.asarray(ids, jnp.int32), "labels": jnp.asarray(labels, jnp.int32),
+    batch = {"input_ids": jnp.asarray(ids, jnp.int32), "fuse_mask": jnp.asarray(labels == IGNORE_INDEX),
              "attention_mask": jnp.asarray(mask), "images": jnp.asarray(images[:, None]),
              "frame_mask": jnp.ones((2, 1), bool)}
     model = LlavaMini(cfg)

@@ -64,7 +64,7 @@ def _forward(cfg, m):
 def full_forward_greedy(cfg, params, prompts, media, steps, m=None, total_len=32):
     """Greedy answers by re-running the whole (uncached) model for every token, (B, steps).
 
-    Answer tokens are appended as supervised tokens (labels = ids), so pre-fusion
+    Answer tokens are appended as response tokens (fuse mask False), so pre-fusion
     leaves them unfused, as in training and in KV-cache decoding.
     """
     answers: list[list[int]] = [[] for _ in prompts]
@@ -72,7 +72,7 @@ def full_forward_greedy(cfg, params, prompts, media, steps, m=None, total_len=32
         ids = [list(p) + a for p, a in zip(prompts, answers)]
         batch = batch_of(cfg, ids, media, pad_len_to=total_len)
         for row, (p, a) in enumerate(zip(prompts, answers)):
-            batch["labels"][row, len(p):len(p) + len(a)] = a
+            batch["fuse_mask"][row, len(p):len(p) + len(a)] = False
         out = _forward(cfg, m)(params, batch)
         last = np.asarray(out["valid"]).sum(axis=1) - 1
         nxt = np.asarray(jnp.argmax(out["logits"], axis=-1))[np.arange(len(prompts)), last]

@@ -16,7 +16,7 @@ from mmlm.models.config import model_config_from_dict
 from mmlm.models.layers import stack_layers, unstack_layers
 from mmlm.models.llama import LlamaModel, init_cache
 from mmlm.models.llava_mini import LlavaMini, stitch_crops
-from mmlm.models.loss import token_loss
+from mmlm.models.loss import targets_from_labels, token_loss
 
 T = 14  # text length of the test batches
 
@@ -40,7 +40,7 @@ def make_batch(cfg, batch=3, frames=1, seed=0, media=(True, True, False)):
             ids[b, 2] = IMAGE_TOKEN_ID
     s = cfg.image_size
     return {
-        "input_ids": ids, "labels": labels, "attention_mask": mask,
+        "input_ids": ids, "labels": labels, "attention_mask": mask, "fuse_mask": labels == IGNORE_INDEX,
         "images": rng.normal(size=(batch, frames, views, s, s, 3)).astype(np.float32),
         "frame_mask": np.repeat(np.array(media[:batch])[:, None], frames, axis=1),
     }
@@ -149,6 +149,7 @@ def test_right_padding_does_not_change_real_logits(tiny):
     padded["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (0, extra)), constant_values=3)
     padded["labels"] = np.pad(batch["labels"], ((0, 0), (0, extra)), constant_values=IGNORE_INDEX)
     padded["attention_mask"] = np.pad(batch["attention_mask"], ((0, 0), (0, extra)))
+    padded["fuse_mask"] = np.pad(batch["fuse_mask"], ((0, 0), (0, extra)))
     out2 = apply(cfg, params, padded)
     valid = np.asarray(out["valid"])
     length = valid.shape[1]
@@ -174,7 +175,7 @@ def test_causality(tiny):
 def test_loss_ignores_unsupervised_positions(tiny):
     cfg, batch, params = tiny
     out = apply(cfg, params, batch)
-    stats = token_loss(out["logits"], out["targets"])
+    stats = token_loss(out["logits"], targets_from_labels(batch["labels"], out["text_index"]))
     assert int(stats["num_tokens"]) == int((batch["labels"] != IGNORE_INDEX).sum())
     assert np.isfinite(float(stats["loss"]))
 
@@ -184,12 +185,14 @@ def test_llm_inputs_place_vision_tokens_at_placeholder(tiny):
     m = 4
     inp = apply(cfg, params, batch, m, method=LlavaMini.build_llm_inputs)
     tokens, _, text = apply(cfg, params, batch, m, method=LlavaMini.vision_and_text)
-    emb, lab = np.asarray(inp["embeds"]), np.asarray(inp["labels"])
+    emb, src = np.asarray(inp["embeds"]), np.asarray(inp["text_index"])
     np.testing.assert_allclose(emb[0, 2:2 + m], tokens[0], atol=0)
     np.testing.assert_allclose(emb[0, :2], text[0, :2], atol=0)
     np.testing.assert_allclose(emb[0, 2 + m], text[0, 3], atol=0)
-    np.testing.assert_array_equal(lab[0, 2:2 + m], IGNORE_INDEX)
-    np.testing.assert_array_equal(lab[0, 9 - 1 + m:12 - 1 + m], batch["labels"][0, 9:12])
+    np.testing.assert_array_equal(src[0, 2:2 + m], -1)  # vision slots hold no text token
+    np.testing.assert_array_equal(src[0, 9 - 1 + m:12 - 1 + m], [9, 10, 11])
+    targets = np.asarray(targets_from_labels(batch["labels"], inp["text_index"]))
+    np.testing.assert_array_equal(targets[0, 9 - 2 + m:12 - 2 + m], batch["labels"][0, 9:12])
     # The sample without media keeps its text where it was, padding after.
     np.testing.assert_allclose(emb[2, :12], text[2, :12], atol=0)
     assert np.asarray(inp["valid"])[2].sum() == 12
@@ -303,7 +306,7 @@ def test_remat_does_not_change_results(tiny):
 
     def loss(c, p):
         out = LlavaMini(c).apply({"params": p}, batch)
-        return token_loss(out["logits"], out["targets"])["loss"]
+        return token_loss(out["logits"], targets_from_labels(batch["labels"], out["text_index"]))["loss"]
 
     g1 = jax.jit(jax.grad(lambda p: loss(cfg, p)))(params)
     g2 = jax.jit(jax.grad(lambda p: loss(remat_cfg, p)))(params)
@@ -340,3 +343,87 @@ def test_tied_embeddings_have_no_lm_head():
     cfg = make_cfg("--config.model.llm.tie_embeddings=True")
     params = init(cfg, make_batch(cfg))
     assert "lm_head" not in params["llm"]
+
+
+def test_chat_history_fuses_exactly_what_training_fuses(tiny):
+    """A 3-turn conversation: the training pipeline's encoding and `chat`'s prompt (same history) give the same
+    ids, the same fuse mask (earlier answers are response tokens, never fused) and the same fused states."""
+    from mmlm.data.templates import encode_conversation, encode_prompt
+    from mmlm.data.tokenizer import load_tokenizer
+    from mmlm.infer.batching import make_batch
+
+    cfg, batch, params = tiny
+    tok = load_tokenizer(load_config("configs/tiny.py").data.tokenizer)
+    turns = [("<image>\nWhat color is the circle?", "red"), ("And the square?", "blue"),
+             ("How many shapes?", "two")]
+    conversation = [{"from": who, "value": text} for q, a in turns for who, text in (("human", q), ("gpt", a))]
+    train = encode_conversation(tok, conversation, "vicuna_v1", 512)
+    ids, fuse = encode_prompt(tok, turns[-1][0], "vicuna_v1", True, history=turns[:-1], return_fuse_mask=True)
+    n = len(ids)
+    assert list(train["input_ids"][:n]) == ids
+    assert list(train["fuse_mask"][:n]) == fuse
+    assert not all(fuse[:-1]) and (train["labels"][:n][~np.asarray(fuse)] != IGNORE_INDEX).any()
+    pixels = batch["images"][0]  # (F, K, H, W, 3)
+    chat_batch = make_batch(cfg, [ids], [pixels], pad_id=0, pad_len_to=32, fuse_masks=[fuse])
+    width = max(chat_batch["input_ids"].shape[1], len(train["input_ids"]))
+    train_batch = {k: np.zeros((1, width), v.dtype) for k, v in chat_batch.items()
+                   if k in ("input_ids", "attention_mask", "fuse_mask")}
+    full = len(train["input_ids"])
+    train_batch["input_ids"][0, :full] = train["input_ids"]
+    train_batch["attention_mask"][0, :full] = True
+    train_batch["fuse_mask"][0, :full] = train["fuse_mask"]
+    train_batch.update(images=chat_batch["images"], frame_mask=chat_batch["frame_mask"])
+    tokens_chat, text_chat = _fusion(cfg, params, chat_batch)
+    tokens_train, text_train = _fusion(cfg, params, train_batch)
+    np.testing.assert_allclose(text_chat[0, :n], text_train[0, :n], atol=1e-6)
+    # The vision tokens read every fused instruction token, including the third question; training has
+    # the third answer after it, which is not fused, so the compressed tokens agree too.
+    np.testing.assert_allclose(tokens_chat, tokens_train, atol=1e-6)
+
+
+def _embedding_grad(cfg, params, batch):
+    def loss(p):
+        out = LlavaMini(cfg).apply({"params": p}, batch)
+        return token_loss(out["logits"], targets_from_labels(batch["labels"], out["text_index"]))["loss"]
+
+    grads = jax.jit(jax.grad(loss))(params)
+    return np.abs(np.asarray(grads["llm"]["embed_tokens"]["embedding"])).max()
+
+
+def test_detach_text_embeddings_stops_the_embedding_gradient(tiny):
+    cfg, batch, params = tiny
+    assert not cfg.llm.tie_embeddings  # a tied table would still learn through the output head
+    assert _embedding_grad(cfg, params, batch) > 0
+    detached = make_cfg("--config.model.detach_text_embeddings=True")
+    assert _embedding_grad(detached, params, batch) == 0
+
+
+def test_prefusion_skip_token_id_keeps_that_token_unfused(tiny):
+    cfg, batch, params = tiny
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["input_ids"][:, 5] = 0
+    skip = make_cfg("--config.model.prefusion_skip_token_id=0")
+    _, text = _fusion(skip, params, changed)
+    raw = apply(skip, params, changed["input_ids"], method=LlavaMini.embed_tokens)
+    np.testing.assert_allclose(text[0, 5], raw[0, 5], atol=0)  # not fused
+    _, fused = _fusion(cfg, params, changed)
+    assert np.abs(fused[0, 5] - raw[0, 5]).max() > 1e-4  # fused without the option
+
+
+def test_text_only_prefusion_runs_prefusion_with_a_zero_image(tiny):
+    cfg, batch, params = tiny
+    text_only = make_cfg("--config.model.text_only_prefusion=True")
+    _, text = _fusion(text_only, params, batch)
+    raw = apply(cfg, params, batch["input_ids"], method=LlavaMini.embed_tokens)
+    row = 2  # the sample without media
+    assert np.abs(text[row, 5] - raw[row, 5]).max() > 1e-4  # the LLM reads fused text
+    # ...exactly the fused text of the same ids with an all-zero image as frame 0 and no vision tokens.
+    zero = {k: v.copy() for k, v in batch.items()}
+    zero["images"][row] = 0.0
+    zero["frame_mask"][row] = False
+    zero["frame_mask"][row, 0] = True
+    _, text_zero = _fusion(text_only, params, zero)
+    np.testing.assert_allclose(text[row], text_zero[row], atol=1e-6)
+    media_rows = [0, 1]
+    _, text_default = _fusion(cfg, params, batch)
+    np.testing.assert_allclose(text[media_rows], text_default[media_rows], atol=0)

@@ -165,10 +165,17 @@ def test_sigterm_saves_a_checkpoint_and_resumes_exactly(shared, resume_ref):
 
 @pytest.fixture(scope="module")
 def mesh_runs(shared):
-    """Three 10-step runs of the same config: 1 device; 8 devices fsdp=4 x tensor=2; 8 devices data=8."""
+    """Three 10-step runs of the same config: 1 device; 8 devices fsdp=4 x tensor=2; 8 devices data=8.
+
+    The first two end with an eval-loss pass whose batch (5 rows) the fsdp axis does not divide: the
+    evaluator pads it with masked rows.
+    """
+    final_eval = ("--config.eval.every=0", "--config.eval.num_questions=0", "--config.eval.loss_batches=2",
+                  "--config.data.eval_batch_size=5")
     runs = {
-        "one": ((), 1),
-        "fsdp4_tensor2": (("--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"), 8),
+        "one": (final_eval, 1),
+        "fsdp4_tensor2": (("--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2") + final_eval,
+                          8),
         "data8": (("--config.mesh.data=8", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"), 8),
     }
     out = {}
@@ -185,6 +192,8 @@ def test_sharded_meshes_give_the_same_losses(mesh_runs):
     for name in ("fsdp4_tensor2", "data8"):
         np.testing.assert_allclose(losses(mesh_runs[name]), ref, rtol=0, atol=1e-5, err_msg=name)
     assert_params_close(final_params(mesh_runs["one"]), final_params(mesh_runs["fsdp4_tensor2"]), atol=1e-5)
+    (one,), (sharded,) = rows(mesh_runs["one"], "eval"), rows(mesh_runs["fsdp4_tensor2"], "eval")
+    assert sharded["eval/loss"] == pytest.approx(one["eval/loss"], abs=1e-5)
 
 
 def test_restore_a_checkpoint_onto_another_mesh(shared, mesh_runs):

@@ -38,7 +38,7 @@ def batch_for(cfg, b=8, seed=0):
     mask = np.ones((b, T), bool)
     mask[:, 14:] = False
     s = cfg.image_size
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "fuse_mask": labels == IGNORE_INDEX,
             "images": rng.standard_normal((b, 1, 1, s, s, 3)).astype(np.float32),
             "frame_mask": np.ones((b, 1), bool)}
 

@@ -72,7 +72,8 @@ def text_inputs(vocab: int, batch: int, seq_len: int, seed: int, image: bool) ->
             ids[i, 1 + i % 3] = IMAGE_TOKEN_ID
             resp = max(1, length // 4)  # the last tokens are the response: not fused by pre-fusion
             labels[i, length - resp:length] = ids[i, length - resp:length]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    # mmlm takes the fuse mask explicitly; for one training-style turn it is "not a response token".
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "fuse_mask": labels == IGNORE_INDEX}
 
 
 def _result(ref: np.ndarray, out: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:

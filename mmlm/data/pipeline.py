@@ -181,6 +181,7 @@ def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
         "input_ids": ((b, g.max_text_len), np.dtype(np.int32)),
         "labels": ((b, g.max_text_len), np.dtype(np.int32)),
         "attention_mask": ((b, g.max_text_len), np.dtype(bool)),
+        "fuse_mask": ((b, g.max_text_len), np.dtype(bool)),
         "images": ((b, g.num_frames, g.num_views, g.image_size, g.image_size, 3), np.dtype(np.float32)),
         "frame_mask": ((b, g.num_frames), np.dtype(bool)),
         "example_id": ((b,), np.dtype(np.int32)),
@@ -239,6 +240,7 @@ class ExampleProcessor:
             "input_ids": np.full((g.max_text_len,), self.tokenizer.pad_id, np.int32),
             "labels": np.full((g.max_text_len,), IGNORE_INDEX, np.int32),
             "attention_mask": np.zeros((g.max_text_len,), bool),
+            "fuse_mask": np.zeros((g.max_text_len,), bool),
             "pixels": np.zeros((g.num_frames, g.num_views, g.image_size, g.image_size, 3), np.uint8),
             "frame_mask": np.zeros((g.num_frames,), bool),
             "example_id": np.asarray(-1, np.int32),
@@ -271,6 +273,7 @@ class ExampleProcessor:
         out["input_ids"][:n] = enc["input_ids"]
         out["labels"][:n] = enc["labels"]
         out["attention_mask"][:n] = True
+        out["fuse_mask"][:n] = enc["fuse_mask"]
         out["example_id"] = np.asarray(int(record["index"]), np.int32)
         if self.with_stats:
             out["truncated"] = np.asarray(enc["truncated"])
@@ -306,7 +309,8 @@ class Collator:
         images = preprocess.normalize(pixels, self.mean, self.std)
         images[~batch["frame_mask"]] = 0.0
         out = {"input_ids": batch.pop("input_ids"), "labels": batch.pop("labels"),
-               "attention_mask": batch.pop("attention_mask"), "images": images}
+               "attention_mask": batch.pop("attention_mask"), "fuse_mask": batch.pop("fuse_mask"),
+               "images": images}
         out.update(batch)
         return out
 

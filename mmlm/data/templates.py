@@ -201,10 +201,16 @@ def _pieces(tokenizer: Tokenizer, turns: list[tuple[str, str]], template: str,
 
 
 def _encode_pieces(tokenizer: Tokenizer, pieces: list[_Piece]):
-    """ids, labels, image position and the trimmable span before it."""
+    """ids, labels, fuse mask, image position and the trimmable span before it.
+
+    The fuse mask marks instruction tokens (every role but the assistant's
+    answers, the image placeholder excluded): the text pre-fusion may read.
+    It comes from the conversation roles, so training and inference agree.
+    """
     prefix_space = tokenizer.adds_prefix_space
     ids: list[int] = []
     labels: list[int] = []
+    fuse: list[bool] = []
     image_pos = -1
     trim_start = -1
     for piece in pieces:
@@ -222,9 +228,10 @@ def _encode_pieces(tokenizer: Tokenizer, pieces: list[_Piece]):
                 trim_start = len(ids)
         ids += new
         labels += new if piece.supervised else [IGNORE_INDEX] * len(new)
+        fuse += [piece.kind != "image" and not piece.supervised] * len(new)
     if image_pos < 0:
         trim_start = -1
-    return ids, labels, image_pos, trim_start
+    return ids, labels, fuse, image_pos, trim_start
 
 
 def encode_conversation(tokenizer: Tokenizer, conversations: Sequence[Mapping[str, Any]],
@@ -244,6 +251,8 @@ def encode_conversation(tokenizer: Tokenizer, conversations: Sequence[Mapping[st
         input_ids: int32 (L,), L <= max_len, unpadded; IMAGE_TOKEN_ID at the
           placeholder;
         labels: int32 (L,), IGNORE_INDEX except answer and end-of-turn tokens;
+        fuse_mask: bool (L,), True at instruction tokens (what pre-fusion reads:
+          not the placeholder, not the assistant's answers);
         image_pos: index of the placeholder in input_ids, or -1;
         truncated: True if the conversation was longer than max_len;
         num_tokens: length before truncation.
@@ -255,7 +264,7 @@ def encode_conversation(tokenizer: Tokenizer, conversations: Sequence[Mapping[st
     if max_len < 1:
         raise ValueError(f"max_len must be positive, got {max_len}")
     turns = normalize_turns(conversations)
-    ids, labels, image_pos, trim_start = _encode_pieces(
+    ids, labels, fuse, image_pos, trim_start = _encode_pieces(
         tokenizer, _pieces(tokenizer, turns, template, system, add_generation_prompt=False))
     num_tokens = len(ids)
     truncated = num_tokens > max_len
@@ -268,11 +277,13 @@ def encode_conversation(tokenizer: Tokenizer, conversations: Sequence[Mapping[st
                     f"(at position {image_pos}); increase max_text_len")
             del ids[trim_start:trim_start + need]
             del labels[trim_start:trim_start + need]
+            del fuse[trim_start:trim_start + need]
             image_pos -= need
-        ids, labels = ids[:max_len], labels[:max_len]
+        ids, labels, fuse = ids[:max_len], labels[:max_len], fuse[:max_len]
     return {
         "input_ids": np.asarray(ids, np.int32),
         "labels": np.asarray(labels, np.int32),
+        "fuse_mask": np.asarray(fuse, bool),
         "image_pos": int(image_pos),
         "truncated": bool(truncated),
         "num_tokens": int(num_tokens),
@@ -280,7 +291,8 @@ def encode_conversation(tokenizer: Tokenizer, conversations: Sequence[Mapping[st
 
 
 def encode_prompt(tokenizer: Tokenizer, question: str, template: str, has_image: bool, *,
-                  history: Iterable[tuple[str, str]] = (), system: str | None = None) -> list[int]:
+                  history: Iterable[tuple[str, str]] = (), system: str | None = None,
+                  return_fuse_mask: bool = False) -> list[int] | tuple[list[int], list[bool]]:
     """Prompt ids for inference, ending right where the assistant answer starts.
 
     Args:
@@ -289,8 +301,10 @@ def encode_prompt(tokenizer: Tokenizer, question: str, template: str, has_image:
         followed by "\\n", as in LLaVA.
       has_image: whether the sample has media (image or video).
       history: earlier (question, answer) pairs of a multi-turn chat.
+      return_fuse_mask: also return the fuse mask (see `encode_conversation`):
+        the history's answers are response tokens, not fused, as in training.
     Returns:
-      ids with one IMAGE_TOKEN_ID if `has_image`.
+      ids with one IMAGE_TOKEN_ID if `has_image` (and the fuse mask).
     """
     pairs = [(q, a) for q, a in history]
     questions = [q for q, _ in pairs] + [question]
@@ -306,9 +320,9 @@ def encode_prompt(tokenizer: Tokenizer, question: str, template: str, has_image:
     for q, a in pairs:
         turns += [{"from": HUMAN, "value": q}, {"from": GPT, "value": a}]
     turns.append({"from": HUMAN, "value": question})
-    ids, _, _, _ = _encode_pieces(
+    ids, _, fuse, _, _ = _encode_pieces(
         tokenizer, _pieces(tokenizer, normalize_turns(turns), template, system, add_generation_prompt=True))
-    return ids
+    return (ids, fuse) if return_fuse_mask else ids
 
 
 def stop_token_ids(tokenizer: Tokenizer, template: str) -> list[int]:

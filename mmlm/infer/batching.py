@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mmlm import IMAGE_TOKEN_ID
 from mmlm.models.config import ModelConfig
 
 
@@ -27,8 +27,8 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def make_batch(cfg: ModelConfig, prompts: Sequence[Sequence[int]], media: Sequence[np.ndarray | None], *,
-               pad_id: int, pad_len_to: int = 8, frames: int | None = None, batch_size: int | None = None
-               ) -> dict[str, np.ndarray]:
+               pad_id: int, pad_len_to: int = 8, frames: int | None = None, batch_size: int | None = None,
+               fuse_masks: Sequence[Sequence[bool] | None] | None = None) -> dict[str, np.ndarray]:
     """Builds a generation batch.
 
     Args:
@@ -38,9 +38,12 @@ def make_batch(cfg: ModelConfig, prompts: Sequence[Sequence[int]], media: Sequen
       pad_len_to: the prompt length T is rounded up to a multiple of this.
       frames: pad F to this many frames (default: the largest in the batch).
       batch_size: pad the batch with copies of row 0 up to this many rows (callers drop them).
+      fuse_masks: per row, the prompt's fuse mask (`templates.encode_prompt(..., return_fuse_mask=True)`),
+        which keeps a chat history's answers out of pre-fusion; None (or a None row): a single-turn
+        prompt, all instruction text.
 
     Returns:
-      input_ids, labels (all IGNORE_INDEX), attention_mask: (B, T); and, if any row has media,
+      input_ids, attention_mask, fuse_mask: (B, T); and, if any row has media,
       images (B, F, K, H, W, 3) float32 and frame_mask (B, F) bool.
     """
     if len(prompts) != len(media):
@@ -62,10 +65,19 @@ def make_batch(cfg: ModelConfig, prompts: Sequence[Sequence[int]], media: Sequen
     t = round_up(max(len(prompts[r]) for r in rows), pad_len_to)
     ids = np.full((b, t), pad_id, np.int32)
     mask = np.zeros((b, t), bool)
+    fuse = np.zeros((b, t), bool)
     for j, r in enumerate(rows):
-        ids[j, : len(prompts[r])] = prompts[r]
-        mask[j, : len(prompts[r])] = True
-    batch = {"input_ids": ids, "labels": np.full((b, t), IGNORE_INDEX, np.int32), "attention_mask": mask}
+        n = len(prompts[r])
+        ids[j, :n] = prompts[r]
+        mask[j, :n] = True
+        row_fuse = fuse_masks[r] if fuse_masks is not None else None
+        if row_fuse is None:
+            fuse[j, :n] = np.asarray(prompts[r]) != IMAGE_TOKEN_ID
+        elif len(row_fuse) != n:
+            raise ValueError(f"fuse mask of prompt {r} has {len(row_fuse)} entries for {n} ids")
+        else:
+            fuse[j, :n] = row_fuse
+    batch = {"input_ids": ids, "attention_mask": mask, "fuse_mask": fuse}
     with_media = [m for m in media if m is not None]
     if not with_media:
         return batch

@@ -128,9 +128,9 @@ def answer(im: InferenceModel, pixels: np.ndarray, question: str, history: list[
     from mmlm.infer.generate import stream
     from mmlm.infer.loading import encode_question
 
-    prompt = encode_question(im, question, True, history)
+    prompt, fuse = encode_question(im, question, True, history, return_fuse_mask=True)
     # Prompt lengths rounded to 32 so that a multi-turn chat reuses compiled programs.
-    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=32)
+    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=32, fuse_masks=[fuse])
     streamer = TextStreamer(im.tokenizer, out)
     stops = set(im.stop_ids)
     for tokens in stream(im.cfg, im.params, batch, max_new_tokens=max_new_tokens, eos_id=im.stop_ids,

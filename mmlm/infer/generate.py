@@ -112,9 +112,9 @@ def prefill(cfg: ModelConfig, params: Params, batch: Batch, sp: SamplingParams, 
             max_new_tokens: int, num_vision_tokens: int | None, greedy: bool) -> DecodeState:
     """Runs the prompt through the model and samples answer token 0.
 
-    batch: input_ids / labels / attention_mask (B, T) right-padded prompts
-    (labels all IGNORE_INDEX: the whole prompt is instruction text), and for
-    media `images` (B, F, K, H, W, 3) + `frame_mask` (B, F).
+    batch: input_ids / attention_mask / fuse_mask (B, T) right-padded prompts
+    (see `mmlm.infer.batching.make_batch`), and for media `images`
+    (B, F, K, H, W, 3) + `frame_mask` (B, F).
     """
     model = LlavaMini(cfg)
     variables = {"params": params}
@@ -225,7 +225,7 @@ def generate(model: LlavaMini | ModelConfig, params: Params, batch: Batch, *, ma
     Args:
       model: a `LlavaMini` (or its `ModelConfig`).
       params: the model's params (boxed or plain).
-      batch: right-padded prompts: input_ids, labels (IGNORE_INDEX), attention_mask (B, T); with media also
+      batch: right-padded prompts: input_ids, attention_mask, fuse_mask (B, T); with media also
         images (B, F, K, H, W, 3) and frame_mask (B, F). Rows may have different lengths and media.
       max_new_tokens: answer length limit (static: one compile per value).
       eos_id: stop token id or ids.

@@ -201,10 +201,12 @@ def load_media(im: InferenceModel, path: str | os.PathLike, kind: str | None = N
 
 
 def encode_question(im: InferenceModel, question: str, has_media: bool,
-                    history: Sequence[tuple[str, str]] = ()) -> list[int]:
-    """Prompt ids in the model's template, ending where the answer starts."""
+                    history: Sequence[tuple[str, str]] = (), return_fuse_mask: bool = False
+                    ) -> list[int] | tuple[list[int], list[bool]]:
+    """Prompt ids in the model's template, ending where the answer starts (and, optionally, the fuse mask:
+    the history's answers are response tokens, which pre-fusion does not read, as in training)."""
     from mmlm.data.templates import encode_prompt
 
     text = question.replace("<video>", "<image>")
     return encode_prompt(im.tokenizer, text, im.template, has_media, history=list(history),
-                         system=im.system_prompt)
+                         system=im.system_prompt, return_fuse_mask=return_fuse_mask)

@@ -2,7 +2,8 @@
 
 Flax modules take these frozen dataclasses (not ConfigDicts) so they can be
 hashed by `nn.scan`/`jax.jit` and read without string lookups. Field meanings
-are documented where the ConfigDict is built (`configs/common.py`).
+are documented where the ConfigDict is built (`mmlm/config_defaults.py`,
+`model_config`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    # Training semantics of the LLaVA-Mini authors' code (no effect on inference outputs):
+    detach_text_embeddings: bool = False  # stop gradients into the input embedding table
+    text_only_prefusion: bool = False  # text-only samples: pre-fusion with a zero image, LLM reads fused text
+    prefusion_skip_token_id: int = -1  # a token id never fused (the authors': 0); -1 = none
     vision: VisionConfig = VisionConfig()
     llm: LlamaConfig = LlamaConfig()
     compressor: CompressorConfig = CompressorConfig()

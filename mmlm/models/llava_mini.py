@@ -1,10 +1,15 @@
 """LLaVA-Mini (and the LLaVA-1.5 baseline) assembled from the parts.
 
-Batch (see `mmlm.data`): `input_ids`, `labels`, `attention_mask` (B, T);
+Batch (see `mmlm.data`): `input_ids`, `attention_mask`, `fuse_mask` (B, T);
 `images` (B, F, K, H, W, 3) with F frames and K views per frame (1, or
 n*n crops in raster order + the whole image for HD); `frame_mask` (B, F).
 A sample has media iff its `input_ids` contain the placeholder
 `model.image_token_id`; its vision tokens replace that placeholder.
+`fuse_mask` marks the instruction tokens pre-fusion may read; it is built
+from the conversation roles by the data pipeline and by the prompt batcher
+alike. Labels are not a model input: the model returns, per LLM position,
+the index of the text token there (`text_index`), and the loss gathers the
+labels with it (`mmlm.models.loss.targets_from_labels`).
 
 Per image/frame (llava_mini mode):
     feats  = ViT(view)                                   (N, Dv) per view
@@ -17,19 +22,16 @@ llava15 mode: the LLM gets proj(feats) for all N patches of every frame.
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from einops import rearrange, repeat
 
-from mmlm import IGNORE_INDEX
 from mmlm.models.compressor import make_compressor
 from mmlm.models.config import ModelConfig
 from mmlm.models.layers import positions_from_valid
 from mmlm.models.llama import KVCache, LlamaModel
-from mmlm.models.loss import shift_targets
 from mmlm.models.prefusion import PreFusion
 from mmlm.models.projector import Projector
 from mmlm.models.vit import VisionTower
@@ -43,16 +45,17 @@ def stitch_crops(feats: jax.Array, n: int) -> jax.Array:
     return rearrange(feats, "b (r c) (i j) d -> b (r i c j) d", r=n, c=n, i=g, j=g)
 
 
-def merge_vision_into_text(text: jax.Array, labels: jax.Array, text_valid: jax.Array, has_media: jax.Array,
+def merge_vision_into_text(text: jax.Array, text_valid: jax.Array, has_media: jax.Array,
                            placeholder: jax.Array, vision: jax.Array, vision_valid: jax.Array,
                            align: str = "right") -> dict[str, jax.Array]:
     """Replaces each sample's placeholder by its V vision tokens, then packs tokens.
 
-    text: (B, T, D); labels, text_valid: (B, T); has_media, placeholder: (B,);
+    text: (B, T, D); text_valid: (B, T); has_media, placeholder: (B,);
     vision: (B, V, D); vision_valid: (B, V). Output length L = T - 1 + V
     (T when V = 0). `align="right"` puts valid tokens first (training, right
     padding); `"left"` puts them last (batched prompts for generation).
-    Returns embeds (B, L, D), labels, valid and RoPE positions (B, L).
+    Returns embeds (B, L, D), valid, RoPE positions and `text_index` (B, L):
+    the text position each slot holds, -1 for vision tokens and padding.
     """
     b, t, _ = text.shape
     v = vision.shape[1]
@@ -67,16 +70,15 @@ def merge_vision_into_text(text: jax.Array, labels: jax.Array, text_valid: jax.A
     take = lambda a, idx: jnp.take_along_axis(a, idx if a.ndim == 2 else idx[..., None], axis=1)
     emb = take(text, text_idx)
     valid = take(text_valid, text_idx) & text_ok
-    lab = take(labels, text_idx)
     if v:
         emb = jnp.where(in_vision[..., None], take(vision, vis_idx).astype(emb.dtype), emb)
         valid = jnp.where(in_vision, take(vision_valid, vis_idx), valid)
-    lab = jnp.where(in_vision | ~valid, IGNORE_INDEX, lab)
+    source = jnp.where(in_vision | ~valid, -1, text_idx)
     # Stable sort on validity packs real tokens together in their original order.
     key = (~valid) if align == "right" else valid
     order = jnp.argsort(key.astype(jnp.int32), axis=1, stable=True)
-    emb, valid, lab = take(emb, order), take(valid, order), take(lab, order)
-    return {"embeds": emb, "labels": lab, "valid": valid, "positions": positions_from_valid(valid)}
+    emb, valid, source = take(emb, order), take(valid, order), take(source, order)
+    return {"embeds": emb, "valid": valid, "positions": positions_from_valid(valid), "text_index": source}
 
 
 class LlavaMini(nn.Module):
@@ -130,7 +132,7 @@ class LlavaMini(nn.Module):
         ids, images, frame_mask = batch["input_ids"], batch["images"], batch["frame_mask"]
         self._check_views(images)
         b, f = images.shape[:2]
-        text = self.llm.embed(ids)
+        text = self.embed_text(ids)
         feats = self.encode_images(images)  # (B, F, K, N, Dv)
         if cfg.mode == "llava15":
             tokens = self.projector(feats[:, :, 0])  # (B, F, N, D)
@@ -146,7 +148,11 @@ class LlavaMini(nn.Module):
             views.append(feats[:, :, cfg.hd_grid**2])  # the whole image, after the stitched crops
         seq = jnp.concatenate([self.projector(v) for v in views] + [comp_proj], axis=2)
         has_media = jnp.any(ids == cfg.image_token_id, axis=1)
-        fuse = (batch["attention_mask"] & (ids != cfg.image_token_id) & (batch["labels"] == IGNORE_INDEX))
+        fuse = batch["attention_mask"] & batch["fuse_mask"] & (ids != cfg.image_token_id)
+        if cfg.prefusion_skip_token_id >= 0:
+            fuse &= ids != cfg.prefusion_skip_token_id
+        if cfg.text_only_prefusion:  # the authors' zero image: frame 0 of a text-only sample counts (its pixels are 0)
+            frame_mask = frame_mask | (~has_media[:, None] & (jnp.arange(f) == 0)[None])
         text_f = repeat(text, "b t d -> (b f) t d", f=f)
         fuse_f = repeat(fuse, "b t -> (b f) t", f=f)
         vis_out, text_out = self.prefusion(rearrange(seq, "b f p d -> (b f) p d"), text_f, fuse_f)
@@ -155,13 +161,14 @@ class LlavaMini(nn.Module):
         w = frame_mask.astype(jnp.float32)
         w = w / jnp.maximum(w.sum(axis=1, keepdims=True), 1.0)
         text_out = jnp.einsum("bf,bftd->btd", w, rearrange(text_out, "(b f) t d -> b f t d", b=b).astype(jnp.float32))
-        text = jnp.where(has_media[:, None, None], text_out.astype(text.dtype), text)
+        reads_fused = has_media | cfg.text_only_prefusion
+        text = jnp.where(reads_fused[:, None, None], text_out.astype(text.dtype), text)
         return tokens, valid, text
 
     # ------------------------------------------------------------- LLM inputs
     def build_llm_inputs(self, batch: Batch, num_vision_tokens: int | None = None,
                          align: str = "right") -> dict[str, jax.Array]:
-        """The LLM's input sequence: embeds (B, L, D), labels, valid, positions (B, L)."""
+        """The LLM's input sequence: embeds (B, L, D), valid, positions, text_index (B, L)."""
         cfg = self.cfg
         ids = batch["input_ids"]
         has_media = jnp.any(ids == cfg.image_token_id, axis=1)
@@ -170,17 +177,17 @@ class LlavaMini(nn.Module):
             m = cfg.check_budget(num_vision_tokens)
             vision, vision_valid, text = self.vision_and_text(batch, m)
         else:  # text-only batch
-            text = self.llm.embed(ids)
+            text = self.embed_text(ids)
             vision = jnp.zeros((ids.shape[0], 0, text.shape[-1]), text.dtype)
             vision_valid = jnp.zeros((ids.shape[0], 0), bool)
-        return merge_vision_into_text(text, batch["labels"], batch["attention_mask"], has_media, placeholder,
+        return merge_vision_into_text(text, batch["attention_mask"], has_media, placeholder,
                                       vision, vision_valid, align=align)
 
     def __call__(self, batch: Batch, num_vision_tokens: int | None = None) -> dict[str, jax.Array]:
-        """Training/scoring forward: logits (B, L, V) and the targets they predict (B, L)."""
+        """Training/scoring forward: logits (B, L, V), valid and text_index (B, L)."""
         inputs = self.build_llm_inputs(batch, num_vision_tokens)
         logits, _ = self.llm(inputs["embeds"], inputs["positions"], inputs["valid"])
-        return {"logits": logits, "targets": shift_targets(inputs["labels"]), "valid": inputs["valid"]}
+        return {"logits": logits, "valid": inputs["valid"], "text_index": inputs["text_index"]}
 
     # -------------------------------------------------------------- decoding
     def decode(self, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array, cache: KVCache,
@@ -190,4 +197,9 @@ class LlavaMini(nn.Module):
 
     def embed_tokens(self, ids: jax.Array) -> jax.Array:
         return self.llm.embed(ids)
+
+    def embed_text(self, ids: jax.Array) -> jax.Array:
+        """Text embeddings (B, T, D) for pre-fusion and the LLM; detached with `detach_text_embeddings`."""
+        text = self.llm.embed(ids)
+        return jax.lax.stop_gradient(text) if self.cfg.detach_text_embeddings else text
 

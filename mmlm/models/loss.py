@@ -15,6 +15,16 @@ def shift_targets(labels: jax.Array) -> jax.Array:
     return jnp.concatenate([labels[:, 1:], pad], axis=1)
 
 
+def targets_from_labels(labels: jax.Array, text_index: jax.Array) -> jax.Array:
+    """Per-LLM-position targets (B, L) from the text labels (B, T) and the model's `text_index` (B, L).
+
+    Position l predicts the label of the token at l + 1; vision slots and
+    padding (text_index -1) carry no label.
+    """
+    gathered = jnp.take_along_axis(labels, jnp.maximum(text_index, 0), axis=1)
+    return shift_targets(jnp.where(text_index >= 0, gathered, IGNORE_INDEX))
+
+
 def token_loss(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
     """Cross-entropy over positions whose target is not IGNORE_INDEX.
 

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mmlm import IGNORE_INDEX
 from mmlm.config_utils import load_config, split_config_overrides
 from mmlm.models.config import ModelConfig, model_config_from_dict
 from mmlm.models.layers import count_params
@@ -32,8 +31,8 @@ def dummy_batch(cfg: ModelConfig, batch: int = 1, text_len: int = 16, frames: in
     s = cfg.image_size
     shapes = {
         "input_ids": ((batch, text_len), jnp.int32),
-        "labels": ((batch, text_len), jnp.int32),
         "attention_mask": ((batch, text_len), jnp.bool_),
+        "fuse_mask": ((batch, text_len), jnp.bool_),
         "images": ((batch, frames, views, s, s, 3), jnp.float32),
         "frame_mask": ((batch, frames), jnp.bool_),
     }
@@ -43,8 +42,8 @@ def dummy_batch(cfg: ModelConfig, batch: int = 1, text_len: int = 16, frames: in
     ids[:, 1] = cfg.image_token_id
     return {
         "input_ids": ids,
-        "labels": np.full((batch, text_len), IGNORE_INDEX, np.int32),
         "attention_mask": np.ones((batch, text_len), bool),
+        "fuse_mask": ids != cfg.image_token_id,
         "images": np.zeros((batch, frames, views, s, s, 3), np.float32),
         "frame_mask": np.ones((batch, frames), bool),
     }

@@ -35,6 +35,7 @@ from mmlm.infer.loading import inference_model
 from mmlm.models.config import ModelConfig
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.train.data import global_batch, make_pipeline, take
+from mmlm.sharding import BATCH_AXES
 from mmlm.train.step import make_eval_step, model_inputs
 
 _ROLE_SUFFIX = re.compile(r"\s*(ASSISTANT:|assistant)\s*$")
@@ -113,10 +114,16 @@ class Evaluator:
         sums = np.zeros(3)
         n = int(self.ev.loss_batches) or None
         for local in take(iter(self._loss_pipe), n):
-            out = self._eval_step(params, global_batch(model_inputs(local), self.mesh), budget)
+            local = pad_rows(model_inputs(local), self._local_row_multiple())
+            out = self._eval_step(params, global_batch(local, self.mesh), budget)
             sums += [float(out["loss_sum"]), float(out["num_tokens"]), float(out["num_correct"])]
         tokens = max(sums[1], 1.0)
         return {"eval/loss": sums[0] / tokens, "eval/token_accuracy": sums[2] / tokens}
+
+    def _local_row_multiple(self) -> int:
+        """Rows each process must hold so that the batch axes (data x fsdp) divide the global batch."""
+        shards = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+        return max(1, shards // jax.process_count())
 
     # ----------------------------------------------------------------- accuracy
     def questions(self, limit: int) -> list[Question]:
@@ -181,6 +188,24 @@ class Evaluator:
         acc, shown = self.accuracy(params, (None,) + extra, samples)
         metrics.update(acc)
         return metrics, shown
+
+
+def pad_rows(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """Pads a host batch with masked rows (no attention, no labels, no frames) to a multiple of `multiple`.
+
+    An eval batch size the data-parallel axes do not divide (e.g. 125 rows on
+    fsdp=4) would otherwise fail to shard; the padding rows add nothing to the
+    loss sums.
+    """
+    rows = next(iter(batch.values())).shape[0]
+    extra = -rows % multiple
+    if not extra:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        fill = IGNORE_INDEX if k == "labels" else 0
+        out[k] = np.concatenate([v, np.full((extra,) + v.shape[1:], fill, v.dtype)])
+    return out
 
 
 def _media_kind(media: np.ndarray | None) -> str | None:

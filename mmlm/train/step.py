@@ -32,14 +32,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmlm.models.llava_mini import LlavaMini
-from mmlm.models.loss import token_loss
+from mmlm.models.loss import targets_from_labels, token_loss
 from mmlm.sharding import BATCH_AXES
 from mmlm.train.optimizer import Schedule, split_trainable, zeros_for
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
 # Batch entries the model reads; anything else the pipeline yields (example ids, ...) stays on the host.
-MODEL_KEYS = ("input_ids", "labels", "attention_mask", "images", "frame_mask")
+MODEL_KEYS = ("input_ids", "labels", "attention_mask", "fuse_mask", "images", "frame_mask")
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def _loss_sums(model: LlavaMini, params: dict, batch: Batch, budget: int) -> tuple[jax.Array, tuple]:
     """(sum of token cross-entropy, (supervised tokens, correct tokens, LLM input tokens))."""
     out = model.apply({"params": params}, batch, budget)
-    sums = token_loss(out["logits"], out["targets"])
+    sums = token_loss(out["logits"], targets_from_labels(batch["labels"], out["text_index"]))
     return sums["loss_sum"], (sums["num_tokens"], sums["num_correct"], jnp.sum(out["valid"]))
 
 
