@@ -66,7 +66,10 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     nb = nbformat.read(REPO / "colab" / name, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()  # raises CellExecutionError naming the cell when one raises
+    try:
+        client.execute()  # raises CellExecutionError naming the cell when one raises
+    finally:
+        nbformat.write(nb, tmp_path / name)  # the executed notebook, outputs included, for a failure's post-mortem
     text = _outputs_text(nb)
     failed = FAILED_COMMAND.search(text)
     assert not failed, f"{name}: a shell command failed:\n{text[max(0, failed.start() - 2000):failed.end() + 3000]}"
