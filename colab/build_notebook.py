@@ -818,8 +818,9 @@ WORKDIR = f"{RUN_DIR}/tpu_drill"
 MESH = "--config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2"
 TRAIN = (f"mmlm train --config configs/tiny.py --workdir {WORKDIR} --config.train.steps={STEPS} "
          f"--config.train.checkpoint_every={max(STEPS // 4, 1)} --config.train.log_every=1 {MESH}")
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-       "JAX_COMPILATION_CACHE_DIR": f"{RUN_DIR}/jax_cache"}
+XLA_FLAGS = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"  # 8 CPU "chips"
+ENV = {**os.environ, "XLA_FLAGS": XLA_FLAGS.strip(), "JAX_PLATFORMS": "cpu",
+       "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", f"{RUN_DIR}/jax_cache")}
 shutil.rmtree(WORKDIR, ignore_errors=True)   # a fresh run for the drill below
 print(TRAIN)
 """)

@@ -54,9 +54,18 @@ def _outputs_text(nb) -> str:
     return "".join(parts)
 
 
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA compilation cache shared by the notebooks' kernels and commands: the tiny model's
+    programs compiled by one (the train step, the answer generation) are reused by the next."""
+    return tmp_path_factory.mktemp("notebook_jit_cache")
+
+
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
-def test_notebook_executes(name, tmp_path, monkeypatch):
-    for key, value in {**COMMON, **NOTEBOOKS[name], "MMLM_REPO": str(REPO),
+def test_notebook_executes(name, tmp_path, monkeypatch, compile_cache):
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(compile_cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    for key, value in {**COMMON, **NOTEBOOKS[name], **cache, "MMLM_REPO": str(REPO),
                        "MMLM_COLAB_RUN_DIR": str(tmp_path / "runs"),
                        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                        "MPLBACKEND": "Agg"}.items():
