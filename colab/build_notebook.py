@@ -507,8 +507,10 @@ if "MMLM_EXPLORE_WORKDIR" not in os.environ:
 """)
 
 code("""
+from mmlm.cli_common import quiet_library_logs
 from mmlm.infer.loading import load_inference_model
 
+quiet_library_logs()  # no Orbax/absl chatter about read-only checkpoint directories
 im = load_inference_model(workdir=WORKDIR)
 cfg = im.cfg
 BUDGETS = list(cfg.supported_budgets)
@@ -641,7 +643,8 @@ for title, px in (("synthetic image", synthetic), (name, photo_pixels)):
     assert np.allclose(first[:, 0], maps[:, 0], atol=1e-6), "token 0 differs between budgets"
     shown = [display_image(cfg, frame, im.image_mean, im.image_std) for frame in px]
     print(f"{title}: {M} maps over a {maps.shape[-2]} x {maps.shape[-1]} patch grid; "
-          f"token 0 attends most to patch {np.unravel_index(maps[0, 0].argmax(), maps.shape[-2:])}")
+          f"token 0 attends most to patch (row, column) "
+          f"{tuple(int(i) for i in np.unravel_index(maps[0, 0].argmax(), maps.shape[-2:]))}")
     display(render_compression_map(shown, maps, panel_size=160))
 """)
 

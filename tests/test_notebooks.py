@@ -67,10 +67,10 @@ def test_notebook_executes(name, tmp_path, monkeypatch, compile_cache):
              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     for key, value in {**COMMON, **NOTEBOOKS[name], **cache, "MMLM_REPO": str(REPO),
                        "MMLM_COLAB_RUN_DIR": str(tmp_path / "runs"),
-                       "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                       "MPLBACKEND": "Agg"}.items():
+                       "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("MMLM_EXPLORE_WORKDIR", raising=False)
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, so figures become outputs
     monkeypatch.delenv("MMLM_TPU_NAME", raising=False)
     nb = nbformat.read(REPO / "colab" / name, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -87,3 +87,6 @@ def test_notebook_executes(name, tmp_path, monkeypatch, compile_cache):
         assert "logged steps:" in text
     if name == "explore_compression.ipynb":
         assert (tmp_path / "runs" / "budgets.png").is_file()
+        images = sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+        # 4 synthetic images, the preprocessing figure, 2 compression-map renders, the map grid, the budget plots
+        assert images >= 9, images
