@@ -1,7 +1,8 @@
-"""colab/mmlm_quickstart.ipynb: valid nbformat 4, valid Python, and every `mmlm` command in it exists.
+"""colab/*.ipynb: valid nbformat 4, valid Python, every `mmlm` command in them exists, and each
+notebook is what colab/build_notebook.py writes.
 
-No notebook execution (no nbformat/nbclient needed): the notebook is read as plain
-JSON. The cheapest of its commands (`mmlm summary`, `mmlm data synth`, and
+The notebooks are read as plain JSON here (tests/test_notebooks.py executes them).
+The cheapest of the quickstart's commands (`mmlm summary`, `mmlm data synth`, and
 `mmlm bench flops --analytic_only`) are run for real, in parallel subprocesses.
 """
 
@@ -23,13 +24,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "colab" / "mmlm_quickstart.ipynb"
+NOTEBOOKS = ("mmlm_quickstart.ipynb", "explore_compression.ipynb", "cloud_tpu.ipynb")
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 CELL_ID = re.compile(r"^[a-zA-Z0-9-_]{1,64}$")
 
 
-@functools.lru_cache(maxsize=1)
-def _notebook() -> dict:
-    return json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+@functools.lru_cache(maxsize=None)
+def _notebook(name: str = NOTEBOOK.name) -> dict:
+    return json.loads((REPO / "colab" / name).read_text(encoding="utf-8"))
 
 
 def _source(cell: dict) -> str:
@@ -37,8 +39,8 @@ def _source(cell: dict) -> str:
     return src if isinstance(src, str) else "".join(src)
 
 
-def _code_cells() -> list[str]:
-    return [_source(c) for c in _notebook()["cells"] if c["cell_type"] == "code"]
+def _code_cells(name: str = NOTEBOOK.name) -> list[str]:
+    return [_source(c) for c in _notebook(name)["cells"] if c["cell_type"] == "code"]
 
 
 def _as_python(src: str) -> str:
@@ -65,10 +67,10 @@ def _string_commands(tree: ast.AST) -> list[str]:
     return found
 
 
-def _commands() -> list[str]:
+def _commands(name: str = NOTEBOOK.name) -> list[str]:
     """Every `mmlm` command line of the notebook: `!mmlm ...` shell lines and Python strings."""
     cmds = []
-    for src in _code_cells():
+    for src in _code_cells(name):
         for line in src.splitlines():
             s = line.strip()
             if s.startswith("!mmlm"):
@@ -90,8 +92,9 @@ def _help_text(words: tuple[str, ...]) -> str:
     return buf.getvalue()
 
 
-def test_notebook_is_nbformat4_json():
-    nb = _notebook()
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_nbformat4_json(name):
+    nb = _notebook(name)
     assert nb["nbformat"] == 4 and isinstance(nb["nbformat_minor"], int) and nb["nbformat_minor"] >= 4
     assert isinstance(nb["metadata"], dict) and nb["metadata"]["kernelspec"]["language"] == "python"
     assert nb["cells"], "empty notebook"
@@ -119,36 +122,48 @@ def test_notebook_is_nbformat4_json():
     nbformat.validate(nbformat.from_dict(nb))
 
 
-def test_code_cells_are_python():
-    for i, src in enumerate(_code_cells()):
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_code_cells_are_python(name):
+    for i, src in enumerate(_code_cells(name)):
         try:
             ast.parse(_as_python(src))
         except SyntaxError as e:
             pytest.fail(f"code cell {i} is not valid Python: {e}\n{src}")
 
 
-def test_shell_placeholders_are_defined():
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_shell_placeholders_are_defined(name):
     """`{NAME}` in a `!` line is expanded by IPython: NAME must be assigned in some code cell."""
     assigned = set()
-    for src in _code_cells():
+    for src in _code_cells(name):
         for node in ast.walk(ast.parse(_as_python(src))):
             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
                 assigned.add(node.id)
-    for src in _code_cells():
+    for src in _code_cells(name):
         for line in src.splitlines():
             if line.strip().startswith("!"):
-                missing = set(PLACEHOLDER.findall(line)) - assigned
+                missing = {n for n in re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)", line)} - assigned
                 assert not missing, f"{line.strip()!r} uses undefined {sorted(missing)}"
 
 
-def test_commands_exist_with_their_options_and_configs():
+NOTEBOOK_COMMANDS = {
+    "mmlm_quickstart.ipynb": {"summary", "bench", "data", "train", "chat", "eval"},
+    "explore_compression.ipynb": {"train", "data", "eval"},
+    "cloud_tpu.ipynb": {"train", "compile"},
+}
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_commands_exist_with_their_options_and_configs(name):
     from mmlm.bench.cli import BENCHES
     from mmlm.cli import COMMANDS
 
     data_help = _help_text(("data",))
-    cmds = _commands()
+    cmds = _commands(name)
     names = {shlex.split(c)[1] for c in cmds}
-    assert {"summary", "bench", "data", "train", "chat", "eval"} <= names, names
+    assert NOTEBOOK_COMMANDS[name] <= names, names
+    if "compile" not in COMMANDS:  # cloud_tpu.ipynb skips its `mmlm compile` cell when the command is missing
+        cmds = [c for c in cmds if shlex.split(c)[1] != "compile"]
     helps: dict[tuple[str, ...], str] = {}
     for cmd in cmds:
         argv = shlex.split(PLACEHOLDER.sub("X", cmd))
@@ -174,7 +189,16 @@ def test_commands_exist_with_their_options_and_configs():
                 f"{cmd!r}: `mmlm {' '.join(words)}` has no option {flag}"
             if flag == "--config":
                 path = tok.split("=", 1)[1] if "=" in tok else argv[j + 1]
-                assert (REPO / path).is_file(), f"{cmd!r}: {path} does not exist"
+                if path != "X":  # a Python variable: its default is checked by test_config_defaults_exist
+                    assert (REPO / path).is_file(), f"{cmd!r}: {path} does not exist"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_config_defaults_exist(name):
+    """Config files named as defaults of notebook variables (`os.environ.get("...", "configs/x.py")`)."""
+    text = "\n".join(_code_cells(name))
+    for path in re.findall(r'"(configs/[\w.]+\.py)"', text):
+        assert (REPO / path).is_file(), f"{name}: {path} does not exist"
 
 
 def test_demo_steps_default_is_the_full_demo():
@@ -196,9 +220,15 @@ def test_cheap_commands_run(tmp_path):
     runs = {c: c for c in summaries + synths}
     runs[flops[-1]] = flops[-1] + " --analytic_only"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # Notebook variables: the run directory, a small question count, no extra flops flags ({X}: an f-string field).
+    values = {"RUN_DIR": str(tmp_path), "NUM_QUESTIONS": "5", "X": ""}
+
+    def fill(cmd: str) -> str:
+        return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), cmd)
+
     procs = {}
     for key, cmd in runs.items():
-        argv = shlex.split(cmd.replace("{RUN_DIR}", str(tmp_path)))
+        argv = shlex.split(fill(cmd))
         assert not PLACEHOLDER.search(" ".join(argv)), cmd
         procs[key] = subprocess.Popen([sys.executable, "-m", "mmlm.cli", *argv[1:]], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -219,7 +249,7 @@ def test_cheap_commands_run(tmp_path):
     assert all(r["analytic"][p] >= 0 for p in parts) and r["analytic"]["total"] > 0
 
     for c in synths:
-        argv = shlex.split(c.replace("{RUN_DIR}", str(tmp_path)))
+        argv = shlex.split(fill(c))
         opt = {argv[i]: argv[i + 1] for i in range(3, len(argv) - 1) if argv[i].startswith("--")}
         root, split, num = Path(opt["--out"]), opt["--split"], int(opt["--num"])
         records = json.loads((root / f"{split}.json").read_text())
@@ -230,13 +260,15 @@ def test_cheap_commands_run(tmp_path):
         assert (root / q["image"]).is_file() and q["text"] and q["answer"]
 
 
-def test_notebook_matches_its_generator():
-    """colab/mmlm_quickstart.ipynb is written by colab/build_notebook.py: edit the script, then run it."""
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_matches_its_generator(name):
+    """colab/*.ipynb are written by colab/build_notebook.py: edit the script, then run it."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("colab_build_notebook", REPO / "colab" / "build_notebook.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    want = [(c["cell_type"], _source(c)) for c in module.build()["cells"]]
-    have = [(c["cell_type"], _source(c)) for c in _notebook()["cells"]]
+    assert sorted(module.NOTEBOOKS) == sorted(NOTEBOOKS)
+    want = [(c["cell_type"], _source(c)) for c in module.build(name)["cells"]]
+    have = [(c["cell_type"], _source(c)) for c in _notebook(name)["cells"]]
     assert have == want, "stale notebook: run `python colab/build_notebook.py`"

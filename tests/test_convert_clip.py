@@ -57,7 +57,7 @@ def test_clip_other_select_layer_and_export(tmp_path):
     assert _features_diff(vision, cfg, params, -1) <= 1e-5
 
     code, _, err = run_mmlm("convert", "--to", "hf", "--src", dst, "--dst", str(tmp_path / "x"))
-    assert code == 1 and "needs --vision" in err
+    assert code == 2 and "needs --vision" in err
     code, out, err = run_mmlm("convert", "--to", "hf", "--src", dst, "--dst", back, "--vision", src, "--quiet")
     assert code == 0, err
     reloaded = CLIPVisionModel.from_pretrained(back)
@@ -73,4 +73,4 @@ def test_clip_rejects_other_activations(tmp_path):
     cfg["hidden_act"] = "gelu"
     write_json(path, cfg)
     code, _, err = run_mmlm("convert", "--from", "hf-clip", "--src", src, "--dst", str(tmp_path / "out"))
-    assert code == 1 and "hidden_act 'gelu'" in err
+    assert code == 2 and "hidden_act 'gelu'" in err

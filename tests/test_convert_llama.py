@@ -134,7 +134,7 @@ def test_unsupported_config_fields_are_named(tmp_path, change, message):
     cfg.update(change)
     write_json(path, cfg)
     code, _, err = run_mmlm("convert", "--from", "hf-llama", "--src", src, "--dst", str(tmp_path / "out"))
-    assert code == 1 and message in err, err
+    assert code == 2 and message in err, err
 
 
 def test_legacy_rope_fields_are_read(tmp_path):
@@ -161,7 +161,7 @@ def test_unknown_tensors_fail_unless_ignored(tmp_path):
     state["model.extra_adapter.weight"] = torch.zeros(2, 2)
     torch.save(state, os.path.join(src, "pytorch_model.bin"))
     code, _, err = run_mmlm("convert", "--from", "hf-llama", "--src", src, "--dst", str(tmp_path / "a"))
-    assert code == 1 and "model.extra_adapter.weight" in err
+    assert code == 2 and "model.extra_adapter.weight" in err
     with open(os.path.join(src, "tokenizer.model"), "wb") as f:  # tokenizer files travel with the weights
         f.write(b"sentencepiece model bytes")
     dst = str(tmp_path / "b")

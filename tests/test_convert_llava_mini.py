@@ -277,4 +277,4 @@ def test_foreign_position_table_is_rejected(tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     code, _, err = run_mmlm("convert", "--from", "llava-mini", "--src", release_dir, "--vision", clip_dir,
                             "--dst", str(tmp_path / "out"))
-    assert code == 1 and "model.compressor.pos_embed differs" in err
+    assert code == 2 and "model.compressor.pos_embed differs" in err

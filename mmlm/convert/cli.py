@@ -16,7 +16,9 @@ import argparse
 import os
 import sys
 
+from mmlm.cli_common import run_command
 from mmlm.convert.io import DTYPE_CHOICES, parse_size
+from mmlm.errors import UserError
 
 EPILOG = """\
 Imports write DST/config.json (a complete mmlm config) and DST/params (Orbax).
@@ -58,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base_config", metavar="FILE",
                    help="import: an mmlm config file (e.g. configs/llava_mini_vicuna7b.py) whose model section "
                         "supplies the parts the checkpoint does not define")
+    p.add_argument("--hd_grid", type=int, metavar="N",
+                   help="llava-mini: the model is HD with N x N crops (plus the whole image), for a release "
+                        "config.json that lacks resolution_ratio; 1 = not HD. An error if config.json or the "
+                        "checkpoint's compressor says otherwise")
     p.add_argument("--ignore_unknown", action="store_true",
                    help="import: drop source tensors with no mmlm counterpart instead of failing")
     p.add_argument("--max_shard_size", default="2GB",
@@ -65,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mm_vision_tower",
                    help="export: mm_vision_tower to write (default: recorded at import, else "
                         "openai/clip-vit-large-patch14-336)")
-    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --dst")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow a non-empty --dst: an import replaces the mmlm checkpoint there; an export "
+                        "deletes every file of a previous export there first (and refuses a directory holding "
+                        "anything else)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -81,6 +90,10 @@ def _check_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         parser.error("--dst must differ from --src")
     if os.path.isdir(args.dst) and os.listdir(args.dst) and not args.overwrite:
         parser.error(f"--dst {args.dst!r} is not empty; choose another directory or pass --overwrite")
+    if args.hd_grid is not None and args.from_kind != "llava-mini":
+        parser.error("--hd_grid applies to --from llava-mini only (an export takes it from the mmlm config)")
+    if args.hd_grid is not None and args.hd_grid < 1:
+        parser.error(f"--hd_grid must be >= 1 (1 = not HD, 2 = 2x2 crops), got {args.hd_grid}")
     if args.base_config and not os.path.isfile(args.base_config):
         parser.error(f"--base_config {args.base_config!r} is not a file (e.g. configs/llava_mini_vicuna7b.py)")
 
@@ -89,6 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_paths(args, parser)
+    if args.to_kind:
+        try:
+            args.max_shard_bytes = parse_size(args.max_shard_size)
+        except ValueError as e:
+            parser.error(f"--max_shard_size: {e}")
+    return run_command("convert", _run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     try:
         if args.from_kind:
@@ -97,25 +119,22 @@ def main(argv: list[str] | None = None) -> int:
             report = import_checkpoint(
                 args.from_kind, args.src, args.dst, vision=args.vision, dtype=args.dtype,
                 select_layer=args.select_layer, base_config=args.base_config,
-                ignore_unknown=args.ignore_unknown, progress=not args.quiet, log=log)
+                ignore_unknown=args.ignore_unknown, hd_grid=args.hd_grid, progress=not args.quiet, log=log)
             print(report.summary())
             print(f"next: mmlm verify --hf {args.src} --mmlm {args.dst}"
                   + (f" --vision {args.vision}" if args.vision else ""))
         else:
             from mmlm.convert.exporter import export_checkpoint
 
-            try:
-                shard = parse_size(args.max_shard_size)
-            except ValueError as e:
-                parser.error(f"--max_shard_size: {e}")
             report = export_checkpoint(args.src, args.dst, vision=args.vision, dtype=args.dtype,
-                                       max_shard_bytes=shard, mm_vision_tower=args.mm_vision_tower,
-                                       progress=not args.quiet, log=log)
+                                       max_shard_bytes=args.max_shard_bytes, mm_vision_tower=args.mm_vision_tower,
+                                       overwrite=args.overwrite, progress=not args.quiet, log=log)
             print(report.summary())
             print(f"next: mmlm verify --hf {args.dst} --mmlm {args.src}")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mmlm convert: error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as e:
+        # The converters report what is wrong with a checkpoint (its config, tensors or files) this way;
+        # OSError: a file or directory that cannot be read or written.
+        raise UserError(str(e)) from None
     return 0
 
 

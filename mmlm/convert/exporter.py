@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import glob
 import os
+import re
 import shutil
 from typing import Any, Callable
 
@@ -35,6 +36,7 @@ from mmlm.convert import hf_clip, hf_llama, llava_mini, mapping
 from mmlm.convert.io import (CheckpointReader, SafetensorsWriter, dtype_name, np_dtype, read_hf_config,
                              write_json)
 from mmlm.convert.mapping import Target
+from mmlm.errors import UserError
 from mmlm.models.config import ModelConfig, model_config_from_dict
 from mmlm.models.layers import stack_layers
 from mmlm.models.positions import sincos_2d
@@ -44,6 +46,72 @@ VISION_SUBDIR = "vision_tower"
 # Tokenizer / generation files carried over from the original HF directory when it still exists.
 SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json", "preprocessor_config.json", "added_tokens.json")
+
+
+# What an export writes into a directory (and into its VISION_SUBDIR), besides SIDE_FILES.
+_EXPORT_FILE = re.compile(r"(config\.json|model\.safetensors|model\.safetensors\.index\.json|"
+                          r"model-\d{5}-of-\d{5}\.safetensors|\.shard-\d{5}\.tmp)")
+
+
+def _export_entries(directory: str, nested: bool = True) -> tuple[list[str], list[str]]:
+    """(paths an export writes, entries it does not) directly in `directory` (and its vision subdirectory)."""
+    ours, foreign = [], []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            if nested and name == VISION_SUBDIR:
+                sub_ours, sub_foreign = _export_entries(path, nested=False)
+                ours += sub_ours
+                foreign += sub_foreign
+                if not sub_foreign:
+                    ours.append(path)  # removed after its files (listed first)
+            else:
+                foreign.append(path)
+        elif _EXPORT_FILE.fullmatch(name) or name in SIDE_FILES:
+            ours.append(path)
+        else:
+            foreign.append(path)
+    return ours, foreign
+
+
+def prepare_destination(dst: str, overwrite: bool, keep: tuple[str, ...] = ()) -> list[str]:
+    """Makes `dst` ready for an export; returns the names of the previous export's files it deleted.
+
+    A non-empty `dst` needs `overwrite`, and may hold only what an export
+    writes (weights, index, shards, config.json, tokenizer and generation
+    files, the vision subdirectory): all of it is deleted first, so no shard or
+    index of an earlier export can outlive it and be read instead of the new
+    weights. Anything else makes it refuse, deleting nothing. Files named in
+    `keep` (top level) stay: the tokenizer files when `dst` is where they are
+    copied from.
+    """
+    if not os.path.exists(dst):
+        return []
+    if not os.path.isdir(dst):
+        raise UserError(f"--dst {dst!r} exists and is not a directory; choose a directory path")
+    if not os.listdir(dst):
+        return []
+    if not overwrite:
+        raise UserError(f"--dst {dst!r} is not empty; choose another directory or pass --overwrite")
+    ours, foreign = _export_entries(dst)
+    if foreign:
+        shown = [os.path.relpath(p, dst) for p in foreign[:5]]
+        raise UserError(
+            f"--dst {dst!r} is not an mmlm export: it holds {shown}{' ...' if len(foreign) > 5 else ''}, which an "
+            "export does not write. --overwrite only replaces a previous export; choose an empty or new --dst")
+    for path in ours:
+        if os.path.dirname(path) == dst and os.path.basename(path) in keep:
+            continue
+        if os.path.isdir(path):
+            os.rmdir(path)
+        else:
+            os.remove(path)
+    return [os.path.relpath(p, dst) for p in ours]
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
 
 
 @dataclasses.dataclass
@@ -160,6 +228,8 @@ def _main_dtype(flat: Any, dtype: str) -> str:
 def _copy_side_files(source_dir: str | None, dst: str) -> list[str]:
     if not source_dir or not os.path.isdir(source_dir):
         return []
+    if os.path.realpath(source_dir) == os.path.realpath(dst):
+        return []  # exporting back into the original directory: its files stayed in place
     copied = []
     for name in SIDE_FILES:
         for path in glob.glob(os.path.join(source_dir, name)):
@@ -170,8 +240,13 @@ def _copy_side_files(source_dir: str | None, dst: str) -> list[str]:
 
 def export_checkpoint(src: str, dst: str, *, vision: str | None = None, dtype: str = "keep",
                       max_shard_bytes: int = 2 * 10**9, mm_vision_tower: str | None = None,
-                      progress: bool = True, log: Callable[[str], None] = print) -> ExportReport:
-    """Writes the HF layout(s) of the mmlm checkpoint `src` into `dst` (see module docstring)."""
+                      overwrite: bool = False, progress: bool = True,
+                      log: Callable[[str], None] = print) -> ExportReport:
+    """Writes the HF layout(s) of the mmlm checkpoint `src` into `dst` (see module docstring).
+
+    A non-empty `dst` needs `overwrite` and must hold a previous export, which
+    is deleted first (`prepare_destination`).
+    """
     if not checkpoint.is_model_checkpoint(src):
         raise FileNotFoundError(f"{src!r} is not an mmlm model checkpoint (config.json + params/)")
     config = checkpoint.load_config_json(src)
@@ -180,6 +255,13 @@ def export_checkpoint(src: str, dst: str, *, vision: str | None = None, dtype: s
     flat, parts = _open_params(src, cfg)
     out_dtype = _main_dtype(flat, dtype)
     dst = os.path.abspath(dst)
+    if vision and _inside(vision, dst):
+        raise UserError(f"--vision {vision!r} lies inside --dst {dst!r}, which the export replaces; copy the CLIP "
+                        "directory elsewhere first")
+    same_source = bool(source.get("path")) and os.path.realpath(source["path"]) == os.path.realpath(dst)
+    removed = prepare_destination(dst, overwrite, keep=SIDE_FILES if same_source else ())
+    if removed:
+        log(f"--overwrite: deleted the previous export in {dst} ({len(removed)} entries)")
     os.makedirs(dst, exist_ok=True)
 
     if "llm" not in parts:

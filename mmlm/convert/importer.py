@@ -189,8 +189,13 @@ def _find_vision_dir(src: str, hf: dict[str, Any], vision: str | None) -> str | 
 
 def import_checkpoint(kind: str, src: str, dst: str, *, vision: str | None = None, dtype: str = "keep",
                       select_layer: int = -2, base_config: str | None = None, ignore_unknown: bool = False,
-                      progress: bool = True, log: Callable[[str], None] = print) -> ImportReport:
-    """Converts `src` (an HF directory of the given kind) into the mmlm checkpoint `dst`."""
+                      hd_grid: int | None = None, progress: bool = True,
+                      log: Callable[[str], None] = print) -> ImportReport:
+    """Converts `src` (an HF directory of the given kind) into the mmlm checkpoint `dst`.
+
+    `hd_grid` (llava-mini only) states the HD grid of a release whose
+    config.json lacks `resolution_ratio` (see `llava_mini.model_config_from_release`).
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown source kind {kind!r}; choose from {KINDS}")
     hf = read_hf_config(src)
@@ -223,7 +228,8 @@ def import_checkpoint(kind: str, src: str, dst: str, *, vision: str | None = Non
         parts = ("llm",)
         source_meta["hf"] = {k: hf.get(k) for k in hf_llama.HF_PASSTHROUGH}
     else:
-        sources, parts, model, cfg = _llava_mini_sources(src, hf, reader, vision, where, base, notes, source_meta)
+        sources, parts, model, cfg = _llava_mini_sources(src, hf, reader, vision, where, base, notes, source_meta,
+                                                         hd_grid)
 
     expected = expected_leaves(cfg, parts)
     names: dict[str, tuple[Source, Target]] = {}
@@ -318,7 +324,7 @@ def _check_coverage(expected: dict[Path, Any], targets: list[Target]) -> None:
                              f"lacks, and lacks {lacking}")
 
 
-def _llava_mini_sources(src, hf, reader, vision, where, base, notes, source_meta):
+def _llava_mini_sources(src, hf, reader, vision, where, base, notes, source_meta, hd_grid=None):
     names = reader.names()
     # A tower inside the release is used unless --vision names one explicitly.
     in_ckpt = mapping.clip_prefix(names) == mapping.CLIP_PREFIXES[0] and not vision
@@ -344,7 +350,11 @@ def _llava_mini_sources(src, hf, reader, vision, where, base, notes, source_meta
         notes.append(f"no vision tower: the checkpoint does not contain it and no CLIP directory was found "
                      f"({tower!r}); params['vision'] is not written. Re-run with --vision CLIP_DIR, or convert the "
                      "tower with `mmlm convert --from hf-clip` and let --init_from merge it")
-    model = llava_mini.model_config_from_release(hf, vcfg, where)
+    model = llava_mini.model_config_from_release(hf, vcfg, where, hd_grid=hd_grid,
+                                                 query_rows=_query_rows(reader))
+    if hd_grid is not None and not hf.get("resolution_ratio"):
+        source_meta["hd_grid"] = hd_grid
+        notes.append(f"HD grid {hd_grid} from --hd_grid (config.json has no resolution_ratio)")
     for k in ("scan_layers", "remat_policy", "image_token_id"):
         model[k] = base[k]
     cfg = model_config_from_dict(model)
@@ -380,6 +390,12 @@ def _llava_mini_sources(src, hf, reader, vision, where, base, notes, source_meta
                               lambda n, p=prefix: mapping.clip_skip_reason(n, p, blocks), "CLIP"))
         parts.insert(0, "vision")
     return sources, tuple(parts), model, cfg
+
+
+def _query_rows(reader: CheckpointReader) -> int | None:
+    """Number of compressor queries stored in the checkpoint (C^2), if it has the release compressor."""
+    info = reader.infos.get("model.compressor.query")
+    return int(info.shape[0]) if info is not None and info.shape else None
 
 
 def _depth(projector: str) -> int:

@@ -6,30 +6,38 @@ A source directory holds `config.json` and weights as
   (loaded with `torch.load(weights_only=True)`: tensors and plain containers
   only, a pickle that asks for anything else is refused, never executed).
 
-Memory: a safetensors file is memory-mapped by the library; every page read
-through the mapping stays resident (and counts in the process RSS) until the
-mapping is closed. `CheckpointReader.get` therefore opens the file, copies out
-one tensor and closes it again, so the reader never holds more than one
-tensor, whatever the checkpoint size. Legacy `.bin` shards are mapped whole
-(`mmap=True`) while they are read; convert those to safetensors first if one
-shard is larger than the memory left over.
+safetensors files are read and written with numpy alone (bfloat16 is
+`ml_dtypes.bfloat16`): the format is an 8-byte little-endian header length,
+a JSON header (name -> dtype, shape, byte range) and the raw little-endian
+tensor bytes. torch is imported only for PyTorch `.bin` files.
 
-Arrays are numpy; bfloat16 is `ml_dtypes.bfloat16` (numpy has no bf16 and the
-safetensors numpy backend refuses it), moved through torch by bit-casting to
-uint16, which copies nothing.
+Memory: `CheckpointReader.get` opens the file, reads the byte range of one
+tensor into a fresh array and closes it again, so the reader never holds more
+than one tensor, whatever the checkpoint size. Legacy `.bin` shards are mapped
+whole (`mmap=True`) while they are read; convert those to safetensors first if
+one shard is larger than the memory left over.
+
+Untrusted input: shard names in an index must stay inside the checkpoint
+directory; headers are checked (dtypes, shapes against byte ranges, byte
+ranges against the file size) before any tensor is read, so a truncated or
+damaged file is reported by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import pickle
 import re
 import warnings
 from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
+
+from mmlm.errors import UserError
 
 CONFIG_FILE = "config.json"
 SAFE_SINGLE = "model.safetensors"
@@ -40,6 +48,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 # numpy dtype name <-> safetensors dtype tag.
 _SAFE_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_SAFE_TAGS = {v: k for k, v in _SAFE_DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 DTYPE_CHOICES = ("keep", "float32", "bfloat16", "float16")
 
@@ -79,11 +89,17 @@ def numpy_to_torch(array: np.ndarray):
 def read_hf_config(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise UserError(
             f"{directory!r} has no {CONFIG_FILE}; pass the directory written by `save_pretrained` "
             "(the one holding config.json and the weight files)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore the file the checkpoint came with") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, expected an object of config fields")
+    return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,15 +111,99 @@ class TensorInfo:
     nbytes: int
 
 
-def _safetensors_header(path: str) -> dict[str, Any]:
-    """The JSON header of a safetensors file (names, dtypes, shapes), read without mapping the data."""
+def _safe_dtype(name: str) -> np.dtype:
+    """numpy dtype of a safetensors dtype name, little-endian as the format stores it."""
+    dt = np_dtype(name)
+    return dt if dt.itemsize == 1 or dt == np.dtype(ml_dtypes.bfloat16) else dt.newbyteorder("<")
+
+
+def _safetensors_header(path: str) -> tuple[int, dict[str, Any]]:
+    """(offset of the data section, checked JSON header without `__metadata__`) of a safetensors file.
+
+    Raises `UserError` naming the file when it is not a safetensors file, when
+    an entry is malformed, or when the file is shorter than its header says
+    (truncated download or copy).
+    """
+    size = os.path.getsize(path)
+    how = "re-download or re-export it"
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or n > 100_000_000:
-            raise ValueError(f"{path!r} is not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise UserError(f"{path} is truncated: {size} bytes, not even a safetensors header; {how}")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or n > MAX_HEADER_BYTES:
+            raise UserError(f"{path} is not a safetensors file (header length {n}); {how}")
+        if 8 + n > size:
+            raise UserError(f"{path} is truncated: its header needs {8 + n} bytes, the file has {size}; {how}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is not a safetensors file (its header is not JSON: {e}); {how}") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file (its header is not a JSON object); {how}")
     header.pop("__metadata__", None)
-    return header
+    data = size - 8 - n
+    for name, meta in header.items():
+        ok = (isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and isinstance(meta.get("shape"), list)
+              and all(isinstance(d, int) and d >= 0 for d in meta["shape"])
+              and isinstance(meta.get("data_offsets"), list) and len(meta["data_offsets"]) == 2
+              and all(isinstance(o, int) for o in meta["data_offsets"]))
+        if not ok:
+            raise UserError(f"{path}: header entry {name!r} is malformed ({meta!r}); {how}")
+        if meta["dtype"] not in _SAFE_DTYPES:
+            raise UserError(f"{path}: tensor {name!r} has dtype {meta['dtype']}, which mmlm does not read "
+                            f"(supported: {sorted(_SAFE_DTYPES)})")
+        start, end = meta["data_offsets"]
+        want = math.prod(meta["shape"]) * np_dtype(_SAFE_DTYPES[meta["dtype"]]).itemsize
+        if not 0 <= start <= end or end - start != want:
+            raise UserError(f"{path}: tensor {name!r} has byte range {start}..{end} for {want} bytes of "
+                            f"{meta['dtype']}{tuple(meta['shape'])}; the file is damaged, {how}")
+        if end > data:
+            raise UserError(f"{path} is truncated: tensor {name!r} ends at byte {8 + n + end}, the file has "
+                            f"{size}; {how}")
+    return 8 + n, header
+
+
+def read_safetensors_tensor(path: str, data_offset: int, meta: dict[str, Any]) -> np.ndarray:
+    """One tensor of a safetensors file (header entry `meta`) as a fresh numpy array."""
+    dtype = _safe_dtype(_SAFE_DTYPES[meta["dtype"]])
+    start, end = meta["data_offsets"]
+    out = np.empty(tuple(meta["shape"]), dtype)
+    buf = out.reshape(-1).view(np.uint8)
+    with open(path, "rb") as f:
+        f.seek(data_offset + start)
+        got = f.readinto(buf) if end > start else 0
+    if got != end - start:
+        raise UserError(f"{path} is truncated: tensor {meta!r} could not be read whole; re-download or re-export it")
+    return out if dtype.isnative else out.astype(dtype.newbyteorder("="))
+
+
+def save_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Writes `tensors` as one safetensors file (numpy only; what `safetensors.torch.load_file` reads).
+
+    Tensors are laid out by decreasing item size, after a header padded to 8
+    bytes, so every tensor starts at a multiple of its item size.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].dtype.itemsize, k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        a = tensors[name]
+        tag = _SAFE_TAGS.get(dtype_name(a.dtype))
+        if tag is None:
+            raise ValueError(f"tensor {name!r}: dtype {a.dtype} has no safetensors equivalent here")
+        header[name] = {"dtype": tag, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in order:
+            a = np.ascontiguousarray(tensors[name])
+            if a.dtype.itemsize > 1 and a.dtype != np.dtype(ml_dtypes.bfloat16) and a.dtype.byteorder == ">":
+                a = a.astype(a.dtype.newbyteorder("<"))
+            f.write(a.reshape(-1).view(np.uint8).data)
 
 
 class CheckpointReader:
@@ -112,29 +212,47 @@ class CheckpointReader:
     def __init__(self, directory: str):
         self.directory = os.path.abspath(directory)
         if not os.path.isdir(self.directory):
-            raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+            raise UserError(f"checkpoint directory {directory!r} does not exist")
         self._bin_cache: tuple[str, dict] | None = None
+        self._safe_headers: dict[str, tuple[int, dict[str, Any]]] = {}
         self.format, files = self._discover()
         self.infos: dict[str, TensorInfo] = {}
         for file in files:
             for info in self._list(file):
                 if info.name in self.infos:
-                    raise ValueError(f"tensor {info.name!r} appears in both {self.infos[info.name].file} and {file}")
+                    raise UserError(f"tensor {info.name!r} appears in both {self.infos[info.name].file} and {file}")
                 self.infos[info.name] = info
 
     # ---------------------------------------------------------------- listing
+    def _inside(self, index: str, shard: Any) -> str:
+        """The path of a shard named by an index, which must stay inside the checkpoint directory."""
+        if not isinstance(shard, str) or not shard:
+            raise UserError(f"{index} in {self.directory!r} names a shard {shard!r}; expected a file name")
+        root = os.path.realpath(self.directory)
+        path = os.path.realpath(os.path.join(root, shard))
+        if os.path.isabs(shard) or os.path.commonpath([root, path]) != root:
+            raise UserError(
+                f"{index} in {self.directory!r} names the shard {shard!r}, which lies outside that directory; "
+                "an index may only name files inside --src (fix or remove the index)")
+        return path
+
     def _discover(self) -> tuple[str, list[str]]:
         d = self.directory
         for index, fmt in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
             path = os.path.join(d, index)
             if os.path.isfile(path):
-                with open(path) as f:
-                    weight_map = json.load(f)["weight_map"]
-                files = sorted(set(weight_map.values()))
-                missing = [x for x in files if not os.path.isfile(os.path.join(d, x))]
+                try:
+                    with open(path) as f:
+                        weight_map = json.load(f)["weight_map"]
+                    shards = set(weight_map.values())
+                except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise UserError(f"{path} is not a shard index (JSON with a 'weight_map' object): "
+                                    f"{type(e).__name__}: {e}") from None
+                files = sorted(self._inside(index, x) for x in shards)
+                missing = [os.path.relpath(x, d) for x in files if not os.path.isfile(x)]
                 if missing:
-                    raise FileNotFoundError(f"{index} in {d!r} lists shards that are missing: {missing}")
-                return fmt, [os.path.join(d, x) for x in files]
+                    raise UserError(f"{index} in {d!r} lists shards that are missing: {missing}")
+                return fmt, files
         if os.path.isfile(os.path.join(d, SAFE_SINGLE)):
             return "safetensors", [os.path.join(d, SAFE_SINGLE)]
         if os.path.isfile(os.path.join(d, BIN_SINGLE)):
@@ -142,14 +260,14 @@ class CheckpointReader:
         safes = sorted(x for x in os.listdir(d) if x.endswith(".safetensors"))
         if safes:
             return "safetensors", [os.path.join(d, x) for x in safes]
-        raise FileNotFoundError(
+        raise UserError(
             f"no weights in {d!r}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
 
     def _list(self, file: str) -> Iterator[TensorInfo]:
         if file.endswith(".safetensors"):
-            for name, meta in _safetensors_header(file).items():
-                if meta["dtype"] not in _SAFE_DTYPES:
-                    raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+            offset, header = _safetensors_header(file)
+            self._safe_headers[file] = (offset, header)
+            for name, meta in header.items():
                 start, end = meta["data_offsets"]
                 yield TensorInfo(name, tuple(meta["shape"]), _SAFE_DTYPES[meta["dtype"]], file, end - start)
         else:
@@ -160,17 +278,29 @@ class CheckpointReader:
 
     def _load_bin(self, file: str) -> dict:
         """State dict of one .bin shard, memory-mapped, safe unpickling only (cached: one shard at a time)."""
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise UserError(
+                f"{file} is a PyTorch pickle, which needs torch to read (`pip install torch`); safetensors "
+                "checkpoints (model.safetensors) convert without it") from None
 
         if self._bin_cache is not None and self._bin_cache[0] == file:
             return self._bin_cache[1]
         self._bin_cache = None
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be mapped
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) serialisation cannot be mapped
+                state = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UserError(_refusal(file, e)) from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise UserError(f"{file} is not a readable PyTorch checkpoint (truncated or damaged?): "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; re-download it, or use "
+                            "a safetensors copy") from None
         if not isinstance(state, dict):
-            raise ValueError(f"{file} does not hold a state dict (got {type(state).__name__})")
+            raise UserError(f"{file} does not hold a state dict (got {type(state).__name__})")
         if "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         self._bin_cache = (file, state)
@@ -188,11 +318,8 @@ class CheckpointReader:
         """One tensor as a numpy array that owns its memory."""
         info = self.infos[name]
         if self.format == "safetensors":
-            from safetensors import safe_open
-
-            # Open per tensor: closing drops the mapping, so no page stays resident.
-            with safe_open(info.file, framework="pt") as f:
-                return torch_to_numpy(f.get_tensor(name))
+            offset, header = self._safe_headers[info.file]
+            return read_safetensors_tensor(info.file, offset, header[name])
         return torch_to_numpy(self._load_bin(info.file)[name].clone())
 
     def release(self) -> None:
@@ -202,6 +329,16 @@ class CheckpointReader:
     @property
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
+
+
+def _refusal(file: str, error: Exception) -> str:
+    """The message for a pickle that a weights-only load refused (what it wanted, what to do instead)."""
+    wanted = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    what = f"it asks for {wanted.group(1)!r}, " if wanted else ""
+    return (f"{file} was refused: {what}a .bin checkpoint may hold only tensors and plain containers, and loading "
+            "anything else would run code stored in the file. Use a safetensors copy of this checkpoint "
+            "(model.safetensors, as published on most model hubs), or have its publisher convert it to "
+            "safetensors; do not load this file with pickle")
 
 
 def parse_size(text: str) -> int:
@@ -241,10 +378,8 @@ class SafetensorsWriter:
         self.total_bytes += array.nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         path = os.path.join(self.directory, f".shard-{len(self._shards):05d}.tmp")
-        save_file({k: numpy_to_torch(v) for k, v in self._pending.items()}, path, metadata={"format": "pt"})
+        save_safetensors(path, self._pending, metadata={"format": "pt"})
         self._shards.append(list(self._pending))
         self._temp_files.append(path)
         self._pending, self._pending_bytes = {}, 0

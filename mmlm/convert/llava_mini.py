@@ -13,6 +13,7 @@ import ml_collections
 
 from mmlm import config_defaults
 from mmlm.convert import hf_llama
+from mmlm.errors import UserError
 from mmlm.models.config import ModelConfig
 from mmlm.models.projector import projector_depth
 
@@ -39,12 +40,21 @@ def is_release_config(hf: dict[str, Any]) -> bool:
 
 
 def model_config_from_release(hf: dict[str, Any], vision: ml_collections.ConfigDict,
-                              where: str = "config.json") -> ml_collections.ConfigDict:
+                              where: str = "config.json", hd_grid: int | None = None,
+                              query_rows: int | None = None) -> ml_collections.ConfigDict:
     """The mmlm `model` section of a LLaVA-Mini release config.
 
     `vision` is the vision section (from the CLIP tower's config, or the
     CLIP ViT-L/14-336 default the release names); its select_layer and width
     are checked against / taken from the release fields.
+
+    `hd_grid` (`mmlm convert --hd_grid`) states the HD grid n of a release
+    whose config lacks `resolution_ratio`. It must agree with a
+    `resolution_ratio` that is present, and with the compressor: HD stitches
+    the n x n crops' features into one grid that the C x C queries cover, so
+    each crop gets a (C/n) x (C/n) block of queries and C must be a multiple
+    of n (the HD release: C = 8, n = 2). `query_rows` is the number of
+    queries the checkpoint stores (C^2), checked against `compressor_size`.
     """
     if not is_release_config(hf):
         raise ValueError(
@@ -58,6 +68,22 @@ def model_config_from_release(hf: dict[str, Any], vision: ml_collections.ConfigD
     c = int(hf["compressor_size"])
     if c < 1:
         raise ValueError(f"{where}: compressor_size must be >= 1, got {c}")
+    if query_rows is not None and query_rows != c * c:
+        raise UserError(f"{where}: compressor_size={c} means {c * c} compressor queries, but the checkpoint's "
+                        f"model.compressor.query has {query_rows} rows; config.json does not belong to these "
+                        "weights")
+    ratio = int(hf.get("resolution_ratio") or 1)
+    if hd_grid is not None:
+        if hf.get("resolution_ratio") and ratio != hd_grid:
+            raise UserError(f"--hd_grid {hd_grid} contradicts {where}: resolution_ratio={ratio}; drop --hd_grid "
+                            "(it is only for configs without resolution_ratio) or fix config.json")
+        if hd_grid > 1 and c % hd_grid:
+            raise UserError(
+                f"--hd_grid {hd_grid} contradicts the checkpoint's compressor: compressor_size={c} ({c * c} "
+                f"queries on a {c}x{c} grid) does not split over {hd_grid}x{hd_grid} crops (an HD compressor's "
+                f"grid is a multiple of the crop grid, e.g. 8 for 2x2); this checkpoint is not HD with that "
+                "grid: check --hd_grid, or leave it out for a non-HD model")
+        ratio = hd_grid
     projector = hf.get("mm_projector_type", "linear")
     try:
         projector_depth(projector)
@@ -75,7 +101,7 @@ def model_config_from_release(hf: dict[str, Any], vision: ml_collections.ConfigD
     model = config_defaults.model_config(vision=vision, llm=llm, mode="llava_mini", tokens=c * c,
                                          prefusion_layers=int(hf.get("prefusion_layer_num", 4)))
     model.projector = projector
-    model.hd_grid = int(hf.get("resolution_ratio") or 1)
+    model.hd_grid = ratio
     model.compressor.heads = RELEASE_COMPRESSOR_HEADS
     return model
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mmlm.errors import UserError
 
 # (atol, rtol) by compute dtype; the limit of an output is atol + rtol * max|reference|.
 DEFAULT_TOLERANCE = {"float32": (1e-4, 1e-4), "bfloat16": (2e-2, 5e-2)}
@@ -217,6 +218,9 @@ def verify_llava_mini(src: str, dst: str, args, atol: float, rtol: float) -> dic
     if "compressor_size" not in hf:
         raise ValueError(f"{src}: config.json has no compressor_size; it is not a LLaVA-Mini directory")
     mcfg = model_config_from_dict(checkpoint.load_config_json(dst).model)
+    if mcfg.hd_grid > 1 and not hf.get("resolution_ratio"):
+        # Imported with --hd_grid: the release config does not say it is HD, the converted one does.
+        hf = {**hf, "resolution_ratio": mcfg.hd_grid}
     tdt = torch_dtype(args.dtype)
     reader = CheckpointReader(src)
     # Same precedence as the import: --vision, else a tower inside the release, else one found on disk.
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, FileNotFoundError) as e:
         print(f"mmlm verify: error: {e}", file=sys.stderr)
         return 2
     if args.json:
