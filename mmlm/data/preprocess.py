@@ -1,4 +1,4 @@
-"""Image, high-resolution and video preprocessing (DESIGN.md section 4).
+"""Image, high-resolution and video preprocessing (LLaVA-1.5 / LLaVA-Mini conventions).
 
 Images follow LLaVA-1.5's `image_aspect_ratio="pad"` path: pad to a square
 with the CLIP mean colour (image centred), resize to `image_size` with PIL

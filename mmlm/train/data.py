@@ -5,8 +5,8 @@
   the synthetic splits (`mmlm.data.synth`) and builds them
   (`mmlm.data.build`) under `synthetic.cache_dir` (default `WORKDIR/data`);
   the other processes wait for it. The demo uses this.
-* `train_iterator(...)`: this host's shard of the training stream (grain,
-  checkpointable).
+* `make_pipeline(config, split, train=...)`: this host's shard of a split
+  (grain, checkpointable; `local_only` reads the whole split on one host).
 * `global_batch(...)`: host-local numpy batches -> global `jax.Array`s split
   over the mesh's batch axes.
 """
@@ -176,15 +176,6 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     """Host-local batch (B/P rows per process) -> global arrays (B rows) split over (data, fsdp)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in local.items()}
-
-
-def replicated_batch(full: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """A batch every process holds in full -> global arrays split over (data, fsdp)."""
-    out = {}
-    for k, v in full.items():
-        v = np.asarray(v)
-        out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim), lambda idx, v=v: v[idx])
-    return out
 
 
 def take(iterator: Iterator[dict[str, np.ndarray]], n: int | None) -> Iterator[dict[str, np.ndarray]]:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mmlm.config_defaults import PARTS
+from mmlm.models.config import PARTS
 
 log = logging.getLogger(__name__)
 
