@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="", help="tokenizer path (default: the tiny tokenizer in data/)")
     p.add_argument("--max-text-len", type=_positive_int, default=256, help="T (default: %(default)s)")
     p.add_argument("--image-size", type=_positive_int, default=336, help="H = W (default: %(default)s)")
-    p.add_argument("--hd-grid", type=_nonneg_int, default=0, help="HD grid n, 0 = off (default: %(default)s)")
+    p.add_argument("--hd-grid", type=_positive_int, default=1,
+                   help="HD grid n: n x n crops + the whole image; 1 = no HD (default: %(default)s)")
     p.add_argument("--max-frames", type=_positive_int, default=8, help="F for videos (default: %(default)s)")
     p.add_argument("--save-dir", default="mmlm_inspect",
                    help="where to save each example's image sheet; '' to skip (default: %(default)s)")
