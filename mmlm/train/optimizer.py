@@ -14,7 +14,9 @@
   the trainer reads `last_finite` and stops the run, so the last checkpoint
   on disk is the last good state. The wrapper never gives up and applies a
   non-finite update (`max_consecutive_errors` is the int32 maximum, which
-  its saturating counter cannot exceed).
+  its saturating counter cannot exceed). The wrapper is part of the
+  optimizer state's tree: a training checkpoint written before it existed
+  cannot be resumed (its params still load for eval, chat and init_from).
 """
 
 from __future__ import annotations
