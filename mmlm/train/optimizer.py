@@ -16,7 +16,7 @@
   non-finite update (`max_consecutive_errors` is the int32 maximum, which
   its saturating counter cannot exceed). The wrapper is part of the
   optimizer state's tree: a training checkpoint written before it existed
-  cannot be resumed (its params still load for eval, chat and init_from).
+  cannot be resumed (its params still load for `mmlm eval` and `mmlm chat`).
 """
 
 from __future__ import annotations
