@@ -62,6 +62,8 @@ def get_config():
     model.scan_layers = True
     config = d.base_config(model)
     config.text_len = 48
+    # 128-wide layers need not divide a mesh axis of a small host (3 devices, say): replicate those (logged).
+    config.mesh.allow_replicated_fallback = True
 
     train = d.train_config(steps=1800, trainable=("vision",) + d.STAGE2_TRAINABLE)
     train.checkpoint_every = 600

@@ -7,6 +7,7 @@ instead, for bug reports.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -45,3 +46,12 @@ def run_command(name: str, run: Callable[[Any], int], args: Any, *, interruptibl
             raise
         print("", file=sys.stderr)
         return 130
+
+
+def print_report(report: Any, as_json: bool, table: Callable[[], None]) -> int:
+    """A command's result: `report` as indented JSON on stdout (`--json`), else `table()` prints it. Returns 0."""
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        table()
+    return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from mmlm import IMAGE_TOKEN_ID
+from mmlm.models.config import PARTS  # the model's parameter groups (train.trainable, optim.learning_rate)
 
 
 def vision_clip_vit_l14_336() -> ml_collections.ConfigDict:
@@ -92,12 +93,15 @@ def mesh_config() -> ml_collections.ConfigDict:
         data=-1,    # pure data parallelism (batch split, params replicated)
         fsdp=1,     # fully sharded data parallelism (batch and params split)
         tensor=1,   # tensor (model) parallelism (heads / MLP split)
+        # A parameter dimension its mesh axes do not divide: False = an error naming the parameter, shape,
+        # axis and axis size (real runs: a mistyped mesh must not silently replicate the weights);
+        # True = replicate that dimension along the axis, logged once (tiny test / demo models only).
+        allow_replicated_fallback=False,
     ))
 
 
 # Logical axis name -> mesh axes. Names not listed are replicated.
 SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("vision_embed", "fsdp"),
     ("heads", "tensor"),
@@ -127,8 +131,6 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 # ----------------------------------------------------------------------------- training
 
-# Top-level parameter groups of a LLaVA-Mini model (keys of the params tree).
-PARTS = ("vision", "projector", "compressor", "prefusion", "llm")
 STAGE1_TRAINABLE = ("projector",)
 STAGE2_TRAINABLE = ("projector", "compressor", "prefusion", "llm")
 
@@ -221,7 +223,7 @@ def authors_training_semantics(config: ml_collections.ConfigDict) -> None:
 
 
 def paper_stage2(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """LLaVA-Mini stage 2 (instruction tuning, DESIGN.md 4 / paper Table 9).
+    """LLaVA-Mini stage 2 (instruction tuning, the paper's Table 9).
 
     Projector, compressor, pre-fusion and LLM train, vision frozen; LR 1e-4
     for the LLM and 1e-5 for the multimodal modules; global batch 256;

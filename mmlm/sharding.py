@@ -1,6 +1,6 @@
 """Device meshes and the shardings of params, optimizer state and batches.
 
-The mesh has three named axes (DESIGN.md section 6):
+The mesh has three named axes (`MESH_AXES`; sizes from `config.mesh`):
 
 * `data`: pure data parallelism (the batch is split, params replicated);
 * `fsdp`: fully sharded data parallelism (the batch *and* the params' `embed`
@@ -8,13 +8,16 @@ The mesh has three named axes (DESIGN.md section 6):
 * `tensor`: tensor parallelism (heads / MLP / vocab dimensions split).
 
 Parameters carry logical axis names (`nn.with_logical_partitioning` in
-`mmlm.models`); `config.sharding_rules` maps them to mesh axes, and
-`jax.jit` with `NamedSharding` in/out shardings does the partitioning.
+`mmlm.models`); `config.sharding_rules` (`mmlm.config_defaults.SHARDING_RULES`)
+maps them to mesh axes, and `jax.jit` with `NamedSharding` in/out shardings
+does the partitioning (what `pjit` became).
 
-Tiny models (tests, the demo) have dimensions that need not divide a mesh
-axis (a 32-wide layer on 3 devices, say). Rather than crash, such a
-dimension is replicated along that axis; `param_shardings` logs each
-fallback once so that a real run notices a mis-sized mesh.
+A parameter dimension that its mesh axes do not divide (a 32-wide layer on 3
+devices, say) is an error (`UserError` naming the parameter, its shape, the
+axis and its size): on a real slice a mistyped mesh must not silently
+replicate billions of weights. Tiny models (tests, the demo) set
+`config.mesh.allow_replicated_fallback = True`: such a dimension is then
+replicated along that axis instead, logged once per parameter and axis.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mmlm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +81,12 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
         grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):
-        # Unusual topologies (or CPU with odd counts): plain process-major order.
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        # Unusual topologies (or CPU with odd counts): plain process-major order, which may put a
+        # fast axis across a slow link; said in the log so that a slow run can be traced to it.
+        log.warning("sharding: create_device_mesh could not lay out mesh %s over %d %s devices (%s: %s); "
+                    "using the devices in process-major order instead (interconnect-unaware)",
+                    dict(zip(MESH_AXES, shape)), len(devices), devices[0].platform, type(e).__name__, e)
         grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(grid, MESH_AXES)
 
@@ -99,19 +108,29 @@ def _axes_of(entry: Any) -> tuple[str, ...]:
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str = "",
-             warned: set[str] | None = None) -> P:
-    """Drops mesh axes from dimensions they do not divide (replicating that dimension instead).
+             warned: set[str] | None = None, allow_replication: bool = True) -> P:
+    """Checks that mesh axes divide the dimensions they split; replicates instead if allowed.
 
     spec: mesh-axis PartitionSpec for an array of `shape`. A dimension of size
-    d split over axes of total size s needs d % s == 0; otherwise the trailing
-    axes are dropped until it divides (possibly to full replication).
+    d split over axes of total size s needs d % s == 0. Otherwise, with
+    `allow_replication` the trailing axes are dropped until it divides
+    (possibly to full replication; logged once per (name, axis) when `warned`
+    is a set), and without it a `UserError` names the array, its shape, the
+    axis and its size.
     """
     entries = list(spec) + [None] * (len(shape) - len(spec))
     fitted = []
-    for dim, entry in zip(shape, entries):
+    for i, (dim, entry) in enumerate(zip(shape, entries)):
         axes = list(_axes_of(entry))
         while axes and dim % math.prod(mesh.shape[a] for a in axes):
             dropped = axes.pop()
+            if not allow_replication:
+                raise UserError(
+                    f"sharding: parameter {name or 'array'} of shape {tuple(shape)}: dimension {i} (size {dim}) "
+                    f"is not divisible by mesh axis {dropped!r} of size {mesh.shape[dropped]} "
+                    f"(mesh {describe(mesh)}). Choose --config.mesh.data/fsdp/tensor sizes that divide it, "
+                    "map its logical axis to other mesh axes in config.sharding_rules, or (tests and demos) "
+                    "set --config.mesh.allow_replicated_fallback=True to replicate it along that axis")
             if warned is not None and (name, dropped) not in warned:
                 warned.add((name, dropped))
                 log.warning("sharding: %s dim of size %d is not divisible by mesh axis %r (%d devices); "
@@ -122,12 +141,14 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str = "",
     return P(*fitted)
 
 
-def logical_to_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules: Rules) -> Any:
+def logical_to_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules: Rules,
+                          allow_replication: bool = False) -> Any:
     """Logical PartitionSpecs (e.g. from `nn.get_partition_spec`) -> `NamedSharding`s.
 
     logical_specs and shapes are matching pytrees (shapes: anything with
-    `.shape`). Logical names not in `rules` are replicated; undividable
-    dimensions fall back to replication (see `fit_spec`).
+    `.shape`). Logical names not in `rules` are replicated; a dimension its
+    mesh axes do not divide is a `UserError`, or replicated along those axes
+    with `allow_replication` (`config.mesh.allow_replicated_fallback`; see `fit_spec`).
     """
     rules = rules_tuple(rules)
     warned: set = set()
@@ -135,7 +156,7 @@ def logical_to_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules: Rul
     def one(path, spec, leaf):
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec) if spec is not None else (), rules)
         name = jax.tree_util.keystr(path)
-        return NamedSharding(mesh, fit_spec(mesh_spec or P(), leaf.shape, mesh, name, warned))
+        return NamedSharding(mesh, fit_spec(mesh_spec or P(), leaf.shape, mesh, name, warned, allow_replication))
 
     is_spec = lambda x: isinstance(x, P) or x is None
     flat_specs, treedef = jax.tree.flatten(logical_specs, is_leaf=is_spec)
@@ -172,7 +193,9 @@ def opt_state_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mes
     Optax moment trees (Adam's `mu`/`nu`, ...) mirror the params tree, so a
     state leaf whose key path *ends* with a parameter's key path and has its
     shape gets that parameter's sharding; counters and masked leaves are
-    replicated.
+    replicated. (The parameter shardings were checked by
+    `logical_to_shardings`; a state leaf of another shape that they do not
+    divide is replicated, since it follows its parameter's layout by choice.)
     """
     by_path: dict[tuple[str, ...], NamedSharding] = {}
     for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
@@ -206,3 +229,8 @@ def describe(mesh: Mesh) -> str:
 
 def mesh_config_from(config: ml_collections.ConfigDict) -> Mapping[str, int]:
     return {a: int(config.mesh.get(a, 1)) for a in MESH_AXES}
+
+
+def allow_replicated_fallback(config: ml_collections.ConfigDict) -> bool:
+    """`config.mesh.allow_replicated_fallback` (False when absent, e.g. in a config saved before it existed)."""
+    return bool(config.mesh.get("allow_replicated_fallback", False))

@@ -4,7 +4,11 @@ The test writes a tiny checkpoint in the release layout (LLaMA tensors +
 `model.mm_projector.*`, `model.compressor.*`, `model.prefusion_layers.*`
 and the release config fields) and builds its own reference from
 `torch.nn.MultiheadAttention`, `torch.nn.LayerNorm` and transformers'
-`LlamaDecoderLayer` / `LlamaRotaryEmbedding`, following DESIGN.md section 2.
+`LlamaDecoderLayer` / `LlamaRotaryEmbedding`, following the release's
+architecture: compressor q = LN_q(Q) + PE_q, k = LN_kv(X) + PE_k,
+v = LN_kv(X) through one packed-projection multi-head attention; pre-fusion
+LLaMA layers over [vision tokens, compressed tokens, text] with padding,
+placeholders and response tokens masked out of the keys.
 """
 
 from __future__ import annotations

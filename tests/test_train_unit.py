@@ -162,7 +162,18 @@ def test_non_finite_loss_leaves_state_unchanged(stage2):
     assert int(m["finite"]) == 0 and not np.isfinite(float(m["loss"]))
     for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(state["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # optax.apply_if_finite skipped the update: the Adam moments and counts are untouched, the skip is counted.
+    for a, b in zip(jax.tree.leaves(new["opt_state"].inner_state), jax.tree.leaves(state["opt_state"].inner_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not bool(new["opt_state"].last_finite) and int(new["opt_state"].total_notfinite) == 1
     assert int(new["step"]) == int(state["step"]) + 1
+    # The next finite batch is applied again (the wrapper does not stay stuck).
+    after, m2 = step_fn(setup, config)(new, batch_for(setup.cfg))
+    assert int(m2["finite"]) == 1 and bool(after["opt_state"].last_finite)
+    assert int(after["opt_state"].total_notfinite) == 1
+    # (the learning rate is still 0 at the first schedule step, so the params do not move yet; the moments do)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(after["opt_state"].inner_state), jax.tree.leaves(state["opt_state"].inner_state)))
 
 
 def test_init_follows_the_seed(stage2):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmlm.cli_common import print_report
 from mmlm.kernels.compress_attention import compress_attention
 
 _MB = 1 << 20
@@ -239,9 +239,4 @@ def main(argv: list[str]) -> int:
         print(f"mmlm bench compress: --dv {args.dv} is not divisible by --heads {args.heads}", file=sys.stderr)
         return 2
     report = run(args)
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    else:
-        _print_table(report)
-    return 0
+    return print_report(report, args.json, lambda: _print_table(report))

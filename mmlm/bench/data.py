@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source-size", type=int, default=336,
                    help="side of the synthetic images in pixels (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=336, help="model image side H = W (default: %(default)s)")
-    p.add_argument("--hd-grid", type=int, default=0, help="HD grid n, 0 = off (default: %(default)s)")
+    p.add_argument("--hd-grid", type=int, default=1,
+                   help="HD grid n: n x n crops + the whole image; 1 = no HD (default: %(default)s)")
     p.add_argument("--max-frames", type=int, default=8, help="F for video datasets (default: %(default)s)")
     p.add_argument("--max-text-len", type=int, default=128, help="T (default: %(default)s)")
     p.add_argument("--template", default="vicuna_v1", help="conversation template (default: %(default)s)")
@@ -104,13 +105,14 @@ def run(args) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("num", "source_size", "image_size", "max_frames", "max_text_len", "batch_size", "batches"):
+    for name in ("num", "source_size", "image_size", "hd_grid", "max_frames", "max_text_len", "batch_size",
+                 "batches"):
         if getattr(args, name) < 1:
             print(f"mmlm bench data: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}",
                   file=sys.stderr)
             return 2
-    if args.hd_grid < 0 or args.workers < 0 or args.threads < 0 or args.warmup < 0:
-        print("mmlm bench data: --hd-grid, --workers, --threads and --warmup must be >= 0", file=sys.stderr)
+    if args.workers < 0 or args.threads < 0 or args.warmup < 0:
+        print("mmlm bench data: --workers, --threads and --warmup must be >= 0", file=sys.stderr)
         return 2
     result = run(args)
     if args.json:

@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -76,9 +75,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmlm.cli_common import print_report
 from mmlm.config_utils import load_config, split_config_overrides
 from mmlm.models.compressor import make_compressor
-from mmlm.models.config import LlamaConfig, ModelConfig, VisionConfig, model_config_from_dict
+from mmlm.models.config import PARTS, LlamaConfig, ModelConfig, VisionConfig, model_config_from_dict
 from mmlm.models.llama import LlamaBlock, LlamaModel
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.models.prefusion import PreFusion
@@ -86,7 +86,6 @@ from mmlm.models.projector import Projector, projector_depth
 from mmlm.models.summary import dummy_batch
 from mmlm.models.vit import VisionTower, VitBlock
 
-PARTS = ("vision", "projector", "compressor", "prefusion", "llm")
 DEFAULT_TEXT_TOKENS = 43
 LM_HEAD_CHOICES = ("all", "last")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -608,9 +607,4 @@ def main(argv: list[str]) -> int:
     report["config"] = args.config
     if overrides:
         report["overrides"] = list(overrides)
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    else:
-        _print_table(args.config, report)
-    return 0
+    return print_report(report, args.json, lambda: _print_table(args.config, report))

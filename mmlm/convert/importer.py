@@ -37,7 +37,6 @@ from mmlm.models.config import ModelConfig, model_config_from_dict
 from mmlm.models.positions import sincos_2d
 
 KINDS = ("hf-clip", "hf-llama", "llava-mini")
-PARTS = ("vision", "projector", "compressor", "prefusion", "llm")
 POS_EMBED_ATOL = 1e-2  # the release stores the fixed sin-cos table in the model dtype (bf16: ~4e-3 rounding)
 
 

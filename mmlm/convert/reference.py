@@ -1,4 +1,11 @@
-"""PyTorch reference of LLaVA-Mini (DESIGN.md section 2), built from a release checkpoint.
+"""PyTorch reference of LLaVA-Mini (the authors' release architecture), built from a release checkpoint.
+
+The release: CLIP features from the second-to-last block (class token
+dropped) -> the compressor (learned queries; q = LN_q(Q) + PE_q,
+k = LN_kv(X) + PE_k, v = LN_kv(X); one 8-head attention with packed biased
+q/k/v projection) -> the 2-layer GELU projector; pre-fusion LLaMA decoder
+layers over [all vision tokens, compressed tokens, instruction text]; the LLM
+reads the fused text with each `<image>` replaced by the compressed tokens.
 
 Used by `mmlm verify` as the "transformers side" for LLaVA-Mini: there is no
 LLaVA-Mini class in transformers, so the model is assembled from the pieces

@@ -29,34 +29,22 @@ Typical flow:
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(parse, ok, expected: str):
+    """An argparse `type` that parses with `parse` and accepts values for which `ok(value)` holds."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return convert
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="", help="tokenizer path (default: the tiny tokenizer in data/)")
     p.add_argument("--max-text-len", type=_positive_int, default=256, help="T (default: %(default)s)")
     p.add_argument("--image-size", type=_positive_int, default=336, help="H = W (default: %(default)s)")
-    p.add_argument("--hd-grid", type=_nonneg_int, default=0, help="HD grid n, 0 = off (default: %(default)s)")
+    p.add_argument("--hd-grid", type=_positive_int, default=1,
+                   help="HD grid n: n x n crops + the whole image; 1 = no HD (default: %(default)s)")
     p.add_argument("--max-frames", type=_positive_int, default=8, help="F for videos (default: %(default)s)")
     p.add_argument("--save-dir", default="mmlm_inspect",
                    help="where to save each example's image sheet; '' to skip (default: %(default)s)")

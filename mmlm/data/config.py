@@ -6,15 +6,24 @@ fields. Defaults are the paper's stage-2 settings (LLaVA-Mini, Vicuna v1.5,
 
 Fields the pipeline may take from the model config: `image_size` and
 `hd_grid` default to None, meaning "use `config.model.image_size` /
-`config.model.hd_grid`" (336 / 0 when the config has no such field), so the
+`config.model.hd_grid`" (336 / 1 when the config has no such field), so the
 model and the data cannot disagree by accident. Set them here to override.
+
+`hd_grid` has one convention everywhere (model, data, inference, bench):
+n >= 2 is LLaVA-Mini-HD's n x n grid of crops plus the whole image, and 1
+means no HD (a 1 x 1 grid is the whole image). Configs written before this
+convention used 0 for "no HD" in `config.data`; `hd_grid_value` reads that 0
+as 1, so their saved config.json files keep loading.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 from mmlm.data.preprocess import CLIP_MEAN, CLIP_STD
+from mmlm.errors import UserError
 from mmlm.data.tokenizer import TINY_TOKENIZER_PATH
 
 
@@ -43,8 +52,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 0
     # Image side H = W in pixels; None: config.model.image_size (else 336).
     c.image_size = None
-    # HD grid n (n x n crops + the whole image, K = n*n + 1 views);
-    # 0 or 1 disables HD (K = 1); None: config.model.hd_grid (else 0).
+    # HD grid n (n x n crops + the whole image, K = n*n + 1 views); 1 = no HD
+    # (K = 1), as model.hd_grid; None: config.model.hd_grid (else 1).
     c.hd_grid = None
     # Frames F per video sample (cap after 1 fps sampling); batches of a
     # dataset with videos have F = max_frames, image-only datasets F = 1.
@@ -77,3 +86,16 @@ def default_data_config() -> ml_collections.ConfigDict:
     # before truncation) in each batch, for logging truncation.
     c.with_stats = False
     return c
+
+
+def hd_grid_value(value: Any, key: str = "data.hd_grid") -> int:
+    """`hd_grid` in the one convention (1 = no HD, n >= 2 = n x n crops + the whole image).
+
+    0, how `config.data` spelled "no HD" in configs saved before the
+    conventions were unified, is read as 1. Anything else that is not an
+    integer >= 1 is a `UserError` naming `key`.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        raise UserError(f"{key}={value!r} is not a valid HD grid: use an integer n >= 1 "
+                        "(1 = no HD, n >= 2 = n x n crops plus the whole image)")
+    return max(int(value), 1)

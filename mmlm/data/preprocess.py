@@ -1,4 +1,4 @@
-"""Image, high-resolution and video preprocessing (DESIGN.md section 4).
+"""Image, high-resolution and video preprocessing (LLaVA-1.5 / LLaVA-Mini conventions).
 
 Images follow LLaVA-1.5's `image_aspect_ratio="pad"` path: pad to a square
 with the CLIP mean colour (image centred), resize to `image_size` with PIL
@@ -8,8 +8,10 @@ normalise with the CLIP mean/std. Arrays are float32, channels last.
 High resolution (LLaVA-Mini-HD): the padded square is resized to
 `hd_grid * image_size`, cut into `hd_grid x hd_grid` crops in raster order,
 and the whole padded image (resized to `image_size`) comes last, so one image
-gives K = hd_grid**2 + 1 views. `hd_grid` 0 or 1 means no HD (K = 1): a 1x1
-grid would only repeat the whole image (LLaVA-Mini's `resolution_ratio` 1).
+gives K = hd_grid**2 + 1 views. `hd_grid` 1 means no HD (K = 1), as in the
+model config: a 1x1 grid would only repeat the whole image (LLaVA-Mini's
+`resolution_ratio` 1). 0, the old data-side spelling of "no HD", is accepted
+as the same (configs read it through `mmlm.data.config.hd_grid_value`).
 
 Video: frames sampled at `target_fps` (1 fps in LLaVA-Mini): a video of
 duration D seconds gives T = min(max_frames, max(1, round(D * fps))) frames,
@@ -33,7 +35,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def num_views(hd_grid: int) -> int:
-    """Views per image/frame: 1 without HD (hd_grid 0 or 1), else hd_grid**2 crops + the whole image."""
+    """Views per image/frame: 1 without HD (hd_grid 1; the old 0 too), else hd_grid**2 crops + the whole image."""
     if hd_grid < 0:
         raise ValueError(f"hd_grid must be >= 0, got {hd_grid}")
     return 1 if hd_grid <= 1 else hd_grid * hd_grid + 1

@@ -210,18 +210,14 @@ def _position_qa(rng: np.random.Generator, objs: Sequence[Obj]) -> QA | None:
 
 def _shapes_qa(rng: np.random.Generator, objs: Sequence[Obj], category: str) -> QA | None:
     """One question of `category` about a `shapes` scene, or None if not applicable."""
-    if category == "color":
-        cands = _unique(objs, "shape")
+    if category in ("color", "shape"):
+        # Ask for one attribute of an object named by the other (which must be unique in the scene).
+        named_by, question = ("shape", Q_COLOR) if category == "color" else ("color", Q_SHAPE)
+        cands = _unique(objs, named_by)
         if not cands:
             return None
         o = cands[int(rng.integers(len(cands)))]
-        return QA(category, Q_COLOR.format(shape=o.shape), o.color)
-    if category == "shape":
-        cands = _unique(objs, "color")
-        if not cands:
-            return None
-        o = cands[int(rng.integers(len(cands)))]
-        return QA(category, Q_SHAPE.format(color=o.color), o.shape)
+        return QA(category, question.format(**{named_by: getattr(o, named_by)}), getattr(o, category))
     if category == "count":
         return QA(category, Q_COUNT, NUMBER_WORDS[len(objs)])
     if category == "position":

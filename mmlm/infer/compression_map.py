@@ -2,10 +2,12 @@
 
 For the query compressor, the map of compressed token i is its cross-attention
 distribution over the key grid (24 x 24 patches, or the stitched 48 x 48 grid
-of LLaVA-Mini-HD), averaged over the heads. It is recomputed here from the
-compressor's params with the plain XLA formulation of
-`mmlm.models.compressor.QueryCompressor` (the fused kernel never materialises
-the weights):
+of LLaVA-Mini-HD), averaged over the heads. The fused kernel never
+materialises the weights; the model's own compressor recomputes them from its
+parameters in plain XLA (`return_weights=True` of
+`mmlm.models.compressor.QueryCompressor`), on the keys the model builds
+(`LlavaMini.encode_images`, then `LlavaMini._compressor_keys`, which stitches
+HD crops):
 
     q = (LN_q(Q[:m]) + PE_q) W_q + b_q          (m, Dv)
     k = (LN_kv(X) + PE_k) W_k + b_k             (N, Dv)
@@ -28,58 +30,21 @@ import numpy as np
 from einops import rearrange
 from PIL import Image, ImageDraw
 
-from mmlm.models.compressor import query_position_table
+from mmlm.models.compressor import make_compressor, square_side
 from mmlm.models.config import ModelConfig
-from mmlm.models.llava_mini import LlavaMini, stitch_crops
-from mmlm.models.positions import adaptive_avg_pool_matrix, key_position_table
-
-
-def _square_side(n: int, what: str) -> int:
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"{what} must form a square grid, got {n}")
-    return side
-
-
-def _layer_norm(x: jax.Array, p: dict[str, jax.Array], eps: float) -> jax.Array:
-    x = x.astype(jnp.float32)
-    mu = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mu).mean(-1, keepdims=True)
-    return (x - mu) * jax.lax.rsqrt(var + eps) * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+from mmlm.models.llava_mini import LlavaMini
 
 
 def query_attention(cfg: ModelConfig, compressor_params: dict[str, Any], keys: jax.Array,
                     num_tokens: int, average_heads: bool = True) -> jax.Array:
-    """Attention of the first `num_tokens` queries over the keys.
+    """Attention of the first `num_tokens` queries over the keys (the model's compressor, weights out).
 
-    keys: (B, N, Dv) vision features (N a square grid). Returns (B, m, N) fp32 averaged over heads
-    (or (B, H, m, N) per head), rows summing to 1.
+    keys: (B, N, Dv) compressor keys (N a square grid). Returns (B, m, N) fp32 averaged over heads
+    (or (B, H, m, N) per head; H = 1 for average pooling), rows summing to 1.
     """
-    c = cfg.compressor
-    p = compressor_params
-    _, n, dv = keys.shape
-    w = p["in_proj_kernel"].astype(jnp.float32)
-    bias = p["in_proj_bias"].astype(jnp.float32)
-    pe_q = jnp.asarray(query_position_table(c, dv)[:num_tokens])
-    pe_k = jnp.asarray(key_position_table(dv, c.grid, _square_side(n, "compressor keys")))
-    q = (_layer_norm(p["query"][:num_tokens], p["ln_q"], c.ln_eps) + pe_q) @ w[:, :dv] + bias[:dv]
-    k = (_layer_norm(keys, p["ln_kv"], c.ln_eps) + pe_k) @ w[:, dv:2 * dv] + bias[dv:2 * dv]
-    dh = dv // c.heads
-    qh = q.reshape(num_tokens, c.heads, dh)
-    kh = k.reshape(k.shape[0], n, c.heads, dh)
-    scores = jnp.einsum("mhd,bnhd->bhmn", qh, kh) / math.sqrt(dh)
-    probs = jax.nn.softmax(scores, axis=-1)
+    compressor = make_compressor(cfg.compressor, jnp.float32, jnp.float32)
+    probs = compressor.apply({"params": compressor_params}, keys, num_tokens, return_weights=True)
     return probs.mean(axis=1) if average_heads else probs
-
-
-def compressor_keys(cfg: ModelConfig, feats: jax.Array) -> jax.Array:
-    """ViT features (B, F, K, N, Dv) -> compressor keys (B, F, N', Dv) (HD crops stitched)."""
-    n = cfg.hd_grid
-    if n == 1:
-        return feats[:, :, 0]
-    b = feats.shape[0]
-    crops = rearrange(feats[:, :, : n * n], "b f k n d -> (b f) k n d")
-    return rearrange(stitch_crops(crops, n), "(b f) n d -> b f n d", b=b)
 
 
 def compression_maps(cfg: ModelConfig, params: Any, images: np.ndarray, num_tokens: int | None = None
@@ -95,16 +60,16 @@ def compression_maps(cfg: ModelConfig, params: Any, images: np.ndarray, num_toke
     return np.asarray(_maps_jit(cfg, params, jnp.asarray(images), m))
 
 
+def _compressor_keys(model: LlavaMini, images: jax.Array) -> jax.Array:
+    """(B, F, K, H, W, 3) images -> the compressor's keys (B, F, N, Dv), as the model builds them."""
+    return model._compressor_keys(model.encode_images(images))
+
+
 def _maps(cfg: ModelConfig, params: Any, images: jax.Array, m: int) -> jax.Array:
-    feats = LlavaMini(cfg).apply({"params": params}, images, method=LlavaMini.encode_images)
-    keys = compressor_keys(cfg, feats)  # (B, F, N, Dv)
+    keys = LlavaMini(cfg).apply({"params": params}, images, method=_compressor_keys)
     b, f, n, _ = keys.shape
-    g = _square_side(n, "compressor keys")
-    if cfg.compressor.kind == "avgpool":
-        pool = jnp.asarray(adaptive_avg_pool_matrix(g, _square_side(m, "average-pooling budget")))
-        attn = jnp.broadcast_to(pool / pool.sum(-1, keepdims=True), (b * f, m, n))
-    else:
-        attn = query_attention(cfg, params["compressor"], rearrange(keys, "b f n d -> (b f) n d"), m)
+    g = square_side(n, "compressor keys")
+    attn = query_attention(cfg, params.get("compressor", {}), rearrange(keys, "b f n d -> (b f) n d"), m)
     return rearrange(attn, "(b f) m (i j) -> b f m i j", b=b, i=g, j=g)
 
 

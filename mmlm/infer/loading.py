@@ -37,7 +37,7 @@ class InferenceModel:
     system_prompt: str | None
     stop_ids: list[int]
     image_size: int
-    hd_grid: int  # data convention: 0 = no HD
+    hd_grid: int  # n x n HD crops + the whole image; 1 = no HD (as model.hd_grid)
     max_frames: int
     video_fps: float
     image_mean: tuple[float, ...]
@@ -94,6 +94,7 @@ def inference_model(config: ml_collections.ConfigDict, params: Any, source: str,
     captioning template (stage-1 evaluation, whose prompts come pre-built).
     """
     from mmlm.data import templates
+    from mmlm.data.config import hd_grid_value
     from mmlm.data.tokenizer import load_tokenizer
 
     cfg = model_config_from_dict(config.model)
@@ -127,8 +128,11 @@ def inference_model(config: ml_collections.ConfigDict, params: Any, source: str,
     if tmpl == "plain" and not allow_plain:
         raise UserError("this model was trained with the 'plain' (captioning) template, which has no "
                         "question; pass --template vicuna_v1 or llama_3_1")
-    hd = data.get("hd_grid")
-    hd = (0 if cfg.hd_grid <= 1 else cfg.hd_grid) if hd is None else int(hd)
+    # A config.json saved before hd_grid had one convention may hold data.hd_grid = 0 ("no HD"): read as 1.
+    hd = cfg.hd_grid if data.get("hd_grid") is None else hd_grid_value(data.hd_grid, f"{source}: data.hd_grid")
+    if hd != cfg.hd_grid:
+        raise UserError(f"{source}: data.hd_grid={hd} but model.hd_grid={cfg.hd_grid} in its config; "
+                        "the model reads the views the data makes, so the saved config is inconsistent")
     return InferenceModel(
         cfg=cfg, params=params, config=config, tokenizer=tok, template=tmpl,
         system_prompt=data.get("system_prompt"), stop_ids=templates.stop_token_ids(tok, tmpl),

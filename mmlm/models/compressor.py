@@ -45,7 +45,8 @@ class LayerNormParams(nn.Module):
         return scale, bias
 
 
-def _square_side(n: int, what: str) -> int:
+def square_side(n: int, what: str) -> int:
+    """The side of a square grid of n tokens (a ValueError naming `what` if n is not a square)."""
     side = int(round(n**0.5))
     if side * side != n:
         raise ValueError(f"{what} must form a square grid, got {n} tokens")
@@ -61,14 +62,20 @@ def query_position_table(cfg: CompressorConfig, dim: int) -> np.ndarray:
 
 
 class QueryCompressor(nn.Module):
-    """features (B, N, Dv), N a square key grid -> (B, m, Dv)."""
+    """features (B, N, Dv), N a square key grid -> (B, m, Dv).
+
+    With `return_weights=True` it returns the cross-attention weights instead,
+    (B, heads, m, N) fp32, rows summing to 1 (the fused kernel never
+    materialises them; they are recomputed from the same parameters in plain
+    XLA): softmax_n(q_h . k_h / sqrt(dh)) with k = (LN_kv(X) + PE_k) W_k + b_k.
+    """
 
     cfg: CompressorConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, num_tokens: int) -> jax.Array:
+    def __call__(self, x: jax.Array, num_tokens: int, return_weights: bool = False) -> jax.Array:
         cfg = self.cfg
         b, n, dv = x.shape
         if not 1 <= num_tokens <= cfg.tokens:
@@ -90,29 +97,50 @@ class QueryCompressor(nn.Module):
         out_proj = dense(dv, ("qkv", "vision_embed"), use_bias=True, name="out_proj", **kw)
 
         pe_q = jnp.asarray(query_position_table(cfg, dv)[:num_tokens], self.dtype)
-        pe_k = jnp.asarray(key_position_table(dv, cfg.grid, _square_side(n, "compressor keys")), self.dtype)
+        pe_k = jnp.asarray(key_position_table(dv, cfg.grid, square_side(n, "compressor keys")), self.dtype)
         w_in, b_in = w_in.astype(self.dtype), b_in.astype(self.dtype)
         wq, wk, wv = w_in[:, :dv], w_in[:, dv:2 * dv], w_in[:, 2 * dv:]
         bq, bk, bv = b_in[:dv], b_in[dv:2 * dv], b_in[2 * dv:]
         # Queries are shared by the whole batch: project them once, (m, Dv).
         q = (ln_q(query[:num_tokens].astype(self.dtype)) + pe_q) @ wq + bq
+        if return_weights:
+            return _attention_weights(x, q, ln_kv_scale, ln_kv_bias, wk, bk, pe_k, cfg.heads, cfg.ln_eps)
         attn = compress_attention(
             x.astype(self.dtype), q, ln_kv_scale.astype(self.dtype), ln_kv_bias.astype(self.dtype),
             wk, bk, wv, bv, pe_k, num_heads=cfg.heads, eps=cfg.ln_eps, impl=cfg.impl)
         return out_proj(attn)
 
 
+def _attention_weights(x: jax.Array, q: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, wk: jax.Array,
+                       bk: jax.Array, pe_k: jax.Array, heads: int, eps: float) -> jax.Array:
+    """(B, heads, m, N) fp32 softmax weights of queries q (m, Dv) over the keys of x (B, N, Dv)."""
+    f32 = lambda a: a.astype(jnp.float32)
+    x = f32(x)
+    mu = x.mean(-1, keepdims=True)
+    xn = (x - mu) * jax.lax.rsqrt(jnp.square(x - mu).mean(-1, keepdims=True) + eps) * f32(ln_scale) + f32(ln_bias)
+    k = (xn + f32(pe_k)) @ f32(wk) + f32(bk)
+    dh = x.shape[-1] // heads
+    qh = f32(q).reshape(q.shape[0], heads, dh)
+    kh = k.reshape(x.shape[0], x.shape[1], heads, dh)
+    return jax.nn.softmax(jnp.einsum("mhd,bnhd->bhmn", qh, kh) / jnp.sqrt(jnp.float32(dh)), axis=-1)
+
+
 class AvgPoolCompressor(nn.Module):
-    """Adaptive average pooling of the key grid to sqrt(m) x sqrt(m) (the paper's ablation)."""
+    """Adaptive average pooling of the key grid to sqrt(m) x sqrt(m) (the paper's ablation).
+
+    With `return_weights=True`: the pooling windows as (B, 1, m, N) fp32 weights, rows summing to 1.
+    """
 
     cfg: CompressorConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, num_tokens: int) -> jax.Array:
-        side = _square_side(num_tokens, "average-pooling budget")
-        pool = adaptive_avg_pool_matrix(_square_side(x.shape[1], "compressor keys"), side)
+    def __call__(self, x: jax.Array, num_tokens: int, return_weights: bool = False) -> jax.Array:
+        side = square_side(num_tokens, "average-pooling budget")
+        pool = adaptive_avg_pool_matrix(square_side(x.shape[1], "compressor keys"), side)
+        if return_weights:
+            return jnp.broadcast_to(jnp.asarray(pool, jnp.float32), (x.shape[0], 1) + pool.shape)
         return jnp.einsum("mn,bnd->bmd", jnp.asarray(pool, x.dtype), x)
 
 

@@ -3,7 +3,7 @@
 Flax modules take these frozen dataclasses (not ConfigDicts) so they can be
 hashed by `nn.scan`/`jax.jit` and read without string lookups. Field meanings
 are documented where the ConfigDict is built (`mmlm/config_defaults.py`,
-`model_config`).
+`model_config` and the sections it assembles).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import ml_collections
 from mmlm import IMAGE_TOKEN_ID
 
 MODES = ("llava_mini", "llava15")
+# Top-level parameter groups of a model (the keys of its params tree); llava15 has no compressor/prefusion.
+PARTS = ("vision", "projector", "compressor", "prefusion", "llm")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 

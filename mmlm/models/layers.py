@@ -8,7 +8,7 @@ transpose of torch `Linear.weight`, so checkpoint conversion is a transpose.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -238,7 +238,3 @@ def unstack_layers(params: dict, num_layers: int | None = None) -> dict:
 
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def shape_tuple(x: Sequence[int]) -> tuple[int, ...]:
-    return tuple(int(d) for d in x)

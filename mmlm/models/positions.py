@@ -3,10 +3,11 @@
 * `sincos_2d(dim, grid)`: the MAE table used by the LLaVA-Mini resampler: the
   first half of the channels encodes the column (x), the second half the row
   (y), each half `[sin | cos]` with frequencies 1/10000^(2i/(dim/2)).
-* `resize_bicubic_torch(table, out_grid)`: what `F.interpolate(mode="bicubic",
-  align_corners=False)` computes (cubic convolution a=-0.75, clamped borders,
-  no antialiasing), which differs from `jax.image.resize` (a=-0.5). Used to
-  stretch the C x C query table onto the key grid.
+* `key_position_table(dim, query_grid, key_grid)`: the C x C table stretched
+  onto the key grid with `bicubic_matrix`, what torch's
+  `F.interpolate(mode="bicubic", align_corners=False)` computes (cubic
+  convolution a=-0.75, clamped borders, no antialiasing), which differs from
+  `jax.image.resize` (a=-0.5).
 * `matryoshka_order(grid, budgets)`: the query permutation that makes square
   prefixes spatially meaningful (see the function).
 """

@@ -7,8 +7,6 @@ allocated: a 7B config answers in seconds on a laptop.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 import jax
@@ -16,12 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from mmlm.cli_common import print_report
 from mmlm.config_utils import load_config, split_config_overrides
-from mmlm.models.config import ModelConfig, model_config_from_dict
+from mmlm.models.config import PARTS, ModelConfig, model_config_from_dict
 from mmlm.models.layers import count_params
 from mmlm.models.llava_mini import LlavaMini
-
-PARTS = ("vision", "projector", "compressor", "prefusion", "llm")
 
 
 def dummy_batch(cfg: ModelConfig, batch: int = 1, text_len: int = 16, frames: int = 1,
@@ -105,9 +102,4 @@ def main(argv: list[str]) -> int:
     cfg = model_config_from_dict(config.model)
     text_len = args.text_len or int(config.get("text_len", 64))
     s = summarize(cfg, text_len)
-    if args.json:
-        json.dump(s, sys.stdout, indent=2)
-        print()
-    else:
-        _print_table(args.config, s)
-    return 0
+    return print_report(s, args.json, lambda: _print_table(args.config, s))

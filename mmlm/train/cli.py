@@ -19,6 +19,7 @@ import os
 import sys
 
 from mmlm.config_utils import load_config, split_config_overrides
+from mmlm.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,4 +94,7 @@ def main(argv: list[str]) -> int:
     except TrainError as e:
         print(f"mmlm train: {e}", file=sys.stderr)
         return 1
+    except UserError as e:  # a config the run cannot use (e.g. a mesh that does not divide the model)
+        print(f"mmlm train: error: {e}", file=sys.stderr)
+        return 2
     return PREEMPTED_EXIT_CODE if results["status"] == "preempted" else 0

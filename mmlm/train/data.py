@@ -5,8 +5,8 @@
   the synthetic splits (`mmlm.data.synth`) and builds them
   (`mmlm.data.build`) under `synthetic.cache_dir` (default `WORKDIR/data`);
   the other processes wait for it. The demo uses this.
-* `train_iterator(...)`: this host's shard of the training stream (grain,
-  checkpointable).
+* `make_pipeline(config, split, train=...)`: this host's shard of a split
+  (grain, checkpointable; `local_only` reads the whole split on one host).
 * `global_batch(...)`: host-local numpy batches -> global `jax.Array`s split
   over the mesh's batch axes.
 """
@@ -29,6 +29,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from mmlm.data.config import hd_grid_value
+from mmlm.errors import UserError
 from mmlm.sharding import batch_sharding
 
 log = logging.getLogger(__name__)
@@ -130,15 +132,20 @@ def _build_synthetic(config: ml_collections.ConfigDict, key: Mapping[str, Any], 
 
 
 def resolve_data_config(config: ml_collections.ConfigDict) -> None:
-    """Pins fields of `config.data` that follow the model, in the data package's conventions.
+    """Pins fields of `config.data` that follow the model.
 
-    The model counts HD grids from 1 (`model.hd_grid = 1`: no HD) while the
-    pipeline uses 0 for "no HD"; an unset `data.hd_grid` is translated here so
-    the two cannot disagree.
+    `data.hd_grid` (None: the model's) is validated in the shared convention
+    (1 = no HD; an old 0 reads as 1, `mmlm.data.config.hd_grid_value`) and
+    must equal `model.hd_grid`: the views per frame the data makes are the
+    views the model reads.
     """
-    if config.data.get("hd_grid") is None:
-        n = int(config.model.get("hd_grid", 1))
-        config.data.hd_grid = 0 if n <= 1 else n
+    model_hd = hd_grid_value(config.model.get("hd_grid", 1), "model.hd_grid")
+    data_hd = config.data.get("hd_grid")
+    data_hd = model_hd if data_hd is None else hd_grid_value(data_hd)
+    if data_hd != model_hd:
+        raise UserError(f"data.hd_grid={data_hd} but model.hd_grid={model_hd}: the model reads the views the "
+                        "data makes; leave data.hd_grid unset (None) to follow the model")
+    config.data.hd_grid = data_hd
     if config.data.get("image_size") is None:
         config.data.image_size = int(config.model.image_size)
 
@@ -176,15 +183,6 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     """Host-local batch (B/P rows per process) -> global arrays (B rows) split over (data, fsdp)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in local.items()}
-
-
-def replicated_batch(full: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """A batch every process holds in full -> global arrays split over (data, fsdp)."""
-    out = {}
-    for k, v in full.items():
-        v = np.asarray(v)
-        out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim), lambda idx, v=v: v[idx])
-    return out
 
 
 def take(iterator: Iterator[dict[str, np.ndarray]], n: int | None) -> Iterator[dict[str, np.ndarray]]:

@@ -167,10 +167,3 @@ def truncate_rows_after(path: str, step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(kept)
     os.replace(tmp, path)
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All rows of WORKDIR/metrics.jsonl."""
-    path = os.path.join(workdir, METRICS_FILE)
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -8,6 +8,15 @@
   (multi_transform masks every inner transform, so Adam allocates its
   moments only for the parts it updates).
 * Gradients are clipped by their global norm first.
+* The whole chain is wrapped in `optax.apply_if_finite`: a step whose
+  gradients hold a NaN/inf is skipped (zero update, optimizer state kept)
+  and recorded in the wrapper's state (`last_finite`, `total_notfinite`);
+  the trainer reads `last_finite` and stops the run, so the last checkpoint
+  on disk is the last good state. The wrapper never gives up and applies a
+  non-finite update (`max_consecutive_errors` is the int32 maximum, which
+  its saturating counter cannot exceed). The wrapper is part of the
+  optimizer state's tree: a training checkpoint written before it existed
+  cannot be resumed (its params still load for `mmlm eval` and `mmlm chat`).
 """
 
 from __future__ import annotations
@@ -21,11 +30,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mmlm.config_defaults import PARTS
+from mmlm.models.config import PARTS
 
 log = logging.getLogger(__name__)
 
 FROZEN = "frozen"
+# apply_if_finite's counter of consecutive non-finite steps saturates at the int32 maximum,
+# so it never exceeds this limit: a non-finite update is never applied.
+NEVER_GIVE_UP = int(jnp.iinfo(jnp.int32).max)
 Schedule = Callable[[jax.Array], jax.Array]
 
 
@@ -100,7 +112,10 @@ def _decay_mask(params: Any) -> Any:
 
 def make_optimizer(optim: ml_collections.ConfigDict, params: Mapping[str, Any], parts: Sequence[str],
                    total_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm -> multi_transform({part: AdamW(part LR schedule), frozen: zero})."""
+    """apply_if_finite(clip_by_global_norm -> multi_transform({part: AdamW(part LR schedule), frozen: zero})).
+
+    The state is an `optax.ApplyIfFiniteState` whose `inner_state` is the chain's state.
+    """
     transforms: dict[str, optax.GradientTransformation] = {FROZEN: optax.set_to_zero()}
     for part in parts:
         transforms[part] = optax.adamw(
@@ -110,7 +125,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, params: Mapping[str, Any], 
     if float(optim.grad_clip_norm) > 0:
         chain.append(optax.clip_by_global_norm(float(optim.grad_clip_norm)))
     chain.append(optax.multi_transform(transforms, part_labels(params, parts)))
-    return optax.chain(*chain)
+    return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=NEVER_GIVE_UP)
 
 
 def count_state(opt_state: Any) -> int:

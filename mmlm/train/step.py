@@ -17,8 +17,13 @@ One `train_step` = one optimizer update over the global batch:
    sequences are live). Gradients are taken w.r.t. the trainable parts only.
 3. The loss is the mean over all supervised tokens of the global batch
    (sum / count, so micro-batching, sharding and hosts do not change it).
-4. Non-finite loss or gradients leave params and optimizer state unchanged
-   (`finite` = 0 in the metrics); the host stops the run (`mmlm.train.trainer`).
+4. Non-finite gradients leave params and optimizer state unchanged: the
+   optimizer is wrapped in `optax.apply_if_finite` (`mmlm.train.optimizer`),
+   which then returns a zero update and keeps its inner state. `finite` in
+   the metrics is 0 when the loss or the gradients are non-finite; the host
+   then stops the run without saving (`mmlm.train.trainer`), so a NaN/inf
+   loss whose gradients happen to be finite (the update is applied in
+   memory) never reaches a checkpoint either.
 """
 
 from __future__ import annotations
@@ -80,7 +85,10 @@ def budget_index(rng: jax.Array, step: jax.Array, num_budgets: int) -> jax.Array
 def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: Sequence[str],
                     budgets: Sequence[int], grad_accum: int, schedules: dict[str, Schedule],
                     mesh: Mesh | None = None) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
-    """Builds `train_step(state, batch) -> (new_state, metrics)` (not jitted; see `jit_train_step`)."""
+    """Builds `train_step(state, batch) -> (new_state, metrics)` (not jitted).
+
+    tx: the `make_optimizer` transformation (its state must be an `optax.ApplyIfFiniteState`).
+    """
     budgets = tuple(int(b) for b in budgets)
 
     def loss_for(train_params, frozen, mb, idx):
@@ -118,12 +126,11 @@ def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: S
         full_grads = {**grads, **zeros_for(frozen)}
         updates, new_opt = tx.update(full_grads, state["opt_state"], params)
         new_train = optax.apply_updates(train_params, {k: updates[k] for k in train_params})
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        finite = jnp.isfinite(loss) & new_opt.last_finite
         new_state = {
             "step": state["step"] + 1,
-            "params": {**keep(new_train, train_params), **frozen},
-            "opt_state": keep(new_opt, state["opt_state"]),
+            "params": {**new_train, **frozen},
+            "opt_state": new_opt,
             "rng": state["rng"],
         }
         metrics = {

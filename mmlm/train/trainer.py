@@ -115,7 +115,8 @@ def build_setup(config: ml_collections.ConfigDict, total_steps: int, mesh: Mesh 
     boxed = jax.eval_shape(model.init, jax.random.key(0), dummy_batch(cfg, abstract=False))
     logical = nn.get_partition_spec(boxed)["params"]
     abstract_params = nn.unbox(boxed)["params"]
-    param_sh = shd.logical_to_shardings(logical, abstract_params, mesh, rules)
+    param_sh = shd.logical_to_shardings(logical, abstract_params, mesh, rules,
+                                        allow_replication=shd.allow_replicated_fallback(config))
     parts = trainable_parts(abstract_params, tuple(config.train.trainable))
     schedules = {p: part_schedule(config.optim, p, total_steps) for p in parts}
     tx = make_optimizer(config.optim, abstract_params, parts, total_steps)
