@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from mmlm.data import templates
+from mmlm.errors import UserError
 
 DATASET_VERSION = "1.0.0"
 META_FILE = "mmlm_dataset.json"
@@ -69,7 +70,7 @@ MEDIA_NAMES = ("none", "image", "video")  # ClassLabel names of the "media" feat
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """A problem with the build as a whole (bad arguments, unreadable JSON)."""
 
 
@@ -280,7 +281,7 @@ def load_media(example: dict[str, Any], options: BuildOptions) -> dict[str, Any]
     if example["media"] == "image":
         try:
             data = path.read_bytes()
-            preprocess.decode_image(data)
+            preprocess.decode_image(data, name=str(path))
         except OSError as e:
             if not path.is_file():
                 return Skip("missing_file", example["id"], str(e))

@@ -21,19 +21,106 @@ and chat need.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import tempfile
 from typing import Any
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
-from mmlm.checkpoint import checkpoint_dir
+from mmlm.checkpoint import CONFIG_FILE, checkpoint_dir, load_config_json
+from mmlm.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ARRAY_ITEMS = ("params", "opt_state", "meta")
 DATA_ITEM = "data"
+
+
+# Model fields that only change how the model runs, not its parameters: they may differ on resume.
+RUNTIME_MODEL_KEYS = ("dtype", "remat_policy", "compressor.impl")
+
+
+def check_workdir(workdir: str) -> str:
+    """Creates `workdir` if needed and checks that it is a writable directory; returns its absolute path."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--workdir {workdir!r} is a file, not a directory; pass a new or existing directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".mmlm-write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"--workdir {workdir!r} is not writable ({e.strerror or e}); pass a directory you can "
+                        "write to") from None
+    return path
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, list):
+        tree = tuple(_flat_value(v) for v in tree)
+    return {prefix[:-1]: tree}
+
+
+def _flat_value(v: Any) -> Any:
+    return tuple(_flat_value(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _model_fields(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`config.model` flattened to {"llm.width": 32, ...}, normalised through the typed model config."""
+    from mmlm.models.config import model_config_from_dict
+
+    try:
+        tree = dataclasses.asdict(model_config_from_dict(model))
+    except (ValueError, TypeError):  # a config.json from another version: compare it as written
+        tree = model.to_dict() if isinstance(model, ml_collections.ConfigDict) else dict(model)
+    return _flat(tree)
+
+
+def has_checkpoints(workdir: str) -> bool:
+    root = checkpoint_dir(workdir)
+    return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
+
+
+def check_saved_model_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses to resume a workdir whose checkpoints were trained with another model config.
+
+    Runs before anything is written: the workdir's `config.json` (the config
+    its checkpoints were saved with) is compared with `config.model`; every
+    differing key is listed. Fields that do not change the parameters
+    (`RUNTIME_MODEL_KEYS`) may differ.
+    """
+    if not (os.path.isfile(os.path.join(workdir, CONFIG_FILE)) and has_checkpoints(workdir)):
+        return
+    try:
+        saved = load_config_json(workdir)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{os.path.join(workdir, CONFIG_FILE)!r} cannot be read ({e}); it describes the "
+                        "checkpoints in this workdir: restore it, or use a new --workdir") from None
+    if "model" not in saved:
+        raise UserError(f"{os.path.join(workdir, CONFIG_FILE)!r} has no 'model' section; restore it, or use a "
+                        "new --workdir")
+    old, new = _model_fields(saved.model), _model_fields(config.model)
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if key in RUNTIME_MODEL_KEYS:
+            continue
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if a != b:
+            diffs.append(f"model.{key}={a!r}, the config says {b!r}")
+    if diffs:
+        raise UserError(f"this workdir ({workdir}) was trained with " + "; ".join(diffs)
+                        + ". Use a new --workdir, or the saved config "
+                        f"({os.path.join(workdir, CONFIG_FILE)}) and its overrides")
 
 
 class Checkpointer:
