@@ -10,7 +10,17 @@ Each step directory holds four items:
 
 Arrays are saved asynchronously (the train loop goes on while they are
 written); the iterator state is written synchronously at the save call, so it
-matches the step exactly. Restoring takes an abstract target whose leaves carry
+matches the step exactly.
+
+Integrity: once a step's files are final (Orbax's post-finalization hook,
+before the step directory is committed by its rename), `mmlm_manifest.json`
+records every file's size and CRC-32 (`mmlm.checkpoint.write_manifest`).
+`restore_latest` verifies the newest step against it before restoring; a
+damaged step (a missing, truncated or corrupted file, an unreadable
+manifest, or, for a step without a manifest, a failed restore) is reported
+by path, renamed `STEP.damaged` (kept for inspection, out of the way of the
+next save) and the next older step is tried. Interrupted saves
+(`STEP.orbax-checkpoint-tmp*` directories) are removed at startup. Restoring takes an abstract target whose leaves carry
 the *current* mesh's shardings: a checkpoint saved on one mesh restores onto
 another (Orbax reshards).
 
@@ -32,7 +42,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mmlm.checkpoint import CONFIG_FILE, checkpoint_dir, load_config_json
+from mmlm.checkpoint import (CONFIG_FILE, checkpoint_dir, load_config_json, set_aside_damaged, verify_step,
+                             write_manifest)
 from mmlm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -127,17 +138,35 @@ class Checkpointer:
     """Saves and restores the train state (+ data iterator) of one workdir."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.root = checkpoint_dir(workdir)
+        self.async_save = async_save
+        self._unmanifested: list[int] = []  # saved steps whose manifest is not written yet
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             enable_async_checkpointing=async_save,
             read_only=read_only,
             create=not read_only,
+            # Interrupted saves leave STEP.orbax-checkpoint-tmp* directories: removed at startup.
+            cleanup_tmp_directories=not read_only,
             # The trainer decides when to save (train.checkpoint_every, SIGTERM, the last step).
             save_interval_steps=1,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_pending_manifests)
+            if async_save else None,
         )
         handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
         handlers[DATA_ITEM] = grain.checkpoint.CheckpointHandler()
-        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+        self.manager = ocp.CheckpointManager(self.root, options=options, item_handlers=handlers)
+
+    def _write_pending_manifests(self) -> None:
+        """Writes the manifest of each finished save (process 0; the step may still be in its tmp directory)."""
+        while self._unmanifested:
+            step = self._unmanifested.pop(0)
+            if jax.process_index() != 0:
+                continue
+            final = os.path.join(self.root, str(step))
+            tmp = sorted((os.path.join(self.root, n) for n in os.listdir(self.root)
+                          if n.startswith(f"{step}.orbax-checkpoint-tmp")), key=os.path.getmtime)
+            write_manifest(tmp[-1] if tmp else final)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -154,7 +183,56 @@ class Checkpointer:
         }
         if data_iterator is not None and hasattr(data_iterator, "get_state"):
             args[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.wait_until_finished()  # the previous save's manifest refers to its step alone
+        self._unmanifested.append(step)
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        if not self.async_save:
+            self._write_pending_manifests()
+
+    def restore_latest(self, abstract_state: dict[str, Any], data_iterator: Any | None = None
+                       ) -> tuple[int | None, dict[str, Any] | None]:
+        """(step, state) of the newest intact checkpoint, or (None, None) for a workdir without one.
+
+        Damaged newer steps are logged as warnings naming the damaged file and
+        renamed `STEP.damaged`; if every step is damaged, `UserError` (nothing
+        is renamed, so no work is silently discarded).
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        damaged: list[tuple[int, str]] = []
+        for step in steps:
+            step_dir = os.path.join(self.root, str(step))
+            status, detail = verify_step(step_dir)
+            if status != "damaged":
+                try:
+                    state = self.restore(step, abstract_state, data_iterator)
+                except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for bad files
+                    text = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                    if status == "ok":  # intact files that do not fit: not damage, a config mismatch
+                        raise UserError(f"checkpoint step {step} in {self.root} does not fit this config "
+                                        f"({text}); use the workdir's config.json or a new --workdir") from None
+                    detail = f"{step_dir} cannot be restored ({text})"
+                else:
+                    self._set_aside(damaged)
+                    return step, state
+            log.warning("checkpoint step %d is damaged: %s; trying an older step", step, detail)
+            damaged.append((step, detail))
+        if damaged:
+            raise UserError(f"no intact checkpoint in {self.root}: " + "; ".join(
+                f"step {s}: {d}" for s, d in damaged) + ". Move the damaged step directories away to start afresh")
+        return None, None
+
+    def _set_aside(self, damaged: list[tuple[int, str]]) -> None:
+        if not damaged:
+            return
+        if jax.process_index() == 0:
+            for step, _ in damaged:
+                moved = set_aside_damaged(os.path.join(self.root, str(step)))
+                log.warning("kept the damaged step %d for inspection as %s", step, moved)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("mmlm_checkpoint_set_aside")
+        self.manager.reload()
 
     def restore(self, step: int, abstract_state: dict[str, Any], data_iterator: Any | None = None
                 ) -> dict[str, Any]:

@@ -286,9 +286,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     ckpt = Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
     data_iter = iter(train_pipe)
-    latest = ckpt.latest_step()
+    latest, state = ckpt.restore_latest(setup.abstract_state, data_iter)
     if latest is not None:
-        state = ckpt.restore(latest, setup.abstract_state, data_iter)
         log.info("resumed from step %d (%s)", latest, ckpt.manager.directory)
     else:
         state = init_state(setup, int(config.seed))
