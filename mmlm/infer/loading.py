@@ -39,6 +39,7 @@ class InferenceModel:
     image_size: int
     hd_grid: int  # data convention: 0 = no HD
     max_frames: int
+    max_text_len: int  # prompt tokens the model was trained for (data.max_text_len); longer prompts are refused
     video_fps: float
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
@@ -121,7 +122,7 @@ def load_inference_model(*, workdir: str | None = None, checkpoint: str | None =
         cfg=cfg, params=params, config=config, tokenizer=tok, template=tmpl,
         system_prompt=data.get("system_prompt"), stop_ids=templates.stop_token_ids(tok, tmpl),
         image_size=int(data.get("image_size") or cfg.image_size), hd_grid=hd,
-        max_frames=int(data.max_frames), video_fps=float(data.video_fps),
+        max_frames=int(data.max_frames), max_text_len=int(data.max_text_len), video_fps=float(data.video_fps),
         image_mean=tuple(data.image_mean), image_std=tuple(data.image_std), source=source)
 
 
@@ -132,10 +133,12 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
 
 def check_file(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a directory, not a file")
     if not p.exists():
         raise UserError(f"{what} {str(path)!r} does not exist")
     if not p.is_file():
-        raise UserError(f"{what} {str(path)!r} is not a file")
+        raise UserError(f"{what} {str(path)!r} is not a regular file")
     if not os.access(p, os.R_OK):
         raise UserError(f"{what} {str(path)!r} is not readable (check its permissions)")
     return p
@@ -149,7 +152,8 @@ def load_image_pixels(im: InferenceModel, path: str | os.PathLike) -> np.ndarray
     try:
         img = preprocess.load_image(p)
     except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"cannot read image {str(path)!r}: {e}") from None
+        text = str(e)  # preprocess's own messages name the file already
+        raise UserError(text if str(path) in text else f"cannot read image {str(path)!r}: {text}") from None
     pixels = preprocess.preprocess_image(img, im.image_size, im.hd_grid, im.image_mean, im.image_std)
     return pixels[None]
 

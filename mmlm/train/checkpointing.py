@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -49,6 +50,7 @@ from mmlm.errors import UserError
 log = logging.getLogger(__name__)
 
 ARRAY_ITEMS = ("params", "opt_state", "meta")
+TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix of a step directory being written
 DATA_ITEM = "data"
 
 
@@ -153,9 +155,21 @@ class Checkpointer:
             async_options=ocp.AsyncOptions(post_finalization_callback=self._write_pending_manifests)
             if async_save else None,
         )
+        if not read_only:
+            self._remove_interrupted_saves()
         handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
         handlers[DATA_ITEM] = grain.checkpoint.CheckpointHandler()
         self.manager = ocp.CheckpointManager(self.root, options=options, item_handlers=handlers)
+
+    def _remove_interrupted_saves(self) -> None:
+        """Deletes STEP.orbax-checkpoint-tmp* directories: saves cut short by a kill (never committed)."""
+        if jax.process_index() != 0 or not os.path.isdir(self.root):
+            return
+        for name in sorted(os.listdir(self.root)):
+            if TMP_MARKER in name and name.split(".", 1)[0].isdigit():
+                path = os.path.join(self.root, name)
+                shutil.rmtree(path, ignore_errors=True)
+                log.warning("removed the interrupted save %s", path)
 
     def _write_pending_manifests(self) -> None:
         """Writes the manifest of each finished save (process 0; the step may still be in its tmp directory)."""
@@ -165,7 +179,7 @@ class Checkpointer:
                 continue
             final = os.path.join(self.root, str(step))
             tmp = sorted((os.path.join(self.root, n) for n in os.listdir(self.root)
-                          if n.startswith(f"{step}.orbax-checkpoint-tmp")), key=os.path.getmtime)
+                          if n.startswith(f"{step}{TMP_MARKER}")), key=os.path.getmtime)
             write_manifest(tmp[-1] if tmp else final)
 
     def latest_step(self) -> int | None:
