@@ -136,6 +136,13 @@ def test_unusable_workdir(capsys, tmp_path):
         assert_user_error(rc, out, str(workdir))
 
 
+def test_init_from_that_is_not_a_model_checkpoint(capsys, tmp_path):
+    rc, out = run_cli(capsys, "train", "--config", TINY, "--workdir", str(tmp_path / "w"),
+                      "--init_from", str(tmp_path / "nope"))
+    assert_user_error(rc, out, "--init_from", str(tmp_path / "nope"))
+    assert not (tmp_path / "w" / "data").exists()
+
+
 def _fake_trained_workdir(root: Path, *overrides: str) -> Path:
     """A workdir as a run with `overrides` leaves it: config.json and a checkpoint step directory."""
     from mmlm.checkpoint import save_config
@@ -226,7 +233,7 @@ def test_chat_bad_image_path_is_named(capsys, model, kind):
     else:
         path.write_text("plain text")
     rc, out = _chat(capsys, model, "--image", str(path), "--prompt", "q")
-    assert_user_error(rc, out, str(path), "is a directory" if kind == "directory" else "cannot identify")
+    assert_user_error(rc, out, str(path), "is a directory" if kind == "directory" else "cannot identify the image format")
     assert "BytesIO" not in out
 
 

@@ -98,15 +98,15 @@ def decode_image(data: bytes, name: str | None = None) -> Image.Image:
     for undecodable or truncated data and ValueError for an image with more
     pixels than PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`).
     """
-    what = repr(name) if name else "the image data"
+    of = f" of {name!r}" if name else ""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # force the full decode so truncated files fail here
     except Image.DecompressionBombError as e:
-        raise ValueError(f"{what} is too large to decode safely ({e}); a decompression bomb, or an image to "
-                         "downscale first") from None
+        raise ValueError(f"the image{of} is too large to decode safely ({e}); a decompression bomb, or an "
+                         "image to downscale first") from None
     except Image.UnidentifiedImageError:
-        raise OSError(f"cannot identify image file {what}: not an image format PIL reads "
+        raise OSError(f"cannot identify the image format{of}: not an image format PIL reads "
                       f"({len(data)} bytes)") from None
     return _to_rgb(img)
 

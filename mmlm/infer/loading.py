@@ -150,10 +150,9 @@ def load_image_pixels(im: InferenceModel, path: str | os.PathLike) -> np.ndarray
 
     p = check_file(path, "image")
     try:
-        img = preprocess.load_image(p)
+        img = preprocess.decode_image(p.read_bytes())
     except (OSError, ValueError, SyntaxError) as e:
-        text = str(e)  # preprocess's own messages name the file already
-        raise UserError(text if str(path) in text else f"cannot read image {str(path)!r}: {text}") from None
+        raise UserError(f"cannot read image {str(path)!r}: {e}") from None
     pixels = preprocess.preprocess_image(img, im.image_size, im.hd_grid, im.image_mean, im.image_std)
     return pixels[None]
 

@@ -39,7 +39,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from mmlm.checkpoint import load_model_params, save_config
+from mmlm.checkpoint import is_model_checkpoint, load_model_params, save_config
 from mmlm.config_utils import validate_config
 from mmlm.errors import UserError
 from mmlm.models.config import ModelConfig, model_config_from_dict
@@ -48,7 +48,7 @@ from mmlm.models.llava_mini import LlavaMini
 from mmlm.models.summary import dummy_batch
 from mmlm import sharding as shd
 from mmlm.train import data as data_lib
-from mmlm.train.checkpointing import Checkpointer, check_saved_model_config, check_workdir
+from mmlm.train.checkpointing import Checkpointer, check_saved_model_config, check_workdir, has_checkpoints
 from mmlm.train.evaluate import Evaluator
 from mmlm.train.metrics import MetricWriter, compiled_flops, peak_tflops_per_device
 from mmlm.train.optimizer import count_state, make_optimizer, part_schedule, trainable_parts
@@ -274,6 +274,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
     workdir = check_workdir(workdir)
     check_saved_model_config(config, workdir)
+    if config.train.init_from and not has_checkpoints(workdir) and not is_model_checkpoint(config.train.init_from):
+        raise TrainError(f"--init_from {config.train.init_from!r} is not a model checkpoint (a directory with "
+                         "config.json and params/, as `mmlm convert` writes)")
     data_lib.prepare_synthetic(config, workdir)
     data_lib.resolve_data_config(config)
     check_data(config)
