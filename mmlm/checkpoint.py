@@ -12,8 +12,10 @@ eval and chat need nothing from the training package.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import zlib
 from typing import Any
 
 import jax
@@ -21,13 +23,122 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmlm.errors import UserError
+
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 CHECKPOINT_DIR = "checkpoints"  # a training workdir's CheckpointManager root
+MANIFEST_FILE = "mmlm_manifest.json"  # per step: every file's size and CRC-32, written after the save
+# Files not listed in a manifest: the manifest itself and Orbax's commit markers (written after it).
+_UNLISTED = (MANIFEST_FILE, "commit_success.txt")
+# JSON files that Orbax rewrites when it commits the step (after the manifest): listed without size and
+# checksum, verified as present, non-empty, valid JSON.
+_JSON_REWRITTEN = ("_CHECKPOINT_METADATA",)
+DAMAGED_SUFFIX = ".damaged"  # a damaged step directory is renamed STEP.damaged (kept for inspection)
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+# ------------------------------------------------------------------------- integrity
+
+def _crc32(path: str, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _listed_files(step_dir: str) -> list[str]:
+    out = []
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            if name not in _UNLISTED:
+                out.append(os.path.relpath(os.path.join(root, name), step_dir))
+    return sorted(out)
+
+
+def write_manifest(step_dir: str) -> None:
+    """Records every file of a saved step (size and CRC-32) in `STEP/mmlm_manifest.json`.
+
+    Called once the step's files are final (after Orbax finishes the save);
+    written to a temporary name and renamed, so a manifest is never partial.
+    """
+    files = {rel: ({"json": True} if os.path.basename(rel) in _JSON_REWRITTEN else
+                   {"size": os.path.getsize(os.path.join(step_dir, rel)), "crc32": _crc32(os.path.join(step_dir, rel))})
+             for rel in _listed_files(step_dir)}
+    tmp = os.path.join(step_dir, MANIFEST_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"version": 1, "checksum": "crc32", "files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, MANIFEST_FILE))
+
+
+def verify_step(step_dir: str, items: tuple[str, ...] | None = None) -> tuple[str, str]:
+    """Checks a saved step against its manifest: ("ok" | "unverified" | "damaged", detail).
+
+    "unverified": the step has no manifest (saved by an older version, or the
+    process died between the save and the manifest); only restoring it can
+    tell. "damaged": the manifest is unreadable, or a listed file is missing,
+    has another size (truncated) or another checksum (flipped bytes); the
+    detail names the file. `items` limits the check to files under those
+    top-level item directories (and the step's own top-level files), e.g.
+    ("params",) for eval/chat.
+    """
+    if not os.path.isdir(step_dir):
+        return "damaged", f"{step_dir} is not a directory"
+    path = os.path.join(step_dir, MANIFEST_FILE)
+    if not os.path.exists(path):
+        return "unverified", f"{step_dir} has no {MANIFEST_FILE}"
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+        entries = [(str(rel), None, None) if e.get("json") else (str(rel), int(e["size"]), int(e["crc32"]))
+                   for rel, e in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return "damaged", f"{path} is unreadable ({type(e).__name__}: {e})"
+    for rel, size, crc in entries:
+        top = rel.split(os.sep, 1)[0] if os.sep in rel else None
+        if items is not None and top is not None and top not in items:
+            continue
+        full = os.path.join(step_dir, rel)
+        if not os.path.isfile(full):
+            return "damaged", f"{full} is missing"
+        if size is None:
+            try:
+                with open(full) as f:
+                    json.load(f)
+            except (OSError, ValueError) as e:
+                return "damaged", f"{full} is not valid JSON ({type(e).__name__}: {e})"
+            continue
+        actual = os.path.getsize(full)
+        if actual != size:
+            return "damaged", f"{full} has {actual} bytes, {size} were saved (truncated or overwritten)"
+        if _crc32(full) != crc:
+            return "damaged", f"{full} does not match its checksum (corrupted bytes)"
+    return "ok", ""
+
+
+def set_aside_damaged(step_dir: str) -> str:
+    """Renames a damaged step directory to STEP.damaged (STEP.damaged-2, ...) so that the run can save that
+    step again; returns the new path."""
+    target = step_dir.rstrip(os.sep) + DAMAGED_SUFFIX
+    n = 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{step_dir.rstrip(os.sep)}{DAMAGED_SUFFIX}-{n}"
+    os.rename(step_dir, target)
+    return target
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
@@ -116,31 +227,55 @@ def _abstract_params(config: ml_collections.ConfigDict, sharding: Any) -> Any:
 
 def load_params_from_workdir(workdir: str, step: int | None = None, shardings: Any = None
                              ) -> tuple[Any, ml_collections.ConfigDict]:
-    """(params, config) of a training workdir: the latest checkpoint, or `step`.
+    """(params, config) of a training workdir: the latest intact checkpoint, or `step`.
 
     For `mmlm eval --workdir` / `mmlm chat --workdir`. `shardings` is a
     `Sharding` for every leaf or a pytree of them matching the params (default:
     everything on the first local device). Params come back as plain (unboxed)
     jax arrays, fp32 master weights. Only the `params` item of the step is
     read (the optimizer state and data-iterator state are left on disk).
+
+    Each step's params files are checked against the step's manifest first.
+    Without `step`, a damaged latest step is reported (a warning naming the
+    file) and the newest intact one is used; a damaged `step`, or no intact
+    step at all, raises `UserError`. Nothing on disk is changed.
     """
     from flax import linen as nn
 
     config = load_config_json(workdir)
+    root = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, enable_async_checkpointing=False)
-    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+    manager = ocp.CheckpointManager(root, options=options,
                                     item_handlers={"params": ocp.StandardCheckpointHandler()})
     try:
-        steps = list(manager.all_steps())
+        steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
-            raise FileNotFoundError(f"{checkpoint_dir(workdir)!r} holds no checkpoint (has training saved one?)")
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)!r}; "
-                                    f"available: {sorted(steps)}")
+            raise FileNotFoundError(f"{root!r} holds no checkpoint (has training saved one?)")
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {root!r}; available: {sorted(steps)}")
         target = _abstract_params(config, shardings or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        damaged: list[str] = []
+        for s in ([step] if step is not None else steps):
+            step_dir = os.path.join(root, str(s))
+            status, detail = verify_step(step_dir, items=("params",))
+            if status != "damaged":
+                try:
+                    restored = manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+                except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for bad files
+                    if status == "ok":  # the files are intact: the checkpoint does not fit config.json
+                        raise UserError(f"checkpoint step {s} in {root} does not fit {workdir}/{CONFIG_FILE} "
+                                        f"({_short(e)})") from None
+                    detail = f"{step_dir} cannot be restored ({_short(e)})"
+                else:
+                    if damaged:
+                        log.warning("using checkpoint step %d; newer damaged step(s) were skipped: %s", s,
+                                    "; ".join(damaged))
+                    return nn.unbox(restored["params"]), config
+            if step is not None:
+                raise UserError(f"checkpoint step {s} is damaged: {detail}; choose another --step "
+                                f"(available: {sorted(steps)})")
+            log.warning("checkpoint step %d is damaged and skipped: %s", s, detail)
+            damaged.append(f"step {s}: {detail}")
+        raise UserError(f"no intact checkpoint in {root}: " + "; ".join(damaged))
     finally:
         manager.close()
-    return nn.unbox(restored["params"]), config

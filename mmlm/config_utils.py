@@ -9,82 +9,144 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 from typing import Any, Iterable
 
 import ml_collections
 
+from mmlm.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A mistake in a config file or a `--config.a.b=value` override (a `UserError`)."""
+
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Imports `path` and returns its `get_config()`."""
+    """Imports `path` and returns its `get_config()`.
+
+    Raises `ConfigError` when the file is missing, is a directory, does not
+    compile, raises while running, has no `get_config` or returns something
+    other than a `ConfigDict`.
+    """
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} does not exist; pass a file such as configs/tiny.py")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"config file {path!r} does not exist; pass a file such as configs/tiny.py")
+        raise ConfigError(f"config file {path!r} is not a file; pass a Python file such as configs/tiny.py")
     spec = importlib.util.spec_from_file_location(
         f"mmlm_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"config file {path!r} is not a Python file (it must end in .py and define "
+                          "get_config())")
     module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path!r} defines no get_config() function")
-    config = module.get_config()
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path!r} has a syntax error at line {e.lineno}: {e.msg}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path!r} cannot be read: {e.strerror or e}") from None
+    except Exception as e:  # the user's file failed while being imported
+        raise ConfigError(f"config file {path!r} raised {type(e).__name__} while loading: {e}") from None
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"config file {path!r} defines no get_config() function")
+    try:
+        config = get_config()
+    except Exception as e:
+        raise ConfigError(f"get_config() of {path!r} raised {type(e).__name__}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
-        raise TypeError(f"{path}: get_config() returned {type(config).__name__}, expected ConfigDict")
+        raise ConfigError(f"get_config() of {path!r} returned {type(config).__name__}, expected an "
+                          "ml_collections.ConfigDict")
     return config
 
 
 def _parse_value(text: str, current: Any) -> Any:
-    """Parses an override string to the type of the value it replaces."""
+    """Parses an override string to the type of the value it replaces.
+
+    The field keeps its type: an int field takes an integer (`2.0` is read as
+    2, `2.5` is refused), a float field an int or float, a bool field
+    true/false, a tuple a sequence (a single value becomes a 1-tuple), a
+    section a dict; a None field takes any literal (or the raw text).
+    """
     if isinstance(current, bool):
-        low = text.lower()
+        low = text.strip().lower()
         if low in ("true", "1", "yes"):
             return True
         if low in ("false", "0", "no"):
             return False
-        raise ValueError(f"expected a boolean, got {text!r}")
+        raise ValueError(f"expected a boolean (true/false), got {text!r}")
     if isinstance(current, str):
         return text
     try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         if current is None:
             return text  # a None default with a free-form string value
-        raise ValueError(f"cannot parse {text!r} as a Python literal") from None
-    if isinstance(current, float) and isinstance(value, int):
-        value = float(value)
-    if isinstance(current, (tuple, list)) and isinstance(value, (int, float)):
-        value = (value,)
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
+        raise ValueError(f"expected {_type_name(current)}, got {text!r}") from None
+    if current is None:
+        return value
+    if isinstance(current, int):
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {text!r}"
+                             + (" (a fractional number for an integer field)" if isinstance(value, float) else ""))
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {text!r}")
+        return float(value)
+    if isinstance(current, (tuple, list)):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = (value,)
+        if not isinstance(value, (tuple, list)):
+            raise ValueError(f"expected a sequence such as (1,4), got {text!r}")
+        return tuple(value) if isinstance(current, tuple) else list(value)
+    if isinstance(current, (ml_collections.ConfigDict, dict)):
+        if not isinstance(value, dict):
+            raise ValueError(f"this is a config section; set its fields (a.b.field=value) or give a dict, "
+                             f"got {text!r}")
+        return value
     return value
 
 
+def _type_name(value: Any) -> str:
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, (tuple, list)):
+        return "a sequence such as (1,4)"
+    return f"a Python literal ({type(value).__name__})"
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
-    """Applies `a.b.c=value` strings (a leading `--config.` is accepted)."""
+    """Applies `a.b.c=value` strings (a leading `--config.` is accepted); mistakes raise `ConfigError`."""
     for item in overrides:
         text = item
         for prefix in ("--config.", "config."):
             if text.startswith(prefix):
                 text = text[len(prefix):]
         if "=" not in text:
-            raise ValueError(f"override {item!r} must look like --config.a.b=value")
+            raise ConfigError(f"override {item!r} must look like --config.a.b=value")
         key, raw = text.split("=", 1)
         parts = key.split(".")
         node = config
         for i, part in enumerate(parts[:-1]):
-            if part not in node:
-                raise KeyError(f"override {item!r}: config has no field {'.'.join(parts[:i + 1])!r}")
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ConfigError(f"override {item!r}: config has no field {'.'.join(parts[:i + 1])!r}")
             node = node[part]
         leaf = parts[-1]
-        if leaf not in node:
-            raise KeyError(
-                f"override {item!r}: config has no field {key!r}; "
-                f"fields here are {sorted(node.keys())}")
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            near = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(
+                f"override {item!r}: config has no field {key!r}"
+                + (f"; fields here are {near}" if near else ""))
         current = node[leaf]
         try:
             value = _parse_value(raw, current)
         except ValueError as e:
-            raise ValueError(f"override {item!r}: {e}") from None
+            raise ConfigError(f"override {item!r}: config.{key}: {e}") from None
         with node.ignore_type():
             node[leaf] = value
     return config
@@ -100,3 +162,208 @@ def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     overrides = [a for a in argv if a.startswith("--config.")]
     rest = [a for a in argv if not a.startswith("--config.")]
     return rest, overrides
+
+
+# ----------------------------------------------------------------------------- validation
+
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+TRAIN_PARTS = ("vision", "projector", "compressor", "prefusion", "llm")
+
+
+def _num(config: ml_collections.ConfigDict, key: str, *, kind: type = int, low: float | None = None,
+         high: float | None = None, low_open: bool = False, allow: tuple = (), hint: str = "") -> Any:
+    """`config.<key>` checked for type and range; raises `ConfigError` naming the key."""
+    node: Any = config
+    for part in key.split("."):
+        node = node[part]
+    value = node
+    if value in allow and not isinstance(value, bool):
+        return value
+    ok_type = (isinstance(value, int) and not isinstance(value, bool)) if kind is int else (
+        isinstance(value, (int, float)) and not isinstance(value, bool))
+    if not ok_type:
+        raise ConfigError(f"config.{key} must be {'an integer' if kind is int else 'a number'}, "
+                          f"got {value!r} ({type(value).__name__})")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"config.{key} must be finite, got {value!r}")
+    bad = (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
+    if bad:
+        rng = (f"> {low}" if low_open else f">= {low}") if high is None else \
+            f"in {'(' if low_open else '['}{low}, {high}]"
+        extra = f" or one of {list(allow)}" if allow else ""
+        raise ConfigError(f"config.{key} must be {rng}{extra}, got {value!r}" + (f"; {hint}" if hint else ""))
+    return value
+
+
+def _check_model(config: ml_collections.ConfigDict) -> Any:
+    import dataclasses
+
+    from mmlm.models.config import model_config_from_dict
+
+    try:
+        cfg = model_config_from_dict(config.model)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+    def check_types(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value, default = getattr(obj, f.name), f.default
+            key = f"{prefix}.{f.name}"
+            if dataclasses.is_dataclass(value):
+                check_types(value, key)
+            elif isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"config.{key} must be true or false, got {value!r}")
+            elif isinstance(default, int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"config.{key} must be an integer, got {value!r} ({type(value).__name__})")
+            elif isinstance(default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ConfigError(f"config.{key} must be a number, got {value!r}")
+            elif isinstance(default, str) and not isinstance(value, str):
+                raise ConfigError(f"config.{key} must be a string, got {value!r}")
+
+    check_types(cfg, "model")
+    for key in ("vision.image_size", "vision.patch_size", "vision.width", "vision.layers", "vision.heads",
+                "vision.mlp_dim", "llm.vocab_size", "llm.width", "llm.layers", "llm.heads", "llm.kv_heads",
+                "llm.head_dim", "llm.mlp_dim", "compressor.tokens", "compressor.heads", "image_size", "hd_grid"):
+        _num(config, f"model.{key}", low=1)
+    _num(config, "model.prefusion_layers", low=0)
+    v = cfg.vision
+    if v.width % v.heads:
+        raise ConfigError(f"config.model.vision.heads={v.heads} does not divide config.model.vision.width="
+                          f"{v.width}; choose heads that divide the width")
+    try:
+        v.grid
+        v.blocks_used
+        if cfg.mode == "llava_mini":
+            cfg.compressor.grid
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
+    if cfg.mode == "llava_mini" and cfg.compressor.kind == "query" and v.width % cfg.compressor.heads:
+        raise ConfigError(f"config.model.compressor.heads={cfg.compressor.heads} does not divide the vision "
+                          f"width config.model.vision.width={v.width}")
+    if cfg.compressor.kind not in ("query", "avgpool"):
+        raise ConfigError(f"config.model.compressor.kind must be 'query' or 'avgpool', got {cfg.compressor.kind!r}")
+    return cfg
+
+
+def _check_mesh(config: ml_collections.ConfigDict, num_devices: int | None) -> dict[str, int] | None:
+    from mmlm.sharding import MESH_AXES, mesh_shape
+
+    mesh = config.get("mesh")
+    if mesh is None:
+        return None
+    unknown = sorted(set(mesh.keys()) - set(MESH_AXES))
+    if unknown:
+        raise ConfigError(f"config.mesh has unknown axes {unknown}; the axes are {list(MESH_AXES)}")
+    for axis in MESH_AXES:
+        value = mesh.get(axis, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+            raise ConfigError(f"config.mesh.{axis} must be a positive integer or -1 (the remaining devices), "
+                              f"got {value!r}")
+    if num_devices is None:
+        return None
+    try:
+        return mesh_shape(mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+                    process_count: int = 1) -> None:
+    """Checks a whole config before anything is built: types, ranges, divisibility.
+
+    Sections that a config lacks (e.g. `train` in a model-only config read by
+    `mmlm summary`) are skipped. With `num_devices` the mesh must multiply to
+    it and the batch must split over its data-parallel axes. Raises
+    `ConfigError` (a `UserError`) naming the key, the value and what is
+    expected.
+    """
+    if "model" not in config:
+        raise ConfigError("the config has no 'model' section")
+    cfg = _check_model(config)
+    if "text_len" in config:
+        _num(config, "text_len", low=1)
+    sizes = _check_mesh(config, num_devices)
+    if "train" in config:
+        _num(config, "train.steps", low=1, allow=(-1,), hint="-1 means train.epochs passes over the data")
+        if int(config.train.steps) == -1:
+            _num(config, "train.epochs", kind=float, low=0, low_open=True)
+        for key in ("grad_accum_steps", "checkpoint_every", "log_every"):
+            _num(config, f"train.{key}", low=1)
+        _num(config, "train.keep_checkpoints", low=0, hint="0 keeps every checkpoint")
+        trainable = config.train.trainable
+        if isinstance(trainable, str) or not isinstance(trainable, (tuple, list)):
+            raise ConfigError(f"config.train.trainable must be a tuple of parts such as {TRAIN_PARTS[1:]}, "
+                              f"got {trainable!r}")
+        unknown = sorted(set(trainable) - set(TRAIN_PARTS))
+        if unknown or not trainable:
+            raise ConfigError(f"config.train.trainable={tuple(trainable)!r}: "
+                              + (f"unknown part(s) {unknown}; " if unknown else "nothing to train; ")
+                              + f"parts are {list(TRAIN_PARTS)}")
+    if "optim" in config:
+        o = config.optim
+        if o.schedule not in SCHEDULES:
+            raise ConfigError(f"config.optim.schedule={o.schedule!r} is not a schedule; choose one of "
+                              f"{list(SCHEDULES)}")
+        for part in o.learning_rate.keys():
+            _num(config, f"optim.learning_rate.{part}", kind=float, low=0,
+                 hint="a learning rate cannot be negative")
+        _num(config, "optim.warmup_ratio", kind=float, low=0, high=1)
+        _num(config, "optim.end_lr_ratio", kind=float, low=0)
+        if o.schedule == "wsd":
+            _num(config, "optim.decay_ratio", kind=float, low=0, high=1, low_open=True)
+        for key in ("b1", "b2"):
+            _num(config, f"optim.{key}", kind=float, low=0, high=1)
+        _num(config, "optim.eps", kind=float, low=0, low_open=True)
+        _num(config, "optim.weight_decay", kind=float, low=0)
+        _num(config, "optim.grad_clip_norm", kind=float, low=0, hint="0 means no clipping")
+    if "eval" in config:
+        _num(config, "eval.every", low=-1, hint="0 = only after the last step, -1 = never")
+        for key in ("loss_batches", "num_questions", "print_samples"):
+            _num(config, f"eval.{key}", low=0)
+        _num(config, "eval.max_new_tokens", low=1)
+        for b in config.eval.budgets:
+            try:
+                cfg.check_budget(int(b))
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"config.eval.budgets: {e}") from None
+    if "data" in config:
+        _check_data(config, sizes, process_count)
+
+
+def _check_data(config: ml_collections.ConfigDict, sizes: dict[str, int] | None, process_count: int) -> None:
+    d = config.data
+    b = _num(config, "data.batch_size", low=1)
+    _num(config, "data.eval_batch_size", low=0, hint="0 means data.batch_size")
+    _num(config, "data.max_text_len", low=2)
+    _num(config, "data.max_frames", low=1)
+    _num(config, "data.video_fps", kind=float, low=0, low_open=True)
+    for key in ("worker_count", "prefetch_buffer_size"):
+        if key in d:
+            _num(config, f"data.{key}", low=0)
+    if "read_threads" in d:
+        _num(config, "data.read_threads", low=1)
+    if d.get("image_size") is not None:
+        _num(config, "data.image_size", low=1)
+    if d.get("hd_grid") is not None:
+        _num(config, "data.hd_grid", low=0)
+    from mmlm.data.templates import TEMPLATES
+
+    if d.template not in TEMPLATES:
+        raise ConfigError(f"config.data.template={d.template!r} is not a template; choose one of {list(TEMPLATES)}")
+    if b % process_count:
+        raise ConfigError(f"config.data.batch_size={b} must be a multiple of the number of processes "
+                          f"({process_count})")
+    if "train" in config:
+        k = int(config.train.grad_accum_steps)
+        if b % k:
+            raise ConfigError(f"config.data.batch_size={b} must be a multiple of config.train.grad_accum_steps={k}")
+        if sizes is not None:
+            dp = sizes["data"] * sizes["fsdp"]
+            if (b // k) % dp:
+                raise ConfigError(
+                    f"the micro-batch {b // k} (config.data.batch_size / config.train.grad_accum_steps) must be "
+                    f"a multiple of the data-parallel size {dp} (config.mesh.data x config.mesh.fsdp = "
+                    f"{sizes['data']} x {sizes['fsdp']}); change the batch size or the mesh")

@@ -61,17 +61,17 @@ def test_inspect_prints_supervised_spans_and_saves_images(data_cli_dataset, tmp_
 
 
 def test_cli_errors_name_the_bad_value(data_cli_dataset, tmp_path, capsys):
-    assert cli.main(["build", "--json", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["build", "--json", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2
     assert "missing.json" in capsys.readouterr().err
-    assert cli.main(["inspect", str(tmp_path)]) == 1
+    assert cli.main(["inspect", str(tmp_path)]) == 2
     assert "mmlm data build" in capsys.readouterr().err
-    assert cli.main(["inspect", str(data_cli_dataset / "ds"), "--split", "nope"]) == 1
+    assert cli.main(["inspect", str(data_cli_dataset / "ds"), "--split", "nope"]) == 2
     assert "'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["synth", "--kind", "shapes", "--out", str(tmp_path), "--num", "zero"])
     assert "'zero'" in capsys.readouterr().err
     assert cli.main(["synth", "--kind", "shapes", "--out", str(tmp_path / "w"), "--num", "2",
-                     "--category-weights", "colour=2"]) == 1
+                     "--category-weights", "colour=2"]) == 2
     assert "'colour'" in capsys.readouterr().err
     assert cli.main([]) == 0 and "synth" in capsys.readouterr().out
 

@@ -125,3 +125,120 @@ def test_undecodable_media_raise(tmp_path):
         P.load_image(tmp_path / "bad.png")
     with pytest.raises(Exception):
         P.decode_video(tmp_path / "bad.mp4", max_frames=4)
+
+
+# ------------------------------------------------------------------- every image mode PIL can open
+
+def _gray_ramp() -> np.ndarray:
+    """An 8-bit grayscale ramp covering 0..255 (with the extremes), 16 x 16."""
+    return np.arange(256, dtype=np.uint8).reshape(16, 16)
+
+
+def _saved(img: Image.Image, fmt: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _high_bit_cases():
+    """(name, encoded bytes) of one 8-bit ramp stored at higher bit depths, in every container PIL reads."""
+    g = _gray_ramp()
+    g16 = g.astype(np.uint16) * 257  # 8 -> 16 bits exactly (255 -> 65535)
+    return [
+        ("I;16 png", _saved(Image.fromarray(g16), "PNG")),
+        ("I;16 tiff", _saved(Image.fromarray(g16), "TIFF")),
+        ("I;16B tiff", _saved(Image.fromarray(g16).convert("I").convert("I;16B"), "TIFF")),
+        ("I 16-bit values tiff", _saved(Image.fromarray(g16.astype(np.int32)), "TIFF")),
+        ("I 8-bit values tiff", _saved(Image.fromarray(g.astype(np.int32)), "TIFF")),
+        ("F 0..1 tiff", _saved(Image.fromarray(g.astype(np.float32) / 255.0), "TIFF")),
+        ("F 0..255 tiff", _saved(Image.fromarray(g.astype(np.float32)), "TIFF")),
+    ]
+
+
+@pytest.mark.parametrize("name,data", _high_bit_cases(), ids=[c[0] for c in _high_bit_cases()])
+def test_high_bit_depth_images_are_scaled_to_8_bits(name, data):
+    """16-bit / 32-bit / float grayscale decode to the 8-bit image they encode, not PIL's clipped white."""
+    import io
+
+    src = Image.open(io.BytesIO(data))
+    assert src.mode in P.HIGH_BIT_DEPTH_MODES, src.mode  # PIL really opens it at high bit depth
+    want = np.repeat(_gray_ramp()[..., None], 3, axis=-1)
+    got = np.asarray(P.decode_image(data))
+    np.testing.assert_array_equal(got, want, err_msg=name)
+    assert np.asarray(P.image_views(src, 16)[0]).mean() < 200  # the PIL-image path too, not near-white
+
+
+def test_pil_convert_is_what_goes_wrong_for_16_bit():
+    """The reason for the scaling: PIL's convert("RGB") clips 16-bit values (almost everything becomes 255)."""
+    g16 = _gray_ramp().astype(np.uint16) * 257
+    clipped = np.asarray(Image.fromarray(g16).convert("RGB"))
+    assert (clipped == 255).mean() > 0.99
+    assert (np.asarray(P.decode_image(_saved(Image.fromarray(g16), "PNG"))) == 255).mean() < 0.01
+
+
+def _openable_modes():
+    """(mode, format) pairs for every PIL mode that PIL saves and reopens in that mode."""
+    import io
+
+    cases = []
+    for mode in ("1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "La", "PA",
+                 "RGBa", "RGBX", "I;16", "I;16L", "I;16B", "I;16N"):
+        for fmt in ("PNG", "TIFF", "JPEG", "BMP"):
+            try:
+                img = Image.new(mode, (4, 4))
+                reopened = Image.open(io.BytesIO(_saved(img, fmt)))
+                reopened.load()
+            except (OSError, ValueError, KeyError):
+                continue
+            cases.append((mode, fmt, reopened.mode))
+    return cases
+
+
+@pytest.mark.parametrize("mode,fmt,opened", _openable_modes())
+def test_every_mode_pil_opens_decodes_like_pil_in_8_bit_rgb(mode, fmt, opened):
+    """Every (mode, container) PIL round-trips: RGB uint8 equal to PIL's own 8-bit conversion.
+
+    The reference is PIL: convert("RGB") for 8-bit modes, alpha composited on
+    white for modes with transparency, and for high-bit-depth modes PIL's
+    conversion of the 8-bit image they encode (`_high_bit_depth_to_l`).
+    """
+    import io
+
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    if mode in P.HIGH_BIT_DEPTH_MODES:
+        gray = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+        if mode.startswith("I;16"):
+            img = Image.fromarray(gray.astype(np.uint16) * 257)
+            if mode == "I;16B":
+                img = img.convert("I").convert("I;16B")
+        elif mode == "I":
+            img = Image.fromarray(gray.astype(np.int32) * 257)
+        else:
+            img = Image.fromarray(gray.astype(np.float32) / 255.0)
+        want = np.asarray(Image.fromarray(gray).convert("RGB"))
+    else:
+        img = base.convert(mode) if mode not in ("La", "RGBa", "PA") else base.convert("RGBA").convert(mode)
+        reopened = Image.open(io.BytesIO(_saved(img, fmt)))
+        reopened.load()
+        if reopened.mode in P.ALPHA_MODES or (reopened.mode == "P" and "transparency" in reopened.info):
+            rgba = reopened.convert("RGBA")
+            want = np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255,) * 4), rgba).convert("RGB"))
+        else:
+            want = np.asarray(reopened.convert("RGB"))
+    got = P.decode_image(_saved(img, fmt))
+    assert got.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_undecodable_image_names_the_file_and_bombs_are_refused(tmp_path, monkeypatch):
+    (tmp_path / "notes.png").write_bytes(b"not an image")
+    with pytest.raises(OSError) as e:
+        P.load_image(tmp_path / "notes.png")
+    assert "notes.png" in str(e.value) and "BytesIO" not in str(e.value)
+    Image.new("L", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # 64 x 64 is then a "bomb" (> 2x the limit)
+    with pytest.raises(ValueError, match="big.png.*too large"):
+        P.load_image(tmp_path / "big.png")

@@ -161,6 +161,18 @@ def test_sigterm_saves_a_checkpoint_and_resumes_exactly(shared, resume_ref):
     assert_same_run(work, resume_ref)
 
 
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(shared, resume_ref):
+    """SIGINT (Ctrl-C) saves like SIGTERM: nothing since the last checkpoint is lost."""
+    work = shared["root"] / "resume_sigint"
+    proc, out = interrupt(shared, work, signal.SIGINT)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "SIGINT: saved a checkpoint at step" in out
+    stopped = int(out.split("saved a checkpoint at step ")[1].split(";")[0])
+    assert 20 <= stopped < RESUME_STEPS and committed(work)[-1] == stopped
+    run_train(shared, work, *RESUME, steps=RESUME_STEPS)
+    assert_same_run(work, resume_ref)
+
+
 # ------------------------------------------------------------------------------- sharding
 
 @pytest.fixture(scope="module")

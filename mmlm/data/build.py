@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from mmlm.data import templates
+from mmlm.errors import UserError
 
 DATASET_VERSION = "1.0.0"
 META_FILE = "mmlm_dataset.json"
@@ -69,7 +70,7 @@ MEDIA_NAMES = ("none", "image", "video")  # ClassLabel names of the "media" feat
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """A problem with the build as a whole (bad arguments, unreadable JSON)."""
 
 
@@ -252,6 +253,8 @@ def check_record(raw: Any, index: int, options: BuildOptions) -> dict[str, Any] 
         path = resolve_media(root, media[1])
         if path is None:
             return Skip("path_escapes_root", rid, f"{media[1]!r} is outside {str(root)!r}")
+        if path.is_dir():
+            return Skip(f"undecodable_{kind}", rid, f"{str(path)!r} is a directory, not a {kind} file")
         if not path.is_file():
             return Skip("missing_file", rid, f"{str(path)!r} does not exist")
     normalized = [{"from": role, "value": text.replace(templates.VIDEO_MARKER, templates.IMAGE_MARKER)}
@@ -280,8 +283,10 @@ def load_media(example: dict[str, Any], options: BuildOptions) -> dict[str, Any]
     if example["media"] == "image":
         try:
             data = path.read_bytes()
-            preprocess.decode_image(data)
+            preprocess.decode_image(data, name=str(path))
         except OSError as e:
+            if path.is_dir():
+                return Skip("undecodable_image", example["id"], f"{path} is a directory, not an image file")
             if not path.is_file():
                 return Skip("missing_file", example["id"], str(e))
             return Skip("undecodable_image", example["id"], f"{path}: {e}")

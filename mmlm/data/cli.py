@@ -12,6 +12,9 @@ import argparse
 import sys
 from typing import Sequence
 
+from mmlm.cli_common import run_command
+from mmlm.errors import UserError
+
 _DESCRIPTION = """\
 Data tools for mmlm.
 
@@ -138,15 +141,11 @@ def _synth(args) -> int:
 def _build(args) -> int:
     from mmlm.data import build
 
-    try:
-        jsons = build.parse_json_args(args.json, args.split)
-        report = build.build_dataset(
-            jsons, args.images, args.out, videos_dir=args.videos, name=args.name,
-            overwrite=args.overwrite, max_video_frames=args.max_video_frames, video_fps=args.video_fps,
-            max_frame_side=args.max_frame_side, workers=args.workers, progress=not args.quiet)
-    except build.BuildError as e:
-        print(f"mmlm data build: error: {e}", file=sys.stderr)
-        return 1
+    jsons = build.parse_json_args(args.json, args.split)  # a BuildError is a UserError
+    report = build.build_dataset(
+        jsons, args.images, args.out, videos_dir=args.videos, name=args.name,
+        overwrite=args.overwrite, max_video_frames=args.max_video_frames, video_fps=args.video_fps,
+        max_frame_side=args.max_frame_side, workers=args.workers, progress=not args.quiet)
     print(report.pop("_summary"))
     print(f"report: {args.out}/{build.REPORT_FILE}")
     return 0
@@ -170,8 +169,7 @@ def _inspect(args) -> int:
         return inspect(args.dataset_dir, args.split, config, num=args.num, start=args.start,
                        save_dir=args.save_dir or None, show=args.show, color=args.color)
     except (BuildError, ValueError, FileNotFoundError) as e:
-        print(f"mmlm data inspect: error: {e}", file=sys.stderr)
-        return 1
+        raise UserError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,11 +183,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    return run_command(f"data {args.command}", _dispatch, args)
+
+
+def _dispatch(args) -> int:
     try:
         return {"synth": _synth, "build": _build, "inspect": _inspect}[args.command](args)
-    except (OSError, ValueError) as e:
-        print(f"mmlm data {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:  # unreadable / malformed input files and directories
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -41,31 +41,82 @@ def num_views(hd_grid: int) -> int:
     return 1 if hd_grid <= 1 else hd_grid * hd_grid + 1
 
 
+# Modes holding one channel of more than 8 bits: PIL's convert("RGB") clips them to 0..255 (a 16-bit
+# grayscale image becomes almost all white), so `_high_bit_depth_to_l` scales them to 8 bits first.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Modes with an alpha channel (premultiplied "La"/"RGBa" included): composited on white.
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """A single-channel image of more than 8 bits -> mode "L", scaled to 0..255.
+
+    * 16-bit modes ("I;16", "I;16B", ...): x / 257 (65535 -> 255), rounded.
+    * "I" (32-bit integers; what older Pillows and TIFF give for 16-bit data):
+      values in 0..255 are taken as 8-bit, values in 0..65535 as 16-bit
+      (x / 257); anything else is rescaled from its min..max.
+    * "F" (float): values in 0..1 are scaled by 255, values in 0..255 kept,
+      anything else rescaled from its min..max; NaN becomes 0.
+    """
+    x = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        x = x.astype(np.float64) / 257.0
+    else:
+        x = np.nan_to_num(x.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+            x = x * 255.0
+        elif lo >= 0.0 and hi <= 255.0:
+            pass
+        elif img.mode == "I" and lo >= 0.0 and hi <= 65535.0:
+            x = x / 257.0
+        else:
+            x = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
+    return Image.fromarray(np.clip(np.round(x), 0, 255).astype(np.uint8), mode="L")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """`img` as RGB (itself if already RGB); transparent pixels are composited on white."""
+    """`img` as 8-bit RGB (itself if already RGB).
+
+    High-bit-depth grayscale (16-bit, 32-bit integer, float) is scaled to 8
+    bits (see `_high_bit_depth_to_l`); transparent pixels are composited on
+    white; every other mode goes through PIL's `convert("RGB")`.
+    """
     if img.mode == "RGB":
         return img
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in HIGH_BIT_DEPTH_MODES:
+        return _high_bit_depth_to_l(img).convert("RGB")
+    if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decodes encoded image bytes (any PIL format) to a fully loaded RGB image.
+def decode_image(data: bytes, name: str | None = None) -> Image.Image:
+    """Decodes encoded image bytes (any PIL format) to a fully loaded 8-bit RGB image.
 
-    Raises OSError / ValueError (PIL's errors) for undecodable or truncated data.
+    `name` (the file it came from) is used in error messages. Raises OSError
+    for undecodable or truncated data and ValueError for an image with more
+    pixels than PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`).
     """
-    img = Image.open(io.BytesIO(data))
-    img.load()  # force the full decode so truncated files fail here
+    of = f" of {name!r}" if name else ""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # force the full decode so truncated files fail here
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"the image{of} is too large to decode safely ({e}); a decompression bomb, or an "
+                         "image to downscale first") from None
+    except Image.UnidentifiedImageError:
+        raise OSError(f"cannot identify the image format{of}: not an image format PIL reads "
+                      f"({len(data)} bytes)") from None
     return _to_rgb(img)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Loads an image file as a fully decoded RGB PIL image."""
+    """Loads an image file as a fully decoded 8-bit RGB PIL image."""
     with open(path, "rb") as f:
-        return decode_image(f.read())
+        return decode_image(f.read(), name=str(path))
 
 
 def mean_color(mean: Sequence[float] = CLIP_MEAN) -> tuple[int, int, int]:

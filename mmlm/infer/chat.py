@@ -69,8 +69,36 @@ def _validate_args(args: argparse.Namespace) -> None:
         check_file(args.image, "image")
     else:
         check_file(args.video, "video")
-    if args.prompt is not None and not args.prompt.strip():
-        raise UserError("--prompt is empty; give a question or leave --prompt out for an interactive chat")
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt")
+        if not args.prompt.strip():
+            raise UserError("--prompt is empty; give a question or leave --prompt out for an interactive chat")
+    if args.save_compression_map:
+        check_output_file(args.save_compression_map, "--save_compression_map")
+
+
+def check_text(text: str, where: str) -> None:
+    """Refuses text that is not valid Unicode (bytes that were not UTF-8 arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where} is not valid UTF-8 text (bad bytes at character {e.start}); "
+                        "re-encode it as UTF-8") from None
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """An output file path whose directory exists and is writable, and which is not a directory itself."""
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a directory; give a file name such as map.png")
+    if not os.path.exists(parent):
+        raise UserError(f"{flag} {path!r}: the directory {parent!r} does not exist; create it first")
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path!r}: {parent!r} is not a directory")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path!r} is not writable (check the permissions of {parent!r})")
 
 
 def _check_budget_early(args: argparse.Namespace) -> None:
@@ -129,6 +157,11 @@ def answer(im: InferenceModel, pixels: np.ndarray, question: str, history: list[
     from mmlm.infer.loading import encode_question
 
     prompt, fuse = encode_question(im, question, True, history, return_fuse_mask=True)
+    limit = int(im.max_text_len)
+    if len(prompt) > limit:  # refused before anything is allocated for it
+        raise UserError(f"the prompt is {len(prompt)} tokens{' with the earlier turns' if history else ''}, "
+                        f"more than the model's text length of {limit} tokens (data.max_text_len); "
+                        "ask a shorter question" + (" or start a new chat" if history else ""))
     # Prompt lengths rounded to 32 so that a multi-turn chat reuses compiled programs.
     batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=32, fuse_masks=[fuse])
     streamer = TextStreamer(im.tokenizer, out)
@@ -151,15 +184,23 @@ def _questions(prompt: str | None, stdin: TextIO, out: TextIO) -> Iterable[str]:
         if interactive:
             out.write("USER: ")
             out.flush()
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except UnicodeDecodeError as e:
+            raise UserError(f"stdin is not valid UTF-8 text ({e.reason} at byte {e.start}); re-encode the "
+                            "input as UTF-8") from None
         if not line or not line.strip():
             return
+        check_text(line, "a line of stdin")
         yield line.strip()
 
 
-def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout,
-        err: TextIO = sys.stderr) -> int:
+def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None,
+        err: TextIO | None = None) -> int:
     from mmlm.infer.loading import load_inference_model, load_media
+
+    # The streams are looked up at call time (not bound when the module was imported).
+    stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
 
     _validate_args(args)
     _check_budget_early(args)
@@ -178,8 +219,15 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
         if im.cfg.mode != "llava_mini":
             raise UserError("--save_compression_map needs a llava_mini model; the llava15 baseline has "
                             "no compressor")
-        size = save_compression_map(args.save_compression_map, im.cfg, im.params, pixels, num_tokens=m,
-                                    mean=im.image_mean, std=im.image_std, panel_size=args.map_panel_size)
+        try:
+            size = save_compression_map(args.save_compression_map, im.cfg, im.params, pixels, num_tokens=m,
+                                        mean=im.image_mean, std=im.image_std, panel_size=args.map_panel_size)
+        except OSError as e:
+            raise UserError(f"--save_compression_map {args.save_compression_map!r}: cannot write it "
+                            f"({e.strerror or e})") from None
+        except ValueError as e:  # e.g. an extension PIL cannot write
+            raise UserError(f"--save_compression_map {args.save_compression_map!r}: {e} "
+                            "(use a .png file name)") from None
         print(f"[mmlm chat] compression map ({size[0]}x{size[1]}) -> {args.save_compression_map}", file=err)
     history: list[tuple[str, str]] = []
     rng = jax.random.PRNGKey(args.seed)

@@ -39,11 +39,11 @@ class InferenceModel:
     image_size: int
     hd_grid: int  # n x n HD crops + the whole image; 1 = no HD (as model.hd_grid)
     max_frames: int
+    max_text_len: int  # prompt tokens the model was trained for (data.max_text_len); longer prompts are refused
     video_fps: float
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
     source: str  # where the weights came from (for messages)
-    max_text_len: int = 2048  # longest prompt (text ids + placeholder) the model was configured for
 
     def budget(self, m: int | None) -> int | None:
         """Validated vision-token budget (None -> the model's default) with a user-facing error."""
@@ -137,9 +137,8 @@ def inference_model(config: ml_collections.ConfigDict, params: Any, source: str,
         cfg=cfg, params=params, config=config, tokenizer=tok, template=tmpl,
         system_prompt=data.get("system_prompt"), stop_ids=templates.stop_token_ids(tok, tmpl),
         image_size=int(data.get("image_size") or cfg.image_size), hd_grid=hd,
-        max_frames=int(data.max_frames), video_fps=float(data.video_fps),
-        image_mean=tuple(data.image_mean), image_std=tuple(data.image_std), source=source,
-        max_text_len=int(data.max_text_len))
+        max_frames=int(data.max_frames), max_text_len=int(data.max_text_len), video_fps=float(data.video_fps),
+        image_mean=tuple(data.image_mean), image_std=tuple(data.image_std), source=source)
 
 
 # ------------------------------------------------------------------------------ media
@@ -149,10 +148,12 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
 
 def check_file(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a directory, not a file")
     if not p.exists():
         raise UserError(f"{what} {str(path)!r} does not exist")
     if not p.is_file():
-        raise UserError(f"{what} {str(path)!r} is not a file")
+        raise UserError(f"{what} {str(path)!r} is not a regular file")
     if not os.access(p, os.R_OK):
         raise UserError(f"{what} {str(path)!r} is not readable (check its permissions)")
     return p
@@ -164,7 +165,7 @@ def load_image_pixels(im: InferenceModel, path: str | os.PathLike) -> np.ndarray
 
     p = check_file(path, "image")
     try:
-        img = preprocess.load_image(p)
+        img = preprocess.decode_image(p.read_bytes())
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image {str(path)!r}: {e}") from None
     pixels = preprocess.preprocess_image(img, im.image_size, im.hd_grid, im.image_mean, im.image_std)

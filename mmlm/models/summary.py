@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mmlm.cli_common import print_report
-from mmlm.config_utils import load_config, split_config_overrides
+from mmlm.cli_common import print_report, run_command
+from mmlm.config_utils import load_config, split_config_overrides, validate_config
+from mmlm.errors import UserError
 from mmlm.models.config import PARTS, ModelConfig, model_config_from_dict
 from mmlm.models.layers import count_params
 from mmlm.models.llava_mini import LlavaMini
@@ -98,7 +99,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--text_len", type=int, default=None,
                         help="text tokens per sample for the sequence lengths (default: config.text_len)")
     args = parser.parse_args(argv)
-    config = load_config(args.config, overrides)
+    args.overrides = overrides
+    return run_command("summary", _run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    validate_config(config)
+    if args.text_len is not None and args.text_len < 1:
+        raise UserError(f"--text_len must be >= 1, got {args.text_len}")
     cfg = model_config_from_dict(config.model)
     text_len = args.text_len or int(config.get("text_len", 64))
     s = summarize(cfg, text_len)

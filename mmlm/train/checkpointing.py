@@ -10,7 +10,17 @@ Each step directory holds four items:
 
 Arrays are saved asynchronously (the train loop goes on while they are
 written); the iterator state is written synchronously at the save call, so it
-matches the step exactly. Restoring takes an abstract target whose leaves carry
+matches the step exactly.
+
+Integrity: once a step's files are final (Orbax's post-finalization hook,
+before the step directory is committed by its rename), `mmlm_manifest.json`
+records every file's size and CRC-32 (`mmlm.checkpoint.write_manifest`).
+`restore_latest` verifies the newest step against it before restoring; a
+damaged step (a missing, truncated or corrupted file, an unreadable
+manifest, or, for a step without a manifest, a failed restore) is reported
+by path, renamed `STEP.damaged` (kept for inspection, out of the way of the
+next save) and the next older step is tried. Interrupted saves
+(`STEP.orbax-checkpoint-tmp*` directories) are removed at startup. Restoring takes an abstract target whose leaves carry
 the *current* mesh's shardings: a checkpoint saved on one mesh restores onto
 another (Orbax reshards).
 
@@ -21,36 +31,156 @@ and chat need.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 from typing import Any
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
-from mmlm.checkpoint import checkpoint_dir
+from mmlm.checkpoint import (CONFIG_FILE, checkpoint_dir, load_config_json, set_aside_damaged, verify_step,
+                             write_manifest)
+from mmlm.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ARRAY_ITEMS = ("params", "opt_state", "meta")
+TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix of a step directory being written
 DATA_ITEM = "data"
+
+
+# Model fields that only change how the model runs, not its parameters: they may differ on resume.
+RUNTIME_MODEL_KEYS = ("dtype", "remat_policy", "compressor.impl")
+
+
+def check_workdir(workdir: str) -> str:
+    """Creates `workdir` if needed and checks that it is a writable directory; returns its absolute path."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--workdir {workdir!r} is a file, not a directory; pass a new or existing directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".mmlm-write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"--workdir {workdir!r} is not writable ({e.strerror or e}); pass a directory you can "
+                        "write to") from None
+    return path
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, list):
+        tree = tuple(_flat_value(v) for v in tree)
+    return {prefix[:-1]: tree}
+
+
+def _flat_value(v: Any) -> Any:
+    return tuple(_flat_value(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _model_fields(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`config.model` flattened to {"llm.width": 32, ...}, normalised through the typed model config."""
+    from mmlm.models.config import model_config_from_dict
+
+    try:
+        tree = dataclasses.asdict(model_config_from_dict(model))
+    except (ValueError, TypeError):  # a config.json from another version: compare it as written
+        tree = model.to_dict() if isinstance(model, ml_collections.ConfigDict) else dict(model)
+    return _flat(tree)
+
+
+def has_checkpoints(workdir: str) -> bool:
+    root = checkpoint_dir(workdir)
+    return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
+
+
+def check_saved_model_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses to resume a workdir whose checkpoints were trained with another model config.
+
+    Runs before anything is written: the workdir's `config.json` (the config
+    its checkpoints were saved with) is compared with `config.model`; every
+    differing key is listed. Fields that do not change the parameters
+    (`RUNTIME_MODEL_KEYS`) may differ.
+    """
+    if not (os.path.isfile(os.path.join(workdir, CONFIG_FILE)) and has_checkpoints(workdir)):
+        return
+    try:
+        saved = load_config_json(workdir)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{os.path.join(workdir, CONFIG_FILE)!r} cannot be read ({e}); it describes the "
+                        "checkpoints in this workdir: restore it, or use a new --workdir") from None
+    if "model" not in saved:
+        raise UserError(f"{os.path.join(workdir, CONFIG_FILE)!r} has no 'model' section; restore it, or use a "
+                        "new --workdir")
+    old, new = _model_fields(saved.model), _model_fields(config.model)
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if key in RUNTIME_MODEL_KEYS:
+            continue
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if a != b:
+            diffs.append(f"model.{key}={a!r}, the config says {b!r}")
+    if diffs:
+        raise UserError(f"this workdir ({workdir}) was trained with " + "; ".join(diffs)
+                        + ". Use a new --workdir, or the saved config "
+                        f"({os.path.join(workdir, CONFIG_FILE)}) and its overrides")
 
 
 class Checkpointer:
     """Saves and restores the train state (+ data iterator) of one workdir."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.root = checkpoint_dir(workdir)
+        self.async_save = async_save
+        self._unmanifested: list[int] = []  # saved steps whose manifest is not written yet
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             enable_async_checkpointing=async_save,
             read_only=read_only,
             create=not read_only,
+            # Interrupted saves leave STEP.orbax-checkpoint-tmp* directories: removed at startup.
+            cleanup_tmp_directories=not read_only,
             # The trainer decides when to save (train.checkpoint_every, SIGTERM, the last step).
             save_interval_steps=1,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_pending_manifests)
+            if async_save else None,
         )
+        if not read_only:
+            self._remove_interrupted_saves()
         handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
         handlers[DATA_ITEM] = grain.checkpoint.CheckpointHandler()
-        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+        self.manager = ocp.CheckpointManager(self.root, options=options, item_handlers=handlers)
+
+    def _remove_interrupted_saves(self) -> None:
+        """Deletes STEP.orbax-checkpoint-tmp* directories: saves cut short by a kill (never committed)."""
+        if jax.process_index() != 0 or not os.path.isdir(self.root):
+            return
+        for name in sorted(os.listdir(self.root)):
+            if TMP_MARKER in name and name.split(".", 1)[0].isdigit():
+                path = os.path.join(self.root, name)
+                shutil.rmtree(path, ignore_errors=True)
+                log.warning("removed the interrupted save %s", path)
+
+    def _write_pending_manifests(self) -> None:
+        """Writes the manifest of each finished save (process 0; the step may still be in its tmp directory)."""
+        while self._unmanifested:
+            step = self._unmanifested.pop(0)
+            if jax.process_index() != 0:
+                continue
+            final = os.path.join(self.root, str(step))
+            tmp = sorted((os.path.join(self.root, n) for n in os.listdir(self.root)
+                          if n.startswith(f"{step}{TMP_MARKER}")), key=os.path.getmtime)
+            write_manifest(tmp[-1] if tmp else final)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -67,7 +197,56 @@ class Checkpointer:
         }
         if data_iterator is not None and hasattr(data_iterator, "get_state"):
             args[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.wait_until_finished()  # the previous save's manifest refers to its step alone
+        self._unmanifested.append(step)
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        if not self.async_save:
+            self._write_pending_manifests()
+
+    def restore_latest(self, abstract_state: dict[str, Any], data_iterator: Any | None = None
+                       ) -> tuple[int | None, dict[str, Any] | None]:
+        """(step, state) of the newest intact checkpoint, or (None, None) for a workdir without one.
+
+        Damaged newer steps are logged as warnings naming the damaged file and
+        renamed `STEP.damaged`; if every step is damaged, `UserError` (nothing
+        is renamed, so no work is silently discarded).
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        damaged: list[tuple[int, str]] = []
+        for step in steps:
+            step_dir = os.path.join(self.root, str(step))
+            status, detail = verify_step(step_dir)
+            if status != "damaged":
+                try:
+                    state = self.restore(step, abstract_state, data_iterator)
+                except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for bad files
+                    text = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                    if status == "ok":  # intact files that do not fit: not damage, a config mismatch
+                        raise UserError(f"checkpoint step {step} in {self.root} does not fit this config "
+                                        f"({text}); use the workdir's config.json or a new --workdir") from None
+                    detail = f"{step_dir} cannot be restored ({text})"
+                else:
+                    self._set_aside(damaged)
+                    return step, state
+            log.warning("checkpoint step %d is damaged: %s; trying an older step", step, detail)
+            damaged.append((step, detail))
+        if damaged:
+            raise UserError(f"no intact checkpoint in {self.root}: " + "; ".join(
+                f"step {s}: {d}" for s, d in damaged) + ". Move the damaged step directories away to start afresh")
+        return None, None
+
+    def _set_aside(self, damaged: list[tuple[int, str]]) -> None:
+        if not damaged:
+            return
+        if jax.process_index() == 0:
+            for step, _ in damaged:
+                moved = set_aside_damaged(os.path.join(self.root, str(step)))
+                log.warning("kept the damaged step %d for inspection as %s", step, moved)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("mmlm_checkpoint_set_aside")
+        self.manager.reload()
 
     def restore(self, step: int, abstract_state: dict[str, Any], data_iterator: Any | None = None
                 ) -> dict[str, Any]:

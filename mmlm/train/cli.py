@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+from mmlm.cli_common import run_command
 from mmlm.config_utils import load_config, split_config_overrides
 from mmlm.errors import UserError
 
@@ -56,7 +57,7 @@ def init_distributed(args: argparse.Namespace) -> None:
         jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
     if explicit:
         if args.coordinator_address is None or args.num_processes is None or args.process_id is None:
-            raise SystemExit("mmlm train: --coordinator_address, --num_processes and --process_id go together")
+            raise UserError("--coordinator_address, --num_processes and --process_id go together")
         jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
                                    process_id=args.process_id)
     else:
@@ -78,23 +79,25 @@ def _setup_logging(level: str) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def main(argv: list[str]) -> int:
-    argv, overrides = split_config_overrides(argv)
-    args = _parser().parse_args(argv)
-    _setup_logging(args.log_level)
-    config = load_config(args.config, overrides)
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
     if args.init_from:
         config.train.init_from = args.init_from
     init_distributed(args)
 
-    from mmlm.train.trainer import PREEMPTED_EXIT_CODE, TrainError, train
+    from mmlm.train.trainer import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, NonFiniteLossError, train
 
     try:
         results = train(config, args.workdir)
-    except TrainError as e:
+    except NonFiniteLossError as e:  # not a usage mistake: the run diverged (exit status 1)
         print(f"mmlm train: {e}", file=sys.stderr)
         return 1
-    except UserError as e:  # a config the run cannot use (e.g. a mesh that does not divide the model)
-        print(f"mmlm train: error: {e}", file=sys.stderr)
-        return 2
-    return PREEMPTED_EXIT_CODE if results["status"] == "preempted" else 0
+    return {"preempted": PREEMPTED_EXIT_CODE, "interrupted": INTERRUPTED_EXIT_CODE}.get(results["status"], 0)
+
+
+def main(argv: list[str]) -> int:
+    argv, overrides = split_config_overrides(argv)
+    args = _parser().parse_args(argv)
+    args.overrides = overrides
+    _setup_logging(args.log_level)
+    return run_command("train", run, args, quiet_logs=False)

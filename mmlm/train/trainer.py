@@ -12,8 +12,10 @@
 3. Every step: one optimizer update on the global batch (`mmlm.train.step`).
    Metrics every `train.log_every` steps, evaluation every `eval.every`,
    asynchronous checkpoints every `train.checkpoint_every` and at the end.
-4. SIGTERM (preemption): the current step finishes, a checkpoint is saved,
-   and the run exits with `PREEMPTED_EXIT_CODE`; rerunning resumes it.
+4. SIGTERM (preemption) or Ctrl-C (SIGINT): the current step finishes, a
+   checkpoint is saved, and the run exits with `PREEMPTED_EXIT_CODE`
+   (`INTERRUPTED_EXIT_CODE` for Ctrl-C); rerunning resumes it. A second
+   Ctrl-C interrupts at once.
 5. A non-finite loss stops the run (`NonFiniteLossError`) without saving, so
    the last checkpoint on disk is the last good state.
 """
@@ -37,14 +39,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from mmlm.checkpoint import load_model_params, save_config
+from mmlm.checkpoint import is_model_checkpoint, load_model_params, save_config
+from mmlm.config_utils import validate_config
+from mmlm.errors import UserError
 from mmlm.models.config import ModelConfig, model_config_from_dict
 from mmlm.models.layers import count_params
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.models.summary import dummy_batch
 from mmlm import sharding as shd
 from mmlm.train import data as data_lib
-from mmlm.train.checkpointing import Checkpointer
+from mmlm.train.checkpointing import Checkpointer, check_saved_model_config, check_workdir, has_checkpoints
 from mmlm.train.evaluate import Evaluator
 from mmlm.train.metrics import MetricWriter, compiled_flops, peak_tflops_per_device
 from mmlm.train.optimizer import count_state, make_optimizer, part_schedule, trainable_parts
@@ -53,10 +57,11 @@ from mmlm.train.step import make_train_step, model_inputs
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a killed process reports
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT
 RESULTS_FILE = "results.json"
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """A problem the user can fix (reported without a traceback by `mmlm train`)."""
 
 
@@ -65,7 +70,7 @@ class NonFiniteLossError(TrainError):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was saved."""
+    """SIGTERM or SIGINT arrived; a checkpoint was saved."""
 
 
 # ----------------------------------------------------------------------------- setup
@@ -190,29 +195,44 @@ def load_init_from(setup: Setup, state: dict[str, Any], path: str) -> dict[str, 
 # ------------------------------------------------------------------------- preemption
 
 class PreemptionWatch:
-    """SIGTERM -> save and stop. Multi-host: JAX's preemption sync point agrees on the step."""
+    """SIGTERM / first Ctrl-C -> save and stop. Multi-host: JAX's preemption sync point agrees on the step.
+
+    A second Ctrl-C raises KeyboardInterrupt at once (the default behaviour).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.flag = False
-        self._old = None
+        self.signal_name = ""
+        self._old: dict[int, Any] = {}
         if jax.process_count() == 1:
-            try:
-                self._old = signal.signal(signal.SIGTERM, self._handler)
-            except ValueError:  # not the main thread (e.g. called from a notebook worker)
-                self._old = None
+            for sig in self.SIGNALS:
+                try:
+                    self._old[sig] = signal.signal(sig, self._handler)
+                except ValueError:  # not the main thread (e.g. called from a notebook worker)
+                    pass
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT and self.flag:
+            raise KeyboardInterrupt
         self.flag = True
+        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)", flush=True)
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
-            return bool(multihost_utils.reached_preemption_sync_point(step))
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal_name = self.signal_name or "SIGTERM"
+                return True
+            return False
         return self.flag
 
     def close(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 # ------------------------------------------------------------------------------ loop
@@ -251,8 +271,13 @@ def check_data(config: ml_collections.ConfigDict) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns the final results (also in results.json)."""
     t_start = time.time()
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    # Every check a user mistake can fail runs before any data is built or anything compiled.
+    validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    workdir = check_workdir(workdir)
+    check_saved_model_config(config, workdir)
+    if config.train.init_from and not has_checkpoints(workdir) and not is_model_checkpoint(config.train.init_from):
+        raise TrainError(f"--init_from {config.train.init_from!r} is not a model checkpoint (a directory with "
+                         "config.json and params/, as `mmlm convert` writes)")
     data_lib.prepare_synthetic(config, workdir)
     data_lib.resolve_data_config(config)
     check_data(config)
@@ -260,21 +285,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     total_steps = resolve_total_steps(config, train_pipe)
     setup = build_setup(config, total_steps)
     _check_batch(config, setup)
-    if jax.process_index() == 0:
-        save_config(workdir, config)
     log.info("mesh %s; trainable %s; budgets %s; %d steps", shd.describe(setup.mesh), setup.parts,
              setup.budgets, total_steps)
 
     ckpt = Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
     data_iter = iter(train_pipe)
-    latest = ckpt.latest_step()
+    latest, state = ckpt.restore_latest(setup.abstract_state, data_iter)
     if latest is not None:
-        state = ckpt.restore(latest, setup.abstract_state, data_iter)
         log.info("resumed from step %d (%s)", latest, ckpt.manager.directory)
     else:
         state = init_state(setup, int(config.seed))
         if config.train.init_from:
             state = load_init_from(setup, state, config.train.init_from)
+    # Written only now: the given config matched the checkpoint (or the workdir is fresh).
+    if jax.process_index() == 0:
+        save_config(workdir, config)
     start = int(jax.device_get(state["step"]))
 
     n_params = count_params(setup.abstract_state["params"])
@@ -356,8 +381,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     raise Preempted()
                 t_log = time.perf_counter()
     except Preempted:
-        status = "preempted"
-        writer.message(f"SIGTERM: saved a checkpoint at step {step}; rerun the same command to resume")
+        status = "interrupted" if preempt.signal_name == "SIGINT" else "preempted"
+        writer.message(f"{preempt.signal_name}: saved a checkpoint at step {step}; rerun the same command "
+                       "to resume")
     finally:
         preempt.close()
         ckpt.close()
