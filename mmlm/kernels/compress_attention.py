@@ -79,6 +79,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 _F32 = jnp.float32
 # Finite "minus infinity" for masked scores: exp(_MASK - m) underflows to
@@ -856,6 +857,30 @@ def _check_shapes(x, q, ln_scale, ln_bias, wk, bk, wv, bv, pe_k, num_heads: int)
         raise ValueError(f"shape mismatch (got, expected): {bad or {'q': q.shape}}")
 
 
+def _over_batch_shards(fn: Callable[..., jax.Array], x: jax.Array, *rest: jax.Array) -> jax.Array:
+    """Runs `fn(x, *rest)` per shard of the batch axes of the current (abstract) mesh.
+
+    A Mosaic kernel has no automatic (GSPMD) partitioning rule, so under a
+    sharded jit it must sit in a `shard_map`: x is split over the mesh's
+    data-parallel axes (those of `mmlm.sharding.BATCH_AXES` present with size
+    > 1), every other operand is replicated, and shard_map's transpose sums
+    the weight gradients over the shards. Without a mesh in context (set by
+    `mmlm.train.step`), or on one device, `fn` runs as is. A batch the
+    shards do not divide runs whole on every device.
+    """
+    from mmlm.sharding import BATCH_AXES
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(x, *rest)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if axes and x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        axes = ()
+    spec = P(axes) if axes else P()
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) + (P(),) * len(rest), out_specs=spec,
+                         check_vma=False)(x, *rest)
+
+
 def pallas_compress_attention(
     x: jax.Array, q: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, wk: jax.Array, bk: jax.Array,
     wv: jax.Array, bv: jax.Array, pe_k: jax.Array, *, num_heads: int, eps: float = 1e-5,
@@ -873,8 +898,12 @@ def pallas_compress_attention(
     backend = target_platform()
     target = target or ("gpu" if backend == "gpu" else "tpu")
     interpret = backend == "cpu" if interpret is None else interpret
-    plan = _make_plan(x, q, num_heads, eps, block_n, block_d, target, interpret)
-    return _fused(plan, x, q, ln_scale, ln_bias, wk, bk, wv, bv, pe_k)
+
+    def run(x, *weights):
+        plan = _make_plan(x, weights[0], num_heads, eps, block_n, block_d, target, interpret)
+        return _fused(plan, x, *weights)
+
+    return _over_batch_shards(run, x, q, ln_scale, ln_bias, wk, bk, wv, bv, pe_k)
 
 
 def resolve_impl(impl: str) -> str:
