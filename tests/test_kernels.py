@@ -151,3 +151,18 @@ def test_rejects_bad_arguments():
         compress_attention(**inputs, num_heads=4, impl="triton")
     with pytest.raises(ValueError, match="shape"):
         compress_attention(**{**inputs, "pe_k": inputs["pe_k"][:8]}, num_heads=4, impl="xla")
+
+
+def test_default_tpu_block_divides_n():
+    """The TPU schedule's default block divides N when it can, so the features are never padded (copied)."""
+    from mmlm.kernels.compress_attention import _make_plan, default_tpu_block_n
+
+    assert default_tpu_block_n(576) == 288 and default_tpu_block_n(2304) == 384
+    for n in (576, 1152, 2304, 256, 640):
+        bn = default_tpu_block_n(n)
+        assert n % bn == 0 and bn % 8 == 0 and 128 <= bn <= 512, (n, bn)
+    assert default_tpu_block_n(37) == 40  # one block, rounded up to 8 sublanes
+    assert default_tpu_block_n(577) == 128  # no divisor in range: the least padding
+    x = jax.ShapeDtypeStruct((2, 576, 64), jnp.float32)
+    plan = _make_plan(x, jax.ShapeDtypeStruct((4, 64), jnp.float32), 2, 1e-5, None, None, "tpu", True)
+    assert plan.n_pad == 576 and plan.block_n == 288

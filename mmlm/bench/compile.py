@@ -329,7 +329,19 @@ def step_time(compiled: Any, s: Slice, model_flops: float) -> dict[str, Any]:
 
 
 def _fmt_bytes(n: float | None) -> str:
-    return "?" if n is None else f"{n / GIB:.2f} GiB"
+    if n is None:
+        return "?"
+    for unit, scale in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _fmt_flops(n: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return f"{n:.0f} FLOP"
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -344,10 +356,12 @@ def format_report(r: dict[str, Any]) -> str:
         ("per-chip memory", f"arguments {_fmt_bytes(pb['arguments'])} + temporaries {_fmt_bytes(pb['temporaries'])}"
                             f" + outputs {_fmt_bytes(pb['outputs'])} = {_fmt_bytes(pb['total'])}"),
         ("fits", f"{'yes' if r['fits'] else 'NO'} ({100 * r['hbm_fraction']:.1f}% of HBM)"),
-        ("model FLOPs / step", f"{r['model_flops_per_step'] / 1e15:.3f} PFLOP"),
+        ("model FLOPs / step", _fmt_flops(r["model_flops_per_step"])),
     ]
     if r.get("estimated_step_seconds"):
-        rows.append(("estimated step", f"{r['estimated_step_seconds']:.3f} s ({r['estimator']})"))
+        sec = r["estimated_step_seconds"]
+        rows.append(("estimated step", (f"{sec:.3f} s" if sec >= 0.1 else f"{sec * 1e3:.3f} ms")
+                     + f" ({r['estimator']})"))
         rows.append(("projected MFU", f"{100 * r['projected_mfu']:.1f}%"))
     else:
         rows.append(("estimated step", "none (no positive estimate)"))

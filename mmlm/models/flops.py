@@ -166,7 +166,13 @@ def _backward(units: Sequence[int], upstream_trains: bool, part_trains: bool) ->
 
 def _sample_step_flops(cfg: ModelConfig, text_len: int, frames: int, m: int,
                        trainable: frozenset[str]) -> dict[str, int]:
-    """Forward + backward matmul FLOPs of one training sample at budget m, per part."""
+    """Forward + backward matmul FLOPs of one training sample at budget m, per part (frames = 0: text only)."""
+    if frames == 0:  # a text-only batch: the LLM over the T text tokens
+        units = [llama_block_flops(cfg.llm, text_len)] * cfg.llm.layers + [
+            dense_flops(text_len, cfg.llm.width, cfg.llm.vocab_size)]
+        out = {p: 0 for p in PARTS}
+        out["llm"] = sum(units) + _backward(units, "llm" in trainable, "llm" in trainable)
+        return out
     w = make_workload(cfg, text_len - 1, None if cfg.mode == "llava15" else m)
     v, llm = cfg.vision, cfg.llm
     views = frames * w.views
@@ -201,12 +207,12 @@ def train_step_flops(cfg: ModelConfig, *, batch_size: int, text_len: int, frames
     """Model FLOPs of one optimizer step over a global batch of `batch_size` samples.
 
     text_len: T of `input_ids` (the `<image>` placeholder included); frames: F
-    images / video frames per sample. budgets: the Matryoshka budgets the step
+    images / video frames per sample (0: a text-only batch). budgets: the Matryoshka budgets the step
     samples uniformly (the mean is returned); None = the default budget.
     Returns the FLOPs per part and their `total`.
     """
-    if text_len < 2 or frames < 1 or batch_size < 1:
-        raise ValueError(f"need text_len >= 2, frames >= 1, batch_size >= 1; got {text_len}, {frames}, {batch_size}")
+    if text_len < 2 or frames < 0 or batch_size < 1:
+        raise ValueError(f"need text_len >= 2, frames >= 0, batch_size >= 1; got {text_len}, {frames}, {batch_size}")
     budgets = [cfg.check_budget(None)] if not budgets or cfg.mode == "llava15" else [int(b) for b in budgets]
     per = [_sample_step_flops(cfg, text_len, frames, m, frozenset(trainable)) for m in budgets]
     out = {p: batch_size * sum(r[p] for r in per) / len(per) for p in PARTS}
