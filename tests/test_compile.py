@@ -144,8 +144,8 @@ def _one_chip(name: str = "v5litepod-1"):
 
 @needs_libtpu
 def test_roofline_agrees_with_optimal_seconds():
-    """Where XLA gives a step-time estimate (no loops), the roofline is within 25% of it; a scan's
-    roofline matches the estimate of the same layers unrolled (XLA's own counts the body once)."""
+    """Where XLA gives a step-time estimate (no loops), the roofline is within 30% of it; a scan's
+    roofline matches XLA's estimate of the same layers unrolled (XLA's own counts the body once)."""
     sh = _one_chip()
     s = C.parse_topology("v5litepod-1")
     sds = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
@@ -165,27 +165,28 @@ def test_roofline_agrees_with_optimal_seconds():
         optimal = compiled.cost_analysis()["optimal_seconds"]
         est = C.step_time(compiled, s, 1.0)
         assert optimal > 0 and est["estimator"] == "optimal_seconds", name
-        assert 0.75 < est["roofline"]["seconds"] / optimal < 1.25, (name, est["roofline"]["seconds"], optimal)
-    x, w = sds((2048, 2048)), sds((4, 2048, 2048))
+        assert 0.7 < est["roofline"]["seconds"] / optimal < 1.3, (name, est["roofline"]["seconds"], optimal)
+    x, w = sds((4096, 4096)), sds((4, 4096, 4096))
     scan = jax.jit(scanned).lower(x, w).compile()
     flat = jax.jit(unrolled).lower(x, w).compile()
     est = C.step_time(scan, s, 1.0)
     assert est["estimator"] == "roofline" and est["roofline"]["unknown_trip_counts"] == 0
-    assert est["roofline"]["flops"] == pytest.approx(4 * 2 * 2048**3)
-    assert 0.75 < est["estimated_step_seconds"] / flat.cost_analysis()["optimal_seconds"] < 1.33
+    assert est["roofline"]["flops"] == pytest.approx(4 * 2 * 4096**3)
+    assert 0.7 < est["estimated_step_seconds"] / flat.cost_analysis()["optimal_seconds"] < 1.3
+    assert scan.cost_analysis()["optimal_seconds"] < 0.5 * flat.cost_analysis()["optimal_seconds"]
 
 
 @needs_libtpu
 def test_pallas_compressor_compiles_for_tpu_with_cost_estimate():
     """The fused kernel compiles with Mosaic (forward and backward) for a v5e chip at N = 576 patches,
     with no padding copy of the features and its CostEstimate visible to the cost analysis."""
-    from mmlm.kernels import compress_attention as K
+    from mmlm.kernels.compress_attention import pallas_compress_attention
 
     sh = _one_chip()
     b, n, dv, m = 4, 576, 256, 16
     s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sh)
     args = (s(b, n, dv), s(m, dv), s(dv), s(dv), s(dv, dv), s(dv), s(dv, dv), s(dv), s(n, dv))
-    fwd = lambda *a: K.pallas_compress_attention(*a, num_heads=2, target="tpu", interpret=False)
+    fwd = lambda *a: pallas_compress_attention(*a, num_heads=2, target="tpu", interpret=False)
     grad = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=tuple(range(8)))
     for fn in (fwd, grad):
         compiled = jax.jit(fn).lower(*args).compile()
