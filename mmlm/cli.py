@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("mmlm.convert.cli", "import HF CLIP / LLaMA / LLaVA-Mini weights, or export to HF"),
     "verify": ("mmlm.convert.verify", "compare a converted checkpoint against transformers"),
     "data": ("mmlm.data.cli", "synthesise, build, inspect and benchmark datasets"),
+    "compile": ("mmlm.bench.compile", "compile the train step for a Cloud TPU slice (no TPU): memory, fit, MFU"),
     "bench": ("mmlm.bench.cli", "benchmarks: flops, compress, latency, video-memory, data"),
 }
 

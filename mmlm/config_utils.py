@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from mmlm.errors import UserError
+from mmlm.models.config import PARTS
 
 
 class ConfigError(UserError, ValueError):
@@ -167,7 +168,6 @@ def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------------------- validation
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
-TRAIN_PARTS = ("vision", "projector", "compressor", "prefusion", "llm")
 
 
 def _num(config: ml_collections.ConfigDict, key: str, *, kind: type = int, low: float | None = None,
@@ -295,13 +295,13 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         _num(config, "train.keep_checkpoints", low=0, hint="0 keeps every checkpoint")
         trainable = config.train.trainable
         if isinstance(trainable, str) or not isinstance(trainable, (tuple, list)):
-            raise ConfigError(f"config.train.trainable must be a tuple of parts such as {TRAIN_PARTS[1:]}, "
+            raise ConfigError(f"config.train.trainable must be a tuple of parts such as {PARTS[1:]}, "
                               f"got {trainable!r}")
-        unknown = sorted(set(trainable) - set(TRAIN_PARTS))
+        unknown = sorted(set(trainable) - set(PARTS))
         if unknown or not trainable:
             raise ConfigError(f"config.train.trainable={tuple(trainable)!r}: "
                               + (f"unknown part(s) {unknown}; " if unknown else "nothing to train; ")
-                              + f"parts are {list(TRAIN_PARTS)}")
+                              + f"parts are {list(PARTS)}")
     if "optim" in config:
         o = config.optim
         if o.schedule not in SCHEDULES:

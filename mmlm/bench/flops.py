@@ -78,143 +78,19 @@ import jax.numpy as jnp
 from mmlm.cli_common import print_report
 from mmlm.config_utils import load_config, split_config_overrides
 from mmlm.models.compressor import make_compressor
-from mmlm.models.config import PARTS, LlamaConfig, ModelConfig, VisionConfig, model_config_from_dict
+from mmlm.models.config import ModelConfig, model_config_from_dict
+from mmlm.models.flops import (  # noqa: F401 - the analytic count, re-exported for callers of this module
+    LM_HEAD_CHOICES, PARTS, Workload, analytic_flops, attention_flops, compressor_flops, dense_flops,
+    llama_block_flops, make_workload, paper_rule_flops, projector_flops, vision_flops, vit_block_flops)
 from mmlm.models.llama import LlamaBlock, LlamaModel
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.models.prefusion import PreFusion
-from mmlm.models.projector import Projector, projector_depth
+from mmlm.models.projector import Projector
 from mmlm.models.summary import dummy_batch
 from mmlm.models.vit import VisionTower, VitBlock
 
 DEFAULT_TEXT_TOKENS = 43
-LM_HEAD_CHOICES = ("all", "last")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
-
-
-# ----------------------------------------------------------------------------- workload
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """Token counts of one image-question prefill (batch 1, one image)."""
-
-    text_tokens: int  # instruction text tokens (the <image> placeholder excluded)
-    vision_tokens: int  # m: vision tokens the LLM sees
-    views: int  # images through the vision tower (1, or n*n crops + the whole image for HD)
-    patches: int  # N per view
-    compressor_keys: int  # patches the compressor attends over (0 = no compressor)
-    projected: int  # tokens through the projector
-    prefusion_vision: int  # vision positions of the pre-fusion sequence (0 = no pre-fusion)
-    prefusion_len: int  # pre-fusion sequence: vision + text + the (masked) placeholder slot
-    llm_len: int  # LLM sequence: text + vision tokens (the placeholder replaced)
-    lm_head_positions: int  # positions the LM head is applied to
-
-
-def make_workload(cfg: ModelConfig, text_tokens: int, num_vision_tokens: int | None = None,
-                  lm_head: str = "all") -> Workload:
-    """Sequence lengths of every part for `text_tokens` instruction tokens and one image."""
-    if text_tokens < 1:
-        raise ValueError(f"--text_tokens must be >= 1, got {text_tokens}")
-    if lm_head not in LM_HEAD_CHOICES:
-        raise ValueError(f"lm_head must be one of {LM_HEAD_CHOICES}, got {lm_head!r}")
-    m = cfg.check_budget(num_vision_tokens)
-    n = cfg.vision.num_patches
-    hd = cfg.hd_grid
-    views = 1 if hd == 1 else hd * hd + 1
-    if cfg.mode == "llava15":
-        keys, projected, pf_vision = 0, n, 0
-    else:
-        keys = n * hd * hd
-        pf_vision = (keys + (n if hd > 1 else 0) + m) if cfg.prefusion_layers else 0
-        projected = pf_vision if cfg.prefusion_layers else m
-    llm_len = text_tokens + m
-    return Workload(
-        text_tokens=text_tokens, vision_tokens=m, views=views, patches=n, compressor_keys=keys,
-        projected=projected, prefusion_vision=pf_vision,
-        prefusion_len=pf_vision + text_tokens + 1 if pf_vision else 0,
-        llm_len=llm_len, lm_head_positions=llm_len if lm_head == "all" else 1)
-
-
-# ----------------------------------------------------------------------------- analytic
-
-
-def dense_flops(tokens: int, d_in: int, d_out: int) -> int:
-    """A (tokens, d_in) x (d_in, d_out) matmul."""
-    return 2 * tokens * d_in * d_out
-
-
-def attention_flops(q_len: int, k_len: int, width: int) -> int:
-    """Q K^T plus A V over the full q_len x k_len score matrix; width = heads * head_dim."""
-    return 2 * (2 * q_len * k_len * width)
-
-
-def vit_block_flops(cfg: VisionConfig, seq: int) -> int:
-    """One pre-LN CLIP block over `seq` tokens (q, k, v, out projections, MLP, attention)."""
-    d = cfg.width
-    return dense_flops(seq, d, 4 * d) + dense_flops(seq, d, 2 * cfg.mlp_dim) + attention_flops(seq, seq, d)
-
-
-def llama_block_flops(cfg: LlamaConfig, seq: int) -> int:
-    """One LLaMA block over `seq` tokens (q/k/v/o, gate/up/down, full-square attention)."""
-    d, qd, kvd = cfg.width, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    proj = dense_flops(seq, d, qd + 2 * kvd) + dense_flops(seq, qd, d)
-    mlp = dense_flops(seq, d, 2 * cfg.mlp_dim) + dense_flops(seq, cfg.mlp_dim, d)
-    return proj + mlp + attention_flops(seq, seq, qd)
-
-
-def vision_flops(cfg: VisionConfig, views: int, blocks: int | None = None) -> int:
-    """Patch embedding + `blocks` (default: the built ones) ViT blocks, for `views` images."""
-    blocks = cfg.blocks_used if blocks is None else blocks
-    patch = dense_flops(cfg.num_patches, cfg.patch_size**2 * 3, cfg.width)
-    return views * (patch + blocks * vit_block_flops(cfg, cfg.num_patches + 1))
-
-
-def projector_flops(cfg: ModelConfig, tokens: int) -> int:
-    depth = projector_depth(cfg.projector)
-    dv, d = cfg.vision.width, cfg.llm.width
-    return dense_flops(tokens, dv, d) + (depth - 1) * dense_flops(tokens, d, d)
-
-
-def compressor_flops(cfg: ModelConfig, m: int, keys: int) -> int:
-    """Query compressor (q/k/v/out projections, attention) or average pooling (a pooling matmul)."""
-    if not keys:
-        return 0
-    dv = cfg.vision.width
-    if cfg.compressor.kind == "avgpool":
-        return dense_flops(m, keys, dv)
-    return (dense_flops(m, dv, dv) + 2 * dense_flops(keys, dv, dv) + attention_flops(m, keys, dv)
-            + dense_flops(m, dv, dv))
-
-
-def analytic_flops(cfg: ModelConfig, w: Workload) -> dict[str, int]:
-    """Matmul FLOPs per part and their total (see the module docstring for what is counted)."""
-    llm = cfg.llm
-    out = {
-        "vision": vision_flops(cfg.vision, w.views),
-        "projector": projector_flops(cfg, w.projected),
-        "compressor": compressor_flops(cfg, w.vision_tokens, w.compressor_keys),
-        "prefusion": cfg.prefusion_layers * llama_block_flops(llm, w.prefusion_len) if w.prefusion_len else 0,
-        "llm": llm.layers * llama_block_flops(llm, w.llm_len)
-        + dense_flops(w.lm_head_positions, llm.width, llm.vocab_size),
-    }
-    out["total"] = sum(out[p] for p in PARTS)
-    return out
-
-
-def paper_rule_flops(cfg: ModelConfig, w: Workload, vision_blocks: int | None = None) -> int:
-    """The paper's rule, 2 x (matmul) params x tokens: no attention scores, LM head over every LLM token."""
-    llm, v = cfg.llm, cfg.vision
-    blocks = v.layers if vision_blocks is None else vision_blocks
-    layer = llama_block_flops(llm, 1) - attention_flops(1, 1, llm.heads * llm.head_dim)  # 2 x params
-    vit = vit_block_flops(v, 1) - attention_flops(1, 1, v.width)
-    vision = w.views * (v.num_patches * dense_flops(1, v.patch_size**2 * 3, v.width)
-                        + blocks * (v.num_patches + 1) * vit)
-    comp = compressor_flops(cfg, w.vision_tokens, w.compressor_keys)
-    if comp and cfg.compressor.kind == "query":
-        comp -= attention_flops(w.vision_tokens, w.compressor_keys, v.width)
-    return (vision + projector_flops(cfg, w.projected) + comp
-            + cfg.prefusion_layers * w.prefusion_len * layer
-            + w.llm_len * (llm.layers * layer + dense_flops(1, llm.width, llm.vocab_size)))
 
 
 # ----------------------------------------------------------------------------- XLA

@@ -41,7 +41,13 @@ Two schedules share all the per-block math:
 Padding (done by the wrapper with zeros, sliced off afterwards):
 
 * N -> multiple of ``block_n``; padded keys get a score of -1e30 (probability
-  exactly 0), so odd N (37, 577, 2304, ...) work.
+  exactly 0), so odd N (37, 577, ...) work. The default TPU ``block_n``
+  divides N when it can (576 -> 288, 2304 -> 384), so the usual shapes are
+  not padded: padding copies all the features in HBM.
+
+Every ``pallas_call`` carries a ``pl.CostEstimate`` (FLOPs, exp count, HBM
+bytes), so XLA's cost analysis and ``mmlm compile``'s roofline see the
+kernel's work instead of zero.
 * m -> multiple of 8 (TPU sublanes) or a power of two >= 16 (Triton ``dot``);
   padded query rows are zero and their cotangent is zero.
 * dh (per-head width) -> multiple of 128 (TPU lanes) or a power of two >= 16;
@@ -63,6 +69,8 @@ compressor, and computing it would need one more N x Dv accumulator per batch.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -71,6 +79,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 _F32 = jnp.float32
 # Finite "minus infinity" for masked scores: exp(_MASK - m) underflows to
@@ -80,6 +89,29 @@ _TPU_SUBLANE, _TPU_LANE = 8, 128
 # Triton: every loaded tensor has power-of-two size and tl.dot wants >= 16.
 _GPU_MIN_DIM = 16
 _TARGETS = ("tpu", "gpu")
+# Platform the program is compiled for, when it differs from the running backend (ahead-of-time
+# compilation for a TPU topology on a CPU host); None = jax.default_backend().
+_COMPILE_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("compile_platform", default=None)
+
+
+@contextlib.contextmanager
+def compile_platform(platform: str):
+    """Traces inside this block target `platform` ("tpu", "gpu", "cpu") instead of the running backend.
+
+    `mmlm compile` lowers the train step on a CPU host for a TPU topology: the
+    kernel must then pick its Pallas TPU schedule, not the XLA path or
+    interpret mode that a CPU backend would get.
+    """
+    token = _COMPILE_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _COMPILE_PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+    """The platform being compiled for: the `compile_platform` override, else the default backend."""
+    return _COMPILE_PLATFORM.get() or jax.default_backend()
 
 
 # --------------------------------------------------------------------------
@@ -107,6 +139,24 @@ def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
 def _default_block_n(n: int, candidates: tuple[int, ...]) -> int:
     """Block with the least padding of N, the largest on ties (fewest steps)."""
     return min(candidates, key=lambda c: (_round_up(n, c), -c))
+
+
+def default_tpu_block_n(n: int) -> int:
+    """The TPU schedule's default ``block_n`` for N patches.
+
+    N <= 128: one block (N rounded up to 8 sublanes). Otherwise a multiple of 8
+    in [128, 512] that divides N, so the wrapper never pads (copies) the
+    features in HBM: the one whose lane padding (scores are (m, block_n) tiles
+    of 128 lanes) wastes least, the largest on ties (576 -> 288, 2304 -> 384).
+    When no such divisor exists, the one of 128/256/512 that pads N least.
+    """
+    small = _round_up(n, _TPU_SUBLANE)
+    if small <= 128:
+        return small
+    divisors = [c for c in range(128, 513, _TPU_SUBLANE) if n % c == 0]
+    if divisors:
+        return min(divisors, key=lambda c: ((_round_up(c, _TPU_LANE) - c) / c, -c))
+    return _default_block_n(n, (128, 256, 512))
 
 
 # --------------------------------------------------------------------------
@@ -215,8 +265,7 @@ def _make_plan(
             raise ValueError(f"the tpu schedule uses block_d = padded Dv ({dv_pad}); got {block_d}")
         block_d = dv_pad
         if block_n is None:
-            small = _round_up(n, _TPU_SUBLANE)
-            block_n = small if small <= 128 else _default_block_n(n, (128, 256, 512))
+            block_n = default_tpu_block_n(n)
         if block_n % _TPU_SUBLANE:
             raise ValueError(f"block_n must be a multiple of {_TPU_SUBLANE} on TPU, got {block_n}")
     elif target == "gpu":
@@ -461,6 +510,34 @@ def _compiler_params(plan: _Plan, semantics: tuple[str, ...], backward: bool):
     return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=limit)
 
 
+def _cost_estimate(plan: _Plan, backward: bool) -> pl.CostEstimate:
+    """FLOPs / exp / HBM bytes of one kernel call (padded sizes: the work the kernel does).
+
+    Without it XLA's cost analysis counts a Pallas call as zero work. Per batch
+    element, with P = 2 x Np x Dvp x H x dhp (one K or V projection) and
+    A = 2 x mp x Np x H x dhp (one of the attention matmuls):
+    forward 2P + 2A (K, V; scores, A V); backward 6P + 5A (K, V recomputed,
+    dWk, dWv, dxn through both; scores recomputed, dV, dP, dK, dQ).
+    """
+    b, hd = plan.batch, plan.heads * plan.dh_pad
+    proj = 2 * plan.n_pad * plan.dv_pad * hd
+    attn = 2 * plan.m_pad * plan.n_pad * hd
+    cdt = plan.cdt.itemsize
+    x_bytes = b * plan.n_pad * plan.dv_pad * jnp.dtype(plan.out_dtype).itemsize
+    weights = 2 * plan.dv_pad * hd * cdt + plan.n_pad * plan.dv_pad * cdt + plan.m_pad * hd * cdt
+    per_b_out = plan.m_pad * hd * jnp.dtype(plan.out_dtype).itemsize + plan.heads * plan.m_pad * 4
+    if not backward:
+        flops = b * (2 * proj + 2 * attn)
+        nbytes = x_bytes + weights + b * per_b_out
+    else:
+        flops = b * (6 * proj + 5 * attn)
+        dx = b * plan.n_pad * plan.dv_pad * 4
+        grads = (2 * plan.dv_pad * hd + plan.m_pad * hd + 2 * hd + 2 * plan.dv_pad) * 4
+        nbytes = x_bytes + weights + dx + grads + b * (plan.m_pad * hd * cdt + 2 * plan.heads * plan.m_pad * 4)
+    exps = b * plan.heads * plan.m_pad * plan.n_pad + b * plan.n_pad  # softmax exp, LayerNorm rsqrt
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(exps), bytes_accessed=int(nbytes))
+
+
 # --------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------
@@ -519,6 +596,7 @@ def _forward_tpu(plan: _Plan, ops: _Operands) -> tuple[jax.Array, jax.Array]:
         scratch_shapes=[pltpu.VMEM((*hm, 1), _F32), pltpu.VMEM((*hm, 1), _F32), pltpu.VMEM((*hm, plan.dh_pad), _F32)],
         compiler_params=_compiler_params(plan, ("parallel", "arbitrary"), backward=False),
         interpret=plan.interpret,
+        cost_estimate=_cost_estimate(plan, backward=False),
         name="compress_attention_fwd",
     )(*ops)
 
@@ -551,6 +629,7 @@ def _forward_gpu(plan: _Plan, ops: _Operands) -> tuple[jax.Array, jax.Array]:
         ],
         compiler_params=_compiler_params(plan, (), backward=False),
         interpret=plan.interpret,
+        cost_estimate=_cost_estimate(plan, backward=False),
         name="compress_attention_fwd_split",
     )(*ops)
     # Flash-decoding merge of the per-block partials (tiny: B x nb x H x mp x dhp).
@@ -700,7 +779,7 @@ def _backward_call(plan: _Plan, ops: _Operands, do: jax.Array, lse: jax.Array, d
     args = [*ops, do, lse, delta]
     common = dict(
         grid=(plan.batch, plan.num_blocks), out_specs=out_specs, out_shape=shapes,
-        interpret=plan.interpret, name="compress_attention_bwd",
+        interpret=plan.interpret, name="compress_attention_bwd", cost_estimate=_cost_estimate(plan, backward=True),
     )
     if plan.target == "tpu":
         return pl.pallas_call(
@@ -778,6 +857,30 @@ def _check_shapes(x, q, ln_scale, ln_bias, wk, bk, wv, bv, pe_k, num_heads: int)
         raise ValueError(f"shape mismatch (got, expected): {bad or {'q': q.shape}}")
 
 
+def _over_batch_shards(fn: Callable[..., jax.Array], x: jax.Array, *rest: jax.Array) -> jax.Array:
+    """Runs `fn(x, *rest)` per shard of the batch axes of the current (abstract) mesh.
+
+    A Mosaic kernel has no automatic (GSPMD) partitioning rule, so under a
+    sharded jit it must sit in a `shard_map`: x is split over the mesh's
+    data-parallel axes (those of `mmlm.sharding.BATCH_AXES` present with size
+    > 1), every other operand is replicated, and shard_map's transpose sums
+    the weight gradients over the shards. Without a mesh in context (set by
+    `mmlm.train.step`), or on one device, `fn` runs as is. A batch the
+    shards do not divide runs whole on every device.
+    """
+    from mmlm.sharding import BATCH_AXES
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(x, *rest)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if axes and x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        axes = ()
+    spec = P(axes) if axes else P()
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) + (P(),) * len(rest), out_specs=spec,
+                         check_vma=False)(x, *rest)
+
+
 def pallas_compress_attention(
     x: jax.Array, q: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, wk: jax.Array, bk: jax.Array,
     wv: jax.Array, bv: jax.Array, pe_k: jax.Array, *, num_heads: int, eps: float = 1e-5,
@@ -792,19 +895,26 @@ def pallas_compress_attention(
     Shapes as in :func:`compress_attention`; differentiable (custom VJP).
     """
     _check_shapes(x, q, ln_scale, ln_bias, wk, bk, wv, bv, pe_k, num_heads)
-    backend = jax.default_backend()
+    backend = target_platform()
     target = target or ("gpu" if backend == "gpu" else "tpu")
     interpret = backend == "cpu" if interpret is None else interpret
-    plan = _make_plan(x, q, num_heads, eps, block_n, block_d, target, interpret)
-    return _fused(plan, x, q, ln_scale, ln_bias, wk, bk, wv, bv, pe_k)
+
+    def run(x, *weights):
+        plan = _make_plan(x, weights[0], num_heads, eps, block_n, block_d, target, interpret)
+        return _fused(plan, x, *weights)
+
+    return _over_batch_shards(run, x, q, ln_scale, ln_bias, wk, bk, wv, bv, pe_k)
 
 
 def resolve_impl(impl: str) -> str:
-    """'auto' -> 'pallas' on GPU/TPU backends, 'xla' on CPU (interpret mode is for correctness only)."""
+    """'auto' -> 'pallas' on GPU/TPU targets, 'xla' on CPU (interpret mode is for correctness only).
+
+    The target is `target_platform()`: the running backend, or the platform of `compile_platform`.
+    """
     if impl not in ("auto", "pallas", "xla"):
         raise ValueError(f"impl must be 'auto', 'pallas' or 'xla', got {impl!r}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+        return "pallas" if target_platform() in ("gpu", "tpu") else "xla"
     return impl
 
 
@@ -836,9 +946,11 @@ def compress_attention(
       num_heads: H; head h uses channels [h*Dv/H, (h+1)*Dv/H).
       impl: "xla" (reference), "pallas" (fused kernel) or "auto" (Pallas on
         GPU/TPU, XLA on CPU).
-      block_n: patches per kernel step (TPU: multiple of 8, default the one of
-        128/256/512 that pads N least; GPU: power of two >= 16, default 32).
-      interpret: Pallas interpret mode; None = exactly when the backend is CPU.
+      block_n: patches per kernel step (TPU: multiple of 8, default
+        `default_tpu_block_n(N)`, a divisor of N when one fits; GPU: power of
+        two >= 16, default 32).
+      interpret: Pallas interpret mode; None = exactly when the target
+        platform (`target_platform()`) is CPU.
 
     Returns:
       (B, m, Dv) in x.dtype: per-head softmax(q k^T / sqrt(Dv/H)) v, heads

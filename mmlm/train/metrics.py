@@ -8,9 +8,14 @@ by the interrupted run after its last checkpoint) are dropped first, so the
 file of a resumed run reads as that of an uninterrupted one.
 
 MFU = model FLOPs per step / (step time x peak FLOP/s of all devices). The
-FLOPs per step come from XLA's cost analysis of the compiled step; the peak
-comes from `train.peak_tflops_per_device`, a table of accelerators, or (CPU)
-a rough cores x clock x 32 FLOP/cycle (AVX2 FMA) estimate.
+model FLOPs per step are the analytic count of `mmlm.models.flops`
+(`model_flops_per_step`: every sample of the global batch, every layer of a
+scanned stack, forward and backward of what trains; what `mmlm bench flops`
+and `mmlm compile` count). XLA's cost analysis of the compiled step is not
+used: it counts a scanned layer stack's body once and includes remat
+recomputation. The peak comes from `train.peak_tflops_per_device`, a table of
+accelerators, or (CPU) a rough cores x clock x 32 FLOP/cycle (AVX2 FMA)
+estimate.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -62,6 +67,17 @@ def peak_tflops_per_device(configured: float = 0.0) -> float:
         if key in kind:
             return value
     return 0.0
+
+
+def model_flops_per_step(cfg: Any, batch: Mapping[str, Any], parts: Sequence[str],
+                         budgets: Sequence[int]) -> float:
+    """Analytic model FLOPs of one train step on the global `batch` (see the module docstring)."""
+    from mmlm.models.flops import train_step_flops
+
+    b, t = batch["input_ids"].shape
+    frames = batch["images"].shape[1] if "images" in batch else 0
+    return float(train_step_flops(cfg, batch_size=int(b), text_len=int(t), frames=int(frames),
+                                  trainable=tuple(parts), budgets=tuple(budgets))["total"])
 
 
 def compiled_flops(compiled: Any) -> float:

@@ -101,6 +101,13 @@ def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: S
     grad_fn = jax.value_and_grad(loss_for, has_aux=True)
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        if mesh is None:
+            return _step(state, batch)
+        # The mesh in context lets kernels without a GSPMD rule (Pallas) shard_map over the batch axes.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _step(state, batch)
+
+    def _step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         params = state["params"]
         train_params, frozen = split_trainable(params, parts)
         idx = budget_index(state["rng"], state["step"], len(budgets))

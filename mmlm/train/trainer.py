@@ -50,7 +50,7 @@ from mmlm import sharding as shd
 from mmlm.train import data as data_lib
 from mmlm.train.checkpointing import Checkpointer, check_saved_model_config, check_workdir, has_checkpoints
 from mmlm.train.evaluate import Evaluator
-from mmlm.train.metrics import MetricWriter, compiled_flops, peak_tflops_per_device
+from mmlm.train.metrics import MetricWriter, model_flops_per_step, peak_tflops_per_device
 from mmlm.train.optimizer import count_state, make_optimizer, part_schedule, trainable_parts
 from mmlm.train.step import make_train_step, model_inputs
 
@@ -341,9 +341,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if compiled is None:
                 t0 = time.time()
                 compiled = step_fn.lower(state, batch).compile()
-                flops_per_step = compiled_flops(compiled)
+                flops_per_step = model_flops_per_step(setup.cfg, batch, setup.parts, setup.budgets)
                 writer.message(f"compiled the train step in {time.time() - t0:.1f}s "
-                               f"({flops_per_step / 1e9:.2f} GFLOP/step)")
+                               f"({flops_per_step / 1e9:.2f} model GFLOP/step)")
                 t_log = time.perf_counter()
             state, metrics = compiled(state, batch)
             step += 1
