@@ -210,8 +210,10 @@ md("""
 
 `configs/tiny.py` is the test-sized model: a 3-block ViT on 32 px images (16 patches), a 2-layer
 LLM of width 32, and a Matryoshka compressor with M = 4 queries serving budgets m = 1 and 4. A
-batch has `input_ids` with one `IMAGE_TOKEN_ID` placeholder per sample, `labels` (-100 = not
-supervised), `attention_mask`, `images` of shape (batch, frames, views, H, W, 3) and `frame_mask`.
+batch has `input_ids` with one `IMAGE_TOKEN_ID` placeholder per sample, `attention_mask`,
+`fuse_mask` (the instruction tokens pre-fusion reads: not the placeholder, not the answer), `images`
+of shape (batch, frames, views, H, W, 3) and `frame_mask`. The training targets, `labels` (-100 = not
+supervised), stay outside the model: the loss gathers them with the `text_index` the model returns.
 """)
 
 code("""
@@ -223,7 +225,7 @@ import mmlm
 from mmlm.config_utils import load_config
 from mmlm.models.config import model_config_from_dict
 from mmlm.models.llava_mini import LlavaMini
-from mmlm.models.loss import token_loss
+from mmlm.models.loss import targets_from_labels, token_loss
 
 config = load_config("configs/tiny.py")
 cfg = model_config_from_dict(config.model)
@@ -238,8 +240,8 @@ labels = np.full((B, T), mmlm.IGNORE_INDEX, np.int32)
 labels[:, -4:] = input_ids[:, -4:]                  # supervise the last 4 tokens ("the answer")
 batch = {
     "input_ids": input_ids,
-    "labels": labels,
     "attention_mask": np.ones((B, T), bool),
+    "fuse_mask": (labels == mmlm.IGNORE_INDEX) & (input_ids != mmlm.IMAGE_TOKEN_ID),
     "images": rng.standard_normal((B, 1, 1, S, S, 3)).astype(np.float32),  # 1 frame, 1 view
     "frame_mask": np.ones((B, 1), bool),
 }
@@ -260,7 +262,7 @@ loss is about ln(vocab) = ln(512) = 6.2.
 code("""
 for m in cfg.supported_budgets:
     out = model.apply({"params": params}, batch, num_vision_tokens=m)
-    loss = token_loss(out["logits"], out["targets"])["loss"]
+    loss = token_loss(out["logits"], targets_from_labels(labels, out["text_index"]))["loss"]
     print(f"m={m}: logits {out['logits'].shape} (T - 1 + m = {T - 1 + m}), loss {float(loss):.3f}")
 """)
 
