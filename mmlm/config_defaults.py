@@ -83,6 +83,10 @@ def model_config(*, vision: ml_collections.ConfigDict, llm: ml_collections.Confi
         heads=8,             # cross-attention heads
         ln_eps=1e-5,         # epsilon of LN_q and LN_kv
         impl="auto",         # cross-attention: "auto" (Pallas on GPU/TPU, XLA on CPU) | "pallas" | "xla"
+        # True: the query position codes are a fixed table stored with the weights (params compressor/pos_embed,
+        # never trained) and the key codes its bicubic resize, as the authors' code reads them from the
+        # checkpoint; `mmlm convert` sets it when a release's table differs from the sin-cos one beyond rounding.
+        stored_position_table=False,
     ))
     return m
 

@@ -273,12 +273,38 @@ def test_release_without_vision_tower(tmp_path):
     assert "random CLIP features" in json.loads(out)["inputs"]
 
 
-def test_foreign_position_table_is_rejected(tmp_path):
+def test_a_stored_position_table_that_differs_is_read_from_the_checkpoint(tmp_path):
+    """As the authors' code does: a release whose table is not the sin-cos one (beyond rounding) keeps its own,
+    for the queries and, bicubically resized, for the HD keys; the export writes it back unchanged."""
+    release, vision, release_dir, clip_dir = build(tmp_path, hd_grid=2)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        release.compressor.pos_embed.add_(0.2 * torch.randn(release.compressor.pos_embed.shape, generator=gen))
+    release.save(release_dir, 2)
+    dst = str(tmp_path / "mmlm")
+    code, out, err = run_mmlm("convert", "--from", "llava-mini", "--src", release_dir, "--vision", clip_dir,
+                              "--dst", dst)
+    assert code == 0, err
+    assert "stored table is used" in out
+    cfg, params = load_mmlm(dst)
+    assert cfg.compressor.stored_position_table
+    np.testing.assert_array_equal(params["compressor"]["pos_embed"], release.compressor.pos_embed.numpy())
+    ref_tokens, ref_fused, ref_logits, ref_valid = reference_outputs(release, vision, 2)
+    tokens, fused, logits, valid = mmlm_outputs(dst, 2)
+    assert np.abs(tokens - ref_tokens).max() <= 1e-4
+    assert np.abs(logits - ref_logits)[valid].max() <= 1e-4
+    hf2 = str(tmp_path / "hf2")
+    assert run_mmlm("convert", "--to", "hf", "--src", dst, "--dst", hf2, "--vision", clip_dir, "--quiet")[0] == 0
+    exported = load_file(os.path.join(hf2, "model.safetensors"))["model.compressor.pos_embed"]
+    assert torch.equal(exported, release.compressor.pos_embed)
+
+
+def test_a_position_table_of_another_shape_is_rejected(tmp_path):
     _, _, release_dir, clip_dir = build(tmp_path)
     path = os.path.join(release_dir, "model.safetensors")
     tensors = load_file(path)
-    tensors["model.compressor.pos_embed"] = torch.randn_like(tensors["model.compressor.pos_embed"])
+    tensors["model.compressor.pos_embed"] = torch.randn(3, tensors["model.compressor.pos_embed"].shape[1])
     save_file(tensors, path, metadata={"format": "pt"})
     code, _, err = run_mmlm("convert", "--from", "llava-mini", "--src", release_dir, "--vision", clip_dir,
                             "--dst", str(tmp_path / "out"))
-    assert code == 2 and "model.compressor.pos_embed differs" in err
+    assert code == 2 and "model.compressor.pos_embed has shape (3," in err and "Traceback" not in err

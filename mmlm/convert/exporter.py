@@ -284,7 +284,7 @@ def export_checkpoint(src: str, dst: str, *, vision: str | None = None, dtype: s
         if mm != want:
             raise ValueError(f"params {sorted(parts)} do not form a LLaVA-Mini model (expected llm + {sorted(want)})")
         names.update(mapping.projector_map(projector_depth(cfg.projector)))
-        names.update(mapping.compressor_map())
+        names.update(mapping.compressor_map(cfg.compressor.stored_position_table))
         if cfg.prefusion_layers:
             names.update(mapping.prefusion_map(cfg.prefusion_layers))
         tower = mm_vision_tower or source.get("mm_vision_tower") or llava_mini.DEFAULT_VISION_TOWER
@@ -292,9 +292,10 @@ def export_checkpoint(src: str, dst: str, *, vision: str | None = None, dtype: s
             tower = os.path.join(dst, VISION_SUBDIR)
         layout = "LLaVA-Mini release"
         hf_cfg = llava_mini.release_config(cfg, out_dtype, tower, extra)
-        # The release keeps its fixed query position table as a (frozen) parameter.
-        fixed = {mapping.COMPRESSOR_POS_EMBED: sincos_2d(cfg.vision.width, cfg.compressor.grid)
-                 .astype(np_dtype(out_dtype))}
+        # The release keeps its fixed query position table as a (frozen) parameter; a model that
+        # stores its own exports that one (it is a parameter, in `names`).
+        fixed = {} if cfg.compressor.stored_position_table else {
+            mapping.COMPRESSOR_POS_EMBED: sincos_2d(cfg.vision.width, cfg.compressor.grid).astype(np_dtype(out_dtype))}
     report = ExportReport(dst, layout)
     writer = SafetensorsWriter(dst, max_shard_bytes)
     report.tensors = _write_tensors(writer, flat, names, dtype, progress, f"export {layout}")

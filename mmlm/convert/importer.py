@@ -267,8 +267,6 @@ def import_checkpoint(kind: str, src: str, dst: str, *, vision: str | None = Non
         report.converted += 1
     for s in sources:
         s.reader.release()
-    if kind == "llava-mini":
-        _check_pos_embed(reader, cfg)
     params = filler.tree()
     del filler
 
@@ -351,6 +349,12 @@ def _llava_mini_sources(src, hf, reader, vision, where, base, notes, source_meta
                      "tower with `mmlm convert --from hf-clip` and let --init_from merge it")
     model = llava_mini.model_config_from_release(hf, vcfg, where, hd_grid=hd_grid,
                                                  query_rows=_query_rows(reader))
+    stored_err = _stored_table_differs(reader, model_config_from_dict(model))
+    if stored_err is not None:
+        model.compressor.stored_position_table = True
+        notes.append(f"{mapping.COMPRESSOR_POS_EMBED} differs from the sin-cos table by up to {stored_err:.3g}: "
+                     "the stored table is used (model.compressor.stored_position_table), as the authors' code "
+                     "reads it from the checkpoint")
     if hd_grid is not None and not hf.get("resolution_ratio"):
         source_meta["hd_grid"] = hd_grid
         notes.append(f"HD grid {hd_grid} from --hd_grid (config.json has no resolution_ratio)")
@@ -360,7 +364,7 @@ def _llava_mini_sources(src, hf, reader, vision, where, base, notes, source_meta
     tie = cfg.llm.tie_embeddings
     main_names = mapping.llama_map(cfg.llm.layers, tie)
     main_names.update(mapping.projector_map(_depth(cfg.projector)))
-    main_names.update(mapping.compressor_map())
+    main_names.update(mapping.compressor_map(cfg.compressor.stored_position_table))
     if cfg.prefusion_layers:
         main_names.update(mapping.prefusion_map(cfg.prefusion_layers))
     blocks = cfg.vision.blocks_used
@@ -403,14 +407,20 @@ def _depth(projector: str) -> int:
     return projector_depth(projector)
 
 
-def _check_pos_embed(reader: CheckpointReader, cfg: ModelConfig) -> None:
-    """The release stores its fixed query position table; mmlm recomputes it, so they must agree."""
+def _stored_table_differs(reader: CheckpointReader, cfg: ModelConfig) -> float | None:
+    """The release stores its fixed query position table, which the authors' code reads back.
+
+    Returns None when it equals the sin-cos table mmlm recomputes up to the
+    rounding of the checkpoint dtype (mmlm then recomputes it), else the
+    largest difference (the stored table is then used). A table of another
+    shape is not the LLaVA-Mini Resampler's: an error.
+    """
     if mapping.COMPRESSOR_POS_EMBED not in reader:
-        return
-    table = reader.get(mapping.COMPRESSOR_POS_EMBED).astype(np.float32)
+        return None
+    info = reader.infos[mapping.COMPRESSOR_POS_EMBED]
     want = sincos_2d(cfg.vision.width, cfg.compressor.grid)
-    if table.shape != want.shape or not np.allclose(table, want, atol=POS_EMBED_ATOL, rtol=0):
-        err = np.abs(table - want).max() if table.shape == want.shape else f"shape {table.shape} vs {want.shape}"
-        raise ValueError(
-            f"{mapping.COMPRESSOR_POS_EMBED} differs from the 2-D sin-cos table mmlm computes ({err}); this "
-            "checkpoint's compressor is not the LLaVA-Mini Resampler")
+    if tuple(info.shape) != want.shape:
+        raise ValueError(f"{mapping.COMPRESSOR_POS_EMBED} has shape {tuple(info.shape)}, the compressor's "
+                         f"C x C grid needs {want.shape}; this checkpoint's compressor is not the LLaVA-Mini Resampler")
+    err = float(np.abs(reader.get(mapping.COMPRESSOR_POS_EMBED).astype(np.float32) - want).max())
+    return None if err <= POS_EMBED_ATOL else err

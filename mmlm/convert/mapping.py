@@ -193,10 +193,15 @@ def projector_map(depth: int) -> dict[str, Target]:
 COMPRESSOR_POS_EMBED = "model.compressor.pos_embed"
 
 
-def compressor_map() -> dict[str, Target]:
-    """The release `Resampler` -> params["compressor"] (pos_embed is fixed: see `COMPRESSOR_POS_EMBED`)."""
+def compressor_map(stored_position_table: bool = False) -> dict[str, Target]:
+    """The release `Resampler` -> params["compressor"].
+
+    Its fixed `pos_embed` is recomputed by mmlm unless the model keeps the
+    stored table (`model.compressor.stored_position_table`).
+    """
     c = "model.compressor."
-    return {
+    stored = {COMPRESSOR_POS_EMBED: Target(("compressor", "pos_embed"))} if stored_position_table else {}
+    return stored | {
         c + "query": Target(("compressor", "query")),
         c + "ln_q.weight": Target(("compressor", "ln_q", "scale")),
         c + "ln_q.bias": Target(("compressor", "ln_q", "bias")),

@@ -27,7 +27,8 @@ import numpy as np
 from mmlm.kernels import compress_attention
 from mmlm.models.config import CompressorConfig
 from mmlm.models.layers import dense, layer_norm
-from mmlm.models.positions import adaptive_avg_pool_matrix, key_position_table, matryoshka_order, sincos_2d
+from mmlm.models.positions import (adaptive_avg_pool_matrix, key_position_table, matryoshka_order,
+                                   resize_position_table, sincos_2d)
 
 
 class LayerNormParams(nn.Module):
@@ -96,8 +97,19 @@ class QueryCompressor(nn.Module):
                           (3 * dv,), self.param_dtype)
         out_proj = dense(dv, ("qkv", "vision_embed"), use_bias=True, name="out_proj", **kw)
 
-        pe_q = jnp.asarray(query_position_table(cfg, dv)[:num_tokens], self.dtype)
-        pe_k = jnp.asarray(key_position_table(dv, cfg.grid, square_side(n, "compressor keys")), self.dtype)
+        key_grid = square_side(n, "compressor keys")
+        if cfg.stored_position_table:
+            # The release's fixed table, read from the weights; stop_gradient (and no weight decay on the
+            # name) keeps it fixed in training.
+            init = lambda key, shape, dtype: jnp.asarray(sincos_2d(shape[1], cfg.grid), dtype)
+            table = jax.lax.stop_gradient(self.param(
+                "pos_embed", nn.with_logical_partitioning(init, ("queries", "vision_embed")), (cfg.tokens, dv),
+                self.param_dtype))
+            pe_q = table[:num_tokens].astype(self.dtype)
+            pe_k = resize_position_table(table, cfg.grid, key_grid).astype(self.dtype)
+        else:
+            pe_q = jnp.asarray(query_position_table(cfg, dv)[:num_tokens], self.dtype)
+            pe_k = jnp.asarray(key_position_table(dv, cfg.grid, key_grid), self.dtype)
         w_in, b_in = w_in.astype(self.dtype), b_in.astype(self.dtype)
         wq, wk, wv = w_in[:, :dv], w_in[:, dv:2 * dv], w_in[:, 2 * dv:]
         bq, bk, bv = b_in[:dv], b_in[dv:2 * dv], b_in[2 * dv:]

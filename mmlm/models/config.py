@@ -95,6 +95,12 @@ class CompressorConfig:
     heads: int = 8
     ln_eps: float = 1e-5
     impl: str = "auto"  # "auto" | "pallas" | "xla" (cross-attention implementation)
+    stored_position_table: bool = False  # position codes from params compressor/pos_embed, not recomputed
+
+    def __post_init__(self):
+        if self.stored_position_table and self.budgets:
+            raise ValueError("model.compressor.stored_position_table is the release layout (a fixed C x C table); "
+                             "it cannot be combined with Matryoshka budgets")
 
     @property
     def grid(self) -> int:

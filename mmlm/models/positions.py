@@ -7,7 +7,8 @@
   onto the key grid with `bicubic_matrix`, what torch's
   `F.interpolate(mode="bicubic", align_corners=False)` computes (cubic
   convolution a=-0.75, clamped borders, no antialiasing), which differs from
-  `jax.image.resize` (a=-0.5).
+  `jax.image.resize` (a=-0.5). `resize_position_table` does the same to a
+  stored table (a release's, read from its weights) on device.
 * `matryoshka_order(grid, budgets)`: the query permutation that makes square
   prefixes spatially meaningful (see the function).
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -60,6 +63,16 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
         idx = np.clip(base.astype(np.int64) - 1 + tap, 0, in_size - 1)
         np.add.at(mat, (np.arange(out_size), idx), w[:, tap])
     return mat
+
+
+def resize_position_table(table: jax.Array, query_grid: int, key_grid: int) -> jax.Array:
+    """A stored (query_grid^2, D) table resized to the key grid with torch's bicubic kernel, fp32."""
+    table = jnp.asarray(table, jnp.float32)
+    if key_grid == query_grid:
+        return table
+    m = jnp.asarray(bicubic_matrix(query_grid, key_grid), jnp.float32)
+    grid = table.reshape(query_grid, query_grid, -1)
+    return jnp.einsum("yi,xj,ijd->yxd", m, m, grid).reshape(key_grid * key_grid, -1)
 
 
 @functools.lru_cache(maxsize=64)
