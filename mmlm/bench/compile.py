@@ -63,6 +63,7 @@ from mmlm.bench.roofline import Chip, roofline  # noqa: E402
 from mmlm.cli_common import run_command  # noqa: E402
 from mmlm.config_utils import load_config, split_config_overrides  # noqa: E402
 from mmlm.errors import UserError  # noqa: E402
+from mmlm.models.summary import batch_shapes  # noqa: E402
 
 GIB = 1 << 30
 
@@ -187,16 +188,7 @@ def _shard_bytes(tree: Any) -> int:
 
 def abstract_batch(config: ml_collections.ConfigDict, cfg: Any, mesh: Mesh, frames: int) -> dict[str, Any]:
     """The pipeline's global batch as sharded ShapeDtypeStructs (see mmlm.data.pipeline)."""
-    b, t = int(config.data.batch_size), int(config.data.max_text_len)
-    views = 1 if cfg.hd_grid == 1 else cfg.hd_grid**2 + 1
-    s = cfg.image_size
-    shapes = {
-        "input_ids": ((b, t), jnp.int32),
-        "labels": ((b, t), jnp.int32),
-        "attention_mask": ((b, t), jnp.bool_),
-        "images": ((b, frames, views, s, s, 3), jnp.float32),
-        "frame_mask": ((b, frames), jnp.bool_),
-    }
+    shapes = batch_shapes(cfg, int(config.data.batch_size), int(config.data.max_text_len), frames, labels=True)
     return {k: jax.ShapeDtypeStruct(shape, dt, sharding=shd.batch_sharding(mesh, len(shape)))
             for k, (shape, dt) in shapes.items()}
 

@@ -1,7 +1,7 @@
 """The evaluator: answers questions greedily at each vision-token budget and scores them.
 
 Used by `mmlm eval` (a LLaVA-style question JSONL) and by the training loop
-(held-out conversations, `mmlm.train.evaluate`), so both report the same
+(held-out conversations, through the train package's `Evaluator`), so both report the same
 metrics with the same answer normalisation (`mmlm.eval.metrics`).
 
 Input lines: `{"question_id", "image" | "video" (path, relative to the media
@@ -189,7 +189,7 @@ def evaluate(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Seq
     """Answers every question at every budget in one pass over the media; returns metric rows and answer lines.
 
     This is the project's one evaluator: `mmlm eval` calls it on a question
-    file, the training loop on held-out conversations (`mmlm.train.evaluate`).
+    file, the training loop on held-out conversations (the train package's `Evaluator`).
     Each batch's media are decoded once (in a background thread, while the
     previous batch is answered) and reused for every budget. A question whose
     media cannot be decoded is skipped and reported in `EvalResult.skipped`

@@ -22,9 +22,9 @@ from mmlm.models.layers import count_params
 from mmlm.models.llava_mini import LlavaMini
 
 
-def dummy_batch(cfg: ModelConfig, batch: int = 1, text_len: int = 16, frames: int = 1,
-                abstract: bool = True) -> dict[str, Any]:
-    """A batch of the right shapes (one `<image>` placeholder per sample at position 1)."""
+def batch_shapes(cfg: ModelConfig, batch: int, text_len: int, frames: int, labels: bool = False
+                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{name: (shape, dtype)} of a model batch (`labels` too for a training batch)."""
     views = 1 if cfg.hd_grid == 1 else cfg.hd_grid**2 + 1
     s = cfg.image_size
     shapes = {
@@ -34,6 +34,16 @@ def dummy_batch(cfg: ModelConfig, batch: int = 1, text_len: int = 16, frames: in
         "images": ((batch, frames, views, s, s, 3), jnp.float32),
         "frame_mask": ((batch, frames), jnp.bool_),
     }
+    if labels:
+        shapes["labels"] = ((batch, text_len), jnp.int32)
+    return shapes
+
+
+def dummy_batch(cfg: ModelConfig, batch: int = 1, text_len: int = 16, frames: int = 1,
+                abstract: bool = True) -> dict[str, Any]:
+    """A batch of the right shapes (one `<image>` placeholder per sample at position 1)."""
+    shapes = batch_shapes(cfg, batch, text_len, frames)
+    views, s = shapes["images"][0][2], cfg.image_size
     if abstract:
         return {k: jax.ShapeDtypeStruct(shape, dt) for k, (shape, dt) in shapes.items()}
     ids = np.ones((batch, text_len), np.int32)
