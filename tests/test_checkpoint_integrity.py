@@ -50,12 +50,18 @@ def final_loss(workdir: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The base run (steps 5 and 10 saved) and the reference: its copy without step 10, resumed from 5."""
+def base(tmp_path_factory):
+    """The base run: steps 5 and 10 saved."""
     root = tmp_path_factory.mktemp("ckpt_integrity")
-    base = root / "base"
-    proc = train(root, base)
+    proc = train(root, root / "base")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"root": root, "base": root / "base"}
+
+
+@pytest.fixture(scope="module")
+def runs(base):
+    """`base` and the reference: its copy without step 10, resumed from step 5."""
+    root, base = base["root"], base["base"]
     ref = root / "ref"
     shutil.copytree(base, ref)
     shutil.rmtree(ref / "checkpoints" / "10")
@@ -118,7 +124,8 @@ DAMAGE = {
 }
 
 
-def test_every_saved_step_has_a_manifest_that_verifies(runs):
+def test_every_saved_step_has_a_manifest_that_verifies(base):
+    runs = base
     from mmlm.checkpoint import MANIFEST_FILE, verify_step
 
     for step in (5, 10):
@@ -148,16 +155,16 @@ def test_resume_skips_a_damaged_latest_step(runs, kind):
     assert verify_step(str(work / "checkpoints" / "10")) == ("ok", "")  # saved again, intact
 
 
-def test_eval_and_chat_loading_fall_back_or_refuse(runs, caplog):
+def test_eval_and_chat_loading_fall_back_or_refuse(base, caplog):
     """`load_params_from_workdir` (chat / eval): the latest damaged step -> warning and the previous step;
     asking for the damaged step -> UserError naming the file."""
     from mmlm.checkpoint import load_params_from_workdir
     from mmlm.errors import UserError
 
-    work = runs["root"] / "damaged_for_loading"
-    shutil.copytree(runs["base"], work)
+    work = base["root"] / "damaged_for_loading"
+    shutil.copytree(base["base"], work)
     damaged_file = _truncate_array(work / "checkpoints" / "10")
-    want, _ = load_params_from_workdir(str(runs["base"]), step=5)
+    want, _ = load_params_from_workdir(str(base["base"]), step=5)
     with caplog.at_level("WARNING"):
         got, _ = load_params_from_workdir(str(work))
     assert "checkpoint step 10 is damaged" in caplog.text and str(damaged_file) in caplog.text

@@ -178,9 +178,13 @@ class Checkpointer:
             if jax.process_index() != 0:
                 continue
             final = os.path.join(self.root, str(step))
-            tmp = sorted((os.path.join(self.root, n) for n in os.listdir(self.root)
-                          if n.startswith(f"{step}{TMP_MARKER}")), key=os.path.getmtime)
-            write_manifest(tmp[-1] if tmp else final)
+            try:
+                tmp = sorted((os.path.join(self.root, n) for n in os.listdir(self.root)
+                              if n.startswith(f"{step}{TMP_MARKER}")), key=os.path.getmtime)
+                write_manifest(tmp[-1] if tmp else final)
+            except OSError as e:  # the step stays restorable, only unverified: never fail the save for it
+                log.warning("could not write the manifest of checkpoint step %d (%s); it will be restored "
+                            "without verification", step, e)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -100,4 +100,6 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     args.overrides = overrides
     _setup_logging(args.log_level)
-    return run_command("train", run, args, quiet_logs=False)
+    # Ctrl-C inside the train loop saves a checkpoint (see PreemptionWatch); before it, or a second
+    # Ctrl-C, ends the command quietly with exit status 130.
+    return run_command("train", run, args, quiet_logs=False, interruptible=True)
