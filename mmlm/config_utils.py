@@ -249,14 +249,18 @@ def _check_model(config: ml_collections.ConfigDict) -> Any:
 
 
 def _check_mesh(config: ml_collections.ConfigDict, num_devices: int | None) -> dict[str, int] | None:
-    from mmlm.sharding import MESH_AXES, mesh_shape
+    from mmlm.sharding import MESH_AXES, MESH_OPTIONS, mesh_shape
 
     mesh = config.get("mesh")
     if mesh is None:
         return None
-    unknown = sorted(set(mesh.keys()) - set(MESH_AXES))
+    unknown = sorted(set(mesh.keys()) - set(MESH_AXES) - set(MESH_OPTIONS))
     if unknown:
-        raise ConfigError(f"config.mesh has unknown axes {unknown}; the axes are {list(MESH_AXES)}")
+        raise ConfigError(f"config.mesh has unknown axes {unknown}; the axes are {list(MESH_AXES)} (options: "
+                          f"{list(MESH_OPTIONS)})")
+    for option in MESH_OPTIONS:
+        if option in mesh and not isinstance(mesh[option], bool):
+            raise ConfigError(f"config.mesh.{option} must be True or False, got {mesh[option]!r}")
     for axis in MESH_AXES:
         value = mesh.get(axis, 1)
         if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):

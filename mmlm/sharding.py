@@ -231,6 +231,9 @@ def mesh_config_from(config: ml_collections.ConfigDict) -> Mapping[str, int]:
     return {a: int(config.mesh.get(a, 1)) for a in MESH_AXES}
 
 
+MESH_OPTIONS = ("allow_replicated_fallback",)  # keys of config.mesh that are not axes
+
+
 def allow_replicated_fallback(config: ml_collections.ConfigDict) -> bool:
     """`config.mesh.allow_replicated_fallback` (False when absent, e.g. in a config saved before it existed)."""
     return bool(config.mesh.get("allow_replicated_fallback", False))

@@ -276,3 +276,11 @@ def test_data_build_reports_an_image_path_that_is_a_directory(capsys, tmp_path):
     assert rc == 0, out
     report = json.loads((tmp_path / "out" / "build_report.json").read_text())
     assert report["skipped"] == {"undecodable_image": 1}  # not "missing_file": the path exists
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py")))
+def test_every_shipped_config_passes_validation(path):
+    """Each config in configs/ is valid as shipped, on one device (so new config keys reach the validator)."""
+    from mmlm.config_utils import load_config, validate_config
+
+    validate_config(load_config(path), num_devices=1)
