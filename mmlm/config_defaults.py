@@ -69,6 +69,8 @@ def model_config(*, vision: ml_collections.ConfigDict, llm: ml_collections.Confi
     m.param_dtype = "float32"        # parameter (master weight) dtype
     m.scan_layers = True             # nn.scan over repeated blocks (fast compiles); False unrolls
     m.remat_policy = "none"          # rematerialisation of blocks: none | full | dots | dots_no_batch
+    m.loss_chunk = 1024              # training loss: LM head + cross-entropy over chunks of this many positions,
+                                     # recomputed in the backward (no full (B, L, V) fp32 logits); 0 = all at once
     # Training semantics of the LLaVA-Mini authors' code; the paper recipes (`paper_stage1/2`) turn them on.
     m.detach_text_embeddings = False  # True: the input embedding table gets no gradient (text embeddings detached)
     m.text_only_prefusion = False    # True: a text-only sample runs pre-fusion with a zero image; the LLM reads its fused text

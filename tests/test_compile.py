@@ -221,3 +221,78 @@ def test_compile_tiny_train_step_json():
     assert r["collective_bytes"]["all-reduce"] > 0  # data parallel: gradients are summed over 4 chips
     assert r["roofline"]["pallas_calls"] > 0 and r["roofline"]["pallas_calls_without_estimate"] == 0
     assert r["compile_seconds"] > 0
+
+
+# ----------------------------------------------------------------------------- roofline parser (no libtpu)
+
+_HLO = """HloModule m
+
+%body (p: (s32[], f32[64,128], bf16[4,128,128])) -> (s32[], f32[64,128], bf16[4,128,128]) {
+  %p = (s32[], f32[64,128]{1,0}, bf16[4,128,128]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[64,128]{1,0} get-tuple-element(%p), index=1
+  %w = bf16[4,128,128]{2,1,0:T(8,128)(2,1)} get-tuple-element(%p), index=2
+  %slice = bf16[128,128]{1,0} fusion(%w, %i), kind=kLoop, calls=%slice_comp
+  %ag = bf16[128,128]{1,0} all-gather(%slice), channel_id=1, replica_groups=[1,4]<=[4], dimensions={0}
+  %mm = f32[64,128]{1,0} fusion(%x, %ag), kind=kOutput, calls=%mm_comp
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[64,128]{1,0}, bf16[4,128,128]{2,1,0}) tuple(%next, %mm, %w)
+}
+
+%cond (q: (s32[], f32[64,128], bf16[4,128,128])) -> pred[] {
+  %q = (s32[], f32[64,128]{1,0}, bf16[4,128,128]{2,1,0}) parameter(0)
+  %c = s32[] get-tuple-element(%q), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%c, %n), direction=LT
+}
+
+%slice_comp (a: bf16[4,128,128], b: s32[]) -> bf16[128,128] {
+  %a = bf16[4,128,128]{2,1,0} parameter(0)
+  %b = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = bf16[1,128,128]{2,1,0} dynamic-slice(%a, %b, %z, %z), dynamic_slice_sizes={1,128,128}
+  ROOT %r = bf16[128,128]{1,0} bitcast(%ds)
+}
+
+%mm_comp (u: f32[64,128], v: bf16[128,128]) -> f32[64,128] {
+  %u = f32[64,128]{1,0} parameter(0)
+  %v = bf16[128,128]{1,0} parameter(1)
+  %cv = f32[128,128]{1,0} convert(%v)
+  ROOT %d = f32[64,128]{1,0} dot(%u, %cv), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (x0: f32[64,128], w0: bf16[4,128,128]) -> f32[64,128] {
+  %x0 = f32[64,128]{1,0} parameter(0)
+  %w0 = bf16[4,128,128]{2,1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[64,128]{1,0}, bf16[4,128,128]{2,1,0}) tuple(%zero, %x0, %w0)
+  %loop = (s32[], f32[64,128]{1,0}, bf16[4,128,128]{2,1,0}) while(%init), condition=%cond, body=%body
+  %res = f32[64,128]{1,0} get-tuple-element(%loop), index=1
+  %lhs = f32[2,2,8,2,1]{4,3,2,1,0} parameter(2)
+  %rhs = f32[2,52,2,2,8]{4,3,2,1,0} parameter(3)
+  %bmm = f32[2,2,52,52,2]{4,3,2,1,0} convolution(%lhs, %rhs), window={size=2x2x2 pad=0_0x0_0x1_1 lhs_dilate=2x2x1}, dim_labels=0b1f2_0o12i->01bf2
+  ROOT %ar = f32[64,128]{1,0} all-reduce(%res), channel_id=2, replica_groups=[1,4]<=[4], to_apply=%add
+}
+"""
+
+
+def test_roofline_reads_loops_slices_collectives_and_batched_convolutions():
+    from mmlm.bench.roofline import Chip, roofline
+
+    chip = Chip(peak_flops=1e12, hbm_bytes_per_s=1e9, ici_bytes_per_s=1e8)
+    r = roofline(_HLO, chip)
+    assert r["unknown_trip_counts"] == 0
+    dot = 2 * 64 * 128 * 128
+    bmm = 2 * (2 * 2 * 52 * 52 * 2) * 8  # a dot over the 8 input features per output, not the 2x2x2 window
+    assert r["flops"] == 4 * dot + bmm
+    # The scan reads one (128, 128) bf16 layer per iteration, not the whole (4, 128, 128) stack.
+    slice_bytes = 2 * 128 * 128 * 2  # read the slice, write it
+    mm_bytes = 64 * 128 * 4 + 128 * 128 * 2 + 64 * 128 * 4
+    bmm_bytes = 4 * (2 * 2 * 8 * 2 + 2 * 52 * 2 * 2 * 8 + 2 * 2 * 52 * 52 * 2)
+    scalars = 4 + 3 * 4  # the slice index read by the slice fusion; the counter's add
+    assert r["bytes"] == 4 * (slice_bytes + mm_bytes + scalars) + bmm_bytes
+    assert r["collective_bytes"]["all-gather"] == 4 * 128 * 128 * 2
+    assert r["collective_bytes"]["all-reduce"] == 64 * 128 * 4
+    assert r["collective_seconds"] == pytest.approx((4 * 128 * 128 * 2 + 2 * 64 * 128 * 4) / 1e8)
+    assert r["seconds"] == max(r["compute_memory_seconds"], r["collective_seconds"])

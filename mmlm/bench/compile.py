@@ -222,7 +222,8 @@ def _has_loops(hlo_text: str) -> bool:
     return re.search(r"\swhile\(", hlo_text) is not None
 
 
-def compile_train_step(config: ml_collections.ConfigDict, s: Slice, frames: int = 1) -> dict[str, Any]:
+def compile_train_step(config: ml_collections.ConfigDict, s: Slice, frames: int = 1,
+                       dump_hlo: str = "") -> dict[str, Any]:
     """Compiles the train step for slice `s`; returns the report (see the module docstring)."""
     from mmlm.kernels.compress_attention import compile_platform
     from mmlm.models.flops import train_step_flops
@@ -290,17 +291,23 @@ def compile_train_step(config: ml_collections.ConfigDict, s: Slice, frames: int 
                                 "total": total}
     report["fits"] = total <= s.hbm_bytes
     report["hbm_fraction"] = total / s.hbm_bytes
-    report.update(step_time(compiled, s, model_flops))
+    report.update(step_time(compiled, s, model_flops, dump_hlo))
     return report
 
 
-def step_time(compiled: Any, s: Slice, model_flops: float) -> dict[str, Any]:
-    """Estimated step time (optimal_seconds or roofline), projected MFU and collective bytes."""
+def step_time(compiled: Any, s: Slice, model_flops: float, dump_hlo: str = "") -> dict[str, Any]:
+    """Estimated step time (optimal_seconds or roofline), projected MFU and collective bytes.
+
+    dump_hlo: a path to write the compiled HLO text to (for `mmlm.bench.roofline` or a closer look).
+    """
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     optimal = float((cost or {}).get("optimal_seconds", -1.0))
     text = compiled.as_text()
+    if dump_hlo:
+        with open(dump_hlo, "w") as f:
+            f.write(text)
     roof = roofline(text, s.chip)
     if optimal > 0 and not _has_loops(text):
         seconds, estimator = optimal, "optimal_seconds"
@@ -379,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frames", type=int, default=1,
                         help="images / video frames per sample (the pipeline's max_frames for a video dataset)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--dump_hlo", default="", help="also write the compiled HLO text to this file")
     return parser
 
 
@@ -391,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(resolve_config_path(args.config), args.overrides)
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise UserError(str(e)) from e
-    report = compile_train_step(config, s, frames=args.frames)
+    report = compile_train_step(config, s, frames=args.frames, dump_hlo=args.dump_hlo)
     report["config"] = args.config
     if args.overrides:
         report["overrides"] = list(args.overrides)

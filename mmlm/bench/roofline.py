@@ -177,12 +177,29 @@ class Roofline:
                 return 0.0
             k = math.prod(lhs.shapes[0][1][i] for i in _dims(c.group(1)))
         else:
-            labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
-            if not (labels and rhs and rhs.shapes):
-                return 0.0
-            kernel = rhs.shapes[0][1]
-            k = math.prod(kernel) // max(kernel[labels.group(1).index("o")], 1)
+            k = self._conv_macs_per_output(ins, lhs, rhs)
         return 2.0 * math.prod(out) * k
+
+    @staticmethod
+    def _conv_macs_per_output(ins: Instr, lhs: Instr | None, rhs: Instr | None) -> float:
+        """Multiply-adds per output element of a convolution: input features x the window taps that
+        can meet real input. TPU HLO writes batched matmuls as convolutions whose batch dimensions are
+        windows over a dilated input (`lhs_dilate`): such a window meets one real element per output."""
+        labels = re.search(r"dim_labels=(\w+)_(\w+)->", ins.attrs)
+        if not (labels and lhs and rhs and lhs.shapes and rhs.shapes):
+            return 0.0
+        lhs_labels, rhs_labels = labels.groups()
+        kernel, image = rhs.shapes[0][1], lhs.shapes[0][1]
+        k = float(kernel[rhs_labels.index("i")])
+        window = re.search(r"window=\{([^}]*)\}", ins.attrs)
+        fields = dict(re.findall(r"(\w+)=([\w.]+)", window.group(1))) if window else {}
+        sizes = [int(x) for x in fields.get("size", "").split("x") if x]
+        dilate = [int(x) for x in fields.get("lhs_dilate", "").split("x") if x] or [1] * len(sizes)
+        spatial = [c for c in lhs_labels if c.isdigit()]
+        for d, size in enumerate(sizes):
+            real = image[lhs_labels.index(spatial[d])] if d < len(spatial) else size
+            k *= min(-(-size // dilate[d]), real)
+        return k
 
     def _comp_flops(self, comp: str) -> float:
         """Matmul FLOPs inside a fused (or otherwise called) computation, nested calls included."""

@@ -126,6 +126,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    loss_chunk: int = 0  # LM head + loss over chunks of this many positions (0 = all at once)
     # Training semantics of the LLaVA-Mini authors' code (no effect on inference outputs):
     detach_text_embeddings: bool = False  # stop gradients into the input embedding table
     text_only_prefusion: bool = False  # text-only samples: pre-fusion with a zero image, LLM reads fused text
@@ -139,6 +140,8 @@ class ModelConfig:
             raise ValueError(f"model.mode must be one of {MODES}, got {self.mode!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"model.loss_chunk must be >= 0 (0 = full logits), got {self.loss_chunk}")
         if self.hd_grid < 1:
             raise ValueError(f"model.hd_grid must be >= 1, got {self.hd_grid}")
         if self.mode == "llava15" and self.hd_grid > 1:

@@ -189,6 +189,16 @@ class LlavaMini(nn.Module):
         logits, _ = self.llm(inputs["embeds"], inputs["positions"], inputs["valid"])
         return {"logits": logits, "valid": inputs["valid"], "text_index": inputs["text_index"]}
 
+    def hidden_states(self, batch: Batch, num_vision_tokens: int | None = None) -> dict[str, jax.Array]:
+        """The forward up to the LM head: final hidden states (B, L, D), validity and text_index (B, L)."""
+        inputs = self.build_llm_inputs(batch, num_vision_tokens)
+        hidden, _ = self.llm(inputs["embeds"], inputs["positions"], inputs["valid"], return_hidden=True)
+        return {"hidden": hidden, "valid": inputs["valid"], "text_index": inputs["text_index"]}
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """LM head on final hidden states: (B, c, D) -> fp32 logits (B, c, V)."""
+        return self.llm.logits(hidden).astype(jnp.float32)
+
     # -------------------------------------------------------------- decoding
     def decode(self, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array, cache: KVCache,
                cache_index: jax.Array | int):

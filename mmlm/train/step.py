@@ -37,7 +37,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmlm.models.llava_mini import LlavaMini
-from mmlm.models.loss import targets_from_labels, token_loss
+from mmlm.models.loss import chunked_token_loss, targets_from_labels, token_loss
 from mmlm.sharding import BATCH_AXES
 from mmlm.train.optimizer import Schedule, split_trainable, zeros_for
 
@@ -52,9 +52,19 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loss_sums(model: LlavaMini, params: dict, batch: Batch, budget: int) -> tuple[jax.Array, tuple]:
-    """(sum of token cross-entropy, (supervised tokens, correct tokens, LLM input tokens))."""
-    out = model.apply({"params": params}, batch, budget)
-    sums = token_loss(out["logits"], targets_from_labels(batch["labels"], out["text_index"]))
+    """(sum of token cross-entropy, (supervised tokens, correct tokens, LLM input tokens)).
+
+    With `model.loss_chunk` > 0 the LM head and the loss run chunk by chunk
+    (`chunked_token_loss`): the full (B, L, V) logits never exist.
+    """
+    if model.cfg.loss_chunk > 0:
+        out = model.apply({"params": params}, batch, budget, method=LlavaMini.hidden_states)
+        logits_fn = lambda h: model.apply({"params": params}, h, method=LlavaMini.lm_logits)
+        targets = targets_from_labels(batch["labels"], out["text_index"])
+        sums = chunked_token_loss(out["hidden"], targets, logits_fn, model.cfg.loss_chunk)
+    else:
+        out = model.apply({"params": params}, batch, budget)
+        sums = token_loss(out["logits"], targets_from_labels(batch["labels"], out["text_index"]))
     return sums["loss_sum"], (sums["num_tokens"], sums["num_correct"], jnp.sum(out["valid"]))
 
 
