@@ -180,7 +180,7 @@ def test_roofline_agrees_with_optimal_seconds():
 def test_pallas_compressor_compiles_for_tpu_with_cost_estimate():
     """The fused kernel compiles with Mosaic (forward and backward) for a v5e chip at N = 576 patches,
     with no padding copy of the features and its CostEstimate visible to the cost analysis."""
-    from mmlm.kernels.compress_attention import pallas_compress_attention
+    from mmlm.kernels.compression import pallas_compress_attention
 
     sh = _one_chip()
     b, n, dv, m = 4, 576, 256, 16

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mmlm.kernels import compress_attention
-from mmlm.kernels.compress_attention import (
+from mmlm.kernels.compression import (
     compress_attention_xla,
     pallas_compress_attention,
     resolve_impl,
@@ -155,7 +155,7 @@ def test_rejects_bad_arguments():
 
 def test_default_tpu_block_divides_n():
     """The TPU schedule's default block divides N when it can, so the features are never padded (copied)."""
-    from mmlm.kernels.compress_attention import _make_plan, default_tpu_block_n
+    from mmlm.kernels.compression import default_tpu_block_n, make_plan
 
     assert default_tpu_block_n(576) == 288 and default_tpu_block_n(2304) == 384
     for n in (576, 1152, 2304, 256, 640):
@@ -164,7 +164,7 @@ def test_default_tpu_block_divides_n():
     assert default_tpu_block_n(37) == 40  # one block, rounded up to 8 sublanes
     assert default_tpu_block_n(577) == 128  # no divisor in range: the least padding
     x = jax.ShapeDtypeStruct((2, 576, 64), jnp.float32)
-    plan = _make_plan(x, jax.ShapeDtypeStruct((4, 64), jnp.float32), 2, 1e-5, None, None, "tpu", True)
+    plan = make_plan(x, jax.ShapeDtypeStruct((4, 64), jnp.float32), 2, 1e-5, None, None, "tpu", True)
     assert plan.n_pad == 576 and plan.block_n == 288
 
 
@@ -173,7 +173,7 @@ import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from mmlm import sharding as shd
-from mmlm.kernels.compress_attention import compress_attention_xla, pallas_compress_attention
+from mmlm.kernels.compression import compress_attention_xla, pallas_compress_attention
 mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 1})
 rng = np.random.default_rng(0)
 b, n, dv, m, h = 8, 16, 32, 3, 2

@@ -225,7 +225,7 @@ def _has_loops(hlo_text: str) -> bool:
 def compile_train_step(config: ml_collections.ConfigDict, s: Slice, frames: int = 1,
                        dump_hlo: str = "") -> dict[str, Any]:
     """Compiles the train step for slice `s`; returns the report (see the module docstring)."""
-    from mmlm.kernels.compress_attention import compile_platform
+    from mmlm.kernels.compression import compile_platform
     from mmlm.models.flops import train_step_flops
     from mmlm.train.step import make_train_step
     from mmlm.train.trainer import build_setup

@@ -3,7 +3,7 @@
 For every (frames, N, m) of the grid, with Dv / H / dtype from the flags, it
 builds random inputs (B = frames images or video frames of N patches, m
 queries) and measures, for each path (``xla``: plain jnp, ``pallas``: the
-fused kernel of :mod:`mmlm.kernels.compress_attention`):
+fused kernel of :mod:`mmlm.kernels.compression`):
 
 * **time**: the forward, and forward+backward (gradients w.r.t. x, q and
   every weight), each jitted, run ``--warmup`` times, then timed ``--repeats``
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmlm.cli_common import print_report
-from mmlm.kernels.compress_attention import compress_attention
+from mmlm.kernels.compression import compress_attention
 
 _MB = 1 << 20
 _CPU_NOTE = ("CPU backend: only the XLA path is timed. The Pallas kernel runs on CPU only in interpret "
