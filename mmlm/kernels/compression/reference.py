@@ -18,20 +18,9 @@ def _layernorm_f32(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) 
     return (x - mu) * jax.lax.rsqrt(var + eps) * scale.astype(F32) + bias.astype(F32)
 
 
-def compress_attention_xla(
-    x: jax.Array,
-    q: jax.Array,
-    ln_scale: jax.Array,
-    ln_bias: jax.Array,
-    wk: jax.Array,
-    bk: jax.Array,
-    wv: jax.Array,
-    bv: jax.Array,
-    pe_k: jax.Array,
-    *,
-    num_heads: int,
-    eps: float = 1e-5,
-) -> jax.Array:
+def compress_attention_xla(x: jax.Array, q: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, wk: jax.Array,
+                           bk: jax.Array, wv: jax.Array, bv: jax.Array, pe_k: jax.Array, *, num_heads: int,
+                           eps: float = 1e-5) -> jax.Array:
     """Plain jnp implementation (and the numerical reference).
 
     Shapes: x (B, N, Dv), q (m, Dv), ln_* (Dv,), w* (Dv, Dv) in (in, out)
