@@ -855,6 +855,8 @@ TOPOLOGY = os.environ.get("MMLM_COLAB_TOPOLOGY", "v5p-8")
 
 def compile_unavailable():
     \"\"\"Why `mmlm compile` cannot run here, or None when it can.\"\"\"
+    if os.environ.get("MMLM_COLAB_COMPILE", "1") == "0":
+        return "turned off with MMLM_COLAB_COMPILE=0"
     if "compile" not in COMMANDS:
         return "this mmlm has no `mmlm compile` command (update the repository)"
     if importlib.util.find_spec("libtpu") is None:
@@ -882,7 +884,7 @@ else:
           f"({100 * compile_report.get('hbm_fraction', float('nan')):.1f}% of HBM per chip)")
     for key, value in per_chip.items():
         print(f"  {key:<12} {value / 2**30:8.2f} GiB per chip")
-    for key in ("model_flops_per_step", "estimated_step_seconds", "projected_mfu"):
+    for key in ("model_flops_per_step", "estimated_step_seconds", "projected_mfu", "compile_seconds"):
         if key in compile_report:
             print(f"  {key}: {compile_report[key]:.4g}")
 """)
@@ -890,7 +892,7 @@ else:
 md("""
 If it does not fit: shard more (`--config.mesh.fsdp=-1`), rematerialise activations
 (`--config.model.remat_policy=dots` or `full`), or lower the batch per chip
-(`--config.data.batch_size`). Re-run the compile after each change: each costs a minute on this
+(`--config.data.batch_size`). Re-run the compile after each change: each costs minutes on this
 machine instead of an hour on the slice.
 """)
 
