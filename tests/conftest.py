@@ -2,10 +2,12 @@
 
 The `tpu` extra installs libtpu so that tests/test_compile.py can compile for
 TPU topologies on this host; jax itself must stay on the CPU (no TPU is
-attached), and the parallel test workers may each load libtpu.
+attached), the parallel test workers may each load libtpu, and libtpu must not
+wait for a Cloud TPU metadata server that is not there.
 """
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no Cloud TPU metadata server to wait for

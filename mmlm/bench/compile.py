@@ -52,6 +52,8 @@ from typing import Any
 # touched) and let several compile processes load libtpu at once. Effective only before jax starts.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# No Cloud TPU metadata server to ask on a workstation or CI host (the query would wait for a timeout).
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
