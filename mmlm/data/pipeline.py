@@ -72,6 +72,7 @@ from mmlm import IGNORE_INDEX
 from mmlm.data import build as build_lib
 from mmlm.data import preprocess, templates
 from mmlm.data.tokenizer import Tokenizer, load_tokenizer
+from mmlm.data.config import hd_grid_value
 
 _PADDING = {"_padding": True}  # stands for a dummy evaluation example
 
@@ -159,7 +160,7 @@ def batch_geometry(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -
     """T, F, K, H of the batches of a built dataset (`meta` = mmlm_dataset.json)."""
     cfg = config.data
     has_video = any(s["media"].get("video", 0) for s in meta["splits"].values())
-    hd_grid = _config_value(config, "hd_grid", 0)
+    hd_grid = hd_grid_value(_config_value(config, "hd_grid", 1), "config.data.hd_grid")
     geometry = BatchGeometry(
         max_text_len=int(cfg.max_text_len),
         num_frames=int(cfg.max_frames) if has_video else 1,

@@ -169,7 +169,7 @@ def denormalize(x: np.ndarray, mean: Sequence[float] = CLIP_MEAN,
     return np.clip(np.round(y), 0, 255).astype(np.uint8)
 
 
-def image_views(img: Image.Image, image_size: int, hd_grid: int = 0,
+def image_views(img: Image.Image, image_size: int, hd_grid: int = 1,
                 mean: Sequence[float] = CLIP_MEAN) -> list[Image.Image]:
     """The K square views of an image (PIL, before normalisation).
 
@@ -188,7 +188,7 @@ def image_views(img: Image.Image, image_size: int, hd_grid: int = 0,
     return crops + [whole]
 
 
-def preprocess_image(img: Image.Image, image_size: int, hd_grid: int = 0,
+def preprocess_image(img: Image.Image, image_size: int, hd_grid: int = 1,
                      mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                      out: np.ndarray | None = None) -> np.ndarray:
     """PIL image -> float32 (K, image_size, image_size, 3), CLIP-normalised.
@@ -319,7 +319,7 @@ def decode_video(source: str | os.PathLike | bytes, *, max_frames: int,
 
 
 def preprocess_frames(frames: Sequence[Image.Image], max_frames: int, image_size: int,
-                      hd_grid: int = 0, mean: Sequence[float] = CLIP_MEAN,
+                      hd_grid: int = 1, mean: Sequence[float] = CLIP_MEAN,
                       std: Sequence[float] = CLIP_STD) -> tuple[np.ndarray, int]:
     """Frames -> float32 (max_frames, K, H, W, 3) zero-padded, and the real count.
 
@@ -334,7 +334,7 @@ def preprocess_frames(frames: Sequence[Image.Image], max_frames: int, image_size
 
 
 def load_video_frames(path: str | os.PathLike, max_frames: int, image_size: int, *,
-                      target_fps: float = 1.0, hd_grid: int = 0, mean: Sequence[float] = CLIP_MEAN,
+                      target_fps: float = 1.0, hd_grid: int = 1, mean: Sequence[float] = CLIP_MEAN,
                       std: Sequence[float] = CLIP_STD) -> tuple[np.ndarray, int]:
     """Decodes and preprocesses a video file.
 
