@@ -146,6 +146,11 @@ def test_build_errors(data_bad_records, tmp_path):
     only_bad.write_text(json.dumps([{"id": "x", "conversations": []}]))
     with pytest.raises(build.BuildError, match="no valid record"):
         build.build_dataset({"train": only_bad}, None, tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists()  # a failed build leaves no empty output behind
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(build.BuildError, match="holds no records"):
+        build.build_dataset({"train": tmp_path / "empty.json"}, None, tmp_path / "e", progress=False)
+    assert not (tmp_path / "e").exists()
     good = tmp_path / "good.json"
     good.write_text(json.dumps([{"id": "t", "conversations": _turns("Hi?", "yes")}]))
     build.build_dataset({"train": good}, None, tmp_path / "c", name="c", progress=False)

@@ -476,10 +476,8 @@ def build_dataset(jsons: Mapping[str, str | os.PathLike] | str | os.PathLike,
 
     Raises:
       BuildError: bad arguments, unreadable JSON, existing output, or a split
-        with no valid record.
+        with no valid record. A failed build removes what it wrote.
     """
-    from tqdm import tqdm
-
     if not isinstance(jsons, Mapping):
         jsons = {"train": jsons}
     if not jsons:
@@ -502,11 +500,30 @@ def build_dataset(jsons: Mapping[str, str | os.PathLike] | str | os.PathLike,
         if not overwrite:
             raise BuildError(f"{str(target)!r} already exists; pass --overwrite to rebuild it")
         shutil.rmtree(target)
-    out.mkdir(parents=True, exist_ok=True)
     options = BuildOptions(Path(images_dir) if images_dir is not None else None,
                            Path(videos_dir) if videos_dir is not None else None,
                            max_video_frames, video_fps, max_frame_side)
     records = {split: read_records(path) for split, path in jsons.items()}
+    for split, recs in records.items():
+        if not recs:
+            raise BuildError(f"split {split!r}: {str(jsons[split])!r} holds no records")
+    created_out = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _build(name, out, jsons, records, options, workers, progress, max_video_frames, video_fps)
+    except BaseException:
+        # A failed build leaves nothing behind: no half-written dataset, no empty output directory.
+        shutil.rmtree(target, ignore_errors=True)
+        if created_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _build(name: str, out: Path, jsons: Mapping[str, Any], records: Mapping[str, list], options: "BuildOptions",
+           workers: int | None, progress: bool, max_video_frames: int, video_fps: float) -> dict[str, Any]:
+    """The TFDS build proper of `build_dataset` (inputs already checked, `out` created)."""
+    from tqdm import tqdm
+
     workers = workers or min(16, os.cpu_count() or 1)
     stats = {split: SplitStats() for split in jsons}
 
