@@ -55,8 +55,10 @@ def _as_python(src: str) -> str:
 def _string_commands(tree: ast.AST) -> list[str]:
     """`mmlm ...` command lines written as Python strings (f-string fields become `{X}`)."""
     found = []
+    # The literal pieces of an f-string are Constant nodes too: read them only as part of their f-string.
+    pieces = {id(v) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for v in node.values}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in pieces:
             text = node.value
         elif isinstance(node, ast.JoinedStr):
             text = "".join(v.value if isinstance(v, ast.Constant) else "{X}" for v in node.values)

@@ -20,6 +20,7 @@ from mmlm.models.config import model_config_from_dict
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     config = load_config("configs/tiny.py")
+    config.data.max_text_len = 128  # tiny trains on 32-token texts; these questions (options appended) are longer
     save_model(str(root / "ckpt"), random_params(model_config_from_dict(config.model), seed=2), config)
     data = root / "data"
     synthesize("shapes", data, 3, seed=11, split="test", progress=False)

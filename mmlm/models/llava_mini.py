@@ -133,6 +133,10 @@ class LlavaMini(nn.Module):
         self._check_views(images)
         b, f = images.shape[:2]
         text = self.embed_text(ids)
+        if cfg.mode == "llava_mini" and cfg.text_only_prefusion:
+            # A text-only sample is fused with an all-zero image, whatever its pixel slots hold.
+            has_media = jnp.any(ids == cfg.image_token_id, axis=1)
+            images = jnp.where(has_media[:, None, None, None, None, None], images, jnp.zeros((), images.dtype))
         feats = self.encode_images(images)  # (B, F, K, N, Dv)
         if cfg.mode == "llava15":
             tokens = self.projector(feats[:, :, 0])  # (B, F, N, D)
@@ -151,7 +155,7 @@ class LlavaMini(nn.Module):
         fuse = batch["attention_mask"] & batch["fuse_mask"] & (ids != cfg.image_token_id)
         if cfg.prefusion_skip_token_id >= 0:
             fuse &= ids != cfg.prefusion_skip_token_id
-        if cfg.text_only_prefusion:  # the authors' zero image: frame 0 of a text-only sample counts (its pixels are 0)
+        if cfg.text_only_prefusion:  # the authors' zero image: frame 0 of a text-only sample counts
             frame_mask = frame_mask | (~has_media[:, None] & (jnp.arange(f) == 0)[None])
         text_f = repeat(text, "b t d -> (b f) t d", f=f)
         fuse_f = repeat(fuse, "b t -> (b f) t", f=f)
