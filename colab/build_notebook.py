@@ -25,6 +25,19 @@ CLOUD_TPU = "cloud_tpu.ipynb"
 OUT = os.path.join(HERE, QUICKSTART)
 
 
+
+# The setup cell of the notebooks that train: the repository checkout and where outputs go.
+REPO_SETUP = """\
+REPO = os.environ.get("MMLM_REPO", "/content/mmlm")
+if not os.path.isfile(os.path.join(REPO, "pyproject.toml")):
+    raise FileNotFoundError(f"no mmlm repository at {REPO}: clone or upload it there first")
+os.chdir(REPO)
+sys.path.insert(0, REPO)
+RUN_DIR = os.environ.get("MMLM_COLAB_RUN_DIR", "/content/mmlm_runs")
+os.makedirs(RUN_DIR, exist_ok=True)
+print("repo:", REPO, "| outputs:", RUN_DIR)
+"""
+
 def demo_steps() -> int:
     """`train.steps` of configs/demo.py (read from the file: the builder needs no mmlm install)."""
     with open(os.path.join(HERE, "..", "configs", "demo.py")) as f:
@@ -451,15 +464,7 @@ code("""
 import os
 import sys
 
-REPO = os.environ.get("MMLM_REPO", "/content/mmlm")
-if not os.path.isfile(os.path.join(REPO, "pyproject.toml")):
-    raise FileNotFoundError(f"no mmlm repository at {REPO}: clone or upload it there first")
-os.chdir(REPO)
-sys.path.insert(0, REPO)
-RUN_DIR = os.environ.get("MMLM_COLAB_RUN_DIR", "/content/mmlm_runs")
-os.makedirs(RUN_DIR, exist_ok=True)
-print("repo:", REPO, "| outputs:", RUN_DIR)
-""")
+""" + REPO_SETUP)
 
 code("""
 if os.environ.get("MMLM_COLAB_SKIP_INSTALL") != "1":
@@ -762,15 +767,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.environ.get("MMLM_REPO", "/content/mmlm")
-if not os.path.isfile(os.path.join(REPO, "pyproject.toml")):
-    raise FileNotFoundError(f"no mmlm repository at {REPO}: clone or upload it there first")
-os.chdir(REPO)
-sys.path.insert(0, REPO)
-RUN_DIR = os.environ.get("MMLM_COLAB_RUN_DIR", "/content/mmlm_runs")
-os.makedirs(RUN_DIR, exist_ok=True)
-print("repo:", REPO, "| outputs:", RUN_DIR)
-""")
+""" + REPO_SETUP)
 
 code("""
 if os.environ.get("MMLM_COLAB_SKIP_INSTALL") != "1":
