@@ -217,7 +217,8 @@ def test_compile_tiny_train_step_json():
     assert r["estimator"] in ("optimal_seconds", "roofline") and r["estimated_step_seconds"] > 0
     assert r["projected_mfu"] == pytest.approx(
         r["model_flops_per_step"] / (r["estimated_step_seconds"] * 4 * 197e12))
-    assert set(r["collective_bytes"]) == {"all-gather", "reduce-scatter", "all-reduce"}
+    assert set(r["collective_bytes"]) == {"all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                                          "collective-permute"}
     assert r["collective_bytes"]["all-reduce"] > 0  # data parallel: gradients are summed over 4 chips
     assert r["roofline"]["pallas_calls"] > 0 and r["roofline"]["pallas_calls_without_estimate"] == 0
     assert r["compile_seconds"] > 0
@@ -296,3 +297,28 @@ def test_roofline_reads_loops_slices_collectives_and_batched_convolutions():
     assert r["collective_bytes"]["all-reduce"] == 64 * 128 * 4
     assert r["collective_seconds"] == pytest.approx((4 * 128 * 128 * 2 + 2 * 64 * 128 * 4) / 1e8)
     assert r["seconds"] == max(r["compute_memory_seconds"], r["collective_seconds"])
+
+
+_HLO_TAGGED = """HloModule m
+
+ENTRY %main (q: bf16[2,4,256,32], k: bf16[2,4,256,32]) -> bf16[2,4,256,32] {
+  %q = bf16[2,4,256,32]{3,2,1,0} parameter(0)
+  %k = bf16[2,4,256,32]{3,2,1,0} parameter(1)
+  %splash_mqa_fwd_segmented.1 = bf16[2,4,256,32]{3,2,1,0} custom-call(%q, %k), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "abc", "xprof_metadata":"{\\"block_q\\": 256,
+\\"block_kv\\": 256}"
+}}, metadata={op_name="jit(f)/mmlm_pallas_flops_fwd_1000_dq_1500_dkv_2000/splash"}
+  %after = bf16[2,4,256,32]{3,2,1,0} add(%splash_mqa_fwd_segmented.1, %q)
+  ROOT %ar = bf16[2,4,256,32]{3,2,1,0} all-reduce(%after), channel_id=2, replica_groups=[1,4]<=[4], to_apply=%add
+}
+"""
+
+
+def test_roofline_joins_multiline_kernel_configs_and_reads_tagged_kernel_flops():
+    """A splash kernel's backend_config spans lines (its continuation starts with "}}"): the rest of the
+    computation is still read, and the kernel's FLOPs come from the scope tag of mmlm.kernels.attention."""
+    from mmlm.bench.roofline import Chip, roofline
+
+    r = roofline(_HLO_TAGGED, Chip(peak_flops=1e12, hbm_bytes_per_s=1e9, ici_bytes_per_s=1e8))
+    assert r["flops"] == 1000
+    assert r["pallas_calls"] == 1 and r["pallas_calls_without_estimate"] == 0
+    assert r["collective_bytes"]["all-reduce"] == 2 * 4 * 256 * 32 * 2  # the instruction after the kernel

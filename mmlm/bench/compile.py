@@ -31,8 +31,10 @@ how fast it should run, before renting it.
   `mmlm.bench.roofline` over the compiled HLO. `estimator` says which.
   `projected_mfu` = model FLOPs / (step seconds x chips x peak FLOP/s), absent
   when no positive estimate exists.
-* Collectives: bytes per chip per step of every all-gather, reduce-scatter
-  and all-reduce in the compiled HLO (loop bodies times their trip counts).
+* Collectives: bytes per chip per step of every all-gather, reduce-scatter,
+  all-reduce, all-to-all and collective-permute in the compiled HLO (loop
+  bodies times their trip counts; the TPU compiler turns many all-gathers
+  into rings of collective-permutes overlapped with the matmuls).
 """
 
 from __future__ import annotations
@@ -195,6 +197,11 @@ def abstract_batch(config: ml_collections.ConfigDict, cfg: Any, mesh: Mesh, fram
             for k, (shape, dt) in shapes.items()}
 
 
+def tpu_compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`config.tpu_compiler_options` as `jax.jit(compiler_options=...)` takes them (absent in old configs)."""
+    return dict(config.get("tpu_compiler_options") or {})
+
+
 def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     b, k = int(config.data.batch_size), int(config.train.grad_accum_steps)
     dp = shd.data_parallel_size(mesh)
@@ -244,10 +251,10 @@ def compile_train_step(config: ml_collections.ConfigDict, s: Slice, frames: int 
     setup = build_setup(config, steps, mesh)
     batch = abstract_batch(config, setup.cfg, mesh, frames)
     step = make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, int(config.train.grad_accum_steps),
-                           setup.schedules, mesh)
+                           setup.schedules, mesh, config.sharding_rules)
     batch_sh = jax.tree.map(lambda a: a.sharding, batch)
     fn = jax.jit(step, in_shardings=(setup.state_shardings, batch_sh), out_shardings=(setup.state_shardings, None),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=tpu_compiler_options(config))
     b, t = int(config.data.batch_size), int(config.data.max_text_len)
     model_flops = train_step_flops(setup.cfg, batch_size=b, text_len=t, frames=frames, trainable=setup.parts,
                                    budgets=setup.budgets)["total"]
@@ -321,7 +328,8 @@ def step_time(compiled: Any, s: Slice, model_flops: float, dump_hlo: str = "") -
         "estimated_step_seconds": seconds if seconds > 0 else None,
         "estimator": estimator if seconds > 0 else None,
         "projected_mfu": mfu,
-        "collective_bytes": {k: roof["collective_bytes"][k] for k in ("all-gather", "reduce-scatter", "all-reduce")},
+        # Every kind: the TPU compiler decomposes many all-gathers into rings of collective-permutes.
+        "collective_bytes": dict(roof["collective_bytes"]),
         "roofline": roof,
     }
 
@@ -379,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmlm compile",
         description="Compile the train step of a config for a Cloud TPU slice on this machine (libtpu, no TPU): "
-                    "per-chip memory, fit, analytic model FLOPs, estimated step time and MFU, collectives. "
+                    "per-chip memory, fit, analytic model FLOPs, estimated step time and MFU, collectives; or "
+                    "(--what infer) the prefill and decode step of inference on one chip. "
                     "Config overrides: --config.a.b=value.")
     parser.add_argument("--config", required=True, help="config file or name in configs/ (e.g. llava_mini_vicuna7b)")
     parser.add_argument("--topology", required=True,
@@ -387,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "v5e-N) / v6e-N (N chips); e.g. v5p-64 = 32 v5p chips")
     parser.add_argument("--frames", type=int, default=1,
                         help="images / video frames per sample (the pipeline's max_frames for a video dataset)")
+    parser.add_argument("--what", default="train", choices=("train", "infer"),
+                        help="train: the train step on the whole slice (default); infer: prefill and one decode "
+                             "step of mmlm chat on one chip, for the model and its LLaVA-1.5 baseline")
+    parser.add_argument("--new_tokens", type=int, default=64,
+                        help="--what infer: answer tokens the KV cache holds after the prompt (default 64)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="--what infer: weight and compute dtype (default bfloat16)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--dump_hlo", default="", help="also write the compiled HLO text to this file")
     return parser
@@ -401,7 +417,14 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(resolve_config_path(args.config), args.overrides)
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise UserError(str(e)) from e
-    report = compile_train_step(config, s, frames=args.frames, dump_hlo=args.dump_hlo)
+    if args.what == "infer":
+        from mmlm.bench.compile_infer import compile_inference, format_inference_report
+
+        report = compile_inference(config, s, new_tokens=args.new_tokens, dtype=args.dtype)
+        formatter = format_inference_report
+    else:
+        report = compile_train_step(config, s, frames=args.frames, dump_hlo=args.dump_hlo)
+        formatter = format_report
     report["config"] = args.config
     if args.overrides:
         report["overrides"] = list(args.overrides)
@@ -409,7 +432,7 @@ def _run(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
-        print(format_report(report))
+        print(formatter(report))
     return 0
 
 

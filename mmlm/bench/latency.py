@@ -47,6 +47,16 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "model.compressor.budgets=()", "model.compressor.heads=8", "model.prefusion_layers=2",
         "model.dtype=float32",
     ),
+    # The scaled-down 7B of experiments/efficiency, deep enough for per-layer costs to dominate decoding:
+    # 336 px / 14 px patches (576 tokens), CLIP width 128 x 24 blocks, LLaMA width 512 x 32 layers, vocab 32,000.
+    "cpu-deep": (
+        "model.image_size=336", "model.vision.patch_size=14", "model.vision.width=128", "model.vision.layers=24",
+        "model.vision.heads=2", "model.vision.mlp_dim=512", "model.llm.vocab_size=32000",
+        "model.llm.width=512", "model.llm.layers=32", "model.llm.heads=4", "model.llm.kv_heads=4",
+        "model.llm.head_dim=128", "model.llm.mlp_dim=1376", "model.compressor.tokens=1",
+        "model.compressor.budgets=()", "model.compressor.heads=8", "model.prefusion_layers=4",
+        "model.dtype=float32",
+    ),
 }
 
 
@@ -64,16 +74,24 @@ def _timed(fn: Callable[[], Any], runs: int) -> tuple[float, list[float]]:
 
 
 def bench_model(cfg: ModelConfig, *, batch: int, text_len: int, new_tokens: int, runs: int,
-                seed: int = 0) -> dict[str, Any]:
-    """TTFT and decode throughput of one model on random weights and a random image."""
+                seed: int = 0, keep: bool = False, unrolled: bool = True) -> dict[str, Any]:
+    """TTFT and decode throughput of one model on random weights and a random image.
+
+    With `keep`, the row also carries (under "_peer") what a peer comparison
+    needs: the params, row 0's prompt and image, its first-token logits (V,)
+    and greedy answer (new_tokens,). `unrolled`: serve the model in the decoding layout of
+    `load_inference_model` (`decoding_layout`), else with its scanned layer stacks.
+    """
     from mmlm.infer.batching import make_batch, views_per_frame
-    from mmlm.infer.generate import decode_loop, prefill_jit, sampling_params
+    from mmlm.infer.generate import decode_loop, decoding_layout, prefill_jit, sampling_params
     from mmlm.infer.random_model import random_params
 
     params = random_params(cfg, seed)
+    if unrolled:
+        cfg, params = decoding_layout(cfg, params)  # what load_inference_model serves
     rng = np.random.default_rng(seed)
     s = cfg.image_size
-    prompt = [1, IMAGE_TOKEN_ID] + [int(t) for t in rng.integers(3, cfg.llm.vocab_size, text_len - 2)]
+    prompt = [1, IMAGE_TOKEN_ID] + [int(t) for t in rng.integers(3, cfg.llm.vocab_size - 1, text_len - 2)]
     media = rng.standard_normal((1, views_per_frame(cfg), s, s, 3)).astype(np.float32)
     data = make_batch(cfg, [prompt] * batch, [media] * batch, pad_id=0, pad_len_to=1)
     sp, greedy = sampling_params(0.0, 1.0, eos_id=-1)  # no stop token: always new_tokens tokens
@@ -94,7 +112,13 @@ def bench_model(cfg: ModelConfig, *, batch: int, text_len: int, new_tokens: int,
         raise RuntimeError(f"decode produced {produced} tokens, expected {new_tokens}")
     llm_prompt = int(np.asarray(state.key_valid).shape[1]) - new_tokens
     dec_med = statistics.median(dec)
-    return {
+    extras = {}
+    if keep:
+        from mmlm.models.llava_mini import LlavaMini
+        logits = jax.jit(lambda p, b: LlavaMini(cfg).apply({"params": p}, b, m)["logits"])(params, data)
+        extras["_peer"] = dict(params=params, prompt=prompt, media=media[:1, 0] if media.ndim == 5 else media,
+                               mmlm_logits=np.asarray(logits[0, -1]), mmlm_tokens=np.asarray(out.tokens[0]))
+    return extras | {
         "mode": cfg.mode, "vision_tokens_per_image": m, "llm_prompt_tokens": llm_prompt,
         "ttft_ms": 1e3 * statistics.median(ttft), "ttft_compile_s": ttft_first,
         "decode_tokens_per_s": batch * (new_tokens - 1) / dec_med, "decode_ms_per_token": 1e3 * dec_med / (new_tokens - 1),
@@ -116,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text_len", type=int, default=32, help="prompt text tokens incl. the image placeholder")
     p.add_argument("--new_tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median; default 5)")
+    p.add_argument("--scanned", action="store_true",
+                   help="decode with the scanned layer stacks the model trains with, instead of the unrolled "
+                        "layout that load_inference_model serves (for comparison)")
+    p.add_argument("--peer", default="auto", choices=("auto", "on", "off"),
+                   help="also time transformers' LlavaForConditionalGeneration with the baseline's weights and "
+                        "check that its first-token logits and greedy tokens equal mmlm's (auto: when torch "
+                        "and transformers are installed; batch 1 only)")
     return p
 
 
@@ -147,8 +178,20 @@ def main(argv: list[str]) -> int:
           f"LLM width {mini.llm.width} x {mini.llm.layers} layers; batch {args.batch}, {args.text_len} text "
           f"tokens, {args.new_tokens} new tokens; {jax.default_backend()} "
           f"({jax.devices()[0].device_kind}), dtype {mini.dtype}")
-    rows = [bench_model(cfg, batch=args.batch, text_len=args.text_len, new_tokens=args.new_tokens, runs=args.runs)
+    from mmlm.bench.latency_peer import peer_available, peer_row
+    if args.peer == "on" and not peer_available():
+        print("mmlm bench latency: --peer on needs torch and transformers (pip install -e '.[test]')",
+              file=sys.stderr)
+        return 2
+    peer = args.peer == "on" or (args.peer == "auto" and args.batch == 1 and peer_available())
+    if peer and args.batch != 1:
+        print("mmlm bench latency: --peer compares batch 1 only; drop --batch", file=sys.stderr)
+        return 2
+    rows = [bench_model(cfg, batch=args.batch, text_len=args.text_len, new_tokens=args.new_tokens, runs=args.runs,
+                        keep=peer and cfg is base, unrolled=not args.scanned)
             for cfg in (base, mini)]
+    if peer:
+        rows.append(peer_row(base, **rows[0].pop("_peer"), new_tokens=args.new_tokens, runs=args.runs))
     head = (f"{'model':<11} {'vision tok':>10} {'LLM prompt':>10} {'TTFT ms':>9} {'decode tok/s':>12} "
             f"{'ms/token':>9} {'response ms':>11}")
     print(head)
@@ -157,7 +200,13 @@ def main(argv: list[str]) -> int:
         print(f"{r['mode']:<11} {r['vision_tokens_per_image']:>10} {r['llm_prompt_tokens']:>10} "
               f"{r['ttft_ms']:>9.1f} {r['decode_tokens_per_s']:>12.1f} {r['decode_ms_per_token']:>9.2f} "
               f"{r['response_ms']:>11.1f}")
-    b, m = rows
+    b, m = rows[:2]
+    if peer:
+        t = rows[2]
+        print(f"mmlm llava15 vs transformers (same weights): first-token logits max |diff| "
+              f"{t['max_abs_logit_diff']:.2e}, greedy tokens equal {t['greedy_tokens_equal']}/{args.new_tokens}; "
+              f"TTFT {t['ttft_ms'] / b['ttft_ms']:.2f}x, decode {t['decode_ms_per_token'] / b['decode_ms_per_token']:.2f}x "
+              f"(> 1: mmlm faster; torch {t['torch']}, {t['torch_threads']} threads)")
     print(f"LLaVA-Mini vs baseline: TTFT {b['ttft_ms'] / m['ttft_ms']:.2f}x faster, decode "
           f"{m['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x tokens/s, whole response "
           f"{b['response_ms'] / m['response_ms']:.2f}x faster")

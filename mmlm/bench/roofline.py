@@ -44,6 +44,8 @@ import math
 import re
 from typing import Any
 
+from mmlm.kernels.attention import FLOPS_TAG
+
 _DTYPE_BYTES = {
     "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
     "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
@@ -112,11 +114,25 @@ class Chip:
     ici_bytes_per_s: float
 
 
+def _logical_lines(text: str) -> list[str]:
+    """HLO lines with continuation lines joined: a custom call's backend_config can hold newlines (splash
+    attention's does), and its continuation would otherwise read as the "}" that ends a computation."""
+    out: list[str] = []
+    for line in text.splitlines():
+        starts_new = (not out or line.startswith("  %") or line.startswith("  ROOT") or line.strip() in ("}", "")
+                      or _COMP_RE.match(line) is not None or line.startswith("HloModule"))
+        if starts_new:
+            out.append(line)
+        else:
+            out[-1] += " " + line.strip()
+    return out
+
+
 def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
     """Computations (name -> instructions) of an HLO module's text and the entry computation's name."""
     comps: dict[str, list[Instr]] = {}
     entry, current = "", None
-    for line in text.splitlines():
+    for line in _logical_lines(text):
         head = _COMP_RE.match(line)
         if head and not line.startswith(" "):
             current = head.group(2)
@@ -126,7 +142,7 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
             continue
         if current is None:
             continue
-        if line.startswith("}"):
+        if line.strip() == "}":
             current = None
             continue
         m = _INSTR_RE.match(line)
@@ -142,6 +158,20 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
     if not entry:
         raise ValueError("no ENTRY computation in the HLO text")
     return comps, entry
+
+
+def _tagged_flops(ins: "Instr") -> float | None:
+    m = re.search(FLOPS_TAG + r"((?:_[a-z]+_\d+)+)", ins.attrs)
+    if not m:
+        return None
+    parts = m.group(1).strip("_").split("_")
+    table = dict(zip(parts[::2], (float(x) for x in parts[1::2])))
+    kernel = re.search(r'kernel_name\s*=\s*"?([\w.]+)|"name"\s*:\s*"([\w.]+)"', ins.attrs)
+    name = ins.name + " " + " ".join(g for g in (kernel.groups() if kernel else ()) if g)
+    for key, flops in sorted(table.items(), key=lambda kv: -len(kv[0])):  # "dkv" before "dq" before ...
+        if re.search(rf"_{key}(_|\b|\.)", name):
+            return flops
+    return None
 
 
 class Roofline:
@@ -318,6 +348,9 @@ class Roofline:
         if m:
             est = json.loads(m.group(1))
             return self._op_cost(float(est.get("flops", 0)), float(est.get("bytes_accessed", 0)))
+        tagged = _tagged_flops(ins)
+        if tagged is not None:  # a library kernel without an estimate, whose caller named its FLOPs
+            return self._op_cost(tagged, ins.bytes + sum(self.defs[o].bytes for o in ins.operands if o in self.defs))
         self.pallas_without_estimate += 1
         return self._op_cost(0.0, ins.bytes + sum(self.defs[o].bytes for o in ins.operands if o in self.defs))
 

@@ -24,6 +24,7 @@ For LLaVA-Mini the prompt holds `m` vision tokens per image or video frame
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmlm.models.config import ModelConfig
+from mmlm.models.layers import unstack_layers
 from mmlm.models.llama import KVCache, init_cache
 from mmlm.models.llava_mini import LlavaMini
 
@@ -122,7 +124,7 @@ def prefill(cfg: ModelConfig, params: Params, batch: Batch, sp: SamplingParams, 
     embeds, valid, positions = inputs["embeds"], inputs["valid"], inputs["positions"]
     b, p = valid.shape
     slots = p + max_new_tokens
-    cache = init_cache(cfg.llm, b, slots, cfg.compute_dtype)
+    cache = init_cache(cfg.llm, b, slots, cfg.compute_dtype, per_layer=not cfg.scan_layers)
     key_valid = jnp.concatenate([valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
     logits, cache = model.apply(variables, embeds, positions, key_valid, cache, method=_prefill_llm)
     rng, sub = jax.random.split(rng)
@@ -184,6 +186,21 @@ decode_step_jit = jax.jit(decode_step, static_argnames=("cfg", "greedy"), donate
 
 
 # ------------------------------------------------------------------------------ API
+
+def decoding_layout(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
+    """`(cfg, params)` with every layer stack unrolled (`scan_layers=False`, `layers_{i}` subtrees).
+
+    A scanned stack slices each layer's weights out of the stacked arrays and
+    threads the stacked KV cache through the scan at every decoding step:
+    copies of all weights and of the cache per token (XLA on CPU and GPU
+    cannot read a dynamic slice in place). Unrolled, each layer reads its own
+    weights and updates its own cache buffer in place. Costs one copy of the
+    layer weights, once: `load_inference_model` does it at load time.
+    """
+    if not cfg.scan_layers:
+        return cfg, params
+    return dataclasses.replace(cfg, scan_layers=False), unstack_layers(nn.unbox(params))
+
 
 def _model_cfg(model: LlavaMini | ModelConfig) -> ModelConfig:
     return model.cfg if isinstance(model, LlavaMini) else model

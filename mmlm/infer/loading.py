@@ -96,6 +96,7 @@ def inference_model(config: ml_collections.ConfigDict, params: Any, source: str,
     from mmlm.data import templates
     from mmlm.data.config import hd_grid_value
     from mmlm.data.tokenizer import load_tokenizer
+    from mmlm.infer.generate import decoding_layout
 
     cfg = model_config_from_dict(config.model)
     missing = [p for p in ("vision", "projector", "llm") if p not in params]
@@ -133,6 +134,7 @@ def inference_model(config: ml_collections.ConfigDict, params: Any, source: str,
     if hd != cfg.hd_grid:
         raise UserError(f"{source}: data.hd_grid={hd} but model.hd_grid={cfg.hd_grid} in its config; "
                         "the model reads the views the data makes, so the saved config is inconsistent")
+    cfg, params = decoding_layout(cfg, params)  # one buffer per layer: decoding updates its KV cache in place
     return InferenceModel(
         cfg=cfg, params=params, config=config, tokenizer=tok, template=tmpl,
         system_prompt=data.get("system_prompt"), stop_ids=templates.stop_token_ids(tok, tmpl),

@@ -17,6 +17,7 @@ import ml_collections
 from mmlm import IMAGE_TOKEN_ID
 
 MODES = ("llava_mini", "llava15")
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # see mmlm.kernels.attention
 # Top-level parameter groups of a model (the keys of its params tree); llava15 has no compressor/prefusion.
 PARTS = ("vision", "projector", "compressor", "prefusion", "llm")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -126,6 +127,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention: str = "auto"  # whole-sequence attention: auto (splash on TPU, cuDNN on GPU, XLA on CPU) | xla | splash | cudnn
     loss_chunk: int = 0  # LM head + loss over chunks of this many positions (0 = all at once)
     # Training semantics of the LLaVA-Mini authors' code (no effect on inference outputs):
     detach_text_embeddings: bool = False  # stop gradients into the input embedding table
@@ -136,6 +138,8 @@ class ModelConfig:
     compressor: CompressorConfig = CompressorConfig()
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.mode not in MODES:
             raise ValueError(f"model.mode must be one of {MODES}, got {self.mode!r}")
         if self.remat_policy not in REMAT_POLICIES:

@@ -20,6 +20,46 @@ Initializer = Callable[..., jax.Array]
 
 DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
+# Logical names of activation dimensions. `config.sharding_rules` maps them to mesh axes
+# (`mmlm.config_defaults.SHARDING_RULES`: the batch over (data, fsdp), heads / MLP / vocab over tensor).
+ACT_BATCH, ACT_LENGTH, ACT_EMBED = "activation_batch", "activation_length", "activation_embed"
+ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = "activation_heads", "activation_kv_heads", "activation_mlp", "activation_vocab"
+BTD = (ACT_BATCH, ACT_LENGTH, ACT_EMBED)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Pins the sharding of activation `x` to what the logical `axes` map to.
+
+    Without these pins GSPMD may keep a matmul's output sharded like its
+    FSDP-split weight (over the contracted `embed` dimension) and all-reduce
+    whole-batch activations across every chip, instead of all-gathering the
+    weight and keeping the batch split. Active only while a mesh
+    (`jax.sharding.use_abstract_mesh`) and rules (`nn.logical_axis_rules`)
+    are in context, as in the train step; a no-op otherwise (CPU inference,
+    tests) and inside `shard_map`. A name without a rule, or whose mesh axes
+    do not divide the dimension, is left to the compiler.
+    """
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty or mesh.manual_axes:
+        return x
+    table: dict[str, Any] = {}
+    for name, target in rules:  # the first rule for a name wins, as in flax
+        table.setdefault(name, target)
+    spec = []
+    for dim, name in zip(x.shape, axes):
+        if name is not None and name not in table:
+            spec.append(jax.sharding.PartitionSpec.UNCONSTRAINED)
+            continue
+        target = None if name is None else table[name]
+        mesh_axes = [a for a in ((target,) if isinstance(target, str) else tuple(target or ()))
+                     if mesh.shape.get(a, 1) > 1]
+        if dim % math.prod(mesh.shape[a] for a in mesh_axes):
+            spec.append(jax.sharding.PartitionSpec.UNCONSTRAINED)
+            continue
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
 
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool, dtype: Dtype, param_dtype: Dtype,
           name: str, kernel_init: Initializer = DEFAULT_KERNEL_INIT) -> nn.Dense:
@@ -115,26 +155,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 # ------------------------------------------------------------------------ attention
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Softmax attention with grouped KV heads.
-
-    q: (B, T, H, Dh); k, v: (B, S, Hkv, Dh) with H a multiple of Hkv;
-    mask: (B, T, S) bool, True = may attend (None = everything).
-    Returns (B, T, H, Dh). Scores and softmax are fp32; a fully masked row
-    gives a uniform (finite) average rather than NaN.
-    """
-    b, t, h, dh = q.shape
-    hkv = k.shape[2]
-    q = q.reshape(b, t, hkv, h // hkv, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / np.sqrt(dh).astype(np.float32)
-    if mask is not None:
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, dh)
-
-
 def causal_mask(q_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
     """(B, T, S) mask: key slot <= query slot, and the key is valid.
 
@@ -200,11 +220,19 @@ class BlockStack(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             return scanned(**kwargs, name="layers")(x, state, *shared)
+        # A tuple of per-layer states (a decoding KV cache) stays one buffer per layer, so each
+        # layer updates its own in place; a stacked state is sliced and re-stacked (copies).
+        per_layer = isinstance(state, (list, tuple))
         outs = []
         for i in range(self.num_layers):
-            layer_state = None if state is None else jax.tree.map(lambda s: s[i], state)
+            if per_layer:
+                layer_state = state[i]
+            else:
+                layer_state = None if state is None else jax.tree.map(lambda s: s[i], state)
             x, new = block(**kwargs, name=f"layers_{i}")(x, layer_state, *shared)
             outs.append(new)
+        if per_layer:
+            return x, tuple(outs)
         stacked = None if outs[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *outs)
         return x, stacked
 

@@ -2,11 +2,16 @@
 
 The same `LlamaBlock` is used by the modality pre-fusion layers.
 
-KV cache layout: `{"k": (L, B, S, Hkv, Dh), "v": ...}` with `S` cache slots.
+KV cache layout: `{"k": (L, B, S, Hkv, Dh), "v": ...}` with `S` cache slots for
+a scanned layer stack, or a tuple of L `{"k": (B, S, Hkv, Dh), ...}` for an
+unrolled one (`init_cache(per_layer=True)`; what inference serves: each layer
+then updates its own buffer in place).
 A call writes its T new keys/values at slots `[index, index+T)`; the caller
 passes `key_valid` (B, S) marking every slot that holds a real token
 (including the new ones), so prompts of different lengths can share a batch
-(left-padded) and the same mask code serves training and decoding.
+(left-padded). Without a cache (training, scoring) attention is causal over
+the valid keys and runs through `mmlm.kernels.attention` (XLA, splash on TPU,
+cuDNN on GPU: `model.attention`).
 """
 
 from __future__ import annotations
@@ -18,23 +23,31 @@ import jax
 import jax.numpy as jnp
 
 from mmlm.models.config import LlamaConfig
-from mmlm.models.layers import (BlockStack, RMSNorm, apply_rope, causal_mask, dense, dot_product_attention,
-                                rope_inv_freq)
+from mmlm.kernels.attention import dense_attention, self_attention
+from mmlm.models.layers import (ACT_BATCH, ACT_HEADS, ACT_KV_HEADS, ACT_LENGTH, ACT_MLP, BTD, BlockStack, RMSNorm,
+                                apply_rope, causal_mask, constrain, dense, rope_inv_freq)
 
-KVCache = dict[str, jax.Array]
+KVCache = dict[str, jax.Array] | tuple[dict[str, jax.Array], ...]
 
 
 class LlamaBlock(nn.Module):
     cfg: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # whole-sequence attention implementation (mmlm.kernels.attention)
 
     @nn.compact
-    def __call__(self, x: jax.Array, cache: KVCache | None, positions: jax.Array, mask: jax.Array,
-                 cache_index: jax.Array | None = None):
-        """x: (B, T, D); positions: (B, T); mask: (B, T, S). Returns (x, new layer cache)."""
+    def __call__(self, x: jax.Array, cache: KVCache | None, positions: jax.Array, mask: jax.Array | None,
+                 key_valid: jax.Array | None, cache_index: jax.Array | None = None):
+        """x: (B, T, D); positions: (B, T). Returns (x, new layer cache).
+
+        With a cache, `mask` (B, T, S) says which slots each query reads. Without
+        one, `mask` is None and attention is causal over the T positions with
+        `key_valid` (B, T) marking the keys that may be read.
+        """
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, t, _ = x.shape
+        x = constrain(x, BTD)
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
         h = RMSNorm(cfg.rms_eps, name="input_layernorm", **kw)(x)
         q = dense(cfg.heads * cfg.head_dim, ("embed", "heads"), use_bias=False, name="q_proj", **kw)(h)
@@ -43,6 +56,8 @@ class LlamaBlock(nn.Module):
         q = apply_rope(q.reshape(b, t, cfg.heads, cfg.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, cfg.kv_heads, cfg.head_dim), positions, inv_freq)
         v = v.reshape(b, t, cfg.kv_heads, cfg.head_dim)
+        q = constrain(q, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
+        k, v = (constrain(a, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, None)) for a in (k, v))
         new_cache = None
         if cache is not None:
             start = (0, cache_index, 0, 0)
@@ -50,25 +65,39 @@ class LlamaBlock(nn.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             new_cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-        attn = dot_product_attention(q, k, v, mask).reshape(b, t, cfg.heads * cfg.head_dim)
-        x = x + dense(cfg.width, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(attn)
+        if cache is None:
+            attn = self_attention(q, k, v, key_valid, causal=True, impl=self.attention)
+        else:
+            attn = dense_attention(q, k, v, mask)
+        attn = constrain(attn, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None)).reshape(b, t, cfg.heads * cfg.head_dim)
+        x = constrain(x + dense(cfg.width, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(attn), BTD)
         h = RMSNorm(cfg.rms_eps, name="post_attention_layernorm", **kw)(x)
         gate = dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=False, name="gate_proj", **kw)(h)
         up = dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=False, name="up_proj", **kw)(h)
-        x = x + dense(cfg.width, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(nn.silu(gate) * up)
-        return x, new_cache
+        hidden = constrain(nn.silu(gate) * up, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
+        x = x + dense(cfg.width, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(hidden)
+        return constrain(x, BTD), new_cache
 
 
 def block_stack(cfg: LlamaConfig, num_layers: int, dtype, param_dtype, scan: bool, remat: str,
-                name: str) -> BlockStack:
-    return BlockStack(LlamaBlock, (("cfg", cfg), ("dtype", dtype), ("param_dtype", param_dtype)),
+                name: str, attention: str = "auto") -> BlockStack:
+    return BlockStack(LlamaBlock, (("cfg", cfg), ("dtype", dtype), ("param_dtype", param_dtype),
+                                   ("attention", attention)),
                       num_layers, scan=scan, remat=remat, name=name)
 
 
-def init_cache(cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32, layers: int | None = None) -> KVCache:
-    """Zeroed KV cache with `slots` positions per sequence."""
-    shape = (layers or cfg.layers, batch, slots, cfg.kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def init_cache(cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32, layers: int | None = None,
+               per_layer: bool = False) -> KVCache:
+    """Zeroed KV cache with `slots` positions per sequence.
+
+    Stacked `{"k", "v": (L, B, S, Hkv, Dh)}` for a scanned layer stack, or with
+    `per_layer` (unrolled layers) a tuple of L `{"k", "v": (B, S, Hkv, Dh)}`.
+    """
+    n = layers or cfg.layers
+    shape = (batch, slots, cfg.kv_heads, cfg.head_dim)
+    if per_layer:
+        return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(n))
+    return {"k": jnp.zeros((n,) + shape, dtype), "v": jnp.zeros((n,) + shape, dtype)}
 
 
 class LlamaModel(nn.Module):
@@ -79,6 +108,7 @@ class LlamaModel(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    attention: str = "auto"
 
     def setup(self):
         cfg = self.cfg
@@ -86,7 +116,7 @@ class LlamaModel(nn.Module):
             cfg.vocab_size, cfg.width, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
         self.decoder = block_stack(cfg, cfg.layers, self.dtype, self.param_dtype, self.scan_layers, self.remat,
-                                   name="decoder")
+                                   name="decoder", attention=self.attention)
         self.norm = RMSNorm(cfg.rms_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
@@ -94,7 +124,7 @@ class LlamaModel(nn.Module):
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """Token embeddings (B, T, D); negative ids (placeholders) embed as id 0."""
-        return self.embed_tokens(jnp.maximum(ids, 0))
+        return constrain(self.embed_tokens(jnp.maximum(ids, 0)), BTD)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.cfg.tie_embeddings:
@@ -112,15 +142,14 @@ class LlamaModel(nn.Module):
         `return_hidden` — , new cache or None).
         """
         t = embeds.shape[1]
-        q_slots = jnp.arange(t) + (cache_index if cache is not None else 0)
-        mask = causal_mask(q_slots, key_valid)
-        if cache is None:
-            x, _ = self.decoder(embeds.astype(self.dtype), None, positions, mask)
+        if cache is None:  # whole sequences: causal attention over the valid keys
+            x, _ = self.decoder(embeds.astype(self.dtype), None, positions, None, key_valid)
             new_cache = None
         else:
-            x, new_cache = self.decoder(embeds.astype(self.dtype), cache, positions, mask,
+            mask = causal_mask(jnp.arange(t) + cache_index, key_valid)
+            x, new_cache = self.decoder(embeds.astype(self.dtype), cache, positions, mask, None,
                                         jnp.asarray(cache_index, jnp.int32))
-        x = self.norm(x)
+        x = constrain(self.norm(x), BTD)
         if return_hidden:
             return x, new_cache
         return self.logits(x).astype(jnp.float32), new_cache

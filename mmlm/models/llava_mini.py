@@ -87,14 +87,14 @@ class LlavaMini(nn.Module):
     def setup(self):
         cfg = self.cfg
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
-        self.vision = VisionTower(cfg.vision, scan_layers=cfg.scan_layers, remat=cfg.remat_policy, **kw)
+        stack = dict(scan_layers=cfg.scan_layers, remat=cfg.remat_policy, attention=cfg.attention)
+        self.vision = VisionTower(cfg.vision, **stack, **kw)
         self.projector = Projector(cfg.projector, cfg.llm.width, **kw)
         if cfg.mode == "llava_mini":
             self.compressor = make_compressor(cfg.compressor, **kw)
             if cfg.prefusion_layers:
-                self.prefusion = PreFusion(cfg.llm, cfg.prefusion_layers, scan_layers=cfg.scan_layers,
-                                           remat=cfg.remat_policy, **kw)
-        self.llm = LlamaModel(cfg.llm, scan_layers=cfg.scan_layers, remat=cfg.remat_policy, **kw)
+                self.prefusion = PreFusion(cfg.llm, cfg.prefusion_layers, **stack, **kw)
+        self.llm = LlamaModel(cfg.llm, **stack, **kw)
 
     # ------------------------------------------------------------------ vision
     def encode_images(self, images: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from mmlm import IGNORE_INDEX
+from mmlm.models.layers import ACT_BATCH, ACT_LENGTH, ACT_VOCAB, BTD, constrain
 
 
 def shift_targets(labels: jax.Array) -> jax.Array:
@@ -67,12 +68,13 @@ def chunked_token_loss(hidden: jax.Array, targets: jax.Array, logits_fn: Callabl
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
-    hs = jnp.swapaxes(hidden.reshape(b, n, chunk, d), 0, 1)
-    ts = jnp.swapaxes(targets.reshape(b, n, chunk), 0, 1)
+    hs = constrain(jnp.swapaxes(hidden.reshape(b, n, chunk, d), 0, 1), (None,) + BTD)
+    ts = constrain(jnp.swapaxes(targets.reshape(b, n, chunk), 0, 1), (None, ACT_BATCH, ACT_LENGTH))
 
     @jax.checkpoint
     def sums(h, t):
-        out = token_loss(logits_fn(h), t)
+        logits = constrain(logits_fn(constrain(h, BTD)), (ACT_BATCH, ACT_LENGTH, ACT_VOCAB))
+        out = token_loss(logits, t)
         return out["loss_sum"], out["num_tokens"].astype(jnp.int32), out["num_correct"].astype(jnp.int32)
 
     def body(carry, xs):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mmlm.models.config import LlamaConfig
-from mmlm.models.layers import causal_mask, positions_from_valid
+from mmlm.models.layers import BTD, constrain, positions_from_valid
 from mmlm.models.llama import block_stack
 
 
@@ -28,6 +28,7 @@ class PreFusion(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, vision: jax.Array, text: jax.Array, fuse: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -37,12 +38,11 @@ class PreFusion(nn.Module):
         that are not fused keep their input embedding.
         """
         p = vision.shape[1]
-        x = jnp.concatenate([vision, text], axis=1).astype(self.dtype)
+        x = constrain(jnp.concatenate([vision, text], axis=1).astype(self.dtype), BTD)
         valid = jnp.concatenate([jnp.ones(vision.shape[:2], bool), fuse], axis=1)
         positions = positions_from_valid(valid)
-        mask = causal_mask(jnp.arange(x.shape[1]), valid)
         stack = block_stack(self.cfg, self.num_layers, self.dtype, self.param_dtype, self.scan_layers,
-                            self.remat, name="blocks")
-        out, _ = stack(x, None, positions, mask)
+                            self.remat, name="blocks", attention=self.attention)
+        out, _ = stack(x, None, positions, None, valid)
         fused_text = jnp.where(fuse[..., None], out[:, p:], text.astype(self.dtype))
         return out[:, :p], fused_text

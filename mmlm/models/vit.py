@@ -15,30 +15,35 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from mmlm.models.config import VisionConfig
-from mmlm.models.layers import BlockStack, dense, dot_product_attention, layer_norm, quick_gelu
+from mmlm.kernels.attention import self_attention
+from mmlm.models.layers import (ACT_BATCH, ACT_HEADS, ACT_LENGTH, ACT_MLP, BTD, BlockStack, constrain, dense,
+                                layer_norm, quick_gelu)
 
 
 class VitBlock(nn.Module):
     cfg: VisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"  # mmlm.kernels.attention implementation
 
     @nn.compact
     def __call__(self, x: jax.Array, state):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, n, d = x.shape
         dh = d // cfg.heads
+        x = constrain(x, BTD)
         h = layer_norm(cfg.layer_norm_eps, name="layer_norm1", axis="embed", **kw)(x)
         q = dense(d, ("embed", "heads"), use_bias=True, name="q_proj", **kw)(h)
         k = dense(d, ("embed", "heads"), use_bias=True, name="k_proj", **kw)(h)
         v = dense(d, ("embed", "heads"), use_bias=True, name="v_proj", **kw)(h)
-        split = lambda t: t.reshape(b, n, cfg.heads, dh)
-        attn = dot_product_attention(split(q), split(k), split(v), None).reshape(b, n, d)
+        split = lambda t: constrain(t.reshape(b, n, cfg.heads, dh), (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
+        attn = self_attention(split(q), split(k), split(v), None, causal=False, impl=self.attention).reshape(b, n, d)
         x = x + dense(d, ("heads", "embed"), use_bias=True, name="out_proj", **kw)(attn)
         h = layer_norm(cfg.layer_norm_eps, name="layer_norm2", axis="embed", **kw)(x)
         h = quick_gelu(dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=True, name="fc1", **kw)(h))
+        h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
         x = x + dense(d, ("mlp", "embed"), use_bias=True, name="fc2", **kw)(h)
-        return x, None
+        return constrain(x, BTD), None
 
 
 class VisionTower(nn.Module):
@@ -49,6 +54,7 @@ class VisionTower(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -62,7 +68,7 @@ class VisionTower(nn.Module):
             kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                      ("conv_h", "conv_w", "channels", "embed")),
             name="patch_embedding")(images.astype(self.dtype))
-        x = rearrange(patches, "b h w d -> b (h w) d")
+        x = constrain(rearrange(patches, "b h w d -> b (h w) d"), BTD)
         cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
                          (cfg.width,), self.param_dtype)
         pos = self.param("position_embedding",
@@ -73,6 +79,7 @@ class VisionTower(nn.Module):
         x = layer_norm(cfg.layer_norm_eps, name="pre_layrnorm", axis="embed",
                        dtype=self.dtype, param_dtype=self.param_dtype)(x)
         if cfg.blocks_used:
-            x, _ = BlockStack(VitBlock, (("cfg", cfg), ("dtype", self.dtype), ("param_dtype", self.param_dtype)),
+            x, _ = BlockStack(VitBlock, (("cfg", cfg), ("dtype", self.dtype), ("param_dtype", self.param_dtype),
+                                         ("attention", self.attention)),
                               cfg.blocks_used, scan=self.scan_layers, remat=self.remat, name="encoder")(x, None)
         return x[:, 1:]  # drop the class token

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -38,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.models.loss import chunked_token_loss, targets_from_labels, token_loss
-from mmlm.sharding import BATCH_AXES
+from mmlm.sharding import BATCH_AXES, rules_tuple
 from mmlm.train.optimizer import Schedule, split_trainable, zeros_for
 
 State = dict[str, Any]
@@ -94,7 +95,7 @@ def budget_index(rng: jax.Array, step: jax.Array, num_budgets: int) -> jax.Array
 
 def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: Sequence[str],
                     budgets: Sequence[int], grad_accum: int, schedules: dict[str, Schedule],
-                    mesh: Mesh | None = None) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+                    mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] = ()) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
     """Builds `train_step(state, batch) -> (new_state, metrics)` (not jitted).
 
     tx: the `make_optimizer` transformation (its state must be an `optax.ApplyIfFiniteState`).
@@ -113,8 +114,9 @@ def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: S
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         if mesh is None:
             return _step(state, batch)
-        # The mesh in context lets kernels without a GSPMD rule (Pallas) shard_map over the batch axes.
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        # The mesh in context lets kernels without a GSPMD rule (Pallas) shard_map over the batch axes;
+        # with the rules it also activates the models' activation sharding constraints.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules_tuple(rules)):
             return _step(state, batch)
 
     def _step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from mmlm.checkpoint import is_model_checkpoint, load_model_params, save_config
 from mmlm.config_utils import validate_config
@@ -307,9 +307,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     n_opt = count_state(setup.abstract_state["opt_state"])
     step_fn = jax.jit(
         make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, int(config.train.grad_accum_steps),
-                        setup.schedules, setup.mesh),
+                        setup.schedules, setup.mesh, config.sharding_rules),
         in_shardings=(setup.state_shardings, None), out_shardings=(setup.state_shardings, None),
-        donate_argnums=(0,))
+        donate_argnums=(0,),
+        compiler_options=dict(config.get("tpu_compiler_options") or {}) if jax.default_backend() == "tpu" else None)
 
     writer = MetricWriter(workdir, total_steps=total_steps, start_step=start,
                           progress_bar=bool(config.train.progress_bar))

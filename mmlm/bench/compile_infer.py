@@ -1,0 +1,128 @@
+"""`mmlm compile --what infer`: will a model answer questions on a TPU slice, and how fast?
+
+Compiles the two programs of `mmlm chat` for the slice's first chip, no TPU
+needed (libtpu, as `mmlm compile`): the prefill (`mmlm.infer.generate.prefill`:
+vision tower, compressor, pre-fusion, the LLM over the prompt into a KV cache
+of prompt + `--new_tokens` slots, the first token) and one decode step
+(`decode_step`, donated state: the cache is updated in place), for the
+config's LLaVA-Mini model and for its LLaVA-1.5 baseline (every patch to the
+LLM), one prompt of `config.text_len` text tokens and one image. Weights are
+in the inference dtype (`--dtype`, default bfloat16) and in the unrolled
+layout that `load_inference_model` serves (`decoding_layout`).
+
+Per program: per-chip memory (`memory_analysis()`), and the estimated time:
+the compiler's `optimal_seconds` when positive for a loop-free program, else
+the roofline of `mmlm.bench.roofline` (a single-sequence decode step is bound
+by reading every weight from HBM once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmlm.bench.compile import Slice, step_time, topology_devices
+from mmlm.errors import UserError
+
+
+def _abstract(tree: Any, sharding: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def _program_report(compiled: Any, s: Slice, seconds_key: str) -> dict[str, Any]:
+    mem = compiled.memory_analysis()
+    args_b, out_b = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+    temp_b, alias_b = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
+    total = args_b + out_b + temp_b - alias_b
+    timing = step_time(compiled, s, model_flops=0.0)
+    return {
+        "per_chip_bytes": {"arguments": args_b, "temporaries": temp_b, "outputs": out_b, "aliased": alias_b,
+                           "total": total},
+        "fits": total <= s.hbm_bytes, "hbm_fraction": total / s.hbm_bytes,
+        seconds_key: timing["estimated_step_seconds"], "estimator": timing["estimator"],
+        "roofline": {k: timing["roofline"][k] for k in ("flops", "bytes", "compute_memory_seconds")},
+    }
+
+
+def compile_inference(config: ml_collections.ConfigDict, s: Slice, *, new_tokens: int = 64,
+                      dtype: str = "bfloat16") -> dict[str, Any]:
+    """Compiles prefill and one decode step of the config's model and of its LLaVA-1.5 baseline."""
+    from mmlm.bench.video_memory import baseline_of
+    from mmlm.infer.generate import decode_step_jit, decoding_layout, prefill_jit, sampling_params
+    from mmlm.kernels.compression import compile_platform
+    from mmlm.models.config import model_config_from_dict
+    from mmlm.models.llava_mini import LlavaMini
+    from mmlm.models.summary import batch_shapes
+
+    if new_tokens < 2:
+        raise UserError(f"--new_tokens must be >= 2, got {new_tokens}")
+    device = topology_devices(s)[0]
+    one_chip = jax.sharding.SingleDeviceSharding(device)
+    mini = model_config_from_dict(config.model)
+    if mini.mode != "llava_mini":
+        raise UserError(f"--what infer compares LLaVA-Mini with its LLaVA-1.5 baseline: give a llava_mini config "
+                        f"(this one is {mini.mode})")
+    mini = dataclasses.replace(mini, dtype=dtype, param_dtype=dtype, remat_policy="none")
+    text_len = int(config.get("text_len", 64))
+    rows = []
+    for cfg in (mini, baseline_of(mini)):
+        m = cfg.check_budget(None)
+        shapes = batch_shapes(cfg, 1, text_len, 1)
+        batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=one_chip) for k, (shape, dt) in shapes.items()}
+        boxed = jax.eval_shape(LlavaMini(cfg).init, jax.random.key(0), batch)
+        serve_cfg = decoding_layout(cfg, {})[0]
+        params = jax.eval_shape(lambda p: decoding_layout(cfg, p)[1], nn.unbox(boxed)["params"])
+        params = _abstract(params, one_chip)
+        sp, greedy = sampling_params(0.0, 1.0, eos_id=2)
+        sp = _abstract(sp, one_chip)
+        key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=one_chip)
+        static = dict(max_new_tokens=new_tokens, num_vision_tokens=m, greedy=greedy)
+        row: dict[str, Any] = {"mode": cfg.mode, "vision_tokens_per_image": m if cfg.mode == "llava_mini"
+                               else cfg.vision.num_patches, "text_tokens": text_len, "new_tokens": new_tokens}
+        t0 = time.perf_counter()
+        with compile_platform("tpu"):
+            prefill = prefill_jit.lower(serve_cfg, params, batch, sp, key, **static).compile()
+            state = jax.eval_shape(lambda p, b, q, k: prefill_jit(serve_cfg, p, b, q, k, **static),
+                                   params, batch, sp, key)
+            state = _abstract(state, one_chip)
+            decode = decode_step_jit.lower(serve_cfg, params, state, sp, greedy=greedy).compile()
+        row["compile_seconds"] = time.perf_counter() - t0
+        row["llm_prompt_tokens"] = int(state.key_valid.shape[1]) - new_tokens
+        row["params_bytes"] = int(sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+                                      for a in jax.tree.leaves(params)))
+        row["prefill"] = _program_report(prefill, s, "seconds")
+        row["decode_step"] = _program_report(decode, s, "seconds")
+        row["fits"] = row["prefill"]["fits"] and row["decode_step"]["fits"]
+        rows.append(row)
+    return {
+        "what": "infer", "topology": s.name, "topology_string": s.topology, "device_kind": device.device_kind,
+        "chips_used": 1, "hbm_bytes_per_chip": s.hbm_bytes, "dtype": dtype, "models": rows,
+        "fits": all(r["fits"] for r in rows),
+    }
+
+
+def format_inference_report(r: dict[str, Any]) -> str:
+    from mmlm.bench.compile import _fmt_bytes
+
+    lines = [f"{r['topology']} ({r['device_kind']}, one chip, {_fmt_bytes(r['hbm_bytes_per_chip'])} HBM), "
+             f"{r['dtype']} weights, batch 1"]
+    head = (f"{'model':<11} {'vision tok':>10} {'LLM prompt':>10} {'weights':>10} {'prefill mem':>12} "
+            f"{'decode mem':>11} {'fits':>5} {'prefill ms':>10} {'ms/token':>9}")
+    lines += [head, "-" * len(head)]
+    for m in r["models"]:
+        p, d = m["prefill"], m["decode_step"]
+        ms = lambda x: f"{1e3 * x:.3g}" if x else "?"
+        lines.append(f"{m['mode']:<11} {m['vision_tokens_per_image']:>10} {m['llm_prompt_tokens']:>10} "
+                     f"{_fmt_bytes(m['params_bytes']):>10} {_fmt_bytes(p['per_chip_bytes']['total']):>12} "
+                     f"{_fmt_bytes(d['per_chip_bytes']['total']):>11} {'yes' if m['fits'] else 'NO':>5} "
+                     f"{ms(p['seconds']):>10} {ms(d['seconds']):>9}")
+    lines.append("times: " + ", ".join(sorted({m[k]['estimator'] or '?' for m in r['models']
+                                                for k in ('prefill', 'decode_step')})) + " estimates")
+    return "\n".join(lines)
