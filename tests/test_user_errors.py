@@ -8,7 +8,6 @@ any data is built or anything is compiled, so each takes well under a second
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
