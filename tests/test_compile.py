@@ -322,3 +322,20 @@ def test_roofline_joins_multiline_kernel_configs_and_reads_tagged_kernel_flops()
     assert r["flops"] == 1000
     assert r["pallas_calls"] == 1 and r["pallas_calls_without_estimate"] == 0
     assert r["collective_bytes"]["all-reduce"] == 2 * 4 * 256 * 32 * 2  # the instruction after the kernel
+
+
+@needs_libtpu
+def test_compile_inference_json_for_one_chip():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = C.main(["--config", "tiny", "--topology", "v5litepod-1", "--what", "infer", "--json", "--new_tokens", "8"])
+    assert rc == 0
+    r = json.loads(out.getvalue())
+    assert r["what"] == "infer" and r["chips_used"] == 1 and r["fits"] is True
+    mini, base = r["models"]
+    assert (mini["mode"], base["mode"]) == ("llava_mini", "llava15")
+    assert base["llm_prompt_tokens"] - mini["llm_prompt_tokens"] == base["vision_tokens_per_image"] - \
+        mini["vision_tokens_per_image"]
+    for m in r["models"]:
+        assert m["serving_bytes"] >= m["params_bytes"] > 0
+        assert m["prefill"]["seconds"] > 0 and m["decode_step"]["seconds"] > 0

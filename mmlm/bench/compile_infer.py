@@ -13,7 +13,9 @@ layout that `load_inference_model` serves (`decoding_layout`).
 Per program: per-chip memory (`memory_analysis()`), and the estimated time:
 the compiler's `optimal_seconds` when positive for a loop-free program, else
 the roofline of `mmlm.bench.roofline` (a single-sequence decode step is bound
-by reading every weight from HBM once).
+by reading every weight from HBM once). Per model, `serving_bytes`: every
+weight plus the larger program's temporaries and outputs (the KV cache);
+`fits` compares it with the chip's HBM.
 """
 
 from __future__ import annotations
@@ -99,7 +101,14 @@ def compile_inference(config: ml_collections.ConfigDict, s: Slice, *, new_tokens
                                       for a in jax.tree.leaves(params)))
         row["prefill"] = _program_report(prefill, s, "seconds")
         row["decode_step"] = _program_report(decode, s, "seconds")
-        row["fits"] = row["prefill"]["fits"] and row["decode_step"]["fits"]
+        # Serving holds every weight (each program's own arguments leave out the weights it does not read:
+        # the decode step never touches the vision tower) plus the larger program's temporaries and outputs
+        # (the KV cache: the decode step's outputs alias its donated inputs).
+        work = max(r["per_chip_bytes"]["temporaries"] + r["per_chip_bytes"]["outputs"]
+                   for r in (row["prefill"], row["decode_step"]))
+        row["serving_bytes"] = row["params_bytes"] + work
+        row["hbm_fraction"] = row["serving_bytes"] / s.hbm_bytes
+        row["fits"] = row["serving_bytes"] <= s.hbm_bytes
         rows.append(row)
     return {
         "what": "infer", "topology": s.name, "topology_string": s.topology, "device_kind": device.device_kind,
@@ -113,15 +122,15 @@ def format_inference_report(r: dict[str, Any]) -> str:
 
     lines = [f"{r['topology']} ({r['device_kind']}, one chip, {_fmt_bytes(r['hbm_bytes_per_chip'])} HBM), "
              f"{r['dtype']} weights, batch 1"]
-    head = (f"{'model':<11} {'vision tok':>10} {'LLM prompt':>10} {'weights':>10} {'prefill mem':>12} "
-            f"{'decode mem':>11} {'fits':>5} {'prefill ms':>10} {'ms/token':>9}")
+    head = (f"{'model':<11} {'vision tok':>10} {'LLM prompt':>10} {'weights':>10} {'serving mem':>12} "
+            f"{'fits':>10} {'prefill ms':>10} {'ms/token':>9}")
     lines += [head, "-" * len(head)]
     for m in r["models"]:
         p, d = m["prefill"], m["decode_step"]
         ms = lambda x: f"{1e3 * x:.3g}" if x else "?"
+        fits = f"{'yes' if m['fits'] else 'NO'} {100 * m['hbm_fraction']:.0f}%"
         lines.append(f"{m['mode']:<11} {m['vision_tokens_per_image']:>10} {m['llm_prompt_tokens']:>10} "
-                     f"{_fmt_bytes(m['params_bytes']):>10} {_fmt_bytes(p['per_chip_bytes']['total']):>12} "
-                     f"{_fmt_bytes(d['per_chip_bytes']['total']):>11} {'yes' if m['fits'] else 'NO':>5} "
+                     f"{_fmt_bytes(m['params_bytes']):>10} {_fmt_bytes(m['serving_bytes']):>12} {fits:>10} "
                      f"{ms(p['seconds']):>10} {ms(d['seconds']):>9}")
     lines.append("times: " + ", ".join(sorted({m[k]['estimator'] or '?' for m in r['models']
                                                 for k in ('prefill', 'decode_step')})) + " estimates")

@@ -250,7 +250,7 @@ def _llama_block_program(cfg: ModelConfig, seq: int) -> Program:
     """One LLaMA block (LLM or pre-fusion) on a sequence of `seq` tokens (batch 1)."""
     block = LlamaBlock(cfg.llm, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
     x = _sds((1, seq, cfg.llm.width), cfg.compute_dtype)
-    return module_program(block, x, None, _sds((1, seq), jnp.int32), _sds((1, seq, seq), jnp.bool_))
+    return module_program(block, x, None, _sds((1, seq), jnp.int32), None, _sds((1, seq), jnp.bool_))
 
 
 def _vit_block_program(cfg: ModelConfig, views: int) -> Program:
