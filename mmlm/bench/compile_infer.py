@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmlm.bench.compile import Slice, step_time, topology_devices
+from mmlm.bench.compile import Slice, _oom_temporaries, step_time, topology_devices
 from mmlm.errors import UserError
 
 
@@ -89,16 +89,26 @@ def compile_inference(config: ml_collections.ConfigDict, s: Slice, *, new_tokens
         row: dict[str, Any] = {"mode": cfg.mode, "vision_tokens_per_image": m if cfg.mode == "llava_mini"
                                else cfg.vision.num_patches, "text_tokens": text_len, "new_tokens": new_tokens}
         t0 = time.perf_counter()
+        row["params_bytes"] = int(sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+                                      for a in jax.tree.leaves(params)))
         with compile_platform("tpu"):
-            prefill = prefill_jit.lower(serve_cfg, params, batch, sp, key, **static).compile()
             state = jax.eval_shape(lambda p, b, q, k: prefill_jit(serve_cfg, p, b, q, k, **static),
                                    params, batch, sp, key)
             state = _abstract(state, one_chip)
-            decode = decode_step_jit.lower(serve_cfg, params, state, sp, greedy=greedy).compile()
+            row["llm_prompt_tokens"] = int(state.key_valid.shape[1]) - new_tokens
+            try:
+                prefill = prefill_jit.lower(serve_cfg, params, batch, sp, key, **static).compile()
+                decode = decode_step_jit.lower(serve_cfg, params, state, sp, greedy=greedy).compile()
+            except Exception as e:  # noqa: BLE001 - XlaRuntimeError: the compiler's own verdict
+                needed = _oom_temporaries(str(e))
+                if needed is None:
+                    raise
+                row.update(compile_seconds=time.perf_counter() - t0, fits=False, serving_bytes=None,
+                           hbm_fraction=None, prefill=None, decode_step=None,
+                           compile_error=str(e).strip().splitlines()[0][:500])
+                rows.append(row)
+                continue
         row["compile_seconds"] = time.perf_counter() - t0
-        row["llm_prompt_tokens"] = int(state.key_valid.shape[1]) - new_tokens
-        row["params_bytes"] = int(sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize
-                                      for a in jax.tree.leaves(params)))
         row["prefill"] = _program_report(prefill, s, "seconds")
         row["decode_step"] = _program_report(decode, s, "seconds")
         # Serving holds every weight (each program's own arguments leave out the weights it does not read:
@@ -126,12 +136,18 @@ def format_inference_report(r: dict[str, Any]) -> str:
             f"{'fits':>10} {'prefill ms':>10} {'ms/token':>9}")
     lines += [head, "-" * len(head)]
     for m in r["models"]:
+        if m.get("compile_error"):
+            lines.append(f"{m['mode']:<11} {m['vision_tokens_per_image']:>10} {m['llm_prompt_tokens']:>10} "
+                         f"{_fmt_bytes(m['params_bytes']):>10}  does not fit: {m['compile_error']}")
+            continue
         p, d = m["prefill"], m["decode_step"]
         ms = lambda x: f"{1e3 * x:.3g}" if x else "?"
         fits = f"{'yes' if m['fits'] else 'NO'} {100 * m['hbm_fraction']:.0f}%"
         lines.append(f"{m['mode']:<11} {m['vision_tokens_per_image']:>10} {m['llm_prompt_tokens']:>10} "
                      f"{_fmt_bytes(m['params_bytes']):>10} {_fmt_bytes(m['serving_bytes']):>12} {fits:>10} "
                      f"{ms(p['seconds']):>10} {ms(d['seconds']):>9}")
-    lines.append("times: " + ", ".join(sorted({m[k]['estimator'] or '?' for m in r['models']
-                                                for k in ('prefill', 'decode_step')})) + " estimates")
+    estimators = sorted({m[k]["estimator"] or "?" for m in r["models"] if not m.get("compile_error")
+                         for k in ("prefill", "decode_step")})
+    if estimators:
+        lines.append("times: " + ", ".join(estimators) + " estimates")
     return "\n".join(lines)
