@@ -8,9 +8,6 @@ def get_config():
     # Training: the paper's stage 2 (instruction tuning); configs/llava_mini_vicuna7b_stage1.py is stage 1.
     # Set --config.data.dataset_dir (an `mmlm data build` output) and --config.data.tokenizer (Vicuna's).
     config = d.paper_stage2(d.base_config(model))
-    # Fits a v5p-64 slice at the paper's batch 256 x 2,048 tokens (`mmlm compile --topology v5p-64`, README
-    # "Scaling"): parameters and optimizer state sharded over all chips, every block recomputed in the backward.
-    config.mesh.data = 1
-    config.mesh.fsdp = -1
-    config.model.remat_policy = "full"
+    # The paper recipe shards parameters and optimizer state over all chips and recomputes every block in
+    # the backward pass: it fits a v5p-64 slice at the paper's batch 256 x 2,048 tokens (README "Scaling").
     return config

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compile": ("mmlm.bench.compile", "compile the train step for a Cloud TPU slice (no TPU): memory, fit, MFU"),
     "bench": ("mmlm.bench.cli", "benchmarks: flops, compress, latency, video-memory, data"),
 }
+# Commands that run compiled steps on this host: glibc keeps XLA's freed step buffers (mmlm.host_memory).
+RUNS_STEPS = ("train", "eval", "chat", "bench")
 
 
 def _usage() -> str:
@@ -34,6 +36,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    own_process = argv is None  # the console script, not an in-process call (tests, notebooks)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -47,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"mmlm: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name in RUNS_STEPS and own_process:
+        from mmlm.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # before the XLA backend starts its threads
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

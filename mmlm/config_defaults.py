@@ -271,9 +271,24 @@ def paper_stage2(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return config
 
 
+def _slice_scale(config: ml_collections.ConfigDict) -> None:
+    """Memory settings shared by the paper recipes, so that they fit Cloud TPU slices (`mmlm compile`).
+
+    Parameters and optimizer state are sharded over every chip (FSDP) and every block is recomputed in
+    the backward pass; README "Scaling" has the per-slice memory and MFU of each choice.
+    """
+    config.mesh.data = 1
+    config.mesh.fsdp = -1
+    config.model.remat_policy = "full"
+
+
 def _full_scale_data(config: ml_collections.ConfigDict) -> None:
     """Data settings shared by the paper recipes: the user supplies the dataset and the LLM's tokenizer."""
+    _slice_scale(config)
     config.data.batch_size = 256
+    # Conversations vary in length: a batch is cut to the smallest of these that holds its longest one
+    # (each length is one more compiled step), so 2,048 tokens is the maximum, not every batch's cost.
+    config.data.length_buckets = (256, 512, 1024)
     config.data.dataset_dir = ""   # required: --config.data.dataset_dir=<mmlm data build --out DIR>
     config.data.tokenizer = ""     # required: --config.data.tokenizer=<the LLM's tokenizer.model / tokenizer.json>
     config.data.worker_count = 8   # grain worker processes per host (decoding 336 px images)

@@ -11,7 +11,8 @@ import pytest
 from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mmlm.data import build, synth
 from mmlm.data.config import default_data_config
-from mmlm.data.pipeline import make_dataset
+from mmlm.data.pipeline import bucket_length, cut_text, length_buckets, make_dataset
+from mmlm.errors import UserError
 from mmlm.data.tokenizer import load_tokenizer
 
 N_TRAIN, N_VAL = 48, 21
@@ -218,3 +219,28 @@ def test_worker_processes_match_in_process_and_resume(data_shapes_dir):
     got += _ids(_take(resumed, 3))
     resumed.close()
     assert got == want  # one worker slices nothing away: same batches as in-process
+
+
+def test_length_buckets(data_shapes_dir):
+    assert bucket_length(17, (16, 24, 32), 48) == 24
+    assert bucket_length(16, (32, 16, 24), 48) == 16
+    assert bucket_length(40, (16, 24, 32), 48) == 48  # longer than every bucket: the full length
+    assert bucket_length(5, (), 48) == 48
+    config = _config(data_shapes_dir / "ds", length_buckets=(32, 16))
+    assert length_buckets(config.data) == (16, 32)
+    for bad in ((0, 16), (16.5,), (True,)):
+        with pytest.raises(UserError, match="length_buckets"):
+            length_buckets(_config(data_shapes_dir / "ds", length_buckets=bad).data)
+    batch = next(iter(make_dataset(_config(data_shapes_dir / "ds"), "train", process_index=0, process_count=1,
+                                   train=True)))
+    n = int(batch["attention_mask"].sum(axis=1).max())
+    cut = cut_text(batch, n)
+    for k in ("input_ids", "labels", "attention_mask", "fuse_mask"):
+        np.testing.assert_array_equal(cut[k], batch[k][:, :n])
+    # Only padding was cut.
+    pad_id = load_tokenizer(_config(data_shapes_dir / "ds").data.tokenizer).pad_id
+    assert not batch["attention_mask"][:, n:].any() and not batch["fuse_mask"][:, n:].any()
+    assert (batch["labels"][:, n:] == IGNORE_INDEX).all() and (batch["input_ids"][:, n:] == pad_id).all()
+    assert cut["images"] is batch["images"] and cut["example_id"] is batch["example_id"]
+    with pytest.raises(ValueError, match="would drop tokens"):
+        cut_text(batch, n - 1)

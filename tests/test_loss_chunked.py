@@ -58,8 +58,8 @@ def test_train_loss_chunked_equals_full_logits(chunk):
     def loss(cfg):
         return lambda p: step_lib._loss_sums(LlavaMini(cfg), p, batch, 4)
 
-    (lf, af), gf = jax.value_and_grad(loss(cfg_full), has_aux=True)(params)
-    (lc, ac), gc = jax.value_and_grad(loss(cfg_chunk), has_aux=True)(params)
+    (lf, af), gf = jax.jit(jax.value_and_grad(loss(cfg_full), has_aux=True))(params)
+    (lc, ac), gc = jax.jit(jax.value_and_grad(loss(cfg_chunk), has_aux=True))(params)
     assert [int(x) for x in af] == [int(x) for x in ac]
     np.testing.assert_allclose(float(lc), float(lf), rtol=1e-6, atol=1e-5)
     diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), gf, gc))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -208,6 +209,19 @@ def test_sharded_meshes_give_the_same_losses(mesh_runs):
     assert sharded["eval/loss"] == pytest.approx(one["eval/loss"], abs=1e-5)
 
 
+def test_length_buckets_cut_padding_only(shared, mesh_runs):
+    """Batches cut to the smallest length bucket that holds them: one compiled step per length used, the
+    same losses as full-length batches (only padding is cut)."""
+    work = shared["root"] / "buckets"
+    final_eval = ("--config.eval.every=0", "--config.eval.num_questions=0", "--config.eval.loss_batches=2",
+                  "--config.data.eval_batch_size=5")
+    proc = run_train(shared, work, *final_eval, "--config.data.length_buckets=(8,16,24)")
+    lengths = sorted({int(n) for n in re.findall(r"compiled the train step for (\d+)-token batches",
+                                                  proc.stdout + proc.stderr)})
+    assert lengths and lengths[0] < 32, proc.stdout[-3000:]  # tiny: max_text_len 32
+    np.testing.assert_allclose(losses(work), losses(mesh_runs["one"]), rtol=0, atol=1e-5)
+
+
 def test_restore_a_checkpoint_onto_another_mesh(shared, mesh_runs):
     """Saved on fsdp=4 x tensor=2 at step 5, resumed on data=8: the same steps 6..10 and final params."""
     src = mesh_runs["fsdp4_tensor2"]
@@ -267,11 +281,11 @@ import mmlm.train.data as data_lib
 _orig, _calls = data_lib.global_batch, [0]
 
 
-def poisoned(local, mesh):  # NaN pixels in the 7th training batch
+def poisoned(local, mesh, *args):  # NaN pixels in the 7th training batch
     _calls[0] += 1
     if _calls[0] == 7:
         local = dict(local, images=np.full_like(local["images"], np.nan))
-    return _orig(local, mesh)
+    return _orig(local, mesh, *args)
 
 
 data_lib.global_batch = poisoned

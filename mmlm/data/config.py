@@ -45,6 +45,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Text length T of input_ids/labels (tokens, including the one image
     # placeholder); longer conversations are truncated (placeholder kept).
     c.max_text_len = 2048
+    # Text lengths (tokens, ascending) a batch may be cut to: each batch keeps the smallest one that
+    # holds its longest conversation (max_text_len when none does), so max_text_len is a maximum, not
+    # the cost of every batch. Each length is one more compiled train step. () = every batch is
+    # max_text_len long.
+    c.length_buckets = ()
     # Global batch size (examples per step over all hosts); each process gets
     # batch_size / process_count.
     c.batch_size = 256

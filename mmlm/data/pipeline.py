@@ -63,7 +63,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -73,6 +73,7 @@ from mmlm.data import build as build_lib
 from mmlm.data import preprocess, templates
 from mmlm.data.tokenizer import Tokenizer, load_tokenizer
 from mmlm.data.config import hd_grid_value
+from mmlm.errors import UserError
 
 _PADDING = {"_padding": True}  # stands for a dummy evaluation example
 
@@ -292,6 +293,34 @@ class ExampleProcessor:
             raise ValueError(f"record {_text(record['id'])!r} has {media} but no placeholder "
                              f"under template {self.template!r}")
         return out
+
+
+TEXT_KEYS = ("input_ids", "labels", "attention_mask", "fuse_mask")  # (B, T) arrays, right padded
+
+
+def bucket_length(longest: int, buckets: Sequence[int], max_len: int) -> int:
+    """The smallest bucket >= `longest` tokens; `max_len` when none is (or there are no buckets)."""
+    return min([int(b) for b in buckets if longest <= int(b) < max_len] + [max_len])
+
+
+def longest_text(batch: Mapping[str, np.ndarray]) -> int:
+    """Tokens of the batch's longest conversation (rows are right padded)."""
+    return int(np.asarray(batch["attention_mask"]).sum(axis=1).max(initial=0))
+
+
+def cut_text(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """The batch with its (B, T) text arrays cut to `length` tokens (>= `longest_text`: only padding goes)."""
+    if length < longest_text(batch):
+        raise ValueError(f"cutting text to {length} tokens would drop tokens of a {longest_text(batch)}-token row")
+    return {k: (v[:, :length] if k in TEXT_KEYS else v) for k, v in batch.items()}
+
+
+def length_buckets(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """`data.length_buckets`, validated and sorted."""
+    buckets = tuple(cfg.get("length_buckets") or ())
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+        raise UserError(f"data.length_buckets={buckets!r}: use positive token counts, e.g. (256, 512, 1024)")
+    return tuple(sorted(buckets))
 
 
 class Collator:

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -179,8 +179,20 @@ def make_pipeline(config: ml_collections.ConfigDict, split: str, *, train: bool,
                         train=train)
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Host-local batch (B/P rows per process) -> global arrays (B rows) split over (data, fsdp)."""
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh,
+                 length_buckets: Sequence[int] = ()) -> dict[str, jax.Array]:
+    """Host-local batch (B/P rows per process) -> global arrays (B rows) split over (data, fsdp).
+
+    With `length_buckets` the text arrays are first cut to the smallest bucket that holds the longest
+    conversation of the global batch (every process cuts to the same length).
+    """
+    if length_buckets and "attention_mask" in local:
+        from mmlm.data.pipeline import bucket_length, cut_text, longest_text
+
+        longest = longest_text(local)
+        if jax.process_count() > 1:
+            longest = int(np.max(multihost_utils.process_allgather(np.asarray(longest, np.int32))))
+        local = cut_text(local, bucket_length(longest, length_buckets, local["attention_mask"].shape[1]))
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in local.items()}
 

@@ -47,6 +47,7 @@ from mmlm.models.layers import count_params
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.models.summary import dummy_batch
 from mmlm import sharding as shd
+from mmlm.data.pipeline import length_buckets
 from mmlm.train import data as data_lib
 from mmlm.train.checkpointing import Checkpointer, check_saved_model_config, check_workdir, has_checkpoints
 from mmlm.train.evaluate import Evaluator
@@ -273,6 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t_start = time.time()
     # Every check a user mistake can fail runs before any data is built or anything compiled.
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    buckets = length_buckets(config.data)
     workdir = check_workdir(workdir)
     check_saved_model_config(config, workdir)
     if config.train.init_from and not has_checkpoints(workdir) and not is_model_checkpoint(config.train.init_from):
@@ -325,8 +327,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     log_every = max(int(config.train.log_every), 1)
     ckpt_every = max(int(config.train.checkpoint_every), 1)
     peak = peak_tflops_per_device(float(config.train.peak_tflops_per_device)) * 1e12 * jax.device_count()
-    flops_per_step = 0.0
-    compiled = None
+    programs: dict[tuple, Any] = {}  # batch shape -> compiled step (one per text-length bucket)
+    flops_of: dict[tuple, float] = {}
     last_row: dict[str, Any] = {}
     eval_row: dict[str, Any] = {}
     samples: list[dict[str, str]] = []
@@ -335,20 +337,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step = start
     try:
         pending: list[dict[str, Any]] = []  # device metrics since the last log row
-        t_log = None
+        pending_flops = 0.0
+        t_log = time.perf_counter()
         prev = None
         while step < total_steps:
-            batch = data_lib.global_batch(model_inputs(next(data_iter)), setup.mesh)
-            if compiled is None:
+            batch = data_lib.global_batch(model_inputs(next(data_iter)), setup.mesh, buckets)
+            shape = tuple(batch["input_ids"].shape)
+            if shape not in programs:
                 t0 = time.time()
-                compiled = step_fn.lower(state, batch).compile()
-                flops_per_step = model_flops_per_step(setup.cfg, batch, setup.parts, setup.budgets)
-                writer.message(f"compiled the train step in {time.time() - t0:.1f}s "
-                               f"({flops_per_step / 1e9:.2f} model GFLOP/step)")
-                t_log = time.perf_counter()
-            state, metrics = compiled(state, batch)
+                programs[shape] = step_fn.lower(state, batch).compile()
+                flops_of[shape] = model_flops_per_step(setup.cfg, batch, setup.parts, setup.budgets)
+                writer.message(f"compiled the train step for {shape[1]}-token batches in {time.time() - t0:.1f}s "
+                               f"({flops_of[shape] / 1e9:.2f} model GFLOP/step)")
+                t_log += time.time() - t0  # compiling is not training time
+            state, metrics = programs[shape](state, batch)
             step += 1
             pending.append(metrics)
+            pending_flops += flops_of[shape]
             # Check the previous step (already finished or nearly) so the host never stalls the queue.
             if prev is not None and not int(prev["finite"]):
                 raise NonFiniteLossError(_nan_message(step - 1, _host(prev), ckpt))
@@ -367,9 +372,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 elapsed = now - t_log
                 train_time += elapsed
                 if do_log:
-                    last_row = writer.write(step, _train_row(host, elapsed, flops_per_step, peak, setup.parts))
+                    last_row = writer.write(step, _train_row(host, elapsed, pending_flops, peak, setup.parts))
                     writer.progress(step, {"loss": last_row["loss"], "acc": last_row["token_accuracy"]})
-                pending = []
+                pending, pending_flops = [], 0.0
                 if do_ckpt or stop:
                     ckpt.save(step, state, data_iter)
                 if do_eval:
@@ -421,9 +426,10 @@ def _nan_message(step: int, metrics: dict[str, Any], ckpt: Checkpointer) -> str:
             "Lower optim.learning_rate or optim.grad_clip_norm and rerun (it resumes from that checkpoint).")
 
 
-def _train_row(host: list[dict[str, Any]], elapsed: float, flops_per_step: float, peak: float,
+def _train_row(host: list[dict[str, Any]], elapsed: float, flops: float, peak: float,
                parts: tuple[str, ...]) -> dict[str, Any]:
-    """The log row of the last step, with throughput averaged since the previous row."""
+    """The log row of the last step, with throughput averaged since the previous row (`flops`: the
+    analytic model FLOPs of those steps)."""
     last = host[-1]
     n = len(host)
     tokens = float(sum(float(m["tokens"]) for m in host))
@@ -439,10 +445,10 @@ def _train_row(host: list[dict[str, Any]], elapsed: float, flops_per_step: float
     }
     for part in parts:
         row[f"lr/{part}"] = float(last[f"lr/{part}"])
-    if flops_per_step > 0:
-        row["tflops_per_s"] = flops_per_step * n / max(elapsed, 1e-9) / 1e12
+    if flops > 0:
+        row["tflops_per_s"] = flops / max(elapsed, 1e-9) / 1e12
         if peak > 0:
-            row["mfu"] = flops_per_step * n / max(elapsed, 1e-9) / peak
+            row["mfu"] = flops / max(elapsed, 1e-9) / peak
     return row
 
 
