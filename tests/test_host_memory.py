@@ -5,6 +5,7 @@ before the XLA backend starts)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -35,8 +36,6 @@ PROBE = textwrap.dedent("""
 def _probe(enabled: bool) -> dict:
     env = {"JAX_PLATFORMS": "cpu", "MMLM_KEEP_FREED_MEMORY": "1" if enabled else "0",
            "PATH": "/usr/bin:/bin"}
-    import os
-
     env.update({k: v for k, v in os.environ.items() if k.startswith(("PYTHON", "VIRTUAL_ENV", "HOME"))})
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
