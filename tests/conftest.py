@@ -15,3 +15,14 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no Cloud TPU metadata server
 # tiny models' programs, which dominate the suite). Numerics stay within every test's tolerance.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+# The longest modules first (their subprocess runs and module fixtures take minutes): with `pytest -n 2`
+# and `--dist loadfile` (pyproject.toml) the workers start on them and fill in with the short files, so
+# no worker starts a long file while the other has nothing left. The order inside a module is kept.
+_LONG_FIRST = ("test_train_e2e.py", "test_notebooks.py", "test_checkpoint_integrity.py", "test_compile.py",
+               "test_eval_cli.py", "test_loss_chunked.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: module order kept otherwise
