@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 
-# A jitted function whose temporaries are one ~64 MB block; page faults per execution after warmup.
+# A jitted function whose temporaries are one ~64 MB block; page faults of each execution after warmup.
 PROBE = textwrap.dedent("""
     import json, os, resource, sys
     from mmlm.host_memory import keep_freed_memory
@@ -25,11 +25,12 @@ PROBE = textwrap.dedent("""
     temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
     for _ in range(3):
         f(x).block_until_ready()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
+    faults = []
+    for _ in range(20):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         f(x).block_until_ready()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    print(json.dumps({"applied": applied, "temp_pages": temp // 4096, "faults": (after - before) / 10}))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"applied": applied, "temp_pages": temp // 4096, "faults": faults}))
 """)
 
 
@@ -47,6 +48,8 @@ def test_freed_step_buffers_are_reused():
     assert not off["applied"] and on["applied"]
     assert off["temp_pages"] > 10_000  # the probe's temporaries are large enough to be mmapped by default
     # glibc defaults: every execution faults its temporary block in again.
-    assert off["faults"] > 0.9 * off["temp_pages"], off
-    # Kept memory: the block's pages are reused (measured: 1-2 executions in 10 still grow the heap).
-    assert on["faults"] < 0.5 * off["faults"], (on, off)
+    assert min(off["faults"]) > 0.9 * off["temp_pages"], off
+    # Kept memory: executions reuse the block's pages. Not every one: measured, 1-2 executions in 10 on an
+    # idle host and up to 6 in 10 beside other tests still grow the heap and fault a block in.
+    assert min(on["faults"]) < 0.05 * on["temp_pages"], on
+    assert sum(on["faults"]) < 0.8 * sum(off["faults"]), (on, off)
