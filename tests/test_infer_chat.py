@@ -60,6 +60,21 @@ def test_one_shot_answer_equals_greedy_generation(ckpt):
     assert out == expected + "\n"
 
 
+def test_int8_weights_answer_equals_greedy_generation_of_the_int8_model(ckpt):
+    """`--weights int8` serves the quantised model (`load_inference_model(weights="int8")`)."""
+    argv = ["--checkpoint", str(ckpt / "ckpt"), "--image", str(ckpt / "img.png"), "--prompt",
+            "What color is the circle?", "--max_new_tokens", "6", "--num_vision_tokens", "1", "--weights", "int8"]
+    rc, out, _ = _run(argv)
+    assert rc == 0
+    im = load_inference_model(checkpoint=str(ckpt / "ckpt"), weights="int8")
+    assert type(im.params["llm"]["lm_head"]["kernel"]).__name__ == "Int8Kernel"
+    batch = make_batch(im.cfg, [encode_question(im, "What color is the circle?", True)],
+                       [load_media(im, ckpt / "img.png")], pad_id=im.tokenizer.pad_id)
+    tokens, lengths = generate(im.cfg, im.params, batch, max_new_tokens=6, eos_id=im.stop_ids,
+                               num_vision_tokens=1)
+    assert out == im.tokenizer.decode(trim_answer(tokens[0], lengths[0])) + "\n"
+
+
 def test_interactive_multi_turn_reads_until_empty_line(ckpt):
     # Same budget / length as the compression-map test: the compiled programs are shared.
     argv = ["--checkpoint", str(ckpt / "ckpt"), "--image", str(ckpt / "img.png"), "--max_new_tokens", "6"]

@@ -403,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--what infer: answer tokens the KV cache holds after the prompt (default 64)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="--what infer: weight and compute dtype (default bfloat16)")
+    parser.add_argument("--weights", default="float", choices=("float", "int8"),
+                        help="--what infer: 'int8' stores the LLM and pre-fusion kernels as int8 with one scale per "
+                             "output channel (weight-only; about half the bf16 bytes), as `mmlm chat --weights "
+                             "int8` serves them (default: float, every weight in --dtype)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--dump_hlo", default="", help="also write the compiled HLO text to this file")
     return parser
@@ -412,6 +416,8 @@ def _run(args: argparse.Namespace) -> int:
     from mmlm.bench.flops import resolve_config_path
 
     s = parse_topology(args.topology)
+    if args.what != "infer" and args.weights != "float":
+        raise UserError(f"--weights {args.weights} applies to --what infer (serving); training keeps float weights")
     require_libtpu()
     try:
         config = load_config(resolve_config_path(args.config), args.overrides)
@@ -420,7 +426,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.what == "infer":
         from mmlm.bench.compile_infer import compile_inference, format_inference_report
 
-        report = compile_inference(config, s, new_tokens=args.new_tokens, dtype=args.dtype)
+        report = compile_inference(config, s, new_tokens=args.new_tokens, dtype=args.dtype, weights=args.weights)
         formatter = format_inference_report
     else:
         report = compile_train_step(config, s, frames=args.frames, dump_hlo=args.dump_hlo)

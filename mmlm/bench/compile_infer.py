@@ -28,7 +28,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mmlm.bench.compile import Slice, _oom_temporaries, step_time, topology_devices
 from mmlm.errors import UserError
@@ -54,17 +53,24 @@ def _program_report(compiled: Any, s: Slice, seconds_key: str) -> dict[str, Any]
 
 
 def compile_inference(config: ml_collections.ConfigDict, s: Slice, *, new_tokens: int = 64,
-                      dtype: str = "bfloat16") -> dict[str, Any]:
-    """Compiles prefill and one decode step of the config's model and of its LLaVA-1.5 baseline."""
+                      dtype: str = "bfloat16", weights: str = "float") -> dict[str, Any]:
+    """Compiles prefill and one decode step of the config's model and of its LLaVA-1.5 baseline.
+
+    `weights`: "float" (every weight in `dtype`) or "int8" (LLM and pre-fusion kernels weight-only int8,
+    `mmlm.models.quant`; activations in `dtype`).
+    """
     from mmlm.bench.video_memory import baseline_of
     from mmlm.infer.generate import decode_step_jit, decoding_layout, prefill_jit, sampling_params
     from mmlm.kernels.compression import compile_platform
     from mmlm.models.config import model_config_from_dict
     from mmlm.models.llava_mini import LlavaMini
+    from mmlm.models.quant import WEIGHT_FORMATS, params_bytes, quantize_params
     from mmlm.models.summary import batch_shapes
 
     if new_tokens < 2:
         raise UserError(f"--new_tokens must be >= 2, got {new_tokens}")
+    if weights not in WEIGHT_FORMATS:
+        raise UserError(f"--weights {weights!r}: choose from {WEIGHT_FORMATS}")
     device = topology_devices(s)[0]
     one_chip = jax.sharding.SingleDeviceSharding(device)
     mini = model_config_from_dict(config.model)
@@ -80,7 +86,10 @@ def compile_inference(config: ml_collections.ConfigDict, s: Slice, *, new_tokens
         batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=one_chip) for k, (shape, dt) in shapes.items()}
         boxed = jax.eval_shape(LlavaMini(cfg).init, jax.random.key(0), batch)
         serve_cfg = decoding_layout(cfg, {})[0]
-        params = jax.eval_shape(lambda p: decoding_layout(cfg, p)[1], nn.unbox(boxed)["params"])
+        serve = lambda p: decoding_layout(cfg, p)[1]
+        if weights == "int8":
+            serve = lambda p: quantize_params(decoding_layout(cfg, p)[1])
+        params = jax.eval_shape(serve, nn.unbox(boxed)["params"])
         params = _abstract(params, one_chip)
         sp, greedy = sampling_params(0.0, 1.0, eos_id=2)
         sp = _abstract(sp, one_chip)
@@ -89,8 +98,7 @@ def compile_inference(config: ml_collections.ConfigDict, s: Slice, *, new_tokens
         row: dict[str, Any] = {"mode": cfg.mode, "vision_tokens_per_image": m if cfg.mode == "llava_mini"
                                else cfg.vision.num_patches, "text_tokens": text_len, "new_tokens": new_tokens}
         t0 = time.perf_counter()
-        row["params_bytes"] = int(sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize
-                                      for a in jax.tree.leaves(params)))
+        row["params_bytes"] = params_bytes(params)
         with compile_platform("tpu"):
             state = jax.eval_shape(lambda p, b, q, k: prefill_jit(serve_cfg, p, b, q, k, **static),
                                    params, batch, sp, key)
@@ -122,7 +130,7 @@ def compile_inference(config: ml_collections.ConfigDict, s: Slice, *, new_tokens
         rows.append(row)
     return {
         "what": "infer", "topology": s.name, "topology_string": s.topology, "device_kind": device.device_kind,
-        "chips_used": 1, "hbm_bytes_per_chip": s.hbm_bytes, "dtype": dtype, "models": rows,
+        "chips_used": 1, "hbm_bytes_per_chip": s.hbm_bytes, "dtype": dtype, "weights": weights, "models": rows,
         "fits": all(r["fits"] for r in rows),
     }
 
@@ -130,8 +138,10 @@ def compile_inference(config: ml_collections.ConfigDict, s: Slice, *, new_tokens
 def format_inference_report(r: dict[str, Any]) -> str:
     from mmlm.bench.compile import _fmt_bytes
 
+    weights = (f"{r['dtype']} weights" if r.get("weights", "float") == "float"
+               else f"int8 LLM weights, {r['dtype']} compute")
     lines = [f"{r['topology']} ({r['device_kind']}, one chip, {_fmt_bytes(r['hbm_bytes_per_chip'])} HBM), "
-             f"{r['dtype']} weights, batch 1"]
+             f"{weights}, batch 1"]
     head = (f"{'model':<11} {'vision tok':>10} {'LLM prompt':>10} {'weights':>10} {'serving mem':>12} "
             f"{'fits':>10} {'prefill ms':>10} {'ms/token':>9}")
     lines += [head, "-" * len(head)]

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not append lettered options to multiple-choice questions")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the one in the model's config)")
     p.add_argument("--template", default=None, help="conversation template (default: the model's)")
+    p.add_argument("--weights", default="float", choices=("float", "int8"),
+                   help="LLM weights: 'float' as stored (default) or 'int8' (LLM and pre-fusion kernels as int8 "
+                        "with a per-channel scale), to measure what weight-only int8 serving costs in accuracy")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(media_root):
         raise UserError(f"--images {media_root!r} is not a directory")
     check_output_dir(args.out, create=False)  # a bad --out fails before the model is even loaded
-    im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
+    im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step, weights=args.weights,
                               tokenizer=args.tokenizer, template=args.template)
     budgets = args.num_vision_tokens or [None]
     for b in budgets:

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="video frame cap (default: the model's data.max_frames)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the one in the model's config)")
     p.add_argument("--template", default=None, help="conversation template (default: the model's)")
+    p.add_argument("--weights", default="float", choices=("float", "int8"),
+                   help="LLM weights: 'float' as stored (default) or 'int8' (LLM and pre-fusion kernels as int8 with a per-channel scale: about half the memory, answers close to the float model's)")
     p.add_argument("--save_compression_map", metavar="OUT.png", default=None,
                    help="write the image with each compressed token's attention over the patches")
     p.add_argument("--map_panel_size", type=int, default=224, help="pixels per compression-map panel")
@@ -204,7 +206,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
 
     _validate_args(args)
     _check_budget_early(args)
-    im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
+    im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step, weights=args.weights,
                               tokenizer=args.tokenizer, template=args.template)
     m = im.budget(args.num_vision_tokens)
     kind = "image" if args.image is not None else "video"

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmlm.models.quant import Dense
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -63,8 +65,8 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool, dtype: Dtype, param_dtype: Dtype,
           name: str, kernel_init: Initializer = DEFAULT_KERNEL_INIT) -> nn.Dense:
-    """`nn.Dense` whose kernel is `axes` and whose bias is `(axes[1],)`."""
-    return nn.Dense(
+    """`nn.Dense` whose kernel is `axes` and whose bias is `(axes[1],)` (int8 kernels served too)."""
+    return Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
