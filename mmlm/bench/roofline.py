@@ -14,7 +14,10 @@ Model, per chip:
   bytes are its operands read plus its results written, except that a
   dynamic slice reads only the slice and a dynamic update slice writes only
   the update (also when fused), so a scanned layer stack reads one layer's
-  weights per iteration, not the whole stack.
+  weights per iteration, not the whole stack. A static `slice` likewise
+  moves only the slice; an asynchronous `slice-start` (the compiler streams
+  chunks of a weight into on-chip memory with them, then joins the chunks in
+  place with a `ConcatBitcast`, which costs nothing) reads its slice once.
 * A `while` (a scan) costs its body times its trip count, read from the
   condition (``counter < constant``; the counter starts at 0, as in
   `lax.scan` / `fori_loop`); when the count cannot be read the body counts
@@ -394,16 +397,18 @@ class Roofline:
             elif op == "custom-call":
                 if "tpu_custom_call" in ins.attrs:
                     total.add(self._pallas(ins))
-                elif "AllocateBuffer" in ins.attrs:
-                    continue
+                elif "AllocateBuffer" in ins.attrs or "ConcatBitcast" in ins.attrs:
+                    continue  # a buffer, or on-chip slices joined in place: no HBM traffic
                 else:
                     total.add(self._op_cost(0.0, ins.bytes + sum(
                         self.defs[o].bytes for o in ins.operands if o in self.defs)))
             elif op in ("dot", "convolution"):
                 total.add(self._op_cost(self._matmul_flops(ins), ins.bytes + sum(
                     self.defs[o].bytes for o in ins.operands if o in self.defs)))
-            elif op == "dynamic-slice":
+            elif op in ("dynamic-slice", "slice"):
                 total.add(self._op_cost(0.0, 2 * ins.bytes))
+            elif op == "slice-start":  # streams a static slice (a weight chunk) into on-chip memory: one read
+                total.add(self._op_cost(0.0, _nbytes(ins.shapes[-2:-1])))
             elif op == "dynamic-update-slice":
                 upd = self.defs.get(ins.operands[1]) if len(ins.operands) > 1 else None
                 total.add(self._op_cost(0.0, 2 * (upd.bytes if upd else ins.bytes)))
