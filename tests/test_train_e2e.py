@@ -281,7 +281,7 @@ import mmlm.train.data as data_lib
 _orig, _calls = data_lib.global_batch, [0]
 
 
-def poisoned(local, mesh, *args):  # NaN pixels in the 7th training batch
+def poisoned(local, mesh, *args):  # NaN pixels in the 7th training batch (float images: pixels_on_device off)
     _calls[0] += 1
     if _calls[0] == 7:
         local = dict(local, images=np.full_like(local["images"], np.nan))
@@ -296,7 +296,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shared):
     work = shared["root"] / "nan"
-    cmd = [sys.executable, "-c", _POISONED_RUN] + _cmd(shared, work)[3:]
+    cmd = [sys.executable, "-c", _POISONED_RUN] + _cmd(shared, work, "--config.data.pixels_on_device=false")[3:]
     proc = subprocess.run(cmd, env=_env(shared, 1), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "non-finite loss at step 7" in proc.stderr

@@ -14,7 +14,9 @@ F frames, K views, H = W = image size):
   labels         int32   (B, T)  IGNORE_INDEX (-100) except answer tokens and
                                   the end-of-turn token after each; not shifted
   attention_mask bool    (B, T)  True on real tokens
-  images         float32 (B, F, K, H, W, 3)  CLIP-normalised; zeros if no media
+  images         uint8   (B, F, K, H, W, 3)  pixels 0..255 (data.pixels_on_device, the default; the
+                                  model normalises them), or float32 CLIP-normalised on the host
+                                  (pixels_on_device False); zeros on frames that are not real
   frame_mask     bool    (B, F)  True on real frames
   example_id     int32   (B,)    record index in the source JSON; -1 = padding
   (with config.data.with_stats: truncated bool (B,), num_tokens int32 (B,))
@@ -175,6 +177,20 @@ def batch_geometry(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -
     return geometry
 
 
+def pixels_on_device(cfg: ml_collections.ConfigDict) -> bool:
+    """`data.pixels_on_device` (True when absent, e.g. a config saved before the key existed), validated."""
+    value = cfg.get("pixels_on_device", True)
+    if not isinstance(value, bool):
+        raise UserError(f"data.pixels_on_device={value!r}: use True (uint8 pixels, normalised by the model) "
+                        "or False (float32, normalised on the host)")
+    return value
+
+
+def images_dtype(cfg: ml_collections.ConfigDict) -> np.dtype:
+    """dtype of batch `images` under `config.data`: uint8 with pixels_on_device, else float32."""
+    return np.dtype(np.uint8) if pixels_on_device(cfg) else np.dtype(np.float32)
+
+
 def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
                geometry: BatchGeometry) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{name: (shape, dtype)} of a batch of `batch_size` examples."""
@@ -184,7 +200,7 @@ def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
         "labels": ((b, g.max_text_len), np.dtype(np.int32)),
         "attention_mask": ((b, g.max_text_len), np.dtype(bool)),
         "fuse_mask": ((b, g.max_text_len), np.dtype(bool)),
-        "images": ((b, g.num_frames, g.num_views, g.image_size, g.image_size, 3), np.dtype(np.float32)),
+        "images": ((b, g.num_frames, g.num_views, g.image_size, g.image_size, 3), images_dtype(config.data)),
         "frame_mask": ((b, g.num_frames), np.dtype(bool)),
         "example_id": ((b,), np.dtype(np.int32)),
     }
@@ -202,8 +218,9 @@ class ExampleProcessor:
     """Stored record -> fixed-shape example arrays (a grain map function).
 
     Examples carry `pixels`, uint8 (F, K, H, W, 3) views after pad-to-square
-    and resize; `Collator` normalises whole batches to float32 `images`
-    (4x less memory in prefetch buffers and one vectorised pass per batch).
+    and resize; `Collator` stacks them into `images` (uint8, or normalised to
+    float32 in one vectorised pass per batch; 4x less memory in prefetch
+    buffers either way).
     Picklable: the tokenizer is opened lazily in each worker process.
     """
 
@@ -324,20 +341,23 @@ def length_buckets(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 class Collator:
-    """Batch function: stacks examples; uint8 `pixels` -> CLIP-normalised float32 `images`.
+    """Batch function: stacks examples; uint8 `pixels` -> `images`.
 
-    Frames that are not real (frame_mask False) are zeros in `images`.
+    `images` are the uint8 pixels themselves with `on_device` (the model
+    normalises them), else CLIP-normalised float32. Frames that are not real
+    (frame_mask False) are zeros in `images` either way.
     """
 
-    def __init__(self, mean, std):
+    def __init__(self, mean, std, on_device: bool = False):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.on_device = bool(on_device)
 
     def __call__(self, examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "pixels"}
         pixels = np.stack([e["pixels"] for e in examples])
-        images = preprocess.normalize(pixels, self.mean, self.std)
-        images[~batch["frame_mask"]] = 0.0
+        images = pixels if self.on_device else preprocess.normalize(pixels, self.mean, self.std)
+        images[~batch["frame_mask"]] = 0
         out = {"input_ids": batch.pop("input_ids"), "labels": batch.pop("labels"),
                "attention_mask": batch.pop("attention_mask"), "fuse_mask": batch.pop("fuse_mask"),
                "images": images}
@@ -461,7 +481,8 @@ def make_dataset(config: ml_collections.ConfigDict, split: str, *, process_index
     ds = ds.map(processor)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg.read_threads),
                                                  prefetch_buffer_size=int(cfg.prefetch_buffer_size)))
-    it_ds = it_ds.batch(local_bs, drop_remainder=train, batch_fn=Collator(cfg.image_mean, cfg.image_std))
+    collate = Collator(cfg.image_mean, cfg.image_std, on_device=pixels_on_device(cfg))
+    it_ds = it_ds.batch(local_bs, drop_remainder=train, batch_fn=collate)
     if int(cfg.worker_count) > 0:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
