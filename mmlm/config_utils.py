@@ -378,10 +378,11 @@ def _check_data(config: ml_collections.ConfigDict, sizes: dict[str, int] | None,
     if d.get("hd_grid") is not None:
         _num(config, "data.hd_grid", low=0)
     _check_pixels(config)
-    from mmlm.data.pipeline import pixels_on_device
+    from mmlm.data.pipeline import frame_buckets, length_buckets, pixels_on_device
     from mmlm.data.templates import TEMPLATES
 
-    pixels_on_device(d)  # a UserError naming the key
+    for check in (length_buckets, frame_buckets, pixels_on_device):
+        check(d)  # a UserError naming the key
 
     if d.template not in TEMPLATES:
         raise ConfigError(f"config.data.template={d.template!r} is not a template; choose one of {list(TEMPLATES)}")

@@ -12,7 +12,8 @@ from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mmlm.data import build, synth
 from mmlm.data.config import default_data_config
 from mmlm.data import preprocess
-from mmlm.data.pipeline import bucket_length, cut_text, length_buckets, make_dataset
+from mmlm.data.pipeline import (bucket_length, cut_frames, cut_text, frame_buckets, length_buckets, make_dataset,
+                                most_frames)
 from mmlm.errors import UserError
 from mmlm.data.tokenizer import load_tokenizer
 
@@ -269,3 +270,29 @@ def test_length_buckets(data_shapes_dir):
     with pytest.raises(ValueError, match="would drop tokens"):
         cut_text(batch, n - 1)
 
+
+def test_frame_buckets(data_video_dir):
+    """A batch is cut along F to the smallest bucket that holds its most real frames (F when none does);
+    only frames that are not real go."""
+    config = _config(data_video_dir, batch_size=2, max_frames=8, frame_buckets=(7, 2))
+    assert frame_buckets(config.data) == (2, 7)
+    for bad in ((0, 4), (2.5,), (True,), ("8",)):
+        with pytest.raises(UserError, match="frame_buckets"):
+            frame_buckets(_config(data_video_dir, frame_buckets=bad).data)
+    batch = next(iter(make_dataset(config, "train", process_index=0, process_count=1, train=False)))
+    assert batch["frame_mask"].sum(1).tolist() == [6, 6] and most_frames(batch) == 6
+    assert bucket_length(most_frames(batch), (2, 7), 8) == 7
+    assert bucket_length(most_frames(batch), (2, 4), 8) == 8  # no bucket holds 6 frames: max_frames
+    assert bucket_length(most_frames(batch), (8, 16), 8) == 8  # buckets >= F are capped at F
+    cut = cut_frames(batch, 7)
+    assert cut["images"].shape == (2, 7, 1, 16, 16, 3) and cut["frame_mask"].shape == (2, 7)
+    np.testing.assert_array_equal(cut["images"], batch["images"][:, :7])
+    np.testing.assert_array_equal(cut["frame_mask"], batch["frame_mask"][:, :7])
+    assert cut["input_ids"] is batch["input_ids"] and cut["example_id"] is batch["example_id"]
+    with pytest.raises(ValueError, match="would drop real frames"):
+        cut_frames(batch, 5)
+    # Images (1 real frame) and text-only samples (none) in one batch: the smallest bucket holds them.
+    mixed = dict(batch, frame_mask=np.zeros_like(batch["frame_mask"]))
+    assert most_frames(mixed) == 0 and bucket_length(most_frames(mixed), (2, 7), 8) == 2
+    mixed["frame_mask"][0, 0] = True
+    assert most_frames(mixed) == 1 and cut_frames(mixed, 1)["images"].shape[1] == 1

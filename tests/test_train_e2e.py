@@ -216,10 +216,22 @@ def test_length_buckets_cut_padding_only(shared, mesh_runs):
     final_eval = ("--config.eval.every=0", "--config.eval.num_questions=0", "--config.eval.loss_batches=2",
                   "--config.data.eval_batch_size=5")
     proc = run_train(shared, work, *final_eval, "--config.data.length_buckets=(8,16,24)")
-    lengths = sorted({int(n) for n in re.findall(r"compiled the train step for (\d+)-token batches",
+    lengths = sorted({int(n) for n in re.findall(r"compiled the train step for (\d+)-token",
                                                   proc.stdout + proc.stderr)})
     assert lengths and lengths[0] < 32, proc.stdout[-3000:]  # tiny: max_text_len 32
     np.testing.assert_allclose(losses(work), losses(mesh_runs["one"]), rtol=0, atol=1e-5)
+
+
+def test_frame_buckets_reach_the_train_step(shared):
+    """Videos (3 real frames of max_frames 8) with data.frame_buckets=(4,): the trainer compiles and runs only
+    4-frame steps (that a cut batch trains like the full one: tests/test_train_unit.py)."""
+    work = shared["root"] / "frame_buckets"
+    proc = run_train(shared, work, "--config.synthetic.kind=moving_shapes", "--config.synthetic.num_train=16",
+                     "--config.synthetic.num_eval=8", "--config.data.max_frames=8", "--config.data.video_fps=0.5",
+                     "--config.data.frame_buckets=(4,)", steps=3)
+    compiled = re.findall(r"compiled the train step for \d+-token, (\d+)-frame batches", proc.stdout + proc.stderr)
+    assert compiled == ["4"], proc.stdout[-3000:]
+    assert len(losses(work)) == 3 and np.isfinite(losses(work)).all()
 
 
 def test_restore_a_checkpoint_onto_another_mesh(shared, mesh_runs):

@@ -63,6 +63,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Frames F per video sample (cap after 1 fps sampling); batches of a
     # dataset with videos have F = max_frames, image-only datasets F = 1.
     c.max_frames = 8
+    # Frame counts (ascending) a batch may be cut to along F: each batch keeps the smallest one that holds its
+    # sample with the most real frames (max_frames when none does), so a batch of images costs 1 frame, not
+    # max_frames. Real frames are a prefix of each sample's F slots, so only unreal (masked) frames go. Each
+    # frame count is one more compiled train step. () = every batch has max_frames frames.
+    c.frame_buckets = ()
     # Video sampling rate in frames per second (LLaVA-Mini: 1 fps). Used to
     # re-sample the frames stored by `mmlm data build` (also at 1 fps by default).
     c.video_fps = 1.0

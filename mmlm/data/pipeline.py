@@ -17,7 +17,7 @@ F frames, K views, H = W = image size):
   images         uint8   (B, F, K, H, W, 3)  pixels 0..255 (data.pixels_on_device, the default; the
                                   model normalises them), or float32 CLIP-normalised on the host
                                   (pixels_on_device False); zeros on frames that are not real
-  frame_mask     bool    (B, F)  True on real frames
+  frame_mask     bool    (B, F)  True on real frames, a prefix of the F slots
   example_id     int32   (B,)    record index in the source JSON; -1 = padding
   (with config.data.with_stats: truncated bool (B,), num_tokens int32 (B,))
 
@@ -220,7 +220,8 @@ class ExampleProcessor:
     Examples carry `pixels`, uint8 (F, K, H, W, 3) views after pad-to-square
     and resize; `Collator` stacks them into `images` (uint8, or normalised to
     float32 in one vectorised pass per batch; 4x less memory in prefetch
-    buffers either way).
+    buffers either way). Real frames fill slots 0, 1, ... (`frame_mask` is a
+    prefix), which `cut_frames` relies on.
     Picklable: the tokenizer is opened lazily in each worker process.
     """
 
@@ -332,12 +333,49 @@ def cut_text(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarr
     return {k: (v[:, :length] if k in TEXT_KEYS else v) for k, v in batch.items()}
 
 
+def _positive_ints(cfg: ml_collections.ConfigDict, key: str, what: str, example: str) -> tuple[int, ...]:
+    """`data.<key>`: a tuple of positive integers, sorted; anything else is a `UserError`."""
+    buckets = tuple(cfg.get(key) or ())
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+        raise UserError(f"data.{key}={buckets!r}: use positive {what}, e.g. {example}")
+    return tuple(sorted(buckets))
+
+
 def length_buckets(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
     """`data.length_buckets`, validated and sorted."""
-    buckets = tuple(cfg.get("length_buckets") or ())
-    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
-        raise UserError(f"data.length_buckets={buckets!r}: use positive token counts, e.g. (256, 512, 1024)")
-    return tuple(sorted(buckets))
+    return _positive_ints(cfg, "length_buckets", "token counts", "(256, 512, 1024)")
+
+
+FRAME_KEYS = ("images", "frame_mask")  # (B, F, ...) arrays; real frames are a prefix of the F slots
+
+
+def frame_buckets(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """`data.frame_buckets`, validated and sorted."""
+    return _positive_ints(cfg, "frame_buckets", "frame counts", "(1, 8, 16, 32)")
+
+
+def most_frames(batch: Mapping[str, np.ndarray]) -> int:
+    """Frame slots the batch uses: 1 + the last slot that is real in any row (0 when none is).
+
+    Real frames are a prefix of each row's slots, so this is the real-frame
+    count of the batch's sample with the most.
+    """
+    used = np.nonzero(np.asarray(batch["frame_mask"]).any(axis=0))[0]
+    return int(used[-1]) + 1 if used.size else 0
+
+
+def cut_frames(batch: Mapping[str, np.ndarray], frames: int) -> dict[str, np.ndarray]:
+    """The batch with `images` (B, F, K, H, W, 3) and `frame_mask` (B, F) cut to `frames` slots.
+
+    Only slots whose frame_mask is False in every row may go: a real frame at
+    or past `frames` is a ValueError.
+    """
+    if frames < 1:
+        raise ValueError(f"cannot cut a batch to {frames} frames (at least 1)")
+    if np.asarray(batch["frame_mask"])[:, frames:].any():
+        raise ValueError(f"cutting to {frames} frames would drop real frames (the batch uses "
+                         f"{most_frames(batch)} slots)")
+    return {k: (v[:, :frames] if k in FRAME_KEYS else v) for k, v in batch.items()}
 
 
 class Collator:
