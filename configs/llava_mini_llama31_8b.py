@@ -10,4 +10,7 @@ def get_config():
     d.paper_stage2(config)  # training: paper stage 2
     config.data.template = "llama_3_1"
     config.data.max_frames = config.get_ref("max_frames")
+    # A batch is cut along the frame axis to the smallest of these that holds its longest video (64 when none
+    # does): a batch of images costs 1 frame instead of 64, short videos 8-32. One compiled step per count used.
+    config.data.frame_buckets = (1, 8, 16, 32)
     return config

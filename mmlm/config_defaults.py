@@ -9,7 +9,9 @@ from __future__ import annotations
 import ml_collections
 
 from mmlm import IMAGE_TOKEN_ID
+from mmlm.errors import UserError
 from mmlm.models.config import PARTS  # the model's parameter groups (train.trainable, optim.learning_rate)
+from mmlm.pixels import CLIP_MEAN, CLIP_STD
 
 
 def vision_clip_vit_l14_336() -> ml_collections.ConfigDict:
@@ -76,6 +78,10 @@ def model_config(*, vision: ml_collections.ConfigDict, llm: ml_collections.Confi
     m.detach_text_embeddings = False  # True: the input embedding table gets no gradient (text embeddings detached)
     m.text_only_prefusion = False    # True: a text-only sample runs pre-fusion with a zero image; the LLM reads its fused text
     m.prefusion_skip_token_id = -1   # a token id pre-fusion never fuses (the authors exclude id 0); -1 = none
+    # Pixel normalisation (RGB, on 0..1 pixels): uint8 images are normalised in the model as (x/255 - mean) / std;
+    # float images arrive normalised. With training sections, data.image_mean / data.image_std are these same fields.
+    m.image_mean = tuple(CLIP_MEAN)  # per-channel mean, 0..1 pixel units
+    m.image_std = tuple(CLIP_STD)    # per-channel standard deviation, 0..1 pixel units (> 0)
     m.vision = vision
     m.vision.image_size = m.get_ref("image_size")
     m.llm = llm
@@ -237,6 +243,15 @@ def add_training(config: ml_collections.ConfigDict, *, train: ml_collections.Con
         data = default_data_config()
     # One seed drives init, budget sampling and the data order (a reference: --config.seed moves both).
     data.seed = config.get_ref("seed")
+    # The pipeline normalises (or the model, for uint8 pixels) with the model's constants: references, so setting
+    # data.image_mean or model.image_mean sets both (validate_config refuses a config where they differ).
+    for key in ("image_mean", "image_std"):
+        if key not in config.model:
+            continue
+        if key in data and tuple(data[key]) != tuple(config.model[key]):
+            raise UserError(f"data.{key}={tuple(data[key])} differs from model.{key}={tuple(config.model[key])}: "
+                            f"set model.{key} (data.{key} follows it)")
+        data[key] = config.model.get_ref(key)
     config.data = data
     return config
 

@@ -337,6 +337,30 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         _check_data(config, sizes, process_count)
 
 
+def _check_pixels(config: ml_collections.ConfigDict) -> None:
+    """data.image_mean / image_std: 3 numbers each, std > 0, equal to model.image_mean / image_std.
+
+    The pipeline normalises float images with the data's constants and the model uint8 images with its own:
+    different constants would feed the model differently scaled pixels depending on data.pixels_on_device.
+    """
+    from mmlm.pixels import check_mean_std
+
+    d = config.data
+    if "image_mean" not in d or "image_std" not in d:
+        return
+    try:
+        check_mean_std(d.image_mean, d.image_std, "config.data")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key in ("image_mean", "image_std"):
+        model_value = config.model.get(key)
+        if model_value is not None and tuple(map(float, d[key])) != tuple(map(float, model_value)):
+            raise ConfigError(f"config.data.{key}={tuple(d[key])} differs from config.model.{key}="
+                              f"{tuple(model_value)}: the model normalises uint8 pixels with its own constants; "
+                              f"set both to the same values (--config.model.{key}=... sets data.{key} too in "
+                              "configs built by mmlm.config_defaults)")
+
+
 def _check_data(config: ml_collections.ConfigDict, sizes: dict[str, int] | None, process_count: int) -> None:
     d = config.data
     b = _num(config, "data.batch_size", low=1)
@@ -353,7 +377,12 @@ def _check_data(config: ml_collections.ConfigDict, sizes: dict[str, int] | None,
         _num(config, "data.image_size", low=1)
     if d.get("hd_grid") is not None:
         _num(config, "data.hd_grid", low=0)
+    _check_pixels(config)
+    from mmlm.data.pipeline import frame_buckets, length_buckets, pixels_on_device
     from mmlm.data.templates import TEMPLATES
+
+    for check in (length_buckets, frame_buckets, pixels_on_device):
+        check(d)  # a UserError naming the key
 
     if d.template not in TEMPLATES:
         raise ConfigError(f"config.data.template={d.template!r} is not a template; choose one of {list(TEMPLATES)}")

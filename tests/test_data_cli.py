@@ -60,6 +60,23 @@ def test_inspect_prints_supervised_spans_and_saves_images(data_cli_dataset, tmp_
         assert sheet.size == (5 * 16 + 4 * 2, 16)  # one frame, 5 views
 
 
+def test_contact_sheet_shows_uint8_and_normalised_images_alike():
+    """`data inspect` draws uint8 pixels (data.pixels_on_device) as they are and float images denormalised."""
+    import numpy as np
+
+    from mmlm.data import preprocess
+    from mmlm.data.inspect_data import contact_sheet
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 2, 8, 8, 3), dtype=np.uint8)  # F=3, K=2
+    mask = np.array([True, True, False])
+    mean, std = preprocess.CLIP_MEAN, preprocess.CLIP_STD
+    raw = np.asarray(contact_sheet(pixels, mask, mean, std))
+    host = np.asarray(contact_sheet(preprocess.normalize(pixels, mean, std), mask, mean, std))
+    assert raw.shape == (2 * 8 + 2, 2 * 8 + 2, 3)  # rows = the 2 real frames, columns = views
+    np.testing.assert_array_equal(raw, host)
+    np.testing.assert_array_equal(raw[10:18, :8], pixels[1, 0])
+
+
 def test_cli_errors_name_the_bad_value(data_cli_dataset, tmp_path, capsys):
     assert cli.main(["build", "--json", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2
     assert "missing.json" in capsys.readouterr().err

@@ -11,7 +11,9 @@ import pytest
 from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mmlm.data import build, synth
 from mmlm.data.config import default_data_config
-from mmlm.data.pipeline import bucket_length, cut_text, length_buckets, make_dataset
+from mmlm.data import preprocess
+from mmlm.data.pipeline import (bucket_length, cut_frames, cut_text, frame_buckets, length_buckets, make_dataset,
+                                most_frames)
 from mmlm.errors import UserError
 from mmlm.data.tokenizer import load_tokenizer
 
@@ -50,7 +52,8 @@ def test_batch_contract(data_shapes_dir):
     pipe = make_dataset(config, "train", process_index=0, process_count=1, train=True)
     batch = next(iter(pipe))
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (s, d) for k, (s, d) in pipe.spec.items()}
-    assert batch["images"].shape == (8, 1, 1, 16, 16, 3) and batch["images"].dtype == np.float32
+    # data.pixels_on_device (the default): uint8 pixels, normalised by the model.
+    assert batch["images"].shape == (8, 1, 1, 16, 16, 3) and batch["images"].dtype == np.uint8
     tok = load_tokenizer(config.data.tokenizer)
     records = {i: r for i, r in enumerate(json.loads((data_shapes_dir / "raw/train.json").read_text()))}
     for row in range(8):
@@ -67,6 +70,28 @@ def test_batch_contract(data_shapes_dir):
         assert batch["frame_mask"][row].tolist() == [True]
         assert not batch["truncated"][row] and batch["num_tokens"][row] == n
     assert np.abs(batch["images"]).max() > 0.5
+
+
+def test_pixels_on_device_off_normalises_on_the_host(data_shapes_dir, data_video_dir):
+    """pixels_on_device False: float32 CLIP-normalised images, exactly `preprocess.normalize` of the uint8
+    batch (unreal frames 0.0 there, uint8 0 here); the spec follows the flag."""
+    for ds, extra in ((data_shapes_dir / "ds", {}), (data_video_dir, dict(batch_size=2, max_frames=8))):
+        batches = {}
+        for on_device in (True, False):
+            pipe = make_dataset(_config(ds, pixels_on_device=on_device, **extra), "train", process_index=0,
+                                process_count=1, train=False)
+            batches[on_device] = next(iter(pipe))
+            assert pipe.spec["images"][1] == (np.uint8 if on_device else np.float32)
+            assert batches[on_device]["images"].dtype == pipe.spec["images"][1]
+        pixels, host = batches[True], batches[False]
+        np.testing.assert_array_equal(pixels["example_id"], host["example_id"])
+        want = preprocess.normalize(pixels["images"], preprocess.CLIP_MEAN, preprocess.CLIP_STD)
+        want[~pixels["frame_mask"]] = 0.0
+        np.testing.assert_array_equal(host["images"], want)
+        assert not pixels["images"][~pixels["frame_mask"]].any()
+    with pytest.raises(UserError, match="pixels_on_device"):
+        make_dataset(_config(data_shapes_dir / "ds", pixels_on_device=None), "train", process_index=0,
+                     process_count=1, train=False)
 
 
 def test_truncation_is_counted_in_batches(data_shapes_dir):
@@ -244,3 +269,30 @@ def test_length_buckets(data_shapes_dir):
     assert cut["images"] is batch["images"] and cut["example_id"] is batch["example_id"]
     with pytest.raises(ValueError, match="would drop tokens"):
         cut_text(batch, n - 1)
+
+
+def test_frame_buckets(data_video_dir):
+    """A batch is cut along F to the smallest bucket that holds its most real frames (F when none does);
+    only frames that are not real go."""
+    config = _config(data_video_dir, batch_size=2, max_frames=8, frame_buckets=(7, 2))
+    assert frame_buckets(config.data) == (2, 7)
+    for bad in ((0, 4), (2.5,), (True,), ("8",)):
+        with pytest.raises(UserError, match="frame_buckets"):
+            frame_buckets(_config(data_video_dir, frame_buckets=bad).data)
+    batch = next(iter(make_dataset(config, "train", process_index=0, process_count=1, train=False)))
+    assert batch["frame_mask"].sum(1).tolist() == [6, 6] and most_frames(batch) == 6
+    assert bucket_length(most_frames(batch), (2, 7), 8) == 7
+    assert bucket_length(most_frames(batch), (2, 4), 8) == 8  # no bucket holds 6 frames: max_frames
+    assert bucket_length(most_frames(batch), (8, 16), 8) == 8  # buckets >= F are capped at F
+    cut = cut_frames(batch, 7)
+    assert cut["images"].shape == (2, 7, 1, 16, 16, 3) and cut["frame_mask"].shape == (2, 7)
+    np.testing.assert_array_equal(cut["images"], batch["images"][:, :7])
+    np.testing.assert_array_equal(cut["frame_mask"], batch["frame_mask"][:, :7])
+    assert cut["input_ids"] is batch["input_ids"] and cut["example_id"] is batch["example_id"]
+    with pytest.raises(ValueError, match="would drop real frames"):
+        cut_frames(batch, 5)
+    # Images (1 real frame) and text-only samples (none) in one batch: the smallest bucket holds them.
+    mixed = dict(batch, frame_mask=np.zeros_like(batch["frame_mask"]))
+    assert most_frames(mixed) == 0 and bucket_length(most_frames(mixed), (2, 7), 8) == 2
+    mixed["frame_mask"][0, 0] = True
+    assert most_frames(mixed) == 1 and cut_frames(mixed, 1)["images"].shape[1] == 1

@@ -185,3 +185,23 @@ def test_unsupported_budget_is_rejected(tiny, samples):
     batch = batch_of(cfg, *samples)
     with pytest.raises(ValueError, match="num_vision_tokens=9"):
         generate(cfg, params, batch, max_new_tokens=2, eos_id=NEVER, num_vision_tokens=9)
+
+
+def test_uint8_media_generate_like_host_normalised_media(tiny):
+    """The training evaluator's path: media as the pipeline's uint8 pixels (normalised by the model) answer
+    exactly like the same pixels normalised on the host; make_batch keeps uint8 and refuses a mix."""
+    from mmlm.data import preprocess
+
+    cfg, params = tiny
+    rng = np.random.default_rng(5)
+    s, k = cfg.image_size, views_per_frame(cfg)
+    raw = [rng.integers(0, 256, (f, k, s, s, 3), dtype=np.uint8) for f in (1, 3)]
+    host = [preprocess.normalize(px, cfg.image_mean, cfg.image_std) for px in raw]
+    prompts = [[1, 5, IMAGE_TOKEN_ID, 7, 8, 9], [1, IMAGE_TOKEN_ID, 3]]
+    batch = batch_of(cfg, prompts, raw)
+    assert batch["images"].dtype == np.uint8
+    want, _ = generate(cfg, params, batch_of(cfg, prompts, host), max_new_tokens=STEPS, eos_id=[NEVER, NEVER])
+    got, _ = generate(cfg, params, batch, max_new_tokens=STEPS, eos_id=[NEVER, NEVER])
+    assert got.tolist() == want.tolist()
+    with pytest.raises(ValueError, match="mixes uint8"):
+        batch_of(cfg, prompts, [raw[0], host[1]])

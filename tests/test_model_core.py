@@ -427,3 +427,50 @@ def test_text_only_prefusion_runs_prefusion_with_a_zero_image(tiny):
     media_rows = [0, 1]
     _, text_default = _fusion(cfg, params, batch)
     np.testing.assert_allclose(text[media_rows], text_default[media_rows], atol=0)
+
+
+def test_normalize_images_matches_the_host_formula():
+    """uint8 pixels normalised in the model == `preprocess.normalize` on the host (<= 1e-6), unreal frames 0."""
+    from mmlm.data import preprocess
+    from mmlm.models.llava_mini import normalize_images
+
+    cfg = make_cfg()
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (3, 2, 1, 8, 8, 3), dtype=np.uint8)
+    pixels[0, 0, 0, 0, :3] = [[0, 0, 0], [255, 255, 255], [128, 64, 32]]  # the extremes are covered
+    frame_mask = np.array([[True, True], [True, False], [False, False]])
+    want = preprocess.normalize(pixels, cfg.image_mean, cfg.image_std)
+    want[~frame_mask] = 0.0
+    got = jax.jit(lambda x, m: normalize_images(x, m, cfg.image_mean, cfg.image_std, jnp.float32))(pixels, frame_mask)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
+    assert not np.asarray(got)[~frame_mask].any()
+    floats = jnp.asarray(want)  # already normalised: returned as they are
+    assert normalize_images(floats, frame_mask, cfg.image_mean, cfg.image_std, jnp.bfloat16) is floats
+
+
+@pytest.mark.parametrize("text_only_prefusion", [False, True])
+def test_uint8_pixels_give_the_outputs_of_host_normalised_images(text_only_prefusion):
+    """The model fed uint8 pixels (normalised on device) == fed the host pipeline's float32 images: a video
+    sample, an image in a 2-frame batch (its second slot not real, holding stray pixels) and a text-only
+    sample (pre-fusion with the zero image when `text_only_prefusion`)."""
+    from mmlm.data.pipeline import Collator
+
+    cfg = make_cfg(f"--config.model.text_only_prefusion={text_only_prefusion}")
+    batch = make_batch(cfg, frames=2, media=(True, True, False))
+    batch["frame_mask"][1, 1] = False
+    pixels = np.random.default_rng(4).integers(0, 256, batch["images"].shape, dtype=np.uint8)
+    examples = [dict({k: v[i] for k, v in batch.items() if k != "images"}, pixels=pixels[i]) for i in range(3)]
+    host = Collator(cfg.image_mean, cfg.image_std)(examples)["images"]
+    assert host.dtype == np.float32
+    params = init(cfg, dict(batch, images=host))
+    want = apply(cfg, params, dict(batch, images=host), None)
+    got = apply(cfg, params, dict(batch, images=pixels), None)  # unreal frames keep their pixels: the model zeroes them
+    np.testing.assert_array_equal(np.asarray(got["valid"]), np.asarray(want["valid"]))
+    np.testing.assert_allclose(np.asarray(got["logits"]), np.asarray(want["logits"]), rtol=0, atol=1e-5)
+    # What the pipeline sends with data.pixels_on_device: the same pixels, unreal frames zeroed.
+    device = Collator(cfg.image_mean, cfg.image_std, on_device=True)(examples)["images"]
+    assert device.dtype == np.uint8 and not device[~batch["frame_mask"]].any()
+    np.testing.assert_array_equal(device[batch["frame_mask"]], pixels[batch["frame_mask"]])
+    again = apply(cfg, params, dict(batch, images=device), None)
+    np.testing.assert_allclose(np.asarray(again["logits"]), np.asarray(want["logits"]), rtol=0, atol=1e-5)

@@ -216,10 +216,22 @@ def test_length_buckets_cut_padding_only(shared, mesh_runs):
     final_eval = ("--config.eval.every=0", "--config.eval.num_questions=0", "--config.eval.loss_batches=2",
                   "--config.data.eval_batch_size=5")
     proc = run_train(shared, work, *final_eval, "--config.data.length_buckets=(8,16,24)")
-    lengths = sorted({int(n) for n in re.findall(r"compiled the train step for (\d+)-token batches",
+    lengths = sorted({int(n) for n in re.findall(r"compiled the train step for (\d+)-token",
                                                   proc.stdout + proc.stderr)})
     assert lengths and lengths[0] < 32, proc.stdout[-3000:]  # tiny: max_text_len 32
     np.testing.assert_allclose(losses(work), losses(mesh_runs["one"]), rtol=0, atol=1e-5)
+
+
+def test_frame_buckets_reach_the_train_step(shared):
+    """Videos (3 real frames of max_frames 8) with data.frame_buckets=(4,): the trainer compiles and runs only
+    4-frame steps (that a cut batch trains like the full one: tests/test_train_unit.py)."""
+    work = shared["root"] / "frame_buckets"
+    proc = run_train(shared, work, "--config.synthetic.kind=moving_shapes", "--config.synthetic.num_train=16",
+                     "--config.synthetic.num_eval=8", "--config.data.max_frames=8", "--config.data.video_fps=0.5",
+                     "--config.data.frame_buckets=(4,)", steps=3)
+    compiled = re.findall(r"compiled the train step for \d+-token, (\d+)-frame batches", proc.stdout + proc.stderr)
+    assert compiled == ["4"], proc.stdout[-3000:]
+    assert len(losses(work)) == 3 and np.isfinite(losses(work)).all()
 
 
 def test_restore_a_checkpoint_onto_another_mesh(shared, mesh_runs):
@@ -281,7 +293,7 @@ import mmlm.train.data as data_lib
 _orig, _calls = data_lib.global_batch, [0]
 
 
-def poisoned(local, mesh, *args):  # NaN pixels in the 7th training batch
+def poisoned(local, mesh, *args):  # NaN pixels in the 7th training batch (float images: pixels_on_device off)
     _calls[0] += 1
     if _calls[0] == 7:
         local = dict(local, images=np.full_like(local["images"], np.nan))
@@ -296,7 +308,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shared):
     work = shared["root"] / "nan"
-    cmd = [sys.executable, "-c", _POISONED_RUN] + _cmd(shared, work)[3:]
+    cmd = [sys.executable, "-c", _POISONED_RUN] + _cmd(shared, work, "--config.data.pixels_on_device=false")[3:]
     proc = subprocess.run(cmd, env=_env(shared, 1), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "non-finite loss at step 7" in proc.stderr

@@ -63,6 +63,11 @@ CONFIG_MISTAKES = [
     ("--config.eval.max_new_tokens=0", "config.eval.max_new_tokens"),
     ("--config.data.template=vicuna", "config.data.template"),
     ("--config.model.compressor.budgets=(1,9)", "budget 9"),
+    ("--config.data.frame_buckets=(0,8)", "data.frame_buckets"),
+    ("--config.data.length_buckets=(16.5,)", "data.length_buckets"),
+    ("--config.data.pixels_on_device=maybe", "config.data.pixels_on_device"),
+    ("--config.model.image_std=(0.2,0,0.3)", "model.image_std"),
+    ("--config.data.image_mean=(0.5,0.5)", "image_mean"),
 ]
 
 
@@ -81,6 +86,24 @@ SUMMARY_MISTAKES = [c for c in CONFIG_MISTAKES if c[0].split("=")[0].split(".")[
 def test_summary_config_mistakes(capsys, override, named):
     rc, out = run_cli(capsys, "summary", "--config", TINY, override)
     assert_user_error(rc, out, named)
+
+
+def test_data_normalisation_follows_the_model_or_is_refused():
+    """data.image_mean / image_std are the model's (one override sets both); a config whose two copies differ
+    (e.g. a hand-edited config.json) is refused by the validator."""
+    import ml_collections
+
+    from mmlm.config_utils import ConfigError, load_config, validate_config
+
+    config = load_config(TINY, ["--config.data.image_std=(0.5,0.5,0.5)"])
+    assert config.model.image_std == config.data.image_std == (0.5, 0.5, 0.5)
+    config = load_config(TINY, ["--config.model.image_mean=(0.5,0.4,0.3)"])
+    assert config.data.image_mean == (0.5, 0.4, 0.3)
+    validate_config(config)
+    plain = ml_collections.ConfigDict(config.to_dict())  # no references, as loaded from JSON
+    plain.data.image_mean = (0.1, 0.2, 0.3)
+    with pytest.raises(ConfigError, match=r"config.data.image_mean=\(0.1, 0.2, 0.3\) differs from config.model"):
+        validate_config(plain)
 
 
 def test_overrides_keep_the_field_type():

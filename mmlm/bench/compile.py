@@ -16,7 +16,8 @@ how fast it should run, before renting it.
   abstract state and batch (ShapeDtypeStructs carrying NamedShardings:
   nothing is allocated) and compiled. The batch is the pipeline's: global
   `data.batch_size` x `data.max_text_len` tokens, `--frames` images per
-  sample (float32 pixels, as the pipeline yields them).
+  sample (uint8 pixels with `data.pixels_on_device`, the default, else float32:
+  what the pipeline yields).
 * Memory (per chip, `compiled.memory_analysis()`): arguments (the sharded
   state and batch), temporaries, outputs; `total` = arguments + outputs +
   temporaries - aliased (the donated state is updated in place). `fits`:
@@ -192,7 +193,10 @@ def _shard_bytes(tree: Any) -> int:
 
 def abstract_batch(config: ml_collections.ConfigDict, cfg: Any, mesh: Mesh, frames: int) -> dict[str, Any]:
     """The pipeline's global batch as sharded ShapeDtypeStructs (see mmlm.data.pipeline)."""
-    shapes = batch_shapes(cfg, int(config.data.batch_size), int(config.data.max_text_len), frames, labels=True)
+    from mmlm.data.pipeline import images_dtype
+
+    shapes = batch_shapes(cfg, int(config.data.batch_size), int(config.data.max_text_len), frames, labels=True,
+                          images_dtype=images_dtype(config.data))
     return {k: jax.ShapeDtypeStruct(shape, dt, sharding=shd.batch_sharding(mesh, len(shape)))
             for k, (shape, dt) in shapes.items()}
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from mmlm.data.preprocess import CLIP_MEAN, CLIP_STD
+from mmlm.pixels import CLIP_MEAN, CLIP_STD
 from mmlm.errors import UserError
 from mmlm.data.tokenizer import TINY_TOKENIZER_PATH
 
@@ -63,13 +63,25 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Frames F per video sample (cap after 1 fps sampling); batches of a
     # dataset with videos have F = max_frames, image-only datasets F = 1.
     c.max_frames = 8
+    # Frame counts (ascending) a batch may be cut to along F: each batch keeps the smallest one that holds its
+    # sample with the most real frames (max_frames when none does), so a batch of images costs 1 frame, not
+    # max_frames. Real frames are a prefix of each sample's F slots, so only unreal (masked) frames go. Each
+    # frame count is one more compiled train step. () = every batch has max_frames frames.
+    c.frame_buckets = ()
     # Video sampling rate in frames per second (LLaVA-Mini: 1 fps). Used to
     # re-sample the frames stored by `mmlm data build` (also at 1 fps by default).
     c.video_fps = 1.0
     # CLIP normalisation mean and std (RGB, on 0..1 pixels); the mean is also
-    # the padding colour of the pad-to-square step.
+    # the padding colour of the pad-to-square step. Training configs built by
+    # `mmlm.config_defaults.add_training` make these references to
+    # model.image_mean / model.image_std (the model normalises uint8 pixels).
     c.image_mean = tuple(CLIP_MEAN)
     c.image_std = tuple(CLIP_STD)
+    # True: batches carry `images` as uint8 pixels (0..255, 1 byte per value, 4x fewer bytes to the device
+    # than float32) and the model normalises them on device with model.image_mean / model.image_std;
+    # False: the host normalises to float32 `images` with image_mean / image_std. Unreal frames are zeros
+    # either way (uint8 0, or 0.0 after normalisation); the model sees the same values.
+    c.pixels_on_device = True
     # Seed of the shuffle (each epoch is shuffled differently, deterministically).
     c.seed = 0
     # Shuffle training data (evaluation data is never shuffled).

@@ -71,8 +71,17 @@ def render_tokens(tok: Tokenizer, input_ids: Sequence[int], labels: Sequence[int
     return "".join(out)
 
 
+def display_pixels(view: np.ndarray, mean, std) -> np.ndarray:
+    """One view (H, W, 3) as uint8 for display: uint8 pixels as they are, float images denormalised."""
+    return view if view.dtype == np.uint8 else preprocess.denormalize(view, mean, std)
+
+
 def contact_sheet(images: np.ndarray, frame_mask: np.ndarray, mean, std, gap: int = 2):
-    """PIL image: one row per real frame, one column per view (denormalised)."""
+    """PIL image: one row per real frame, one column per view.
+
+    images: (F, K, H, W, 3) uint8 pixels or normalised floats (denormalised with `mean` / `std`);
+    frame_mask: (F,).
+    """
     from PIL import Image
 
     frames = [f for f, m in zip(images, frame_mask) if m]
@@ -82,7 +91,7 @@ def contact_sheet(images: np.ndarray, frame_mask: np.ndarray, mean, std, gap: in
     sheet = Image.new("RGB", (k * w + (k - 1) * gap, len(frames) * h + (len(frames) - 1) * gap), (255, 255, 255))
     for r, views in enumerate(frames):
         for c, view in enumerate(views):
-            sheet.paste(Image.fromarray(preprocess.denormalize(view, mean, std)), (c * (w + gap), r * (h + gap)))
+            sheet.paste(Image.fromarray(display_pixels(view, mean, std)), (c * (w + gap), r * (h + gap)))
     return sheet
 
 
@@ -128,7 +137,7 @@ def inspect(dataset_dir: str, split: str, config, *, num: int, start: int, save_
     geometry = pipeline.batch_geometry(config, meta)
     cfg = config.data
     processor = pipeline.make_processor(config, meta, geometry, with_stats=True)
-    collate = pipeline.Collator(cfg.image_mean, cfg.image_std)
+    collate = pipeline.Collator(cfg.image_mean, cfg.image_std, on_device=pipeline.pixels_on_device(cfg))
     tok = processor.tokenizer
     print(f"template {cfg.template}, tokenizer {tok}, T={geometry.max_text_len}, "
           f"F={geometry.num_frames}, K={geometry.num_views}, H=W={geometry.image_size}", file=out)

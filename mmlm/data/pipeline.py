@@ -14,8 +14,10 @@ F frames, K views, H = W = image size):
   labels         int32   (B, T)  IGNORE_INDEX (-100) except answer tokens and
                                   the end-of-turn token after each; not shifted
   attention_mask bool    (B, T)  True on real tokens
-  images         float32 (B, F, K, H, W, 3)  CLIP-normalised; zeros if no media
-  frame_mask     bool    (B, F)  True on real frames
+  images         uint8   (B, F, K, H, W, 3)  pixels 0..255 (data.pixels_on_device, the default; the
+                                  model normalises them), or float32 CLIP-normalised on the host
+                                  (pixels_on_device False); zeros on frames that are not real
+  frame_mask     bool    (B, F)  True on real frames, a prefix of the F slots
   example_id     int32   (B,)    record index in the source JSON; -1 = padding
   (with config.data.with_stats: truncated bool (B,), num_tokens int32 (B,))
 
@@ -175,6 +177,20 @@ def batch_geometry(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -
     return geometry
 
 
+def pixels_on_device(cfg: ml_collections.ConfigDict) -> bool:
+    """`data.pixels_on_device` (True when absent, e.g. a config saved before the key existed), validated."""
+    value = cfg.get("pixels_on_device", True)
+    if not isinstance(value, bool):
+        raise UserError(f"data.pixels_on_device={value!r}: use True (uint8 pixels, normalised by the model) "
+                        "or False (float32, normalised on the host)")
+    return value
+
+
+def images_dtype(cfg: ml_collections.ConfigDict) -> np.dtype:
+    """dtype of batch `images` under `config.data`: uint8 with pixels_on_device, else float32."""
+    return np.dtype(np.uint8) if pixels_on_device(cfg) else np.dtype(np.float32)
+
+
 def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
                geometry: BatchGeometry) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{name: (shape, dtype)} of a batch of `batch_size` examples."""
@@ -184,7 +200,7 @@ def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
         "labels": ((b, g.max_text_len), np.dtype(np.int32)),
         "attention_mask": ((b, g.max_text_len), np.dtype(bool)),
         "fuse_mask": ((b, g.max_text_len), np.dtype(bool)),
-        "images": ((b, g.num_frames, g.num_views, g.image_size, g.image_size, 3), np.dtype(np.float32)),
+        "images": ((b, g.num_frames, g.num_views, g.image_size, g.image_size, 3), images_dtype(config.data)),
         "frame_mask": ((b, g.num_frames), np.dtype(bool)),
         "example_id": ((b,), np.dtype(np.int32)),
     }
@@ -202,8 +218,10 @@ class ExampleProcessor:
     """Stored record -> fixed-shape example arrays (a grain map function).
 
     Examples carry `pixels`, uint8 (F, K, H, W, 3) views after pad-to-square
-    and resize; `Collator` normalises whole batches to float32 `images`
-    (4x less memory in prefetch buffers and one vectorised pass per batch).
+    and resize; `Collator` stacks them into `images` (uint8, or normalised to
+    float32 in one vectorised pass per batch; 4x less memory in prefetch
+    buffers either way). Real frames fill slots 0, 1, ... (`frame_mask` is a
+    prefix), which `cut_frames` relies on.
     Picklable: the tokenizer is opened lazily in each worker process.
     """
 
@@ -315,29 +333,69 @@ def cut_text(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarr
     return {k: (v[:, :length] if k in TEXT_KEYS else v) for k, v in batch.items()}
 
 
-def length_buckets(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """`data.length_buckets`, validated and sorted."""
-    buckets = tuple(cfg.get("length_buckets") or ())
+def _positive_ints(cfg: ml_collections.ConfigDict, key: str, what: str, example: str) -> tuple[int, ...]:
+    """`data.<key>`: a tuple of positive integers, sorted; anything else is a `UserError`."""
+    buckets = tuple(cfg.get(key) or ())
     if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
-        raise UserError(f"data.length_buckets={buckets!r}: use positive token counts, e.g. (256, 512, 1024)")
+        raise UserError(f"data.{key}={buckets!r}: use positive {what}, e.g. {example}")
     return tuple(sorted(buckets))
 
 
-class Collator:
-    """Batch function: stacks examples; uint8 `pixels` -> CLIP-normalised float32 `images`.
+def length_buckets(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """`data.length_buckets`, validated and sorted."""
+    return _positive_ints(cfg, "length_buckets", "token counts", "(256, 512, 1024)")
 
-    Frames that are not real (frame_mask False) are zeros in `images`.
+
+FRAME_KEYS = ("images", "frame_mask")  # (B, F, ...) arrays; real frames are a prefix of the F slots
+
+
+def frame_buckets(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """`data.frame_buckets`, validated and sorted."""
+    return _positive_ints(cfg, "frame_buckets", "frame counts", "(1, 8, 16, 32)")
+
+
+def most_frames(batch: Mapping[str, np.ndarray]) -> int:
+    """Frame slots the batch uses: 1 + the last slot that is real in any row (0 when none is).
+
+    Real frames are a prefix of each row's slots, so this is the real-frame
+    count of the batch's sample with the most.
+    """
+    used = np.nonzero(np.asarray(batch["frame_mask"]).any(axis=0))[0]
+    return int(used[-1]) + 1 if used.size else 0
+
+
+def cut_frames(batch: Mapping[str, np.ndarray], frames: int) -> dict[str, np.ndarray]:
+    """The batch with `images` (B, F, K, H, W, 3) and `frame_mask` (B, F) cut to `frames` slots.
+
+    Only slots whose frame_mask is False in every row may go: a real frame at
+    or past `frames` is a ValueError.
+    """
+    if frames < 1:
+        raise ValueError(f"cannot cut a batch to {frames} frames (at least 1)")
+    if np.asarray(batch["frame_mask"])[:, frames:].any():
+        raise ValueError(f"cutting to {frames} frames would drop real frames (the batch uses "
+                         f"{most_frames(batch)} slots)")
+    return {k: (v[:, :frames] if k in FRAME_KEYS else v) for k, v in batch.items()}
+
+
+class Collator:
+    """Batch function: stacks examples; uint8 `pixels` -> `images`.
+
+    `images` are the uint8 pixels themselves with `on_device` (the model
+    normalises them), else CLIP-normalised float32. Frames that are not real
+    (frame_mask False) are zeros in `images` either way.
     """
 
-    def __init__(self, mean, std):
+    def __init__(self, mean, std, on_device: bool = False):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.on_device = bool(on_device)
 
     def __call__(self, examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "pixels"}
         pixels = np.stack([e["pixels"] for e in examples])
-        images = preprocess.normalize(pixels, self.mean, self.std)
-        images[~batch["frame_mask"]] = 0.0
+        images = pixels if self.on_device else preprocess.normalize(pixels, self.mean, self.std)
+        images[~batch["frame_mask"]] = 0
         out = {"input_ids": batch.pop("input_ids"), "labels": batch.pop("labels"),
                "attention_mask": batch.pop("attention_mask"), "fuse_mask": batch.pop("fuse_mask"),
                "images": images}
@@ -461,7 +519,8 @@ def make_dataset(config: ml_collections.ConfigDict, split: str, *, process_index
     ds = ds.map(processor)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg.read_threads),
                                                  prefetch_buffer_size=int(cfg.prefetch_buffer_size)))
-    it_ds = it_ds.batch(local_bs, drop_remainder=train, batch_fn=Collator(cfg.image_mean, cfg.image_std))
+    collate = Collator(cfg.image_mean, cfg.image_std, on_device=pixels_on_device(cfg))
+    it_ds = it_ds.batch(local_bs, drop_remainder=train, batch_fn=collate)
     if int(cfg.worker_count) > 0:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(

@@ -29,9 +29,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-# CLIP ViT-L/14-336 preprocessing constants (openai/clip-vit-large-patch14-336).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mmlm.pixels import CLIP_MEAN, CLIP_STD, normalization_constants  # CLIP ViT-L/14-336 constants
 
 
 def num_views(hd_grid: int) -> int:
@@ -145,9 +143,7 @@ def normalize(pixels: np.ndarray, mean: Sequence[float] = CLIP_MEAN,
     (about 5x faster; equal up to float32 rounding). `out` (float32, same
     shape, C-contiguous) receives the result when given.
     """
-    std32 = np.asarray(std, np.float32)
-    scale = (1.0 / (255.0 * std32)).astype(np.float32)
-    offset = (np.asarray(mean, np.float32) / std32).astype(np.float32)
+    scale, offset = normalization_constants(mean, std)
     if out is None:
         out = np.empty(pixels.shape, np.float32)
     if out.shape != pixels.shape or not out.flags.c_contiguous:

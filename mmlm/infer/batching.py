@@ -26,6 +26,14 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple if multiple > 1 else n
 
 
+def media_dtype(media: Sequence[np.ndarray]) -> np.dtype:
+    """uint8 when every array is uint8 pixels, float32 when none is; a mix is a ValueError."""
+    kinds = {np.asarray(m).dtype == np.uint8 for m in media}
+    if len(kinds) > 1:
+        raise ValueError("a batch mixes uint8 pixels and normalised float images; use one kind")
+    return np.dtype(np.uint8) if kinds == {True} else np.dtype(np.float32)
+
+
 def make_batch(cfg: ModelConfig, prompts: Sequence[Sequence[int]], media: Sequence[np.ndarray | None], *,
                pad_id: int, pad_len_to: int = 8, frames: int | None = None, batch_size: int | None = None,
                fuse_masks: Sequence[Sequence[bool] | None] | None = None) -> dict[str, np.ndarray]:
@@ -33,7 +41,8 @@ def make_batch(cfg: ModelConfig, prompts: Sequence[Sequence[int]], media: Sequen
 
     Args:
       prompts: per row, prompt ids; a row with media has exactly one IMAGE_TOKEN_ID.
-      media: per row, None or pixels (F, K, H, W, 3) float32 (an image is F = 1).
+      media: per row, None or pixels (F, K, H, W, 3) (an image is F = 1): normalised floats, or uint8
+        pixels (e.g. from the training pipeline), which the model normalises; one kind per batch.
       pad_id: id used for right padding (masked, never attended).
       pad_len_to: the prompt length T is rounded up to a multiple of this.
       frames: pad F to this many frames (default: the largest in the batch).
@@ -44,7 +53,7 @@ def make_batch(cfg: ModelConfig, prompts: Sequence[Sequence[int]], media: Sequen
 
     Returns:
       input_ids, attention_mask, fuse_mask: (B, T); and, if any row has media,
-      images (B, F, K, H, W, 3) float32 and frame_mask (B, F) bool.
+      images (B, F, K, H, W, 3) (uint8 for uint8 media, else float32) and frame_mask (B, F) bool.
     """
     if len(prompts) != len(media):
         raise ValueError(f"{len(prompts)} prompts but {len(media)} media entries")
@@ -86,7 +95,7 @@ def make_batch(cfg: ModelConfig, prompts: Sequence[Sequence[int]], media: Sequen
         if px is not None and tuple(px.shape[1:]) != (k, s, s, 3):
             raise ValueError(f"media of prompt {i} has shape {px.shape}; this model needs (F, {k}, {s}, {s}, 3)")
     f = frames or max(m.shape[0] for m in with_media)
-    images = np.zeros((b, f, k, s, s, 3), np.float32)
+    images = np.zeros((b, f, k, s, s, 3), media_dtype(with_media))
     frame_mask = np.zeros((b, f), bool)
     for j, r in enumerate(rows):
         px = media[r]

@@ -96,16 +96,17 @@ def colorize(values: np.ndarray) -> np.ndarray:
 
 def display_image(cfg: ModelConfig, frame_views: np.ndarray, mean: Sequence[float], std: Sequence[float]
                   ) -> Image.Image:
-    """The image a frame's compressor saw: (K, H, W, 3) normalised views -> RGB PIL.
+    """The image a frame's compressor saw: (K, H, W, 3) normalised views (or uint8 pixels) -> RGB PIL.
 
     HD: the n x n crops stitched back into the (nH, nW) image; otherwise view 0.
     """
     from mmlm.data.preprocess import denormalize
 
+    pixels = frame_views if frame_views.dtype == np.uint8 else denormalize(frame_views, mean, std)
     n = cfg.hd_grid
     if n == 1:
-        return Image.fromarray(denormalize(frame_views[0], mean, std))
-    crops = denormalize(frame_views[: n * n], mean, std)
+        return Image.fromarray(pixels[0])
+    crops = pixels[: n * n]
     return Image.fromarray(rearrange(crops, "(r c) h w ch -> (r h) (c w) ch", r=n, c=n))
 
 

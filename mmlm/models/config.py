@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mmlm import IMAGE_TOKEN_ID
+from mmlm.pixels import CLIP_MEAN, CLIP_STD, check_mean_std
 
 MODES = ("llava_mini", "llava15")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # see mmlm.kernels.attention
@@ -133,6 +134,10 @@ class ModelConfig:
     detach_text_embeddings: bool = False  # stop gradients into the input embedding table
     text_only_prefusion: bool = False  # text-only samples: pre-fusion with a zero image, LLM reads fused text
     prefusion_skip_token_id: int = -1  # a token id never fused (the authors': 0); -1 = none
+    # uint8 `images` are normalised in the model as (x / 255 - mean) / std (RGB); float images are taken as
+    # already normalised with these (the data pipeline's data.image_mean / data.image_std must equal them).
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
     vision: VisionConfig = VisionConfig()
     llm: LlamaConfig = LlamaConfig()
     compressor: CompressorConfig = CompressorConfig()
@@ -148,6 +153,7 @@ class ModelConfig:
             raise ValueError(f"model.loss_chunk must be >= 0 (0 = full logits), got {self.loss_chunk}")
         if self.hd_grid < 1:
             raise ValueError(f"model.hd_grid must be >= 1, got {self.hd_grid}")
+        check_mean_std(self.image_mean, self.image_std, "model")
         if self.mode == "llava15" and self.hd_grid > 1:
             raise ValueError("the llava15 baseline has no HD path; set model.hd_grid=1")
         if self.vision.image_size != self.image_size:
@@ -234,4 +240,7 @@ def model_config_from_dict(model: ml_collections.ConfigDict | dict) -> ModelConf
     comp_d = dict(d.pop("compressor", {}))
     comp_d["budgets"] = tuple(int(b) for b in comp_d.get("budgets", ()))
     compressor = _build(CompressorConfig, comp_d)
+    for key in ("image_mean", "image_std"):  # JSON lists / ints -> a hashable tuple of floats
+        if isinstance(d.get(key), (tuple, list)):
+            d[key] = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in d[key])
     return _build(ModelConfig, dict(d, vision=vision, llm=llm, compressor=compressor))

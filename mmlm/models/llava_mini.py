@@ -3,6 +3,9 @@
 Batch (see `mmlm.data`): `input_ids`, `attention_mask`, `fuse_mask` (B, T);
 `images` (B, F, K, H, W, 3) with F frames and K views per frame (1, or
 n*n crops in raster order + the whole image for HD); `frame_mask` (B, F).
+`images` are either float, already normalised (the host pipeline with
+`data.pixels_on_device=False`, inference), or uint8 pixels, which the model
+normalises with `model.image_mean` / `model.image_std` (`normalize_images`).
 A sample has media iff its `input_ids` contain the placeholder
 `model.image_token_id`; its vision tokens replace that placeholder.
 `fuse_mask` marks the instruction tokens pre-fusion may read; it is built
@@ -35,8 +38,25 @@ from mmlm.models.llama import KVCache, LlamaModel
 from mmlm.models.prefusion import PreFusion
 from mmlm.models.projector import Projector
 from mmlm.models.vit import VisionTower
+from mmlm.pixels import normalization_constants
 
 Batch = dict[str, jax.Array]
+
+
+def normalize_images(images: jax.Array, frame_mask: jax.Array | None, mean, std, dtype) -> jax.Array:
+    """uint8 pixels (B, F, K, H, W, 3) -> normalised `dtype` images; float images are returned as they are.
+
+    (x / 255 - mean) / std computed in float32 as x * (1 / (255 std)) - mean / std, the host's formula
+    (`mmlm.data.preprocess.normalize`), then frames whose `frame_mask` (B, F) is False are zeroed (the
+    host's convention) and the result is cast to `dtype`. `frame_mask` None zeroes nothing.
+    """
+    if images.dtype != jnp.uint8:
+        return images
+    scale, offset = normalization_constants(mean, std)
+    x = images.astype(jnp.float32) * jnp.asarray(scale) - jnp.asarray(offset)
+    if frame_mask is not None:
+        x = jnp.where(frame_mask[:, :, None, None, None, None], x, 0.0)
+    return x.astype(dtype)
 
 
 def stitch_crops(feats: jax.Array, n: int) -> jax.Array:
@@ -97,8 +117,15 @@ class LlavaMini(nn.Module):
         self.llm = LlamaModel(cfg.llm, **stack, **kw)
 
     # ------------------------------------------------------------------ vision
+    def normalized_images(self, images: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
+        """uint8 pixels -> normalised images in the compute dtype (zero where `frame_mask` is False); float
+        images (already normalised) unchanged. (B, F, K, H, W, 3) -> (B, F, K, H, W, 3)."""
+        cfg = self.cfg
+        return normalize_images(images, frame_mask, cfg.image_mean, cfg.image_std, cfg.compute_dtype)
+
     def encode_images(self, images: jax.Array) -> jax.Array:
-        """(B, F, K, H, W, 3) -> ViT patch features (B, F, K, N, Dv)."""
+        """(B, F, K, H, W, 3) uint8 pixels or normalised floats -> ViT patch features (B, F, K, N, Dv)."""
+        images = self.normalized_images(images)
         b, f, k = images.shape[:3]
         feats = self.vision(rearrange(images, "b f k h w c -> (b f k) h w c"))
         return rearrange(feats, "(b f k) n d -> b f k n d", b=b, f=f, k=k)
@@ -132,6 +159,8 @@ class LlavaMini(nn.Module):
         ids, images, frame_mask = batch["input_ids"], batch["images"], batch["frame_mask"]
         self._check_views(images)
         b, f = images.shape[:2]
+        # Normalised before anything else: the text-only zero image below is a zero in normalised space.
+        images = self.normalized_images(images, frame_mask)
         text = self.embed_text(ids)
         if cfg.mode == "llava_mini" and cfg.text_only_prefusion:
             # A text-only sample is fused with an all-zero image, whatever its pixel slots hold.

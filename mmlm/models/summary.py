@@ -22,16 +22,20 @@ from mmlm.models.layers import count_params
 from mmlm.models.llava_mini import LlavaMini
 
 
-def batch_shapes(cfg: ModelConfig, batch: int, text_len: int, frames: int, labels: bool = False
-                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """{name: (shape, dtype)} of a model batch (`labels` too for a training batch)."""
+def batch_shapes(cfg: ModelConfig, batch: int, text_len: int, frames: int, labels: bool = False,
+                 images_dtype: Any = jnp.float32) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{name: (shape, dtype)} of a model batch (`labels` too for a training batch).
+
+    `images` (batch, frames, K, H, W, 3) have `images_dtype`: float32 (normalised, as inference feeds
+    them) or uint8 (pixels, as the training pipeline yields them with data.pixels_on_device).
+    """
     views = 1 if cfg.hd_grid == 1 else cfg.hd_grid**2 + 1
     s = cfg.image_size
     shapes = {
         "input_ids": ((batch, text_len), jnp.int32),
         "attention_mask": ((batch, text_len), jnp.bool_),
         "fuse_mask": ((batch, text_len), jnp.bool_),
-        "images": ((batch, frames, views, s, s, 3), jnp.float32),
+        "images": ((batch, frames, views, s, s, 3), images_dtype),
         "frame_mask": ((batch, frames), jnp.bool_),
     }
     if labels:

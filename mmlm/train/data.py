@@ -179,20 +179,30 @@ def make_pipeline(config: ml_collections.ConfigDict, split: str, *, train: bool,
                         train=train)
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh,
-                 length_buckets: Sequence[int] = ()) -> dict[str, jax.Array]:
+def _global_max(value: int) -> int:
+    """The largest `value` over all processes (every process calls this with its own)."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, length_buckets: Sequence[int] = (),
+                 frame_buckets: Sequence[int] = ()) -> dict[str, jax.Array]:
     """Host-local batch (B/P rows per process) -> global arrays (B rows) split over (data, fsdp).
 
-    With `length_buckets` the text arrays are first cut to the smallest bucket that holds the longest
-    conversation of the global batch (every process cuts to the same length).
+    With `length_buckets` the text arrays (B, T) are first cut to the smallest bucket that holds the
+    longest conversation of the global batch; with `frame_buckets` `images` (B, F, K, H, W, 3) and
+    `frame_mask` (B, F) are cut along F to the smallest bucket that holds the global batch's sample with
+    the most real frames (F itself when no bucket does). Every process cuts to the same sizes.
     """
-    if length_buckets and "attention_mask" in local:
-        from mmlm.data.pipeline import bucket_length, cut_text, longest_text
+    from mmlm.data.pipeline import bucket_length, cut_frames, cut_text, longest_text, most_frames
 
-        longest = longest_text(local)
-        if jax.process_count() > 1:
-            longest = int(np.max(multihost_utils.process_allgather(np.asarray(longest, np.int32))))
+    if length_buckets and "attention_mask" in local:
+        longest = _global_max(longest_text(local))
         local = cut_text(local, bucket_length(longest, length_buckets, local["attention_mask"].shape[1]))
+    if frame_buckets and "frame_mask" in local:
+        frames = _global_max(most_frames(local))
+        local = cut_frames(local, bucket_length(frames, frame_buckets, local["frame_mask"].shape[1]))
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in local.items()}
 

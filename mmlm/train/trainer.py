@@ -47,7 +47,7 @@ from mmlm.models.layers import count_params
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.models.summary import dummy_batch
 from mmlm import sharding as shd
-from mmlm.data.pipeline import length_buckets
+from mmlm.data.pipeline import frame_buckets, length_buckets
 from mmlm.train import data as data_lib
 from mmlm.train.checkpointing import Checkpointer, check_saved_model_config, check_workdir, has_checkpoints
 from mmlm.train.evaluate import Evaluator
@@ -242,6 +242,11 @@ def _host(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
+def batch_signature(batch: dict[str, Any]) -> tuple:
+    """What a compiled step is specialised to: every array's name, shape and dtype."""
+    return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+
 def _check_batch(config: ml_collections.ConfigDict, setup: Setup) -> None:
     b = int(config.data.batch_size)
     k = int(config.train.grad_accum_steps)
@@ -275,6 +280,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Every check a user mistake can fail runs before any data is built or anything compiled.
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
     buckets = length_buckets(config.data)
+    fbuckets = frame_buckets(config.data)
     workdir = check_workdir(workdir)
     check_saved_model_config(config, workdir)
     if config.train.init_from and not has_checkpoints(workdir) and not is_model_checkpoint(config.train.init_from):
@@ -327,7 +333,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     log_every = max(int(config.train.log_every), 1)
     ckpt_every = max(int(config.train.checkpoint_every), 1)
     peak = peak_tflops_per_device(float(config.train.peak_tflops_per_device)) * 1e12 * jax.device_count()
-    programs: dict[tuple, Any] = {}  # batch shape -> compiled step (one per text-length bucket)
+    programs: dict[tuple, Any] = {}  # batch shapes -> compiled step (one per text-length x frame bucket used)
     flops_of: dict[tuple, float] = {}
     last_row: dict[str, Any] = {}
     eval_row: dict[str, Any] = {}
@@ -341,14 +347,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         t_log = time.perf_counter()
         prev = None
         while step < total_steps:
-            batch = data_lib.global_batch(model_inputs(next(data_iter)), setup.mesh, buckets)
-            shape = tuple(batch["input_ids"].shape)
+            batch = data_lib.global_batch(model_inputs(next(data_iter)), setup.mesh, buckets, fbuckets)
+            shape = batch_signature(batch)
             if shape not in programs:
                 t0 = time.time()
                 programs[shape] = step_fn.lower(state, batch).compile()
                 flops_of[shape] = model_flops_per_step(setup.cfg, batch, setup.parts, setup.budgets)
-                writer.message(f"compiled the train step for {shape[1]}-token batches in {time.time() - t0:.1f}s "
-                               f"({flops_of[shape] / 1e9:.2f} model GFLOP/step)")
+                frames = f", {batch['images'].shape[1]}-frame" if "images" in batch else ""
+                writer.message(f"compiled the train step for {batch['input_ids'].shape[1]}-token{frames} batches "
+                               f"in {time.time() - t0:.1f}s ({flops_of[shape] / 1e9:.2f} model GFLOP/step)")
                 t_log += time.time() - t0  # compiling is not training time
             state, metrics = programs[shape](state, batch)
             step += 1
