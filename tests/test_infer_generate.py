@@ -205,3 +205,19 @@ def test_uint8_media_generate_like_host_normalised_media(tiny):
     assert got.tolist() == want.tolist()
     with pytest.raises(ValueError, match="mixes uint8"):
         batch_of(cfg, prompts, [raw[0], host[1]])
+
+
+def test_precomputed_vision_features_give_the_same_answers_at_every_budget(tiny, samples):
+    """`with_vision_features` runs the ViT once; generation from its features equals generation from pixels."""
+    from mmlm.infer.generate import with_vision_features
+
+    cfg, params = tiny
+    prompts, media = samples
+    batch = batch_of(cfg, prompts, media)
+    featured = with_vision_features(cfg, params, batch)
+    assert featured["vision_features"].shape[:3] == (3, FRAMES, views_per_frame(cfg))
+    assert featured["vision_features"].shape[3] == cfg.vision.num_patches
+    for m in (1, 4):
+        want, _ = generate(cfg, params, batch, max_new_tokens=STEPS, eos_id=[NEVER, NEVER], num_vision_tokens=m)
+        got, _ = generate(cfg, params, featured, max_new_tokens=STEPS, eos_id=[NEVER, NEVER], num_vision_tokens=m)
+        assert got.tolist() == want.tolist()

@@ -191,7 +191,8 @@ def evaluate(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Seq
     This is the project's one evaluator: `mmlm eval` calls it on a question
     file, the training loop on held-out conversations (the train package's `Evaluator`).
     Each batch's media are decoded once (in a background thread, while the
-    previous batch is answered) and reused for every budget. A question whose
+    previous batch is answered) and encoded by the vision tower once; both
+    are reused for every budget. A question whose
     media cannot be decoded is skipped and reported in `EvalResult.skipped`
     instead of ending the run. `on_answers(m, lines)` receives each batch's
     scored answer lines as soon as they exist (for incremental writing).
@@ -199,7 +200,7 @@ def evaluate(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Seq
     from tqdm import tqdm
 
     from mmlm.infer.batching import make_batch
-    from mmlm.infer.generate import generate, trim_answer
+    from mmlm.infer.generate import generate, trim_answer, with_vision_features
 
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
@@ -226,6 +227,8 @@ def evaluate(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Seq
             batch = make_batch(im.cfg, [q.prompt for q, _ in keep], [px for _, px in keep],
                                pad_id=im.tokenizer.pad_id, pad_len_to=16, frames=frames if video else None,
                                batch_size=batch_size)
+            if len(ms) > 1:  # the ViT's features do not depend on the budget: compute them once
+                batch = with_vision_features(im.cfg, im.params, batch)
             for m in ms:
                 tokens, lengths = generate(im.cfg, im.params, batch, max_new_tokens=max_new_tokens,
                                            eos_id=im.stop_ids, num_vision_tokens=m, pad_id=im.tokenizer.pad_id)

@@ -223,6 +223,24 @@ def sampling_params(temperature: float, top_p: float, eos_id: int | Sequence[int
     return sp, greedy
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _vision_features_jit(cfg: ModelConfig, params: Params, batch: Batch) -> jax.Array:
+    return LlavaMini(cfg).apply({"params": params}, batch, method=LlavaMini.vision_features)
+
+
+def with_vision_features(model: LlavaMini | ModelConfig, params: Params, batch: Batch) -> Batch:
+    """`batch` plus its ViT patch features (B, F, K, N, Dv) as `vision_features`.
+
+    Generation from such a batch skips the vision tower: scoring several
+    Matryoshka budgets runs the ViT once per batch instead of once per budget.
+    A batch without media is returned as it is.
+    """
+    if "images" not in batch:
+        return batch
+    feats = _vision_features_jit(_model_cfg(model), nn.unbox(params), batch)
+    return {**batch, "vision_features": feats}
+
+
 def _check_batch(cfg: ModelConfig, batch: Batch, num_vision_tokens: int | None) -> int | None:
     if "attention_mask" in batch and not np.all(np.asarray(batch["attention_mask"]).any(axis=1)):
         raise ValueError("every prompt in the batch needs at least one token")
@@ -243,7 +261,8 @@ def generate(model: LlavaMini | ModelConfig, params: Params, batch: Batch, *, ma
       model: a `LlavaMini` (or its `ModelConfig`).
       params: the model's params (boxed or plain).
       batch: right-padded prompts: input_ids, attention_mask, fuse_mask (B, T); with media also
-        images (B, F, K, H, W, 3) and frame_mask (B, F). Rows may have different lengths and media.
+        images (B, F, K, H, W, 3) and frame_mask (B, F), and optionally their `vision_features`
+        (`with_vision_features`). Rows may have different lengths and media.
       max_new_tokens: answer length limit (static: one compile per value).
       eos_id: stop token id or ids.
       num_vision_tokens: Matryoshka budget (None = the model's default).

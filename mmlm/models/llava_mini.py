@@ -153,20 +153,33 @@ class LlavaMini(nn.Module):
                 f"images have {images.shape[2]} views per frame, model.hd_grid={n} needs {want} "
                 "(n*n crops + the whole image for HD, else 1)")
 
-    def vision_and_text(self, batch: Batch, num_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Vision tokens for the LLM (B, V, D), their validity (B, V), and LLM text embeddings (B, T, D)."""
+    def vision_features(self, batch: Batch) -> jax.Array:
+        """The batch's ViT patch features (B, F, K, N, Dv), as `vision_and_text` reads them.
+
+        They do not depend on the token budget: an evaluator that scores several
+        budgets computes them once and passes them as `batch["vision_features"]`.
+        """
         cfg = self.cfg
         ids, images, frame_mask = batch["input_ids"], batch["images"], batch["frame_mask"]
         self._check_views(images)
-        b, f = images.shape[:2]
         # Normalised before anything else: the text-only zero image below is a zero in normalised space.
         images = self.normalized_images(images, frame_mask)
-        text = self.embed_text(ids)
         if cfg.mode == "llava_mini" and cfg.text_only_prefusion:
             # A text-only sample is fused with an all-zero image, whatever its pixel slots hold.
             has_media = jnp.any(ids == cfg.image_token_id, axis=1)
             images = jnp.where(has_media[:, None, None, None, None, None], images, jnp.zeros((), images.dtype))
-        feats = self.encode_images(images)  # (B, F, K, N, Dv)
+        return self.encode_images(images)
+
+    def vision_and_text(self, batch: Batch, num_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Vision tokens for the LLM (B, V, D), their validity (B, V), and LLM text embeddings (B, T, D).
+
+        Uses `batch["vision_features"]` (from `vision_features`) when present instead of running the ViT.
+        """
+        cfg = self.cfg
+        ids, images, frame_mask = batch["input_ids"], batch["images"], batch["frame_mask"]
+        b, f = images.shape[:2]
+        text = self.embed_text(ids)
+        feats = batch["vision_features"] if "vision_features" in batch else self.vision_features(batch)
         if cfg.mode == "llava15":
             tokens = self.projector(feats[:, :, 0])  # (B, F, N, D)
             valid = repeat(frame_mask, "b f -> b (f n)", n=tokens.shape[2])
