@@ -185,3 +185,17 @@ def test_unsupported_budget_is_rejected(tiny, samples):
     batch = batch_of(cfg, *samples)
     with pytest.raises(ValueError, match="num_vision_tokens=9"):
         generate(cfg, params, batch, max_new_tokens=2, eos_id=NEVER, num_vision_tokens=9)
+
+
+def test_avgpool_model_has_no_compressor_params_and_loads():
+    """Average pooling has no parameters: a trained avgpool model (no `compressor` entry) is a whole model."""
+    from mmlm.errors import UserError
+    from mmlm.infer.loading import inference_model
+
+    config = load_config("configs/tiny.py", ["--config.model.compressor.kind=avgpool"])
+    cfg = model_config_from_dict(config.model)
+    params = random_params(cfg)
+    assert "compressor" not in params
+    assert inference_model(config, params, "avgpool run").cfg.compressor.kind == "avgpool"
+    with pytest.raises(UserError, match=r"lacks the \['llm'\]"):
+        inference_model(config, {k: v for k, v in params.items() if k != "llm"}, "partial")
