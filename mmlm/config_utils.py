@@ -1,7 +1,9 @@
 """Loading `ml_collections` config files and applying command-line overrides.
 
 A config file is a Python file under `configs/` defining `get_config()` that
-returns a `ConfigDict`. Overrides use the ml_collections flag syntax:
+returns a `ConfigDict`. A study file (`configs/experiments/`) declares `ROWS`
+and `get_config(row)`; `FILE.py:ROW` picks a row. Overrides use the
+ml_collections flag syntax:
 `--config.train.steps=100`, `--config.model.compressor.budgets=(1,4)`.
 """
 
@@ -23,12 +25,25 @@ class ConfigError(UserError, ValueError):
     """A mistake in a config file or a `--config.a.b=value` override (a `UserError`)."""
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Imports `path` and returns its `get_config()`.
+def split_row(spec: str) -> tuple[str, str | None]:
+    """`"configs/x.py:row"` -> ("configs/x.py", "row"); a plain path (or one that exists as given) -> (path, None).
+
+    The row is the text after the last colon when the text before it names a
+    `.py` file, so a path that merely contains a colon is still read whole.
+    """
+    if os.path.exists(spec) or ":" not in spec:
+        return spec, None
+    path, _, row = spec.rpartition(":")
+    if not path.endswith(".py"):
+        return spec, None
+    return path, row
+
+
+def load_config_module(path: str) -> Any:
+    """Imports the Python file `path` as a fresh module (a config file, or a base it shares).
 
     Raises `ConfigError` when the file is missing, is a directory, does not
-    compile, raises while running, has no `get_config` or returns something
-    other than a `ConfigDict`.
+    compile or raises while running.
     """
     if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist; pass a file such as configs/tiny.py")
@@ -46,15 +61,50 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path!r} has a syntax error at line {e.lineno}: {e.msg}") from None
     except OSError as e:
         raise ConfigError(f"config file {path!r} cannot be read: {e.strerror or e}") from None
+    except ConfigError:
+        raise
     except Exception as e:  # the user's file failed while being imported
         raise ConfigError(f"config file {path!r} raised {type(e).__name__} while loading: {e}") from None
+    return module
+
+
+def config_rows(module: Any) -> tuple[str, ...]:
+    """The rows a config module declares (`ROWS`, a sequence or mapping of names); () when it has none."""
+    rows = getattr(module, "ROWS", ())
+    return tuple(str(r) for r in rows)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Imports a config file and returns its `get_config()`, or `get_config(row)` for `FILE.py:ROW`.
+
+    A file with rows (an experiment study, `configs/experiments/`) defines
+    `ROWS` (the row names) and `get_config(row)`; `FILE.py:ROW` selects one.
+    Raises `ConfigError` when the file is missing, is a directory, does not
+    compile, raises while running, has no `get_config`, returns something
+    other than a `ConfigDict`, or when the row is missing or not one of `ROWS`
+    (the message lists them).
+    """
+    path, row = split_row(spec)
+    module = load_config_module(path)
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
         raise ConfigError(f"config file {path!r} defines no get_config() function")
+    rows = config_rows(module)
+    if row is not None and not rows:
+        raise ConfigError(f"config file {path!r} has no rows (no ROWS), so {spec!r} cannot select row {row!r}; "
+                          f"pass {path!r} alone")
+    if rows and row is None:
+        raise ConfigError(f"config file {path!r} is a study with rows; pick one as {path}:ROW, ROW one of "
+                          f"{list(rows)}")
+    if rows and row not in rows:
+        raise ConfigError(f"config file {path!r} has no row {row!r}; its rows are {list(rows)}")
     try:
-        config = get_config()
+        config = get_config() if row is None else get_config(row)
+    except ConfigError:
+        raise
     except Exception as e:
-        raise ConfigError(f"get_config() of {path!r} raised {type(e).__name__}: {e}") from None
+        raise ConfigError(f"get_config({'' if row is None else repr(row)}) of {path!r} raised "
+                          f"{type(e).__name__}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() of {path!r} returned {type(config).__name__}, expected an "
                           "ml_collections.ConfigDict")

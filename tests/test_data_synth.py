@@ -175,3 +175,89 @@ def test_category_weights_errors_name_the_bad_value(tmp_path):
     with pytest.raises(ValueError, match=">= 0"):
         synth.synthesize("shapes_hd", tmp_path, 1, 0, category_weights="shape=-1")
     assert not list(tmp_path.rglob("*.png"))  # validated before anything is rendered
+
+
+# ----------------------------------------------------------------------------- grid_shapes
+
+def _grid_objs() -> list[Obj]:
+    """A hand-made grid_shapes scene (64 px, 16 px cells)."""
+    def at(color, shape, row, col):
+        return Obj(color, shape, 16 * col + 8, 16 * row + 8, 6, row=row, col=col)
+
+    return [at("red", "circle", 0, 0), at("red", "square", 1, 2), at("blue", "cross", 3, 3),
+            at("green", "triangle", 2, 1), at("red", "cross", 3, 0), at("yellow", "circle", 0, 3)]
+
+
+def test_grid_questions_match_the_scene():
+    rng = np.random.default_rng(0)
+    objs = _grid_objs()
+    by_cell = {(o.row, o.col): o for o in objs}
+    words = {w: i for i, w in enumerate(synth.NUMBER_WORDS)}
+    seen = set()
+    for _ in range(200):
+        for category in synth.CATEGORIES["grid_shapes"]:
+            qa = synth._grid_qa(rng, objs, category)
+            seen.add((category, qa.answer))
+            if category in ("cell_color", "cell_shape"):
+                # "What color is the object in row two, column three?" -> 0-based (1, 2)
+                tail = qa.question.rstrip("?").split("row ")[1]
+                row, col = (words[w.strip(", ")] - 1 for w in tail.split("column"))
+                o = by_cell[(row, col)]  # only occupied cells are asked about
+                assert qa.answer == (o.color if category == "cell_color" else o.shape)
+            elif category == "count_color":
+                color = qa.question.split()[2]
+                assert qa.answer == synth.NUMBER_WORDS[sum(o.color == color for o in objs)]
+            else:
+                words_q = qa.question.rstrip("?").split()
+                present = (words_q[-2], words_q[-1]) in {(o.color, o.shape) for o in objs}
+                assert qa.answer == ("yes" if present else "no")
+    # Every cell question points at a real object, and every answer kind occurs.
+    assert {a for c, a in seen if c == "count_color"} >= {"zero", "one", "three"}
+    assert {a for c, a in seen if c == "exist"} == {"yes", "no"}
+    assert {a for c, a in seen if c == "cell_color"} == {"red", "blue", "green", "yellow"}
+
+
+@pytest.mark.parametrize("kind", ["grid_shapes", "grid_shapes_hd"])
+def test_grid_scenes_one_object_per_cell_inside_its_patch(kind):
+    """Objects sit in distinct cells of the 4x4 grid and inside them, so each is seen by one 16 px patch
+    of the 64 px view (grid_shapes) or of its 64 px HD crop (grid_shapes_hd, 128 px)."""
+    size = synth.DEFAULT_SIZES[kind]
+    cell = size / synth.GRID_SIDE
+    for i in range(30):
+        objs = synth.grid_scene(synth.record_rng(kind, 0, "train", i), kind, size)
+        assert synth.GRID_OBJECTS[0] <= len(objs) <= synth.GRID_OBJECTS[1]
+        assert len({(o.row, o.col) for o in objs}) == len(objs)
+        assert len({(o.color, o.shape) for o in objs}) == len(objs)
+        for o in objs:
+            assert o.col * cell <= o.cx - o.r and o.cx + o.r <= (o.col + 1) * cell
+            assert o.row * cell <= o.cy - o.r and o.cy + o.r <= (o.row + 1) * cell
+    img = np.asarray(synth.render(_grid_objs(), 64, synth.BACKGROUNDS[0]))
+    for o in _grid_objs():
+        np.testing.assert_allclose(img[int(o.cy), int(o.cx)], synth.COLORS[o.color], atol=2)
+
+
+def test_grid_hd_shapes_are_small():
+    """grid_shapes_hd: shapes ~9 px wide at 128 px, i.e. ~4-5 px in the 64 px view (the HD crops resolve them)."""
+    objs = synth.grid_scene(synth.record_rng("grid_shapes_hd", 0, "train", 0), "grid_shapes_hd", 128)
+    assert all(7 <= 2 * o.r <= 11 for o in objs)
+    objs = synth.grid_scene(synth.record_rng("grid_shapes", 0, "train", 0), "grid_shapes", 64)
+    assert all(10 <= 2 * o.r <= 14 for o in objs)
+
+
+@pytest.mark.parametrize("kind", ["grid_shapes", "grid_shapes_hd"])
+def test_grid_questions_tokenize(kind, tmp_path):
+    """Every grid question encodes without <unk>, every answer is one token, and a 3-turn conversation
+    fits the 72 tokens of configs/experiments/base.py."""
+    from mmlm.data import templates
+    from mmlm.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    path = synth.synthesize(kind, tmp_path, 40, 0, "train", questions_per_image=3, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "train_questions.jsonl").read_text().splitlines()]
+    assert {line["category"] for line in lines} == set(synth.CATEGORIES[kind])
+    for line in lines:
+        assert 0 not in tok.encode(line["text"]), line["text"]
+        assert len(tok.encode(line["answer"])) == 1, line["answer"]
+    for rec in json.loads(path.read_text()):
+        enc = templates.encode_conversation(tok, rec["conversations"], "vicuna_v1", 72, system="")
+        assert not enc["truncated"] and enc["num_tokens"] <= 72

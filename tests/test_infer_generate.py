@@ -221,3 +221,17 @@ def test_precomputed_vision_features_give_the_same_answers_at_every_budget(tiny,
         want, _ = generate(cfg, params, batch, max_new_tokens=STEPS, eos_id=[NEVER, NEVER], num_vision_tokens=m)
         got, _ = generate(cfg, params, featured, max_new_tokens=STEPS, eos_id=[NEVER, NEVER], num_vision_tokens=m)
         assert got.tolist() == want.tolist()
+
+
+def test_avgpool_model_has_no_compressor_params_and_loads():
+    """Average pooling has no parameters: a trained avgpool model (no `compressor` entry) is a whole model."""
+    from mmlm.errors import UserError
+    from mmlm.infer.loading import inference_model
+
+    config = load_config("configs/tiny.py", ["--config.model.compressor.kind=avgpool"])
+    cfg = model_config_from_dict(config.model)
+    params = random_params(cfg)
+    assert "compressor" not in params
+    assert inference_model(config, params, "avgpool run").cfg.compressor.kind == "avgpool"
+    with pytest.raises(UserError, match=r"lacks the \['llm'\]"):
+        inference_model(config, {k: v for k, v in params.items() if k != "llm"}, "partial")

@@ -420,13 +420,23 @@ def _print_table(name: str, r: dict[str, Any]) -> None:
 
 
 def resolve_config_path(name: str) -> str:
-    """A config file path, or a bare name looked up in the repository's configs/ directory."""
+    """A config file path, or a bare name looked up in the repository's configs/ directory.
+
+    A `FILE.py:ROW` (a study row, `configs/experiments/`) keeps its row: the
+    file is resolved and `:ROW` re-attached for `load_config`.
+    """
+    from mmlm.config_utils import split_row
+
     if os.path.isfile(name):
         return name
-    for candidate in (os.path.join("configs", name), os.path.join(CONFIG_DIR, name)):
+    file, row = split_row(name)
+    suffix = "" if row is None else f":{row}"
+    if os.path.isfile(file):
+        return file + suffix
+    for candidate in (os.path.join("configs", file), os.path.join(CONFIG_DIR, file)):
         for path in (candidate, candidate + ".py"):
             if os.path.isfile(path):
-                return path
+                return path + suffix
     raise FileNotFoundError(f"no config {name!r}: pass a file (configs/tiny.py) or a name in {CONFIG_DIR}")
 
 

@@ -13,7 +13,7 @@ Modules (imported on demand; this package imports nothing heavy):
 * `pipeline`: `make_dataset`, the grain pipeline (shuffle, epochs, per-host
   shards, workers, checkpointable iterator state);
 * `config`: `default_data_config()`, the `config.data` fields;
-* `synth`: synthetic `shapes`, `shapes_hd`, `moving_shapes` datasets;
+* `synth`: synthetic `shapes`, `shapes_hd`, `grid_shapes`, `grid_shapes_hd`, `moving_shapes` datasets;
 * `make_tokenizer`: regenerates the tiny tokenizer in `data/`;
 * `inspect_data`, `cli`: `mmlm data inspect|synth|build|tokenizer`.
 """

@@ -64,13 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", required=True, choices=synth.KINDS,
                    help="shapes: coloured shapes, questions on colour/shape/count/position/existence; "
                         "shapes_hd: small shapes that need high resolution; "
+                        "grid_shapes: 6-12 shapes on a 4x4 grid, questions about one cell (row, column), "
+                        "counts per colour and existence; grid_shapes_hd: the same with small shapes at 128 px "
+                        "(shape questions need HD); "
                         "moving_shapes: videos with direction/order-of-appearance questions")
     p.add_argument("--out", required=True, help="output directory (created; splits can share it)")
     p.add_argument("--num", required=True, type=_positive_int, help="number of images/videos")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--split", default="train", help="split name, e.g. train, val, test (default: %(default)s)")
     p.add_argument("--image-size", type=_positive_int, default=None,
-                   help="image/video side in pixels (default: shapes 64, shapes_hd 128, moving_shapes 64)")
+                   help="image/video side in pixels (default: shapes 64, shapes_hd 128, grid_shapes 64, "
+                        "grid_shapes_hd 128, moving_shapes 64)")
     p.add_argument("--questions-per-image", type=_positive_int, default=1,
                    help="question-answer turns per record (default: %(default)s)")
     p.add_argument("--category-weights", default="", metavar="NAME=W,...",

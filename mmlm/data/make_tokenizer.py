@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import string
 import sys
 import tempfile
@@ -98,7 +99,7 @@ def check_tokenizer(model_path: str | Path) -> list[str]:
         ids = tok.encode(word)
         if len(ids) != 1:
             problems.append(f"answer {word!r} is {len(ids)} pieces {[tok.id_to_token(i) for i in ids]}")
-    for sentence in synth.corpus_sentences():
+    for sentence in itertools.chain(synth.corpus_sentences(), synth.grid_sentences()):
         if 0 in tok.encode(sentence):
             problems.append(f"<unk> in {sentence!r}")
     return problems

@@ -10,6 +10,16 @@ Kinds:
   128 px). Shapes are ~9 px wide: at half resolution they blur into coloured
   blobs, so the shape questions (which shape, how many of a shape, is there
   a <colour> <shape>) need the HD crops.
+* `grid_shapes`: 6-12 shapes (distinct colour-shape pairs) in the cells of a
+  4x4 grid (default 64 px: a 16 px ViT patch per cell). Questions address
+  one cell ("What color is the object in row two, column three?", colour or
+  shape), or several objects (how many objects of a colour, is there a
+  <colour> <shape>). The information grows with the vision tokens: a cell
+  question needs that cell, and 16 cells of ~25 states each do not fit one
+  compressed token (see "Why one token cannot solve `grid_shapes`" below).
+* `grid_shapes_hd`: the same scenes and questions at 128 px with small
+  shapes (~9 px wide, as in `shapes_hd`): at 64 px the colours survive but
+  the shapes blur, so the shape questions need the HD crops.
 * `moving_shapes`: short videos (default 64 px, 6 s at 4 fps, PyAV-encoded
   MPEG-4 MP4) of 1-2 shapes moving in straight lines, the second appearing 2-3.5 s
   after the first. Temporal questions: direction of motion, which colour
@@ -26,6 +36,21 @@ Output of `synthesize(kind, out_dir, num, seed, split)`:
   `{"question_id", "image" | "video", "text", "answer", "category"}`, the
   media path relative to the JSONL's directory;
 * media under `OUT/images/` or `OUT/videos/`.
+
+Why one token cannot solve `grid_shapes` (the design of the paper-trends
+experiments, `experiments/paper_trends`): the compressor's query attends over
+the 16 patch features with question-independent weights, so m tokens must
+carry the whole scene that any question may ask about: 16 cells, each empty
+or one of 24 colour-shape pairs (16 x log2(25) = 74 bits), read back by the
+LLM. A linear read-out of every cell's colour (6) and shape (4) needs
+16 x 10 = 160 directions, more than the width (64-96) of the experiment
+models' single token; with 4 tokens each holds a 2x2 block (40 directions),
+with 16 one cell. Counting and existence are global sums, which a single
+averaged token can hold. Modality pre-fusion changes the picture: the
+question's text reads all 16 patches before compression, so the asked cell
+is picked out and one token suffices. Hence the orderings the studies test:
+accuracy rises with the budget without pre-fusion, pre-fusion closes the gap
+at 1 token, and cell questions (not count/exist) carry the difference.
 
 Everything is a pure function of (kind, seed, split, record index): record i is
 the same whatever `num` is, and different splits never share a random stream.
@@ -44,11 +69,13 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-KINDS = ("shapes", "shapes_hd", "moving_shapes")
+KINDS = ("shapes", "shapes_hd", "grid_shapes", "grid_shapes_hd", "moving_shapes")
 # Question categories of each kind (the keys `category_weights` may use).
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "shapes": ("color", "shape", "count", "position", "exist"),
     "shapes_hd": ("shape", "count_shape", "exist"),
+    "grid_shapes": ("cell_color", "cell_shape", "count_color", "exist"),
+    "grid_shapes_hd": ("cell_color", "cell_shape", "count_color", "exist"),
     "moving_shapes": ("direction", "order", "count", "color"),
 }
 
@@ -78,8 +105,17 @@ Q_EXIST = "Is there a {color} {shape}?"
 Q_DIRECTION = "Which way is the {color} {shape} moving?"
 Q_FIRST = "Which color appears first?"
 Q_COUNT_VIDEO = "How many objects appear in the video?"
+Q_CELL_COLOR = "What color is the object in row {row}, column {col}?"
+Q_CELL_SHAPE = "What shape is the object in row {row}, column {col}?"
+Q_COUNT_COLOR = "How many {color} objects are there?"
 
-DEFAULT_SIZES = {"shapes": 64, "shapes_hd": 128, "moving_shapes": 64}
+GRID_SIDE = 4  # grid_shapes: cells per side of the scene grid (rows and columns are named one..four)
+GRID_OBJECTS = (6, 12)  # grid_shapes: objects per scene, inclusive range
+# Object radius as a fraction of the image side: grid_shapes objects fill most of their cell
+# (11-14 px of a 16 px cell at 64 px); grid_shapes_hd objects are ~9 px wide at 128 px (4-5 px at 64 px).
+GRID_RADIUS = {"grid_shapes": (0.085, 0.105), "grid_shapes_hd": (0.032, 0.040)}
+
+DEFAULT_SIZES = {"shapes": 64, "shapes_hd": 128, "grid_shapes": 64, "grid_shapes_hd": 128, "moving_shapes": 64}
 VIDEO_FPS = 4  # frames per second of the synthetic videos
 VIDEO_SECONDS = 6.0
 _SUPERSAMPLE = 4  # shapes are drawn 4x larger then box-filtered (anti-aliasing)
@@ -252,6 +288,39 @@ def _hd_qa(rng: np.random.Generator, objs: Sequence[Obj], category: str) -> QA |
         color, shape = near[int(rng.integers(len(near)))]
         return QA(category, Q_EXIST.format(color=color, shape=shape), "no")
     raise ValueError(category)
+
+
+def cell_words(row: int, col: int) -> dict[str, str]:
+    """Template fields naming grid cell (row, col), 0-based: rows and columns are "one".."four"."""
+    return {"row": NUMBER_WORDS[row + 1], "col": NUMBER_WORDS[col + 1]}
+
+
+def _grid_qa(rng: np.random.Generator, objs: Sequence[Obj], category: str) -> QA | None:
+    """One question of `category` about a `grid_shapes(_hd)` scene (every category always applies)."""
+    if category in ("cell_color", "cell_shape"):
+        o = objs[int(rng.integers(len(objs)))]
+        template, attr = (Q_CELL_COLOR, "color") if category == "cell_color" else (Q_CELL_SHAPE, "shape")
+        return QA(category, template.format(**cell_words(o.row, o.col)), getattr(o, attr))
+    if category == "count_color":
+        # Half the time a colour in the scene, else any colour (absent colours make "zero" common enough).
+        present = sorted({o.color for o in objs})
+        color = present[int(rng.integers(len(present)))] if rng.random() < 0.5 else \
+            list(COLORS)[int(rng.integers(len(COLORS)))]
+        return QA(category, Q_COUNT_COLOR.format(color=color), NUMBER_WORDS[sum(o.color == color for o in objs)])
+    if category == "exist":
+        if rng.random() < 0.5:
+            o = objs[int(rng.integers(len(objs)))]
+            return QA(category, Q_EXIST.format(color=o.color, shape=o.shape), "yes")
+        color, shape = _absent_pair(rng, objs)
+        return QA(category, Q_EXIST.format(color=color, shape=shape), "no")
+    raise ValueError(category)
+
+
+def grid_scene(rng: np.random.Generator, kind: str, size: int) -> list[Obj]:
+    """A `grid_shapes(_hd)` scene: GRID_OBJECTS objects, distinct colour-shape pairs, one per cell."""
+    n = int(rng.integers(GRID_OBJECTS[0], GRID_OBJECTS[1] + 1))
+    lo, hi = GRID_RADIUS[kind]
+    return _grid_scene(rng, size, GRID_SIDE, n, (lo * size, hi * size))
 
 
 def parse_category_weights(spec: str | Mapping[str, float] | None) -> dict[str, float]:
@@ -453,6 +522,9 @@ def make_record(kind: str, index: int, seed: int, split: str, out_dir: Path, *,
             objs = _grid_scene(rng, image_size, 4, int(rng.integers(3, 7)),
                                (0.032 * image_size, 0.040 * image_size))
             qas = pick(lambda c: _hd_qa(rng, objs, c))
+        elif kind in ("grid_shapes", "grid_shapes_hd"):
+            objs = grid_scene(rng, kind, image_size)
+            qas = pick(lambda c: _grid_qa(rng, objs, c))
         else:
             raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
         rel = f"images/{rec_id}.png"
@@ -471,13 +543,12 @@ def synthesize(kind: str, out_dir: str | os.PathLike, num: int, seed: int, split
     """Writes a synthetic LLaVA dataset split; returns the path of its JSON.
 
     Args:
-      kind: "shapes", "shapes_hd" or "moving_shapes".
+      kind: one of `KINDS` ("shapes", "shapes_hd", "grid_shapes", "grid_shapes_hd", "moving_shapes").
       out_dir: output directory (created); several splits may share it.
       num: number of records (images or videos).
       seed: random seed; with `split` and the record index it fixes everything.
       split: split name, e.g. "train", "val", "test".
-      image_size: image / video side in pixels (defaults: shapes 64,
-        shapes_hd 128, moving_shapes 64).
+      image_size: image / video side in pixels (defaults: `DEFAULT_SIZES`).
       questions_per_image: question-answer turns per record (multi-turn
         conversations when > 1; the eval JSONL gets one line per question).
       category_weights: relative frequency of each question category
@@ -542,6 +613,22 @@ def corpus_sentences() -> Iterator[str]:
     yield Q_FIRST
     yield Q_COUNT_VIDEO
     yield from answer_words()
+
+
+def grid_sentences() -> Iterator[str]:
+    """The questions only the grid kinds emit.
+
+    They are not in the tokenizer's training corpus (`corpus_sentences`): the
+    shipped tiny tokenizer predates them, and retraining it would renumber its
+    pieces and change what the demo learns from the same seed. They encode
+    without `<unk>` and their answers are existing single-piece words all the
+    same (`mmlm.data.make_tokenizer.check_tokenizer` checks both).
+    """
+    for color in COLORS:
+        yield Q_COUNT_COLOR.format(color=color)
+    for row, col in itertools.product(range(GRID_SIDE), repeat=2):
+        yield Q_CELL_COLOR.format(**cell_words(row, col))
+        yield Q_CELL_SHAPE.format(**cell_words(row, col))
 
 
 def answer_words() -> list[str]:

@@ -112,8 +112,10 @@ def inference_model(config: ml_collections.ConfigDict, params: Any, source: str,
     cfg = model_config_from_dict(config.model)
     missing = [p for p in ("vision", "projector", "llm") if p not in params]
     if cfg.mode == "llava_mini":
-        missing += [p for p in ("compressor",) + (("prefusion",) if cfg.prefusion_layers else ())
-                    if p not in params]
+        # Average pooling (`compressor.kind="avgpool"`) has no parameters, so no `compressor` entry.
+        needed = (("compressor",) if cfg.compressor.kind == "query" else ()) + \
+            (("prefusion",) if cfg.prefusion_layers else ())
+        missing += [p for p in needed if p not in params]
     if missing:
         raise UserError(f"{source!r} lacks the {missing} parameters: it is a partial checkpoint "
                         "(e.g. one converted part); it cannot answer questions")

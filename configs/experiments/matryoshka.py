@@ -1,0 +1,50 @@
+"""Study: one Matryoshka model vs fixed-budget models, and MQT's "any m" sampling.
+
+    mmlm train --config configs/experiments/matryoshka.py:matryoshka --workdir W --config.seed=0
+    python experiments/paper_trends/run.py --study matryoshka     # every row x 3 seeds, tables, plots
+
+Rows (the shared small model of `base.py`, 1 pre-fusion layer, grid_shapes):
+
+* `matryoshka`: 16 nested queries; each step trains one budget drawn
+  uniformly from {1, 4, 16}; scored at 1, 2, 4, 8 and 16 tokens.
+* `fixed1`, `fixed4`, `fixed16`: a model per budget (C^2 = 1, 4, 16
+  queries), scored at its budget.
+* `mqt_any_m`: MQT's sampling: each step draws m uniformly from 1..16
+  (the same nested query order, so the square budgets are still lattices);
+  scored like `matryoshka`.
+
+The runner adds the oracle, the best budget per question of the
+`matryoshka` model (an upper bound for a per-question budget choice).
+"""
+
+import os
+
+from mmlm.config_utils import load_config_module
+
+_base = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
+
+SCORED = (1, 2, 4, 8, 16)  # budgets the nested models are scored at (the trained ones and two in between)
+# Row -> the method it belongs to (one line per method in the plots).
+ROWS = {
+    "matryoshka": "Matryoshka {1,4,16}",
+    "fixed1": "fixed budget",
+    "fixed4": "fixed budget",
+    "fixed16": "fixed budget",
+    "mqt_any_m": "MQT any m in 1..16",
+}
+
+
+def get_config(row: str):
+    if row == "matryoshka":
+        config = _base.base_config(tokens=16, budgets=(1, 4, 16))
+        config.eval.budgets = SCORED
+    elif row == "mqt_any_m":
+        config = _base.base_config(tokens=16, budgets=tuple(range(1, 17)))
+        config.eval.budgets = SCORED
+    elif row.startswith("fixed"):
+        m = int(row[len("fixed"):])
+        config = _base.base_config(tokens=m)
+        config.eval.budgets = (m,)
+    else:
+        raise ValueError(f"unknown row {row!r}")
+    return config

@@ -1,0 +1,686 @@
+"""The paper's trends at small scale: every study row trained and scored, tables and plots.
+
+    python experiments/paper_trends/run.py                              # every study, 3 seeds
+    python experiments/paper_trends/run.py --study prefusion --seeds 3  # one study
+    python experiments/paper_trends/run.py --quick --out /tmp/trends    # the pipeline in minutes (no real accuracies)
+    python experiments/paper_trends/run.py --report_only                # tables and plots from finished runs
+
+The studies are the config files of `configs/experiments/` (one per study,
+its rows as `FILE.py:ROW`): `matryoshka`, `prefusion`, `resolution`,
+`pooling`. First the shared foundation (`foundation.py`, the analogue of the
+paper's pretrained CLIP and LLM) is trained once and its vision tower and
+LLM exported to OUT/foundation/model. Then, for each row and seed, the
+runner trains the row's config from that start with the trainer
+(`mmlm.train.trainer.train`, what `mmlm train` runs) and scores the trained
+model on every held-out question of the synthetic val split at the row's
+budgets with the project's evaluator (`mmlm.eval.evaluate`, what `mmlm eval`
+runs). Both happen in this process (one JAX start for every run). The
+equivalent commands of one run are
+
+    mmlm train --config configs/experiments/STUDY.py:ROW --workdir RUN --config.seed=SEED \\
+        --config.synthetic.cache_dir=OUT/data --config.eval.every=-1 --init_from OUT/foundation/model
+    mmlm eval --workdir RUN --data OUT/data/<build>/raw/val_questions.jsonl \\
+        --num_vision_tokens <the row's eval.budgets> --out RUN/eval
+
+Outputs (under --out, default experiments/paper_trends/):
+
+* `runs/foundation/`, `foundation/model/`: the foundation's run and its exported parts.
+* `runs/<study>-<row>-s<seed>/`: the run (checkpoint, metrics, `eval/`
+  answers per budget) and `run.json`, written last: a run with a `run.json`
+  is finished and skipped when the runner is started again; an unfinished
+  one resumes from its last checkpoint. Rows of different studies with the
+  same config (e.g. `pooling.py:query_t1` and `matryoshka.py:fixed1`) share
+  one run.
+* `results.json`: every point (row, budget: mean, std and values over
+  seeds, per category, LLM vision tokens, FLOPs per example), the paper's
+  orderings with verdicts, wall times.
+* `results.md`: per study the command, the table, the orderings, the plots.
+* `<study>_tokens.png`, `<study>_flops.png`: accuracy vs LLM vision tokens
+  and vs FLOPs per example (analytic matmul count, `mmlm bench flops`), one
+  line per method, error bars = std over seeds.
+
+`data/` (the synthetic datasets, built once per kind) and `jit_cache/` (XLA's
+persistent compilation cache: seeds of a row compile once) sit next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO / "configs" / "experiments"
+DEFAULT_OUT = Path(__file__).resolve().parent
+STUDIES = ("matryoshka", "prefusion", "resolution", "pooling")
+CATEGORIES = ("cell_color", "cell_shape", "count_color", "exist")
+RESULTS_JSON, RESULTS_MD, RUN_FILE = "results.json", "results.md", "run.json"
+FOUNDATION = "foundation"  # the shared start of every row (configs/experiments/foundation.py)
+ORACLE = "oracle"  # the pseudo-row: best budget per question of the Matryoshka model
+ORACLE_OF, ORACLE_BUDGETS = ("matryoshka", "matryoshka"), (1, 4, 16)  # (study, row) and the budgets it picks from
+QUICK_EVAL_IMAGES = 8  # a val split this small is a --quick one: score one question per image (one batch)
+MATCH_TOLERANCE = 0.02  # "matches": within max(2 points, the combined seed spread)
+
+
+# ----------------------------------------------------------------------------- the paper's orderings
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """An ordering: point `a` beats (">"), is at least (">=") or matches ("~") point `b`; points are (row, budget).
+
+    With `c` and `d` the claim is on differences: (a - b) > (c - d).
+    """
+
+    text: str
+    paper: str
+    a: tuple[str, int]
+    b: tuple[str, int]
+    relation: str = ">"
+    c: tuple[str, int] | None = None
+    d: tuple[str, int] | None = None
+
+
+# The paper: LLaVA-Mini (arXiv 2501.03895), VQAv2 / GQA / MMBench. Budgets of our rows are in LLM vision tokens.
+CLAIMS: dict[str, tuple[Claim, ...]] = {
+    "matryoshka": (
+        Claim("one Matryoshka model matches the fixed-budget model at 1 token",
+              "the Matryoshka claim (MQT, M3): one model serves every budget", ("matryoshka", 1), ("fixed1", 1), "~"),
+        Claim("... at 4 tokens", "(as above)", ("matryoshka", 4), ("fixed4", 4), "~"),
+        Claim("... at 16 tokens", "(as above)", ("matryoshka", 16), ("fixed16", 16), "~"),
+        Claim("fixed-budget models: 4 tokens beat 1", "336 px LLaVA-Mini, 1 vs 4 tokens: VQAv2 77.6 vs 77.7",
+              ("fixed4", 4), ("fixed1", 1)),
+        Claim("fixed-budget models: 16 tokens beat 4", "4 vs 16 tokens: VQAv2 77.7 vs 78.1",
+              ("fixed16", 16), ("fixed4", 4)),
+        Claim("the Matryoshka model: 4 tokens beat 1", "(the same trend, one model)", ("matryoshka", 4),
+              ("matryoshka", 1)),
+        Claim("the Matryoshka model: 16 tokens beat 4", "(the same trend, one model)", ("matryoshka", 16),
+              ("matryoshka", 4)),
+        Claim("the oracle (best of 1/4/16 per question) beats the best single budget",
+              "an upper bound for choosing the budget per question", (ORACLE, 0), ("matryoshka", 16), ">="),
+        Claim("MQT any-m sampling matches square budgets at 1 token", "MQT: any m in 1..M at inference",
+              ("mqt_any_m", 1), ("matryoshka", 1), "~"),
+        Claim("... at 4 tokens", "(as above)", ("mqt_any_m", 4), ("matryoshka", 4), "~"),
+        Claim("... at 16 tokens", "(as above)", ("mqt_any_m", 16), ("matryoshka", 16), "~"),
+        Claim("MQT beats square-budget training at 2 tokens (never trained there)", "(MQT's motivation)",
+              ("mqt_any_m", 2), ("matryoshka", 2)),
+        Claim("MQT beats square-budget training at 8 tokens (never trained there)", "(MQT's motivation)",
+              ("mqt_any_m", 8), ("matryoshka", 8)),
+    ),
+    "prefusion": (
+        Claim("1 pre-fusion layer beats 0 at 1 token", "VQAv2/GQA/MMB 74.8/55.5/60.4 vs 72.4/54.2/57.7",
+              ("pf1_t1", 1), ("pf0_t1", 1)),
+        Claim("2 layers beat 1 at 1 token", "76.0/57.6/63.1 vs 74.8/55.5/60.4", ("pf2_t1", 1), ("pf1_t1", 1)),
+        Claim("4 layers beat 2 at 1 token", "77.6/60.9/65.6 vs 76.0/57.6/63.1 (3 layers: 76.9/59.1/64.9)",
+              ("pf4_t1", 1), ("pf2_t1", 1)),
+        Claim("0 layers: 4 tokens beat 1", "0 layers, 1/16/64/144 tokens: 72.4/74.1/75.3/76.9 (VQAv2)",
+              ("pf0_t4", 4), ("pf0_t1", 1)),
+        Claim("0 layers: 16 (all) tokens beat 4", "(as above; our 16 tokens are all 16 patches)",
+              ("pf0_t16", 16), ("pf0_t4", 4)),
+        Claim("1 layer at 1 token beats 0 layers at 16 tokens", "74.8/55.5/60.4 vs 74.1/55.4/59.2",
+              ("pf1_t1", 1), ("pf0_t16", 16)),
+        Claim("4 layers at 1 token beat 0 layers at the most tokens", "77.6/60.9/65.6 vs 76.9/58.9/64.9 (144 tokens)",
+              ("pf4_t1", 1), ("pf0_t16", 16)),
+        Claim("LLaVA-1.5 (all patches) beats 0 layers at the most tokens",
+              "78.5/62.0/64.3 vs 76.9/58.9/64.9 (MMB reverses)", ("llava15", 16), ("pf0_t16", 16)),
+        Claim("LLaVA-1.5 beats 4 layers at 1 token", "78.5/62.0/64.3 vs 77.6/60.9/65.6 (MMB reverses)",
+              ("llava15", 16), ("pf4_t1", 1)),
+    ),
+    "resolution": (
+        Claim("HD grid 2 beats grid 1 at 16 tokens", "672 vs 336 px at 16 tokens: VQAv2 78.5 vs 78.1",
+              ("hd2", 16), ("hd1", 16)),
+        Claim("HD grid 2 beats grid 1 at 4 tokens", "not in the paper (its 672 px rows start at 16 tokens)",
+              ("hd2", 4), ("hd1", 4)),
+        Claim("HD grid 2 beats grid 1 at 1 token", "not in the paper", ("hd2", 1), ("hd1", 1)),
+        Claim("grid 1: 16 tokens beat 1", "336 px, 1 vs 16 tokens: 77.6 vs 78.1", ("hd1", 16), ("hd1", 1)),
+        Claim("grid 2: 16 tokens beat 1", "672 px, 16 vs 576 tokens: 78.5 vs 80.0 (more tokens win)",
+              ("hd2", 16), ("hd2", 1)),
+    ),
+    "pooling": (
+        Claim("the query compressor beats average pooling at 1 token", "VQAv2 77.6 vs 76.1",
+              ("query_t1", 1), ("avgpool_t1", 1)),
+        Claim("the query compressor beats average pooling at 4 tokens", "VQAv2 77.7 vs 76.9",
+              ("query_t4", 4), ("avgpool_t4", 4)),
+        Claim("the query compressor's lead shrinks from 1 to 4 tokens", "1.5 points at 1 token, 0.8 at 4",
+              ("query_t1", 1), ("avgpool_t1", 1), ">", ("query_t4", 4), ("avgpool_t4", 4)),
+    ),
+}
+
+STUDY_TITLES = {
+    "matryoshka": "Matryoshka: one model for budgets 1/4/16 vs fixed-budget models, the oracle, MQT's any-m",
+    "prefusion": "Pre-fusion depth at 1 token, tokens without pre-fusion, and LLaVA-1.5",
+    "resolution": "Resolution: HD grid 1 vs 2 at the same budgets",
+    "pooling": "Query compressor vs average pooling",
+}
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclasses.dataclass
+class Run:
+    """One training + evaluation: a config (shared by the study rows listed in `rows`) and a seed."""
+
+    name: str
+    seed: int
+    rows: list[tuple[str, str]]  # (study, row) pairs that use this run
+    config: Any  # ml_collections.ConfigDict
+    fingerprint: str
+    spec: str  # configs/experiments/STUDY.py:ROW of the first row
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        return tuple(int(b) for b in self.config.eval.budgets)
+
+
+def study_module(study: str) -> Any:
+    from mmlm.config_utils import load_config_module
+
+    return load_config_module(str(CONFIG_DIR / f"{study}.py"))
+
+
+def config_fingerprint(config: Any, base: str = "") -> str:
+    """A hash of the whole config (seed included; the data and foundation paths left out, so OUT can move)
+    and of `base` (the foundation's fingerprint for a row): runs with equal fingerprints are the same run."""
+    plain = config.to_dict()
+    plain["synthetic"] = {**plain["synthetic"], "cache_dir": ""}
+    plain["train"] = {**plain["train"], "init_from": bool(plain["train"]["init_from"])}
+    text = json.dumps(plain, sort_keys=True, default=str) + base
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def load_spec(spec: str, seed: int, data_dir: Path, quick: bool, init_from: Path | None) -> Any:
+    """The config of `FILE.py[:ROW]` and a seed, as `mmlm train --config ... --config.seed=SEED
+    --config.synthetic.cache_dir=DATA [--init_from FOUNDATION]` loads it (the runner scores the model
+    itself, so the trainer's own evaluation is off)."""
+    from mmlm.config_utils import load_config, load_config_module
+
+    config = load_config(spec, [f"--config.seed={seed}", f"--config.synthetic.cache_dir={data_dir}"])
+    if quick:
+        load_config_module(str(CONFIG_DIR / "base.py")).quick(config)
+    if init_from is not None:
+        config.train.init_from = str(init_from)
+    config.eval.every = -1  # the runner scores every question of the val split after training
+    config.train.progress_bar = False  # the runner prints one line per run
+    return config
+
+
+def foundation_run(out: Path, quick: bool) -> Run:
+    """The shared foundation (configs/experiments/foundation.py), trained once with seed 0."""
+    spec = f"{CONFIG_DIR}/foundation.py"
+    config = load_spec(spec, 0, out / "data", quick, None)
+    return Run(FOUNDATION, 0, [], config, config_fingerprint(config), "configs/experiments/foundation.py")
+
+
+def make_plan(studies: Sequence[str], seeds: int, out: Path, quick: bool) -> list[Run]:
+    """The foundation, then every (row, seed) of the studies; rows with equal configs collapse into one run."""
+    runs: dict[str, Run] = {}
+    init_from = out / FOUNDATION / "model"
+    foundation = foundation_run(out, quick)
+    for study in studies:
+        for row in study_module(study).ROWS:
+            for seed in range(seeds):
+                config = load_spec(f"{CONFIG_DIR / study}.py:{row}", seed, out / "data", quick, init_from)
+                fp = config_fingerprint(config, foundation.fingerprint)  # a new foundation retrains the rows
+                if fp not in runs:
+                    runs[fp] = Run(f"{study}-{row}-s{seed}", seed, [], config, fp,
+                                   f"configs/experiments/{study}.py:{row}")
+                runs[fp].rows.append((study, row))
+    return [foundation] + list(runs.values())
+
+
+def export_foundation(run: Run, out: Path) -> Path:
+    """OUT/foundation/model: the foundation's shared parts as a model checkpoint for `--init_from`."""
+    from mmlm.checkpoint import is_model_checkpoint, load_params_from_workdir, save_model
+    from mmlm.config_utils import load_config_module
+
+    dest = out / FOUNDATION / "model"
+    if is_model_checkpoint(str(dest)):
+        return dest
+    parts = load_config_module(str(CONFIG_DIR / "base.py")).FOUNDATION_PARTS
+    params, config = load_params_from_workdir(str(out / "runs" / run.name))
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a half-written export of a killed runner
+    save_model(str(tmp), {p: params[p] for p in parts}, config)
+    os.replace(tmp, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------- one run
+
+class Interrupted(Exception):
+    """The trainer stopped on SIGINT/SIGTERM after saving a checkpoint."""
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def flops_per_example(config: Any, budget: int, text_tokens: int) -> float:
+    """Analytic matmul FLOPs of one image-question prefill at `budget` (`mmlm bench flops`, analytic row)."""
+    from mmlm.models.config import model_config_from_dict
+    from mmlm.models.flops import analytic_flops, make_workload
+
+    cfg = model_config_from_dict(config.model)
+    return float(analytic_flops(cfg, make_workload(cfg, text_tokens, budget))["total"])
+
+
+def llm_vision_tokens(config: Any, budget: int) -> int:
+    """Vision tokens the LLM reads per image at `budget` (all patches for the LLaVA-1.5 baseline)."""
+    from mmlm.models.config import model_config_from_dict
+
+    return model_config_from_dict(config.model).check_budget(budget)
+
+
+def questions_file(config: Any) -> Path:
+    """The val questions of the row's synthetic dataset (set by the trainer: `data.dataset_dir` = BUILD/built)."""
+    return Path(config.data.dataset_dir).parent / "raw" / f"{config.data.eval_split}_questions.jsonl"
+
+
+def oracle(answers: dict[int, list[dict[str, Any]]], budgets: Sequence[int]) -> dict[str, Any]:
+    """Best budget per question: correct when any budget is; it spends the smallest budget that is
+    correct (the smallest of all when none is)."""
+    budgets = sorted(b for b in budgets if b in answers)
+    by_q = [dict(zip(budgets, lines)) for lines in zip(*(answers[b] for b in budgets))]
+    chosen, correct = [], []
+    for q in by_q:
+        ok = [b for b in budgets if q[b]["accuracy"] > 0]
+        chosen.append(ok[0] if ok else budgets[0])
+        correct.append(bool(ok))
+    cats: dict[str, list[bool]] = {}
+    for q, c in zip(by_q, correct):
+        cats.setdefault(str(q[budgets[0]].get("category", "other")), []).append(c)
+    return {"budgets": budgets, "accuracy": sum(correct) / max(len(correct), 1),
+            "by_category": {k: sum(v) / len(v) for k, v in sorted(cats.items())},
+            "chosen": {str(b): chosen.count(b) for b in budgets}, "count": len(correct)}
+
+
+def execute(run: Run, out: Path) -> dict[str, Any]:
+    """Trains (or resumes) and scores one run; writes RUN/run.json last; returns its content."""
+    from mmlm.eval.evaluate import ResultsWriter, evaluate, prepare_questions, read_jsonl
+    from mmlm.infer.loading import load_inference_model
+    from mmlm.train.trainer import train
+
+    workdir = out / "runs" / run.name
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = run.config.copy_and_resolve_references()
+    t0 = time.time()
+    result = train(config, str(workdir))
+    if result["status"] != "completed":
+        raise Interrupted(f"{run.name}: training {result['status']} at step {result['steps']}; rerun to resume")
+    t_train = time.time() - t0
+    t1 = time.time()
+    qfile = questions_file(config)
+    im = load_inference_model(workdir=str(workdir))
+    lines = read_jsonl(str(qfile))
+    if int(config.synthetic.num_eval) <= QUICK_EVAL_IMAGES:  # --quick: the first question of each image
+        lines = [q for q in lines if not str(q["question_id"]).rpartition("-q")[1] or
+                 str(q["question_id"]).endswith("-q0")]
+    questions = prepare_questions(im, lines, qfile.parent)
+    writer = ResultsWriter(workdir / "eval")
+    try:
+        ev = evaluate(im, questions, run.budgets, batch_size=int(config.data.eval_batch_size),
+                      max_new_tokens=int(config.eval.max_new_tokens), progress=False, on_answers=writer)
+    finally:
+        writer.close()
+    t_eval = time.time() - t1
+    writer.finish(ev, {"source": str(workdir), "data": str(qfile), "seconds": round(t_eval, 2)})
+    text_tokens = round(sum(len(q.prompt) - 1 for q in questions) / len(questions))  # the placeholder excluded
+    points = {}
+    for row in ev.rows:
+        m = int(row["num_vision_tokens"])
+        points[str(m)] = {"accuracy": row["accuracy"], "by_category": row.get("by_category", {}),
+                          "count": row["count"], "llm_vision_tokens": llm_vision_tokens(config, m),
+                          "flops": flops_per_example(config, m, text_tokens)}
+    record: dict[str, Any] = {
+        "name": run.name, "seed": run.seed, "rows": [list(r) for r in run.rows], "spec": run.spec,
+        "fingerprint": run.fingerprint, "steps": result["steps"], "final_train_loss": result["train"].get("loss"),
+        "params": result["params"], "train_s": round(t_train, 1), "eval_s": round(t_eval, 1),
+        "wall_s": round(t_train + t_eval, 1), "text_tokens": text_tokens, "questions": str(qfile),
+        "points": points,
+        "command": (f"mmlm train --config {run.spec} --workdir RUN --config.seed={run.seed} "
+                    f"--config.synthetic.cache_dir=DATA --config.eval.every=-1"
+                    + (" --init_from OUT/foundation/model" if config.train.init_from else "")
+                    + f" && mmlm eval --workdir RUN --data {qfile.name} "
+                    f"--num_vision_tokens {','.join(str(b) for b in run.budgets)} --out RUN/eval"),
+    }
+    if (ORACLE_OF[0], ORACLE_OF[1]) in run.rows:
+        o = oracle(ev.answers, ORACLE_BUDGETS)
+        chosen = {int(b): n for b, n in o["chosen"].items()}
+        n = max(sum(chosen.values()), 1)
+        o["llm_vision_tokens"] = sum(b * k for b, k in chosen.items()) / n
+        o["flops"] = sum(flops_per_example(config, b, text_tokens) * k for b, k in chosen.items()) / n
+        record["oracle"] = o
+    _write_json_atomic(workdir / RUN_FILE, record)
+    return record
+
+
+def load_finished(run: Run, out: Path) -> dict[str, Any] | None:
+    """The run's record if it finished with this config; an error if its directory holds another config."""
+    from mmlm.errors import UserError
+
+    path = out / "runs" / run.name / RUN_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("fingerprint") != run.fingerprint:
+        raise UserError(f"{path.parent} was trained with another config of {run.spec} (fingerprint "
+                        f"{record.get('fingerprint')} vs {run.fingerprint}): the config changed since. Delete "
+                        "that directory to retrain it, or pass another --out")
+    return record
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def study_points(study: str, records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per (row, budget) of the study: accuracy mean/std over seeds, per category, tokens, FLOPs."""
+    rows = study_module(study).ROWS
+    grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for rec in records:
+        for s, row in rec["rows"]:
+            if s != study:
+                continue
+            for m, p in rec["points"].items():
+                grouped.setdefault((row, int(m)), []).append({**p, "seed": rec["seed"], "wall_s": rec["wall_s"]})
+            if "oracle" in rec and (s, row) == ORACLE_OF:
+                grouped.setdefault((ORACLE, 0), []).append({**rec["oracle"], "seed": rec["seed"], "wall_s": 0.0})
+    order = {r: i for i, r in enumerate(list(rows) + [ORACLE])}
+    out = []
+    for (row, m), ps in sorted(grouped.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+        acc = [p["accuracy"] for p in ps]
+        mean, std = mean_std(acc)
+        cats = {c: mean_std([p["by_category"][c] for p in ps if c in p["by_category"]])[0]
+                for c in CATEGORIES if any(c in p["by_category"] for p in ps)}
+        out.append({"row": row, "budget": m, "method": rows.get(row, "oracle (best budget per question)"),
+                    "mean": mean, "std": std, "n": len(acc), "values": acc,
+                    "seeds": [p["seed"] for p in ps], "by_category": cats,
+                    "llm_vision_tokens": sum(p["llm_vision_tokens"] for p in ps) / len(ps),
+                    "flops": sum(p["flops"] for p in ps) / len(ps),
+                    "wall_s_per_run": sum(p["wall_s"] for p in ps) / len(ps)})
+    return out
+
+
+def verdict(claim: Claim, points: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Whether our numbers show the claim's ordering ("holds" / "does not hold" / "missing")."""
+    table = {(p["row"], p["budget"]): p for p in points}
+    need = [claim.a, claim.b] + ([claim.c, claim.d] if claim.c else [])
+    if any(k not in table for k in need):
+        return {"verdict": "missing", "ours": "", "diff": None}
+    a, b = table[claim.a], table[claim.b]
+    spread = math.sqrt(a["std"] ** 2 + b["std"] ** 2)
+    if claim.c:
+        c, d = table[claim.c], table[claim.d]
+        lhs, rhs = a["mean"] - b["mean"], c["mean"] - d["mean"]
+        holds = lhs > rhs
+        ours = f"{100 * lhs:+.1f} vs {100 * rhs:+.1f} points"
+        diff = lhs - rhs
+        spread = math.sqrt(spread ** 2 + c["std"] ** 2 + d["std"] ** 2)
+    else:
+        diff = a["mean"] - b["mean"]
+        ours = f"{_pct(a)} vs {_pct(b)}"
+        holds = {">": diff > 0, ">=": diff >= 0}.get(claim.relation, diff >= -max(MATCH_TOLERANCE, spread))
+    note = ""
+    if claim.relation == ">" and abs(diff) <= spread:
+        note = " (within the seed spread)"
+    return {"verdict": ("holds" if holds else "does not hold") + note, "ours": ours, "diff": diff}
+
+
+def _pct(p: dict[str, Any]) -> str:
+    return f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f}"
+
+
+# ----------------------------------------------------------------------------- report
+
+def plot_study(study: str, points: Sequence[dict[str, Any]], out: Path) -> list[str]:
+    """`<study>_tokens.png` and `<study>_flops.png`: accuracy vs x, one line per method, std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    methods: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        methods.setdefault(p["method"], []).append(p)
+    for key, label, log_base in (("llm_vision_tokens", "LLM vision tokens per image", 2),
+                                 ("flops", "FLOPs per example (analytic matmuls, one image-question)", 10)):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for method, ps in methods.items():
+            ps = sorted(ps, key=lambda p: p[key])
+            ax.errorbar([p[key] for p in ps], [100 * p["mean"] for p in ps], yerr=[100 * p["std"] for p in ps],
+                        marker="o" if len(ps) > 1 else "s", capsize=3, label=method,
+                        linestyle="-" if len(ps) > 1 else "none")
+        ax.set_xscale("log", base=log_base)
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out exact match (%)")
+        ax.set_title(STUDY_TITLES[study], fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"{study}_{'tokens' if key == 'llm_vision_tokens' else 'flops'}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def study_command(study: str, seeds: int, quick: bool, out: Path) -> str:
+    parts = ["python experiments/paper_trends/run.py", f"--study {study}", f"--seeds {seeds}"]
+    if quick:
+        parts.append("--quick")
+    if out.resolve() != DEFAULT_OUT:
+        parts.append(f"--out {out}")
+    return " ".join(parts)
+
+
+def _fmt_flops(f: float) -> str:
+    return f"{f / 1e6:.2f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """results.md: per study the command, the table, the paper's orderings with verdicts, the plots."""
+    s = report["settings"]
+    lines = ["# The paper's trends at small scale", "",
+             "LLaVA-Mini's ablations (arXiv 2501.03895) re-run with a 300k-parameter model "
+             "on the synthetic `grid_shapes` task (`mmlm.data.synth`: 6-12 shapes on a 4x4 grid, one 16 px ViT "
+             "patch per cell; questions on one cell's colour or shape, counts per colour, existence). "
+             "Accuracy is greedy exact match on every question of the held-out split "
+             f"({s['questions']} questions), mean ± sample std over seeds. "
+             "FLOPs per example: analytic matmul FLOPs of one image-question prefill (`mmlm bench flops`, "
+             f"{s['text_tokens']} text tokens). Configs: `configs/experiments/`.", ""]
+    if s["quick"]:
+        lines += ["**Quick mode** (`--quick`): a few training steps on a few images; the numbers only show that "
+                  "the pipeline runs, they are not results.", ""]
+    lines += [f"Runs: {s['runs_finished']} of {s['runs_planned']} finished; wall time of the finished runs "
+              f"{report['wall_time_s'] / 3600:.2f} h ({report['wall_time_s']:.0f} s); generated {s['generated']}; "
+              f"machine: {s['machine']}.", ""]
+    fd = report["runs"].get(FOUNDATION)
+    if fd:
+        acc = ", ".join(f"{100 * p['accuracy']:.1f}% at {m} tokens" for m, p in fd["points"].items())
+        cats = ", ".join(f"{c} {100 * v:.1f}" for c, v in next(iter(fd["points"].values()))["by_category"].items())
+        lines += ["## The shared foundation", "",
+                  "Every row starts from one foundation, the analogue of the paper's pretrained CLIP ViT and LLM: "
+                  "a LLaVA-1.5-style model (all 16 patch tokens to the LLM) trained from scratch on grid_shapes "
+                  f"(`configs/experiments/foundation.py`, {fd['steps']} steps, seed 0). Its vision tower (frozen "
+                  "in the rows, as CLIP in LLaVA-Mini's stage 2) and LLM initialise each row; projector, compressor "
+                  "and pre-fusion start fresh. The foundation itself scores "
+                  f"{acc} ({cats}); it took {fd['wall_s']:.0f} s.", ""]
+    for study, st in report["studies"].items():
+        lines += [f"## {STUDY_TITLES[study]}", "",
+                  "Reproduce this section (table and plots):", "", "```", st["command"], "```", "",
+                  f"Wall time of its runs: {st['wall_time_s']:.0f} s ({st['runs']} runs; runs shared with another "
+                  "study count in both).", ""]
+        head = "| row | method | LLM vision tokens | MFLOPs / example | accuracy (%) | n | " + \
+            " | ".join(CATEGORIES) + " | s / run |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for p in st["points"]:
+            cats = " | ".join(f"{100 * p['by_category'][c]:.1f}" if c in p["by_category"] else ""
+                              for c in CATEGORIES)
+            budget = "" if p["row"] == ORACLE else f"@{p['budget']}"
+            lines.append(f"| {p['row']}{budget} | {p['method']} | {p['llm_vision_tokens']:.3g} | "
+                         f"{_fmt_flops(p['flops'])} | {100 * p['mean']:.1f} ± {100 * p['std']:.1f} | {p['n']} | "
+                         f"{cats} | {p['wall_s_per_run']:.0f} |")
+        lines += ["", "The paper's orderings, row by row:", "",
+                  "| ordering | the paper | ours | verdict |", "|---|---|---|---|"]
+        for c in st["claims"]:
+            lines.append(f"| {c['text']} | {c['paper']} | {c['ours']} | {c['verdict']} |")
+        lines += ["", f"![accuracy vs tokens]({study}_tokens.png) ![accuracy vs FLOPs]({study}_flops.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(studies: Sequence[str], plan: Sequence[Run], records: dict[str, dict[str, Any]], out: Path,
+                 seeds: int, quick: bool) -> dict[str, Any]:
+    """results.json content; also writes results.md and the plots."""
+    import platform
+
+    finished = [records[r.name] for r in plan if r.name in records]
+    report: dict[str, Any] = {
+        "settings": {"studies": list(studies), "seeds": seeds, "quick": quick,
+                     "runs_planned": len(plan), "runs_finished": len(finished),
+                     "questions": max((p["count"] for rec in finished for p in rec["points"].values()), default=0),
+                     "text_tokens": finished[0]["text_tokens"] if finished else None,
+                     "generated": datetime.datetime.now().isoformat(timespec="seconds"),
+                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
+        "wall_time_s": sum(r["wall_s"] for r in finished),
+        "studies": {}, "runs": {r["name"]: r for r in finished},
+    }
+    for study in studies:
+        recs = [r for r in finished if any(s == study for s, _ in r["rows"])]
+        points = study_points(study, recs)
+        claims = [{**dataclasses.asdict(c), **verdict(c, points)} for c in CLAIMS[study]]
+        report["studies"][study] = {
+            "command": study_command(study, seeds, quick, out), "points": points, "claims": claims,
+            "runs": len(recs), "wall_time_s": sum(r["wall_s"] for r in recs),
+            "plots": plot_study(study, points, out) if points else []}
+    _write_json_atomic(out / RESULTS_JSON, report)
+    (out / RESULTS_MD).write_text(markdown(report), encoding="utf-8")
+    return report
+
+
+# ----------------------------------------------------------------------------- main
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", default="all",
+                   help=f"a study, a comma-separated list, or 'all' (default); studies: {', '.join(STUDIES)}")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3; 1 with --quick)")
+    p.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}; with --quick a new "
+                                               "temporary directory)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few steps on a few images per row, every study, 1 seed: checks the pipeline in minutes")
+    p.add_argument("--report_only", action="store_true",
+                   help="no training: tables and plots from the runs that have finished")
+    return p
+
+
+def parse_studies(text: str) -> list[str]:
+    from mmlm.errors import UserError
+
+    names = list(STUDIES) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STUDIES]
+    if unknown or not names:
+        raise UserError(f"--study {text!r}: unknown study {unknown}; choose from {list(STUDIES)} or 'all'")
+    return names
+
+
+def _configure_jax(out: Path, quick: bool) -> None:
+    """Before jax starts: CPU, XLA's persistent compilation cache under OUT (the seeds of a row compile
+    once), and with --quick no LLVM optimisation (half the compile time of these small programs)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if quick and "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(out / "jit_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    for name in ("absl", "orbax", "grain", "jax._src", "tensorflow", "etils", "mmlm"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from mmlm.errors import UserError
+
+    try:
+        studies = parse_studies(args.study)
+        seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+        if seeds < 1:
+            raise UserError(f"--seeds must be >= 1, got {seeds}")
+        if args.out:
+            out = Path(args.out)
+        elif args.quick:
+            import tempfile
+
+            out = Path(tempfile.mkdtemp(prefix="paper_trends_quick_"))
+        else:
+            out = DEFAULT_OUT
+        out.mkdir(parents=True, exist_ok=True)
+        _configure_jax(out, args.quick)
+        # The report covers every study whose runs are in OUT (a run of one study does not drop the others).
+        plan = make_plan(STUDIES, seeds, out, args.quick)
+        wanted = {(s, r) for s in studies for r in study_module(s).ROWS}
+        records: dict[str, dict[str, Any]] = {}
+        for run in plan:
+            rec = load_finished(run, out)
+            if rec is not None:
+                records[run.name] = rec
+        todo = [r for r in plan if r.name not in records and (r.name == FOUNDATION or set(r.rows) & wanted)]
+        print(f"paper trends: {len(todo)} runs to do for {', '.join(studies)}, {seeds} seed(s)"
+              f"{' (quick)' if args.quick else ''}; {len(records)} of all {len(plan)} runs finished -> {out}",
+              flush=True)
+        if not args.report_only:
+            run_all(todo, records, out, len(records), len(records) + len(todo))
+        report = build_report(STUDIES, plan, records, out, seeds, args.quick)
+    except UserError as e:
+        print(f"run.py: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"run.py: {e}", file=sys.stderr)
+        return 130
+    print(f"wrote {out / RESULTS_MD}, {out / RESULTS_JSON} and "
+          f"{sum(len(s['plots']) for s in report['studies'].values())} plots "
+          f"({report['settings']['runs_finished']}/{len(plan)} runs finished)", flush=True)
+    return 0
+
+
+def run_all(todo: Sequence[Run], records: dict[str, dict[str, Any]], out: Path, done: int, total: int) -> None:
+    """Trains and scores the unfinished runs, one progress line each."""
+    from tqdm import tqdm
+
+    foundation = next((r for r in todo if r.name == FOUNDATION), None)
+    if foundation is None and FOUNDATION in records:
+        export_foundation(Run(FOUNDATION, 0, [], None, "", ""), out)  # finished earlier; exported unless killed
+    start = time.time()
+    bar = tqdm(todo, desc="runs", unit="run", file=sys.stdout, dynamic_ncols=True)
+    for i, run in enumerate(bar):
+        bar.set_postfix_str(run.name)
+        t = time.time()
+        records[run.name] = rec = execute(run, out)
+        if run.name == FOUNDATION:
+            export_foundation(run, out)
+        accs = ", ".join(f"@{m} {100 * p['accuracy']:.1f}%" for m, p in rec["points"].items())
+        bar.write(f"[{done + i + 1}/{total}] {run.name}: {accs}; {time.time() - t:.0f} s (train {rec['train_s']:.0f}, "
+                  f"eval {rec['eval_s']:.0f}); elapsed {datetime.timedelta(seconds=round(time.time() - start))}")
+    bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""experiments/paper_trends/run.py --quick: every study's table, orderings and plots come out well formed.
+
+The quick run trains every row for a few steps on a few images, so its accuracies mean nothing; this
+checks the pipeline (plan, foundation, training, scoring, oracle, aggregation, report, resume), not the
+numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "experiments" / "paper_trends" / "run.py"
+STUDIES = ("matryoshka", "prefusion", "resolution", "pooling")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(out: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper_trends")
+    start = time.perf_counter()
+    proc = _run(out)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(f"run.py --quick: {seconds:.0f} s")
+    return out, proc, seconds
+
+
+def test_every_study_has_its_table_orderings_and_plots(quick):
+    out, proc, _ = quick
+    report = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    assert list(report["studies"]) == list(STUDIES)
+    assert report["settings"]["runs_finished"] == report["settings"]["runs_planned"]
+    for study in STUDIES:
+        st = report["studies"][study]
+        rows = {p["row"] for p in st["points"]}
+        expected = set(_rows(study)) | ({"oracle"} if study == "matryoshka" else set())
+        assert rows == expected, study
+        for p in st["points"]:
+            assert 0.0 <= p["mean"] <= 1.0 and p["std"] == 0.0 and p["n"] == 1  # one seed in quick mode
+            assert p["llm_vision_tokens"] >= 1 and p["flops"] > 0
+        assert st["claims"] and all(c["verdict"].startswith(("holds", "does not hold")) for c in st["claims"])
+        assert st["plots"] == [f"{study}_tokens.png", f"{study}_flops.png"]
+        for name in st["plots"]:
+            assert (out / name).read_bytes()[:8] == PNG_MAGIC
+            assert f"({name})" in md
+        # The command that reproduces the section is printed above its table.
+        section = md.split(f"```\n{st['command']}\n```")
+        assert len(section) == 2 and "| row | method |" in section[1].split("## ")[0], study
+    # Budgets scored per row: the nested models at 1, 2, 4, 8, 16; a fixed model at its one budget.
+    mat = {(p["row"], p["budget"]) for p in report["studies"]["matryoshka"]["points"]}
+    assert {("matryoshka", m) for m in (1, 2, 4, 8, 16)} <= mat and ("fixed4", 4) in mat
+    assert report["runs"]["foundation"]["points"]["16"]["count"] > 0
+
+
+def test_shared_rows_train_once_and_a_rerun_skips_finished_runs(quick):
+    out, _, _ = quick
+    report = json.loads((out / "results.json").read_text())
+    runs = report["runs"]
+    # pooling's query rows are the Matryoshka study's fixed-budget rows: one run serves both.
+    assert ["pooling", "query_t1"] in runs["matryoshka-fixed1-s0"]["rows"]
+    assert not any(name.startswith("pooling-query") for name in runs)
+    for rec in runs.values():
+        assert (out / "runs" / rec["name"] / "run.json").is_file()
+        assert (out / "runs" / rec["name"] / "eval" / "metrics.json").is_file()
+    oracle = runs["matryoshka-matryoshka-s0"]["oracle"]
+    best = max(runs["matryoshka-matryoshka-s0"]["points"][str(m)]["accuracy"] for m in (1, 4, 16))
+    assert oracle["accuracy"] >= best and 1 <= oracle["llm_vision_tokens"] <= 16
+    before = (out / "results.json").stat().st_mtime
+    proc = _run(out, "--study", "pooling", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "0 runs to do" in proc.stdout  # every run of the study (and the foundation) had finished
+    assert (out / "results.json").stat().st_mtime > before
+
+
+def test_quick_run_time(quick):
+    """The acceptance bound of --quick is 5 minutes on the 2-core CPU; a loaded machine gets some slack."""
+    _, _, seconds = quick
+    assert seconds < 900
+
+
+def _rows(study: str) -> list[str]:
+    sys.path.insert(0, str(REPO))
+    from mmlm.config_utils import load_config_module
+
+    return list(load_config_module(str(REPO / "configs" / "experiments" / f"{study}.py")).ROWS)
