@@ -42,7 +42,7 @@ CATEGORIES_FILE = "eval_categories.json"  # {example_id: category of its first q
 def synthetic_config() -> ml_collections.ConfigDict:
     """`config.synthetic`: a dataset rendered and built on first use (empty kind = off)."""
     return ml_collections.ConfigDict(dict(
-        kind="",                 # "shapes", "shapes_hd" or "moving_shapes" (mmlm.data.synth); "" = off
+        kind="",                 # "shapes", "shapes_hd", "moving_shapes", "grid_shapes" or "grid_shapes_hd" (mmlm.data.synth); "" = off
         num_train=2000,          # records (images / videos) in the train split
         num_eval=200,            # records in the eval split (config.data.eval_split)
         seed=0,                  # synthesis seed (records are a pure function of seed, split, index)
