@@ -308,11 +308,7 @@ def _grid_qa(rng: np.random.Generator, objs: Sequence[Obj], category: str) -> QA
             list(COLORS)[int(rng.integers(len(COLORS)))]
         return QA(category, Q_COUNT_COLOR.format(color=color), NUMBER_WORDS[sum(o.color == color for o in objs)])
     if category == "exist":
-        if rng.random() < 0.5:
-            o = objs[int(rng.integers(len(objs)))]
-            return QA(category, Q_EXIST.format(color=o.color, shape=o.shape), "yes")
-        color, shape = _absent_pair(rng, objs)
-        return QA(category, Q_EXIST.format(color=color, shape=shape), "no")
+        return _shapes_qa(rng, objs, "exist")  # the same question (and random draws) as `shapes`
     raise ValueError(category)
 
 
