@@ -70,6 +70,8 @@ def model_config(*, vision: ml_collections.ConfigDict, llm: ml_collections.Confi
     m.dtype = "bfloat16"             # compute dtype of activations
     m.param_dtype = "float32"        # parameter (master weight) dtype
     m.scan_layers = True             # nn.scan over repeated blocks (fast compiles); False unrolls
+    m.scan_unroll = 1                # scanned blocks per loop iteration (nn.scan's unroll); 0 = all: the program
+                                     # has no loop but the parameters keep the scanned layout (CPU: faster steps)
     m.remat_policy = "none"          # rematerialisation of blocks: none | full | dots | dots_no_batch
     m.attention = "auto"             # self-attention: auto (splash on TPU, cuDNN on GPU, XLA on CPU) | xla | splash | cudnn
     m.loss_chunk = 1024              # training loss: LM head + cross-entropy over chunks of this many positions,

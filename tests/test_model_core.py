@@ -300,6 +300,26 @@ def test_scanned_and_unrolled_layers_agree(tiny):
     assert jax.tree.structure(restacked) == jax.tree.structure(params)
 
 
+def test_unrolled_scan_keeps_parameters_and_results(tiny):
+    """`model.scan_unroll=0` removes the layer loop from the program, not the scanned parameter layout."""
+    cfg, batch, params = tiny
+    unrolled_cfg = make_cfg("--config.model.scan_unroll=0")
+    assert jax.tree.structure(init(unrolled_cfg, batch)) == jax.tree.structure(params)
+
+    def loss(c, p):
+        out = LlavaMini(c).apply({"params": p}, batch)
+        return token_loss(out["logits"], targets_from_labels(batch["labels"], out["text_index"]))["loss"]
+
+    # No while loop is left in the compiled gradient: every layer is inlined.
+    hlo = jax.jit(jax.grad(lambda p: loss(unrolled_cfg, p))).lower(params).as_text()
+    assert "while" not in hlo
+    g1 = jax.jit(jax.grad(lambda p: loss(cfg, p)))(params)
+    g2 = jax.jit(jax.grad(lambda p: loss(unrolled_cfg, p)))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
+    with pytest.raises(ValueError, match="scan_unroll"):
+        make_cfg("--config.model.scan_unroll=-1")
+
+
 def test_remat_does_not_change_results(tiny):
     cfg, batch, params = tiny
     remat_cfg = make_cfg("--config.model.remat_policy=full")

@@ -203,6 +203,7 @@ class BlockStack(nn.Module):
     num_layers: int
     scan: bool = True
     remat: str = "none"
+    unroll: int = 1  # scanned layers per loop iteration (nn.scan's unroll); 0 = all (no loop left)
 
     @nn.compact
     def __call__(self, x, state, *shared):
@@ -219,6 +220,7 @@ class BlockStack(nn.Module):
                 in_axes=(0,) + (nn.broadcast,) * len(shared),
                 out_axes=0,
                 length=self.num_layers,
+                unroll=self.unroll or self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             return scanned(**kwargs, name="layers")(x, state, *shared)

@@ -80,10 +80,10 @@ class LlamaBlock(nn.Module):
 
 
 def block_stack(cfg: LlamaConfig, num_layers: int, dtype, param_dtype, scan: bool, remat: str,
-                name: str, attention: str = "auto") -> BlockStack:
+                name: str, attention: str = "auto", unroll: int = 1) -> BlockStack:
     return BlockStack(LlamaBlock, (("cfg", cfg), ("dtype", dtype), ("param_dtype", param_dtype),
                                    ("attention", attention)),
-                      num_layers, scan=scan, remat=remat, name=name)
+                      num_layers, scan=scan, remat=remat, unroll=unroll, name=name)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32, layers: int | None = None,
@@ -109,6 +109,7 @@ class LlamaModel(nn.Module):
     scan_layers: bool = True
     remat: str = "none"
     attention: str = "auto"
+    scan_unroll: int = 1
 
     def setup(self):
         cfg = self.cfg
@@ -116,7 +117,7 @@ class LlamaModel(nn.Module):
             cfg.vocab_size, cfg.width, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
         self.decoder = block_stack(cfg, cfg.layers, self.dtype, self.param_dtype, self.scan_layers, self.remat,
-                                   name="decoder", attention=self.attention)
+                                   name="decoder", attention=self.attention, unroll=self.scan_unroll)
         self.norm = RMSNorm(cfg.rms_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,

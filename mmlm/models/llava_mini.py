@@ -107,7 +107,8 @@ class LlavaMini(nn.Module):
     def setup(self):
         cfg = self.cfg
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
-        stack = dict(scan_layers=cfg.scan_layers, remat=cfg.remat_policy, attention=cfg.attention)
+        stack = dict(scan_layers=cfg.scan_layers, scan_unroll=cfg.scan_unroll, remat=cfg.remat_policy,
+                     attention=cfg.attention)
         self.vision = VisionTower(cfg.vision, **stack, **kw)
         self.projector = Projector(cfg.projector, cfg.llm.width, **kw)
         if cfg.mode == "llava_mini":

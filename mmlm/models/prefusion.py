@@ -29,6 +29,7 @@ class PreFusion(nn.Module):
     scan_layers: bool = True
     remat: str = "none"
     attention: str = "auto"
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, vision: jax.Array, text: jax.Array, fuse: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -42,7 +43,7 @@ class PreFusion(nn.Module):
         valid = jnp.concatenate([jnp.ones(vision.shape[:2], bool), fuse], axis=1)
         positions = positions_from_valid(valid)
         stack = block_stack(self.cfg, self.num_layers, self.dtype, self.param_dtype, self.scan_layers,
-                            self.remat, name="blocks", attention=self.attention)
+                            self.remat, name="blocks", attention=self.attention, unroll=self.scan_unroll)
         out, _ = stack(x, None, positions, None, valid)
         fused_text = jnp.where(fuse[..., None], out[:, p:], text.astype(self.dtype))
         return out[:, :p], fused_text

@@ -55,6 +55,7 @@ class VisionTower(nn.Module):
     scan_layers: bool = True
     remat: str = "none"
     attention: str = "auto"
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -81,5 +82,6 @@ class VisionTower(nn.Module):
         if cfg.blocks_used:
             x, _ = BlockStack(VitBlock, (("cfg", cfg), ("dtype", self.dtype), ("param_dtype", self.param_dtype),
                                          ("attention", self.attention)),
-                              cfg.blocks_used, scan=self.scan_layers, remat=self.remat, name="encoder")(x, None)
+                              cfg.blocks_used, scan=self.scan_layers, remat=self.remat,
+                              unroll=self.scan_unroll, name="encoder")(x, None)
         return x[:, 1:]  # drop the class token
