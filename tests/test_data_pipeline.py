@@ -120,6 +120,36 @@ def test_same_seed_same_order_and_epochs(data_shapes_dir):
     assert sum(_ids(unshuffled), []) == list(range(N_TRAIN))
 
 
+def test_cached_examples_give_identical_batches_and_are_processed_once(data_shapes_dir, monkeypatch):
+    """`data.cache_examples`: three epochs, every batch equal to the uncached pipeline's; the records are
+    processed in the first epoch only; a resumed cached iterator continues identically."""
+    from mmlm.data import pipeline as pipeline_lib
+
+    calls = []
+    original = pipeline_lib.ExampleProcessor.__call__
+    monkeypatch.setattr(pipeline_lib.ExampleProcessor, "__call__",
+                        lambda self, record: calls.append(1) or original(self, record))
+    plain = _config(data_shapes_dir / "ds", seed=2, num_epochs=3)
+    cached = _config(data_shapes_dir / "ds", seed=2, num_epochs=3, cache_examples=True)
+    want = list(make_dataset(plain, "train", process_index=0, process_count=1, train=True))
+    calls.clear()
+    it = iter(make_dataset(cached, "train", process_index=0, process_count=1, train=True))
+    got = _take(it, 8)
+    state = json.loads(json.dumps(it.get_state()))
+    got += list(it)
+    assert len(calls) == N_TRAIN  # 3 epochs, each record processed once
+    assert len(got) == len(want) == 18
+    for w, g in zip(want, got):
+        assert w.keys() == g.keys()
+        for key in w:
+            np.testing.assert_array_equal(w[key], g[key])
+    resumed = iter(make_dataset(cached, "train", process_index=0, process_count=1, train=True))
+    resumed.set_state(state)
+    for w, g in zip(want[8:], resumed):
+        np.testing.assert_array_equal(w["input_ids"], g["input_ids"])
+        np.testing.assert_array_equal(w["images"], g["images"])
+
+
 def test_restore_mid_epoch_gives_identical_batches(data_shapes_dir):
     pipe = make_dataset(_config(data_shapes_dir / "ds", seed=1), "train", process_index=0,
                         process_count=1, train=True)

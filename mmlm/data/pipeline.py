@@ -136,6 +136,35 @@ class _PaddedSource:
         return f"_PaddedSource({self._source!r}, length={self._length})"
 
 
+class _CachedExamples:
+    """Random-access source of processed examples, each processed on its first read and kept in memory.
+
+    grain's MapDataset has no cache transform; this is the source-level one. Readers may race on a
+    miss: both compute the same example (a pure function of the record) and one copy is kept.
+    """
+
+    def __init__(self, source, processor: ExampleProcessor):
+        self._source = source
+        self._processor = processor
+        self._examples: dict[int, dict[str, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index) % len(self._source)
+        example = self._examples.get(index)
+        if example is None:
+            example = self._processor(self._source[index])
+            for value in example.values():
+                value.flags.writeable = False  # shared across epochs: the collator copies, never writes
+            self._examples[index] = example
+        return example
+
+    def __repr__(self) -> str:
+        return f"_CachedExamples({self._source!r})"
+
+
 # ----------------------------------------------------------------------------
 # Shapes
 # ----------------------------------------------------------------------------
@@ -492,10 +521,13 @@ def make_dataset(config: ml_collections.ConfigDict, split: str, *, process_index
     source = open_split(cfg.dataset_dir, split)
     n = len(source)
 
+    processor = make_processor(config, meta, geometry)
+    load_tokenizer(processor.tokenizer_path)  # fail now, not in a worker, on a bad path
+    cached = bool(cfg.get("cache_examples", False)) and train
     if train:
         if n < global_bs:
             raise ValueError(f"split {split!r} has {n} examples, fewer than one global batch ({global_bs})")
-        ds = grain.MapDataset.source(source)
+        ds = grain.MapDataset.source(_CachedExamples(source, processor) if cached else source)
         if cfg.shuffle:
             ds = ds.shuffle(seed=int(cfg.seed))
         epochs = cfg.num_epochs
@@ -514,9 +546,8 @@ def make_dataset(config: ml_collections.ConfigDict, split: str, *, process_index
         ds = grain.MapDataset.source(_PaddedSource(source, num_batches * global_bs))
     # Interleaved shards: global batch s = stream elements [s G, (s + 1) G).
     ds = ds[process_index::process_count]
-    processor = make_processor(config, meta, geometry)
-    load_tokenizer(processor.tokenizer_path)  # fail now, not in a worker, on a bad path
-    ds = ds.map(processor)
+    if not cached:
+        ds = ds.map(processor)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg.read_threads),
                                                  prefetch_buffer_size=int(cfg.prefetch_buffer_size)))
     collate = Collator(cfg.image_mean, cfg.image_std, on_device=pixels_on_device(cfg))
