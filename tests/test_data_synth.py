@@ -163,6 +163,17 @@ def test_category_weights_shift_the_question_mix(tmp_path):
     assert json.loads(empty.read_text()) == json.loads(uniform.read_text())[:20]
 
 
+def test_weights_on_a_category_that_often_does_not_apply_still_give_a_question(tmp_path):
+    """Shape questions need an object of a unique colour; a scene without one falls back to a category that
+    applies (count) instead of failing the whole synthesis."""
+    path = synth.synthesize("shapes", tmp_path, 300, 0, progress=False,
+                            category_weights="shape=1,color=0,count=0,exist=0,position=0")
+    counts = _category_counts(path.parent / "train_questions.jsonl")
+    assert sum(counts.values()) == 300
+    assert counts["shape"] > 250 and set(counts) <= {"shape", "color", "count"}
+    assert counts["shape"] < 300  # some scenes needed the fallback (before it, synthesis raised)
+
+
 def test_category_weights_errors_name_the_bad_value(tmp_path):
     with pytest.raises(ValueError, match=r"'colour'.*'color'"):
         synth.synthesize("shapes", tmp_path, 1, 0, category_weights="colour=2")

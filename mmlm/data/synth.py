@@ -370,6 +370,14 @@ def _pick_questions(rng: np.random.Generator, categories: Sequence[str], make, n
         if qa is not None and all(qa.question != q.question for q in out):
             out.append(qa)
     if not out:
+        # Every draw hit a category that does not apply here (likely only when the weights favour such
+        # categories): take the first that applies, weighted categories first. Datasets whose draws
+        # succeed are unchanged.
+        weighted = [c for i, c in enumerate(categories) if probs is None or probs[i] > 0]
+        for category in weighted + [c for c in categories if c not in weighted]:
+            qa = make(category)
+            if qa is not None:
+                return [qa]
         raise RuntimeError("no applicable question")  # cannot happen: count always applies
     return out
 
