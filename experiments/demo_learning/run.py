@@ -33,6 +33,7 @@ from mmlm import IGNORE_INDEX
 from mmlm.config_utils import load_config
 from mmlm.data import synth
 from mmlm.data.tokenizer import load_tokenizer
+from mmlm.models.loss import targets_from_labels
 from mmlm.train import data as data_lib
 from mmlm.train import trainer
 from mmlm.train.step import make_train_step, model_inputs
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     @jax.jit
     def predict(params, batch):
         out = setup.model.apply({"params": params}, batch, budget)
-        return jnp.argmax(out["logits"], -1), out["targets"]
+        return jnp.argmax(out["logits"], -1), targets_from_labels(batch["labels"], out["text_index"])
 
     tok = load_tokenizer(config.data.get("tokenizer") or None)
     by_token = answer_categories(tok)
