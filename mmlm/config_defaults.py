@@ -69,6 +69,9 @@ def model_config(*, vision: ml_collections.ConfigDict, llm: ml_collections.Confi
     m.image_token_id = IMAGE_TOKEN_ID  # placeholder id in input_ids that the vision tokens replace
     m.dtype = "bfloat16"             # compute dtype of activations
     m.param_dtype = "float32"        # parameter (master weight) dtype
+    m.init_std = 0.02                # std of every dense kernel at init (the HF configs' initializer_range, sized
+                                     # for 4,096-wide models); 0 = lecun normal, std 1/sqrt(fan_in) (narrow models
+                                     # trained from scratch: the demo's failing seeds pass with it, measured)
     m.scan_layers = True             # nn.scan over repeated blocks (fast compiles); False unrolls
     m.scan_unroll = 1                # scanned blocks per loop iteration (nn.scan's unroll); 0 = all: the program
                                      # has no loop but the parameters keep the scanned layout (CPU: faster steps)

@@ -320,6 +320,30 @@ def test_unrolled_scan_keeps_parameters_and_results(tiny):
         make_cfg("--config.model.scan_unroll=-1")
 
 
+def test_init_std_scales_every_dense_kernel_and_nothing_else(tiny):
+    """`model.init_std`: N(0, std) dense kernels (0.02 by default); 0 = lecun normal (std 1/sqrt(fan_in)).
+    Embeddings, positions, queries, norms and the compressor's in-projection keep their initialisers."""
+    cfg, batch, params = tiny
+    fan_in = init(make_cfg("--config.model.init_std=0"), batch)
+    wider = init(make_cfg("--config.model.init_std=0.05"), batch)
+    flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    base, lecun, std05 = flat(params), flat(fan_in), flat(wider)
+    kernels = [k for k in base if k.endswith("['kernel']") and "patch_embedding" not in k]  # conv: its own init
+    assert len(kernels) >= 10 and any("projector" in k for k in kernels) and any("out_proj" in k for k in kernels)
+    for k, v in base.items():
+        if k not in kernels:
+            np.testing.assert_array_equal(v, lecun[k], err_msg=k)
+            continue
+        assert not np.array_equal(v, lecun[k]), k
+        n = v.shape[-2]  # fan-in (scanned kernels carry a leading layer axis)
+        if v.size >= 2048:
+            assert abs(v.std() / 0.02 - 1) < 0.1, (k, v.std())
+            assert abs(std05[k].std() / 0.05 - 1) < 0.1, (k, std05[k].std())
+            assert abs(lecun[k].std() * np.sqrt(n) - 1) < 0.1, (k, lecun[k].std(), n)
+    with pytest.raises(ValueError, match="init_std"):
+        make_cfg("--config.model.init_std=-0.1")
+
+
 def test_remat_does_not_change_results(tiny):
     cfg, batch, params = tiny
     remat_cfg = make_cfg("--config.model.remat_policy=full")

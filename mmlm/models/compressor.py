@@ -26,7 +26,7 @@ import numpy as np
 
 from mmlm.kernels import compress_attention
 from mmlm.models.config import CompressorConfig
-from mmlm.models.layers import dense, layer_norm
+from mmlm.models.layers import dense, kernel_initializer, layer_norm
 from mmlm.models.positions import (adaptive_avg_pool_matrix, key_position_table, matryoshka_order,
                                    resize_position_table, sincos_2d)
 
@@ -74,6 +74,7 @@ class QueryCompressor(nn.Module):
     cfg: CompressorConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    init_std: float = 0.02  # out_proj kernel at init (layers.kernel_initializer)
 
     @nn.compact
     def __call__(self, x: jax.Array, num_tokens: int, return_weights: bool = False) -> jax.Array:
@@ -95,7 +96,8 @@ class QueryCompressor(nn.Module):
                           (dv, 3 * dv), self.param_dtype)
         b_in = self.param("in_proj_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("qkv",)),
                           (3 * dv,), self.param_dtype)
-        out_proj = dense(dv, ("qkv", "vision_embed"), use_bias=True, name="out_proj", **kw)
+        out_proj = dense(dv, ("qkv", "vision_embed"), use_bias=True, name="out_proj",
+                         kernel_init=kernel_initializer(self.init_std), **kw)
 
         key_grid = square_side(n, "compressor keys")
         if cfg.stored_position_table:
@@ -156,9 +158,10 @@ class AvgPoolCompressor(nn.Module):
         return jnp.einsum("mn,bnd->bmd", jnp.asarray(pool, x.dtype), x)
 
 
-def make_compressor(cfg: CompressorConfig, dtype, param_dtype, name: str = "compressor") -> nn.Module:
+def make_compressor(cfg: CompressorConfig, dtype, param_dtype, name: str = "compressor",
+                    init_std: float = 0.02) -> nn.Module:
     if cfg.kind == "query":
-        return QueryCompressor(cfg, dtype=dtype, param_dtype=param_dtype, name=name)
+        return QueryCompressor(cfg, dtype=dtype, param_dtype=param_dtype, init_std=init_std, name=name)
     if cfg.kind == "avgpool":
         return AvgPoolCompressor(cfg, dtype=dtype, param_dtype=param_dtype, name=name)
     raise ValueError(f"unknown compressor kind {cfg.kind!r}; use 'query' or 'avgpool'")

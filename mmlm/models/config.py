@@ -128,6 +128,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     scan_unroll: int = 1  # scanned layers per loop iteration; 0 = all (same parameters, no loop)
+    init_std: float = 0.02  # std of every dense kernel at init (HF initializer_range); 0 = lecun normal
     remat_policy: str = "none"
     attention: str = "auto"  # whole-sequence attention: auto (splash on TPU, cuDNN on GPU, XLA on CPU) | xla | splash | cudnn
     loss_chunk: int = 0  # LM head + loss over chunks of this many positions (0 = all at once)
@@ -150,6 +151,8 @@ class ModelConfig:
             raise ValueError(f"model.mode must be one of {MODES}, got {self.mode!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if not self.init_std >= 0:
+            raise ValueError(f"model.init_std must be >= 0 (0 = lecun normal), got {self.init_std}")
         if self.scan_unroll < 0:
             raise ValueError(f"model.scan_unroll must be >= 0 (0 = every layer), got {self.scan_unroll}")
         if self.loss_chunk < 0:

@@ -22,6 +22,12 @@ Initializer = Callable[..., jax.Array]
 
 DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
+
+def kernel_initializer(std: float) -> Initializer:
+    """Dense kernels at init: N(0, std) (the HF configs' `initializer_range`, 0.02, sized for 4,096-wide
+    models); std 0 = lecun normal (std 1/sqrt(fan_in), truncated), for narrow models trained from scratch."""
+    return nn.initializers.lecun_normal() if std == 0 else nn.initializers.normal(stddev=std)
+
 # Logical names of activation dimensions. `config.sharding_rules` maps them to mesh axes
 # (`mmlm.config_defaults.SHARDING_RULES`: the batch over (data, fsdp), heads / MLP / vocab over tensor).
 ACT_BATCH, ACT_LENGTH, ACT_EMBED = "activation_batch", "activation_length", "activation_embed"

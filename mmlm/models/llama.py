@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from mmlm.models.config import LlamaConfig
 from mmlm.kernels.attention import dense_attention, self_attention
 from mmlm.models.layers import (ACT_BATCH, ACT_HEADS, ACT_KV_HEADS, ACT_LENGTH, ACT_MLP, BTD, BlockStack, RMSNorm,
-                                apply_rope, causal_mask, constrain, dense, rope_inv_freq)
+                                apply_rope, causal_mask, constrain, dense, kernel_initializer,
+                                rope_inv_freq)
 
 KVCache = dict[str, jax.Array] | tuple[dict[str, jax.Array], ...]
 
@@ -35,6 +36,7 @@ class LlamaBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: str = "auto"  # whole-sequence attention implementation (mmlm.kernels.attention)
+    init_std: float = 0.02  # dense kernels at init (layers.kernel_initializer)
 
     @nn.compact
     def __call__(self, x: jax.Array, cache: KVCache | None, positions: jax.Array, mask: jax.Array | None,
@@ -46,13 +48,14 @@ class LlamaBlock(nn.Module):
         `key_valid` (B, T) marking the keys that may be read.
         """
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dk = dict(kw, kernel_init=kernel_initializer(self.init_std))
         b, t, _ = x.shape
         x = constrain(x, BTD)
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
         h = RMSNorm(cfg.rms_eps, name="input_layernorm", **kw)(x)
-        q = dense(cfg.heads * cfg.head_dim, ("embed", "heads"), use_bias=False, name="q_proj", **kw)(h)
-        k = dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), use_bias=False, name="k_proj", **kw)(h)
-        v = dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), use_bias=False, name="v_proj", **kw)(h)
+        q = dense(cfg.heads * cfg.head_dim, ("embed", "heads"), use_bias=False, name="q_proj", **dk)(h)
+        k = dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), use_bias=False, name="k_proj", **dk)(h)
+        v = dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), use_bias=False, name="v_proj", **dk)(h)
         q = apply_rope(q.reshape(b, t, cfg.heads, cfg.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, cfg.kv_heads, cfg.head_dim), positions, inv_freq)
         v = v.reshape(b, t, cfg.kv_heads, cfg.head_dim)
@@ -70,19 +73,19 @@ class LlamaBlock(nn.Module):
         else:
             attn = dense_attention(q, k, v, mask)
         attn = constrain(attn, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None)).reshape(b, t, cfg.heads * cfg.head_dim)
-        x = constrain(x + dense(cfg.width, ("heads", "embed"), use_bias=False, name="o_proj", **kw)(attn), BTD)
+        x = constrain(x + dense(cfg.width, ("heads", "embed"), use_bias=False, name="o_proj", **dk)(attn), BTD)
         h = RMSNorm(cfg.rms_eps, name="post_attention_layernorm", **kw)(x)
-        gate = dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=False, name="gate_proj", **kw)(h)
-        up = dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=False, name="up_proj", **kw)(h)
+        gate = dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=False, name="gate_proj", **dk)(h)
+        up = dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=False, name="up_proj", **dk)(h)
         hidden = constrain(nn.silu(gate) * up, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
-        x = x + dense(cfg.width, ("mlp", "embed"), use_bias=False, name="down_proj", **kw)(hidden)
+        x = x + dense(cfg.width, ("mlp", "embed"), use_bias=False, name="down_proj", **dk)(hidden)
         return constrain(x, BTD), new_cache
 
 
 def block_stack(cfg: LlamaConfig, num_layers: int, dtype, param_dtype, scan: bool, remat: str,
-                name: str, attention: str = "auto", unroll: int = 1) -> BlockStack:
+                name: str, attention: str = "auto", unroll: int = 1, init_std: float = 0.02) -> BlockStack:
     return BlockStack(LlamaBlock, (("cfg", cfg), ("dtype", dtype), ("param_dtype", param_dtype),
-                                   ("attention", attention)),
+                                   ("attention", attention), ("init_std", init_std)),
                       num_layers, scan=scan, remat=remat, unroll=unroll, name=name)
 
 
@@ -110,6 +113,7 @@ class LlamaModel(nn.Module):
     remat: str = "none"
     attention: str = "auto"
     scan_unroll: int = 1
+    init_std: float = 0.02  # dense kernels at init (layers.kernel_initializer)
 
     def setup(self):
         cfg = self.cfg
@@ -117,11 +121,13 @@ class LlamaModel(nn.Module):
             cfg.vocab_size, cfg.width, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
         self.decoder = block_stack(cfg, cfg.layers, self.dtype, self.param_dtype, self.scan_layers, self.remat,
-                                   name="decoder", attention=self.attention, unroll=self.scan_unroll)
+                                   name="decoder", attention=self.attention, unroll=self.scan_unroll,
+                                   init_std=self.init_std)
         self.norm = RMSNorm(cfg.rms_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name="lm_head")
+                                 param_dtype=self.param_dtype, name="lm_head",
+                                 kernel_init=kernel_initializer(self.init_std))
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """Token embeddings (B, T, D); negative ids (placeholders) embed as id 0."""

@@ -109,13 +109,14 @@ class LlavaMini(nn.Module):
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         stack = dict(scan_layers=cfg.scan_layers, scan_unroll=cfg.scan_unroll, remat=cfg.remat_policy,
                      attention=cfg.attention)
-        self.vision = VisionTower(cfg.vision, **stack, **kw)
-        self.projector = Projector(cfg.projector, cfg.llm.width, **kw)
+        init = dict(init_std=cfg.init_std)
+        self.vision = VisionTower(cfg.vision, **stack, **kw, **init)
+        self.projector = Projector(cfg.projector, cfg.llm.width, **kw, **init)
         if cfg.mode == "llava_mini":
-            self.compressor = make_compressor(cfg.compressor, **kw)
+            self.compressor = make_compressor(cfg.compressor, **kw, **init)
             if cfg.prefusion_layers:
-                self.prefusion = PreFusion(cfg.llm, cfg.prefusion_layers, **stack, **kw)
-        self.llm = LlamaModel(cfg.llm, **stack, **kw)
+                self.prefusion = PreFusion(cfg.llm, cfg.prefusion_layers, **stack, **kw, **init)
+        self.llm = LlamaModel(cfg.llm, **stack, **kw, **init)
 
     # ------------------------------------------------------------------ vision
     def normalized_images(self, images: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:

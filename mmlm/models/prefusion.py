@@ -30,6 +30,7 @@ class PreFusion(nn.Module):
     remat: str = "none"
     attention: str = "auto"
     scan_unroll: int = 1
+    init_std: float = 0.02  # dense kernels at init (layers.kernel_initializer)
 
     @nn.compact
     def __call__(self, vision: jax.Array, text: jax.Array, fuse: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -43,7 +44,8 @@ class PreFusion(nn.Module):
         valid = jnp.concatenate([jnp.ones(vision.shape[:2], bool), fuse], axis=1)
         positions = positions_from_valid(valid)
         stack = block_stack(self.cfg, self.num_layers, self.dtype, self.param_dtype, self.scan_layers,
-                            self.remat, name="blocks", attention=self.attention, unroll=self.scan_unroll)
+                            self.remat, name="blocks", attention=self.attention, unroll=self.scan_unroll,
+                            init_std=self.init_std)
         out, _ = stack(x, None, positions, None, valid)
         fused_text = jnp.where(fuse[..., None], out[:, p:], text.astype(self.dtype))
         return out[:, :p], fused_text

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmlm.models.layers import dense, gelu_exact
+from mmlm.models.layers import dense, gelu_exact, kernel_initializer
 
 
 def projector_depth(kind: str) -> int:
@@ -29,10 +29,12 @@ class Projector(nn.Module):
     out_dim: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    init_std: float = 0.02  # dense kernels at init (layers.kernel_initializer)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True,
+                  kernel_init=kernel_initializer(self.init_std))
         depth = projector_depth(self.kind)
         x = dense(self.out_dim, ("vision_embed", "mlp"), name="linear_0", **kw)(x)
         for i in range(1, depth):

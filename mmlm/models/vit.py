@@ -17,7 +17,7 @@ from einops import rearrange
 from mmlm.models.config import VisionConfig
 from mmlm.kernels.attention import self_attention
 from mmlm.models.layers import (ACT_BATCH, ACT_HEADS, ACT_LENGTH, ACT_MLP, BTD, BlockStack, constrain, dense,
-                                layer_norm, quick_gelu)
+                                kernel_initializer, layer_norm, quick_gelu)
 
 
 class VitBlock(nn.Module):
@@ -25,24 +25,26 @@ class VitBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention: str = "auto"  # mmlm.kernels.attention implementation
+    init_std: float = 0.02  # dense kernels at init (layers.kernel_initializer)
 
     @nn.compact
     def __call__(self, x: jax.Array, state):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dk = dict(kw, kernel_init=kernel_initializer(self.init_std))
         b, n, d = x.shape
         dh = d // cfg.heads
         x = constrain(x, BTD)
         h = layer_norm(cfg.layer_norm_eps, name="layer_norm1", axis="embed", **kw)(x)
-        q = dense(d, ("embed", "heads"), use_bias=True, name="q_proj", **kw)(h)
-        k = dense(d, ("embed", "heads"), use_bias=True, name="k_proj", **kw)(h)
-        v = dense(d, ("embed", "heads"), use_bias=True, name="v_proj", **kw)(h)
+        q = dense(d, ("embed", "heads"), use_bias=True, name="q_proj", **dk)(h)
+        k = dense(d, ("embed", "heads"), use_bias=True, name="k_proj", **dk)(h)
+        v = dense(d, ("embed", "heads"), use_bias=True, name="v_proj", **dk)(h)
         split = lambda t: constrain(t.reshape(b, n, cfg.heads, dh), (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
         attn = self_attention(split(q), split(k), split(v), None, causal=False, impl=self.attention).reshape(b, n, d)
-        x = x + dense(d, ("heads", "embed"), use_bias=True, name="out_proj", **kw)(attn)
+        x = x + dense(d, ("heads", "embed"), use_bias=True, name="out_proj", **dk)(attn)
         h = layer_norm(cfg.layer_norm_eps, name="layer_norm2", axis="embed", **kw)(x)
-        h = quick_gelu(dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=True, name="fc1", **kw)(h))
+        h = quick_gelu(dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=True, name="fc1", **dk)(h))
         h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
-        x = x + dense(d, ("mlp", "embed"), use_bias=True, name="fc2", **kw)(h)
+        x = x + dense(d, ("mlp", "embed"), use_bias=True, name="fc2", **dk)(h)
         return constrain(x, BTD), None
 
 
@@ -56,6 +58,7 @@ class VisionTower(nn.Module):
     remat: str = "none"
     attention: str = "auto"
     scan_unroll: int = 1
+    init_std: float = 0.02
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -81,7 +84,7 @@ class VisionTower(nn.Module):
                        dtype=self.dtype, param_dtype=self.param_dtype)(x)
         if cfg.blocks_used:
             x, _ = BlockStack(VitBlock, (("cfg", cfg), ("dtype", self.dtype), ("param_dtype", self.param_dtype),
-                                         ("attention", self.attention)),
+                                         ("attention", self.attention), ("init_std", self.init_std)),
                               cfg.blocks_used, scan=self.scan_layers, remat=self.remat,
                               unroll=self.scan_unroll, name="encoder")(x, None)
         return x[:, 1:]  # drop the class token
