@@ -32,6 +32,11 @@ What makes it learn in the budget (measured, `experiments/demo_learning`):
   questions at 70-75%. From scratch this model stalls on a plateau at 1e-3
   and above (at 2e-3 it is still near the answer priors after 1,200 steps).
 
+* Dense kernels drawn at the fan-in scale (`model.init_std = 0`, lecun
+  normal) instead of N(0, 0.02), which is sized for 4,096-wide models: with
+  0.02, seeds 1 and 2 never learned to name shapes (71-73%); with the fan-in
+  scale seeds 0, 1 and 2 reach 92-93%.
+
 The accuracy depends on the init seed (the jumps come at different steps);
 `experiments/demo_learning/results.md` has the per-category learning
 curves, the seeds and the variants that did not help.
