@@ -110,8 +110,12 @@ def foundation_config() -> ml_collections.ConfigDict:
     start. Measured so far (2-core CPU, batch 32): this foundation is still
     at the answer priors after 3,000 steps at LR 5e-4 (cell colour 27% vs
     17% chance), after 1,500 steps at 2e-3 (ViT frozen at its random init),
-    and at width 128 after 1,500 steps (cell colour 29%), so FOUNDATION_STEPS
-    is not yet enough for the rows to have anything to build on.
+    and at width 128 after 1,500 steps (cell colour 29%); with the fan-in
+    initialisation that rescued the demo's slow seeds (`--config.model.init_std=0`)
+    cell colour is 23% after 1,000 steps and 32% after 1,500 (cell shape 29%,
+    chance 25%; teacher-forced first answer token, `experiments/demo_learning/run.py
+    --config configs/experiments/foundation.py`). So FOUNDATION_STEPS is not yet
+    enough for the rows to have anything to build on.
     """
     config = base_config(prefusion_layers=0, tokens=1)
     config.model.mode = "llava15"  # all patches to the LLM: the easiest setting to learn the task in
