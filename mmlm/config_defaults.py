@@ -79,6 +79,9 @@ def model_config(*, vision: ml_collections.ConfigDict, llm: ml_collections.Confi
     m.attention = "auto"             # self-attention: auto (splash on TPU, cuDNN on GPU, XLA on CPU) | xla | splash | cudnn
     m.loss_chunk = 1024              # training loss: LM head + cross-entropy over chunks of this many positions,
                                      # recomputed in the backward (no full (B, L, V) fp32 logits); 0 = all at once
+    m.loss_positions = 0             # training loss: LM head only on the first this-many supervised (answer) positions
+                                     # of each row, gathered before the head; 0 = every position. A row with more
+                                     # supervised tokens stops training with an error (nothing is dropped silently)
     # Training semantics of the LLaVA-Mini authors' code; the paper recipes (`paper_stage1/2`) turn them on.
     m.detach_text_embeddings = False  # True: the input embedding table gets no gradient (text embeddings detached)
     m.text_only_prefusion = False    # True: a text-only sample runs pre-fusion with a zero image; the LLM reads its fused text

@@ -115,6 +115,18 @@ def test_train_step_flops_counts_every_layer_budget_and_frame():
     assert four["vision"] == 4 * one["vision"] and four["llm"] > one["llm"]
 
 
+def test_train_step_flops_lm_head_on_the_supervised_positions_only():
+    """`model.loss_positions`: the head's forward + 2 x backward run on that many positions, not all L."""
+    full, head8 = _cfg(), _cfg("--config.model.loss_positions=8")
+    t, m = 20, 1
+    length = MF.make_workload(full, t - 1, m).llm_len
+    a = MF.train_step_flops(full, batch_size=2, text_len=t, budgets=(m,))
+    b = MF.train_step_flops(head8, batch_size=2, text_len=t, budgets=(m,))
+    head = lambda n: MF.dense_flops(n, full.llm.width, full.llm.vocab_size)
+    assert a["llm"] - b["llm"] == 2 * 3 * (head(length) - head(8))
+    assert all(a[p] == b[p] for p in MF.PARTS if p != "llm")
+
+
 def test_trainer_mfu_flops_are_analytic_and_scan_independent():
     """The trainer's MFU numerator: the analytic count, equal for scanned and unrolled layers."""
     scanned, unrolled = _cfg(), _cfg("--config.model.scan_layers=False")

@@ -1,4 +1,5 @@
-"""Chunked cross-entropy (no full (B, L, V) logits) equals the full-logits loss on CPU (fp32)."""
+"""Chunked cross-entropy (no full (B, L, V) logits) and the LM head on supervised positions only
+(`model.loss_positions`) equal the full-logits loss on CPU (fp32)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from mmlm import IGNORE_INDEX
 from mmlm.config_utils import load_config
 from mmlm.models.config import model_config_from_dict
 from mmlm.models.llava_mini import LlavaMini
-from mmlm.models.loss import chunked_token_loss, token_loss
+from mmlm.models.loss import chunked_token_loss, first_supervised, max_supervised_tokens, token_loss
 from mmlm.models.summary import dummy_batch
 from mmlm.train import step as step_lib
 
@@ -40,12 +41,26 @@ def test_chunked_equals_full_with_gradients():
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [7, 1024])
-def test_train_loss_chunked_equals_full_logits(chunk):
-    """The train step's loss sums and gradients (tiny config, fp32) with and without loss chunking."""
+def test_first_supervised_keeps_the_supervised_positions_in_order():
+    hidden = jnp.arange(2 * 6, dtype=jnp.float32).reshape(2, 6, 1)
+    targets = jnp.asarray([[-100, 3, -100, 4, 5, -100], [-100, -100, -100, -100, -100, 9]], jnp.int32)
+    h, t = first_supervised(hidden, targets, 4)
+    assert h.shape == (2, 4, 1) and t.shape == (2, 4)
+    # Row 0: positions 1, 3, 4 then one unsupervised filler; row 1: position 5 then fillers.
+    np.testing.assert_array_equal(np.asarray(h[0, :3, 0]), [1, 3, 4])
+    np.testing.assert_array_equal(np.asarray(t), [[3, 4, 5, IGNORE_INDEX], [9] + [IGNORE_INDEX] * 3])
+    assert float(h[1, 0, 0]) == 11
+    assert max_supervised_tokens(np.asarray(targets)) == 3
+
+
+# (loss_chunk, loss_positions) against the full logits over every position
+@pytest.mark.parametrize("chunk,positions", [(7, 0), (1024, 0), (0, 16), (1024, 14), (7, 16)])
+def test_train_loss_chunked_equals_full_logits(chunk, positions):
+    """The train step's loss sums and gradients (tiny config, fp32) with and without loss chunking and
+    with the LM head on the supervised positions only (14 of 20 per row carry a target)."""
     base = load_config("configs/tiny.py")
     cfg_full = model_config_from_dict({**base.model.to_dict(), "loss_chunk": 0})
-    cfg_chunk = model_config_from_dict({**base.model.to_dict(), "loss_chunk": chunk})
+    cfg_chunk = model_config_from_dict({**base.model.to_dict(), "loss_chunk": chunk, "loss_positions": positions})
     batch = dummy_batch(cfg_full, batch=2, text_len=20, abstract=False)
     labels = np.array(batch["input_ids"]) * 0 + 5
     labels[:, :6] = IGNORE_INDEX
@@ -64,3 +79,19 @@ def test_train_loss_chunked_equals_full_logits(chunk):
     np.testing.assert_allclose(float(lc), float(lf), rtol=1e-6, atol=1e-5)
     diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), gf, gc))
     assert max(diffs) <= 1e-5
+
+
+def test_eval_loss_counts_every_supervised_position():
+    """`model.loss_positions` limits the training head only: the eval step scores every answer token."""
+    base = load_config("configs/tiny.py")
+    cfg = model_config_from_dict({**base.model.to_dict(), "loss_positions": 2})
+    batch = dummy_batch(cfg, batch=2, text_len=12, abstract=False)
+    labels = np.full((2, 12), 5)
+    labels[:, :4] = IGNORE_INDEX
+    batch = jax.tree.map(jnp.asarray, {**batch, "labels": labels})
+    params = LlavaMini(cfg).init(jax.random.key(0), batch)["params"]
+    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+    sums = step_lib.make_eval_step(LlavaMini(cfg))(params, batch, 4)
+    _, (ntok, _, _) = step_lib._loss_sums(LlavaMini(cfg), params, batch, 4)
+    assert int(ntok) == 2 * 2 and int(sums["num_tokens"]) == 2 * 8

@@ -192,7 +192,16 @@ def test_resuming_with_other_training_settings_is_allowed(tmp_path):
 
     work = _fake_trained_workdir(tmp_path)
     check_saved_model_config(load_config(TINY, ["--config.train.steps=50", "--config.model.remat_policy=full",
+                                                "--config.model.loss_positions=8",
                                                 "--config.optim.learning_rate.llm=5e-4"]), str(work))
+
+
+def test_loss_positions_fewer_than_a_rows_answer_tokens(capsys, tmp_path):
+    """The LM head limited below a row's answer tokens stops training (nothing is dropped silently)."""
+    rc, out = run_cli(capsys, "train", "--config", TINY, "--workdir", str(tmp_path / "w"),
+                      "--config.model.loss_positions=1")
+    assert_user_error(rc, out, "model.loss_positions=1", "no checkpoint was saved yet",
+                      "--config.model.loss_positions=")
 
 
 def test_stale_tmp_checkpoint_dirs_are_removed(tmp_path):

@@ -338,7 +338,12 @@ def whole_forward(module: LlavaMini, batch, num_vision_tokens: int, last_only: b
 
 
 def whole_model_cost(cfg: ModelConfig, w: Workload) -> Cost:
-    """The whole LlavaMini forward up to the logits, compiled as one program (scan-corrected)."""
+    """The whole LlavaMini forward up to the logits, compiled as one program (scan-corrected).
+
+    Compiled with one block per loop iteration whatever `model.scan_unroll` says, as the parts are, so
+    that the scan correction (XLA counts a loop body once) applies to both alike.
+    """
+    cfg = dataclasses.replace(cfg, scan_unroll=1)
     model = LlavaMini(cfg)
     batch = dummy_batch(cfg, batch=1, text_len=w.text_tokens + 1)
     last_only = w.lm_head_positions == 1 and w.llm_len > 1

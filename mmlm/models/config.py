@@ -132,6 +132,7 @@ class ModelConfig:
     remat_policy: str = "none"
     attention: str = "auto"  # whole-sequence attention: auto (splash on TPU, cuDNN on GPU, XLA on CPU) | xla | splash | cudnn
     loss_chunk: int = 0  # LM head + loss over chunks of this many positions (0 = all at once)
+    loss_positions: int = 0  # training loss: LM head on the first this-many supervised positions per row (0 = all)
     # Training semantics of the LLaVA-Mini authors' code (no effect on inference outputs):
     detach_text_embeddings: bool = False  # stop gradients into the input embedding table
     text_only_prefusion: bool = False  # text-only samples: pre-fusion with a zero image, LLM reads fused text
@@ -157,6 +158,8 @@ class ModelConfig:
             raise ValueError(f"model.scan_unroll must be >= 0 (0 = every layer), got {self.scan_unroll}")
         if self.loss_chunk < 0:
             raise ValueError(f"model.loss_chunk must be >= 0 (0 = full logits), got {self.loss_chunk}")
+        if self.loss_positions < 0:
+            raise ValueError(f"model.loss_positions must be >= 0 (0 = every position), got {self.loss_positions}")
         if self.hd_grid < 1:
             raise ValueError(f"model.hd_grid must be >= 1, got {self.hd_grid}")
         check_mean_std(self.image_mean, self.image_std, "model")

@@ -163,12 +163,17 @@ def _backward(units: Sequence[int], upstream_trains: bool, part_trains: bool) ->
     return total
 
 
+def _head_positions(cfg: ModelConfig, llm_len: int) -> int:
+    """Positions the training LM head runs on: all, or at most `model.loss_positions` (the answers)."""
+    return min(cfg.loss_positions, llm_len) if cfg.loss_positions > 0 else llm_len
+
+
 def _sample_step_flops(cfg: ModelConfig, text_len: int, frames: int, m: int,
                        trainable: frozenset[str]) -> dict[str, int]:
     """Forward + backward matmul FLOPs of one training sample at budget m, per part (frames = 0: text only)."""
     if frames == 0:  # a text-only batch: the LLM over the T text tokens
         units = [llama_block_flops(cfg.llm, text_len)] * cfg.llm.layers + [
-            dense_flops(text_len, cfg.llm.width, cfg.llm.vocab_size)]
+            dense_flops(_head_positions(cfg, text_len), cfg.llm.width, cfg.llm.vocab_size)]
         out = {p: 0 for p in PARTS}
         out["llm"] = sum(units) + _backward(units, "llm" in trainable, "llm" in trainable)
         return out
@@ -185,7 +190,8 @@ def _sample_step_flops(cfg: ModelConfig, text_len: int, frames: int, m: int,
     comp = frames * compressor_flops(cfg, w.vision_tokens, w.compressor_keys)
     pf_units = [frames * llama_block_flops(llm, w.prefusion_len)] * cfg.prefusion_layers if w.prefusion_len else []
     llm_len = w.llm_len + (frames - 1) * w.vision_tokens
-    llm_units = [llama_block_flops(llm, llm_len)] * llm.layers + [dense_flops(llm_len, llm.width, llm.vocab_size)]
+    llm_units = ([llama_block_flops(llm, llm_len)] * llm.layers
+                 + [dense_flops(_head_positions(cfg, llm_len), llm.width, llm.vocab_size)])
     t = lambda *parts: any(p in trainable for p in parts)
     fwd = {"vision": sum(vision_units), "compressor": comp, "projector": proj_comp + proj_feats,
            "prefusion": sum(pf_units), "llm": sum(llm_units)}

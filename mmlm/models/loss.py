@@ -4,6 +4,8 @@
 states and the LM head, and never holds more than one chunk of logits: the
 full (B, L, V) fp32 logits of a 2,048-token batch with a 32k vocabulary are
 256 MiB per sample, plus as much again for their gradient.
+`first_supervised` gathers the supervised positions before the head, so
+that the head runs only where a target is (short answers in long rows).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mmlm import IGNORE_INDEX
@@ -32,6 +35,25 @@ def targets_from_labels(labels: jax.Array, text_index: jax.Array) -> jax.Array:
     """
     gathered = jnp.take_along_axis(labels, jnp.maximum(text_index, 0), axis=1)
     return shift_targets(jnp.where(text_index >= 0, gathered, IGNORE_INDEX))
+
+
+def first_supervised(hidden: jax.Array, targets: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The first `k` supervised positions of each row: hidden (B, L, D), targets (B, L) -> (B, k, D), (B, k).
+
+    A row with fewer than k supervised positions is filled up with unsupervised
+    ones (target IGNORE_INDEX, so they add nothing to the loss); a row with more
+    loses the rest, so callers check the counts first (`max_supervised_tokens`).
+    """
+    k = min(int(k), targets.shape[1])
+    order = jnp.argsort(targets == IGNORE_INDEX, axis=1, stable=True)[:, :k]  # supervised first, in order
+    return (jnp.take_along_axis(hidden, order[..., None], axis=1),
+            jnp.take_along_axis(targets, order, axis=1))
+
+
+def max_supervised_tokens(labels: np.ndarray) -> int:
+    """Host-side upper bound on the supervised positions of any row of `labels` (B, T)."""
+    labels = np.asarray(labels)
+    return int((labels != IGNORE_INDEX).sum(axis=1).max()) if labels.size else 0
 
 
 def token_loss(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:

@@ -54,8 +54,9 @@ TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's suffix of a step directory being
 DATA_ITEM = "data"
 
 
-# Model fields that only change how the model runs, not its parameters: they may differ on resume.
-RUNTIME_MODEL_KEYS = ("dtype", "remat_policy", "compressor.impl")
+# Model fields that only change how the model runs or the loss is computed, not its parameters: they may
+# differ on resume.
+RUNTIME_MODEL_KEYS = ("dtype", "remat_policy", "compressor.impl", "loss_chunk", "loss_positions")
 
 
 def check_workdir(workdir: str) -> str:

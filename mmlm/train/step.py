@@ -38,7 +38,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmlm.models.llava_mini import LlavaMini
-from mmlm.models.loss import chunked_token_loss, targets_from_labels, token_loss
+from mmlm.models.loss import chunked_token_loss, first_supervised, targets_from_labels, token_loss
 from mmlm.sharding import BATCH_AXES, rules_tuple
 from mmlm.train.optimizer import Schedule, split_trainable, zeros_for
 
@@ -52,20 +52,31 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch[k] for k in MODEL_KEYS if k in batch}
 
 
-def _loss_sums(model: LlavaMini, params: dict, batch: Batch, budget: int) -> tuple[jax.Array, tuple]:
+def _loss_sums(model: LlavaMini, params: dict, batch: Batch, budget: int,
+               all_positions: bool = False) -> tuple[jax.Array, tuple]:
     """(sum of token cross-entropy, (supervised tokens, correct tokens, LLM input tokens)).
 
+    With `model.loss_positions` > 0 (and not `all_positions`) the LM head runs
+    only on each row's first loss_positions supervised positions
+    (`first_supervised`; the trainer checks on the host that no row has more).
     With `model.loss_chunk` > 0 the LM head and the loss run chunk by chunk
     (`chunked_token_loss`): the full (B, L, V) logits never exist.
     """
-    if model.cfg.loss_chunk > 0:
-        out = model.apply({"params": params}, batch, budget, method=LlavaMini.hidden_states)
-        logits_fn = lambda h: model.apply({"params": params}, h, method=LlavaMini.lm_logits)
-        targets = targets_from_labels(batch["labels"], out["text_index"])
-        sums = chunked_token_loss(out["hidden"], targets, logits_fn, model.cfg.loss_chunk)
-    else:
+    cfg = model.cfg
+    positions = 0 if all_positions else cfg.loss_positions
+    if cfg.loss_chunk <= 0 and positions <= 0:
         out = model.apply({"params": params}, batch, budget)
         sums = token_loss(out["logits"], targets_from_labels(batch["labels"], out["text_index"]))
+        return sums["loss_sum"], (sums["num_tokens"], sums["num_correct"], jnp.sum(out["valid"]))
+    out = model.apply({"params": params}, batch, budget, method=LlavaMini.hidden_states)
+    logits_fn = lambda h: model.apply({"params": params}, h, method=LlavaMini.lm_logits)
+    hidden, targets = out["hidden"], targets_from_labels(batch["labels"], out["text_index"])
+    if positions > 0:
+        hidden, targets = first_supervised(hidden, targets, positions)
+    if cfg.loss_chunk > 0:
+        sums = chunked_token_loss(hidden, targets, logits_fn, cfg.loss_chunk)
+    else:
+        sums = token_loss(logits_fn(hidden), targets)
     return sums["loss_sum"], (sums["num_tokens"], sums["num_correct"], jnp.sum(out["valid"]))
 
 
@@ -169,10 +180,13 @@ def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: S
 
 
 def make_eval_step(model: LlavaMini) -> Callable[..., dict[str, jax.Array]]:
-    """`eval_step(params, batch, budget)` -> sums for eval/loss and eval/token_accuracy (budget static)."""
+    """`eval_step(params, batch, budget)` -> sums for eval/loss and eval/token_accuracy (budget static).
+
+    Every supervised position counts (held-out rows may be longer than `model.loss_positions` allows).
+    """
 
     def eval_step(params: dict, batch: Batch, budget: int) -> dict[str, jax.Array]:
-        loss_sum, (ntok, ncorrect, _) = _loss_sums(model, params, batch, budget)
+        loss_sum, (ntok, ncorrect, _) = _loss_sums(model, params, batch, budget, all_positions=True)
         return {"loss_sum": loss_sum, "num_tokens": ntok, "num_correct": ncorrect}
 
     return eval_step

@@ -45,6 +45,7 @@ from mmlm.errors import UserError
 from mmlm.models.config import ModelConfig, model_config_from_dict
 from mmlm.models.layers import count_params
 from mmlm.models.llava_mini import LlavaMini
+from mmlm.models.loss import max_supervised_tokens
 from mmlm.models.summary import dummy_batch
 from mmlm import sharding as shd
 from mmlm.data.pipeline import frame_buckets, length_buckets
@@ -347,7 +348,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         t_log = time.perf_counter()
         prev = None
         while step < total_steps:
-            batch = data_lib.global_batch(model_inputs(next(data_iter)), setup.mesh, buckets, fbuckets)
+            local = model_inputs(next(data_iter))
+            _check_supervised(local, setup.cfg.loss_positions, step, ckpt)
+            batch = data_lib.global_batch(local, setup.mesh, buckets, fbuckets)
             shape = batch_signature(batch)
             if shape not in programs:
                 t0 = time.time()
@@ -422,6 +425,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if status == "completed":
             print(format_results(results), flush=True)
     return results
+
+
+def _check_supervised(batch: dict[str, Any], limit: int, step: int, ckpt: Checkpointer) -> None:
+    """With `model.loss_positions` > 0: stop before a row's answer tokens past the limit go unlearned."""
+    if limit <= 0:
+        return
+    most = max_supervised_tokens(batch["labels"])
+    if most > limit:
+        last = ckpt.latest_step()
+        where = f"the last checkpoint is step {last}" if last is not None else "no checkpoint was saved yet"
+        raise TrainError(f"step {step}: a training row has {most} supervised (answer) tokens but "
+                         f"model.loss_positions={limit} puts the LM head on only {limit} per row; {where}. "
+                         f"Rerun with --config.model.loss_positions={most} or more, or 0 (every position).")
 
 
 def _nan_message(step: int, metrics: dict[str, Any], ckpt: Checkpointer) -> str:
