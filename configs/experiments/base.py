@@ -129,10 +129,18 @@ def foundation_config() -> ml_collections.ConfigDict:
     --config configs/experiments/foundation.py --steps 1500 --every 300 --
     --config.model.init_std=0 --config.synthetic.train_category_weights=cell_color=1`
     (plus `--config.model.llm.layers=4`, or the vision and LLM widths,
-    head_dim and MLP widths doubled). What is slow is binding "row r,
-    column c" to one of the 16 patch tokens from scratch; the next things to
-    try are how the patches carry their position (the ViT's learned position
-    embeddings start at random) and a curriculum from single-object scenes.
+    head_dim and MLP widths doubled). Two temporary code changes, not kept:
+    ViT position embeddings drawn at std 0.5 instead of 0.02 (at 0.02 they are
+    about 4% of the patch embedding's scale): cell colour 35% (cell-colour questions
+    only) and 30% (uniform mix), no better; scenes of 1-3 objects instead of
+    6-12: cell colour 66% at the end (71% at step 1,200), barely above naming any colour present (~61%
+    with 1-3 objects), and cell shape 21-29% (chance 25%) although a third of
+    those scenes hold a single object. So the from-scratch ViT does not learn
+    to tell these small shapes apart within 1,500 steps, even alone in the
+    scene; the demo's larger shapes (48 px, 3x3) it learns. Next to try: a
+    vision foundation trained on per-patch (shape, colour) labels, as CLIP is
+    pretrained before LLaVA (the demo's ViT trained alone with a linear head on
+    per-patch labels reached 98% shape in 300 steps), or larger objects per patch.
     """
     config = base_config(prefusion_layers=0, tokens=1)
     config.model.mode = "llava15"  # all patches to the LLM: the easiest setting to learn the task in
