@@ -435,7 +435,7 @@ def _check_supervised(batch: dict[str, Any], limit: int, step: int, ckpt: Checkp
     if most > limit:
         last = ckpt.latest_step()
         where = f"the last checkpoint is step {last}" if last is not None else "no checkpoint was saved yet"
-        raise TrainError(f"step {step}: a training row has {most} supervised (answer) tokens but "
+        raise TrainError(f"step {step + 1}: a training row has {most} supervised (answer) tokens but "
                          f"model.loss_positions={limit} puts the LM head on only {limit} per row; {where}. "
                          f"Rerun with --config.model.loss_positions={most} or more, or 0 (every position).")
 
