@@ -136,8 +136,10 @@ def foundation_config() -> ml_collections.ConfigDict:
     6-12: cell colour 66% at the end (71% at step 1,200), barely above naming any colour present (~61%
     with 1-3 objects), and cell shape 21-29% (chance 25%) although a third of
     those scenes hold a single object. So the from-scratch ViT does not learn
-    to tell these small shapes apart within 1,500 steps, even alone in the
-    scene; the demo's larger shapes (48 px, 3x3) it learns. Next to try: a
+    to tell the shapes apart within 1,500 steps of batch 32 (about 12,000
+    cell-shape questions), even alone in the scene; the demo's 4-block,
+    128-wide ViT named shapes only after some 80,000-130,000 shape questions
+    (1,000-1,600 steps of 64 x 3 at weight 5/12). Next to try: a
     vision foundation trained on per-patch (shape, colour) labels, as CLIP is
     pretrained before LLaVA (the demo's ViT trained alone with a linear head on
     per-patch labels reached 98% shape in 300 steps), or larger objects per patch.
