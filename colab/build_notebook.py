@@ -88,7 +88,7 @@ This notebook:
 4. renders the synthetic *shapes* dataset,
 5. trains the demo model from scratch, then chats with it and evaluates it on fresh questions.
 
-It runs top to bottom on a **free Colab CPU runtime** (about 15 minutes, most of it the demo
+It runs top to bottom on a **free Colab CPU runtime** (about 10 minutes, most of it the demo
 training). On a GPU or TPU runtime JAX uses the accelerator automatically.
 **No weights or datasets are downloaded**: the 7B models are only analysed as shapes, and the
 demo trains a small model on data it renders itself.
@@ -327,13 +327,14 @@ md("""
 
 `configs/demo.py` is a small LLaVA-Mini (ViT, 1 vision token, 2 pre-fusion layers, 2-layer LLM,
 about 1.5 M parameters) trained from scratch: on first use it renders 12,000 `shapes` images (3
-questions each) and builds them into a TFDS dataset under the workdir, trains for @STEPS@ steps
-(AdamW; warmup, a flat learning rate, a short final decay) and ends with greedy exact-match
-accuracy on 500 held-out questions (92% on the development CPU).
+questions each) and builds them into a TFDS dataset under the workdir, pretrains the ViT for a few
+seconds to name the colour and shape in each patch (the stand-in for a pretrained CLIP tower),
+trains for @STEPS@ steps (AdamW; warmup, a flat learning rate, a short final decay) and ends with
+greedy exact-match accuracy on 500 held-out questions (92-93% on the development CPU).
 
-**Time:** about 9 minutes on a 2-core CPU for the full demo (`STEPS = @N@`); faster on a GPU/TPU
-runtime. Lower `STEPS` for a quick look (the accuracy will be much lower: shape and colour lookup
-are learned late, see the README's "The demo"). Re-running the cell resumes from the last
+**Time:** about 6 minutes on a 2-core CPU for the full demo (`STEPS = @N@`); faster on a GPU/TPU
+runtime. Lower `STEPS` for a quick look (the accuracy will be lower: the lookups of an object by
+its colour or shape are learned after a few hundred steps, see the README's "The demo"). Re-running the cell resumes from the last
 checkpoint in `WORKDIR` (delete it to start over).
 """.replace("@STEPS@", f"{DEMO_STEPS:,}").replace("@N@", str(DEMO_STEPS)))
 
@@ -449,7 +450,7 @@ This notebook:
 4. draws the compressor's **attention maps**: where each compressed token looks,
 5. plots **accuracy and FLOPs per token budget**.
 
-It runs on a free Colab CPU runtime; the first run trains for about 10 minutes (set
+It runs on a free Colab CPU runtime; the first run trains for about 6 minutes (set
 `MMLM_COLAB_STEPS` lower for a quick look: the answers get worse, every cell still runs).
 """)
 
@@ -504,14 +505,14 @@ already reached `STEPS`). Point `MMLM_EXPLORE_WORKDIR` at another Matryoshka run
 
 code("""
 CONFIG = os.environ.get("MMLM_COLAB_CONFIG", "configs/demo.py")
-STEPS = int(os.environ.get("MMLM_COLAB_STEPS", 1800))
+STEPS = int(os.environ.get("MMLM_COLAB_STEPS", @STEPS@))     # @STEPS@ = the demo's own schedule
 EXTRA = os.environ.get("MMLM_COLAB_TRAIN_ARGS", "")        # more --config.* overrides, if any
 WORKDIR = os.environ.get("MMLM_EXPLORE_WORKDIR", f"{RUN_DIR}/matryoshka")
 MATRYOSHKA = '--config.model.compressor.tokens=4 "--config.model.compressor.budgets=(1,4)"'
 
 if "MMLM_EXPLORE_WORKDIR" not in os.environ:
     !mmlm train --config {CONFIG} --workdir {WORKDIR} --config.train.steps={STEPS} {MATRYOSHKA} {EXTRA}
-""")
+""".replace("@STEPS@", str(DEMO_STEPS)))
 
 code("""
 from mmlm.cli_common import quiet_library_logs

@@ -198,6 +198,20 @@ def train_config(*, steps: int = 1000, trainable: tuple[str, ...] = STAGE2_TRAIN
         init_from="",             # model checkpoint dir (`mmlm convert` output) loaded before step 0; CLI --init_from
         peak_tflops_per_device=0.0,  # peak dense TFLOP/s of one device for MFU; 0 = look up / estimate
         progress_bar=True,        # tqdm progress bar on the console (process 0 only)
+        vision_pretrain=vision_pretrain_config(),  # ViT pretraining on synthetic per-patch labels (off by default)
+    ))
+
+
+def vision_pretrain_config() -> ml_collections.ConfigDict:
+    """`config.train.vision_pretrain`: the ViT trained on per-patch labels of synthetic scenes before
+    step 0 (`mmlm.train.vision_pretrain`; steps 0 = off)."""
+    return ml_collections.ConfigDict(dict(
+        steps=0,                # optimizer steps of ViT pretraining before step 0 of training; 0 = none
+        batch_size=64,          # images per pretraining step
+        learning_rate=1e-3,     # peak AdamW LR (linear warmup over the first 10%, cosine decay to 10% of it)
+        num_images=4096,        # train-split records rendered once for it (index 0..num_images-1), sampled
+                                # with replacement; more than synthetic.num_train renders further records
+        eval_images=500,        # eval-split records on which the final per-patch accuracy is reported
     ))
 
 

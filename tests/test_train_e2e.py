@@ -345,3 +345,18 @@ def test_init_from_a_model_checkpoint(shared, tmp_path):
     proc = subprocess.run(_cmd(shared, shared["root"] / "init_bad", steps=2) + ["--init_from", str(tmp_path / "bad")],
                           env=_env(shared, 1), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "['vision']['class_embedding']: checkpoint (7,) vs model (32,)" in proc.stderr
+
+
+def test_vision_pretraining_runs_on_a_fresh_start_only(shared):
+    """train.vision_pretrain.steps > 0: the ViT is pretrained before step 0, reported, and not again on resume."""
+    work = shared["root"] / "vision_pretrain"
+    pre = ("--config.train.vision_pretrain.steps=5", "--config.train.vision_pretrain.num_images=32",
+           "--config.train.vision_pretrain.eval_images=8")
+    first = run_train(shared, work, *pre, steps=5)
+    assert "vision pretraining: 5 steps" in first.stderr
+    summary = json.loads((work / "results.json").read_text())["vision_pretrain"]
+    assert summary["steps"] == 5 and 0.0 <= summary["held_out_shape_accuracy"] <= 1.0
+    assert "vision pretraining" in first.stdout  # the results table has a row for it
+    resumed = run_train(shared, work, *pre, steps=8)
+    assert "resumed from step 5" in resumed.stderr and "vision pretraining: " not in resumed.stderr
+    assert json.loads((work / "results.json").read_text())["vision_pretrain"] == summary  # still reported

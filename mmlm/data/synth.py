@@ -497,6 +497,46 @@ def _conversation(qas: Sequence[QA], marker: str) -> list[dict[str, str]]:
     return turns
 
 
+IMAGE_KINDS = ("shapes", "shapes_hd", "grid_shapes", "grid_shapes_hd")
+
+
+def _image_scene(rng: np.random.Generator, kind: str, image_size: int) -> list[Obj]:
+    """The objects of a still-image scene of `kind` (the draws right after the background's)."""
+    if kind == "shapes":
+        return _grid_scene(rng, image_size, 3, int(rng.integers(1, 4)), (0.11 * image_size, 0.145 * image_size))
+    if kind == "shapes_hd":
+        return _grid_scene(rng, image_size, 4, int(rng.integers(3, 7)), (0.032 * image_size, 0.040 * image_size))
+    if kind in ("grid_shapes", "grid_shapes_hd"):
+        return grid_scene(rng, kind, image_size)
+    raise ValueError(f"unknown image kind {kind!r}; choose from {IMAGE_KINDS}")
+
+
+def scene(kind: str, index: int, seed: int, split: str, image_size: int) -> tuple[Image.Image, list[Obj]]:
+    """Record `index`'s image and objects, exactly as `make_record` renders them (still-image kinds)."""
+    if kind not in IMAGE_KINDS:
+        raise ValueError(f"scene() renders still images; {kind!r} is not one of {IMAGE_KINDS}")
+    rng = record_rng(kind, seed, split, index)
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    objs = _image_scene(rng, kind, image_size)
+    return render(objs, image_size, background), objs
+
+
+def patch_labels(objs: Sequence[Obj], image_size: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch labels of a scene seen as a grid x grid patch raster (row-major, as the ViT flattens it).
+
+    A patch is labelled with the object whose centre lies in it: colour index + 1 into `COLORS` and shape
+    index + 1 into `SHAPES`, 0 for a patch without an object centre. Returns two int32 arrays (grid*grid,).
+    """
+    colors, shapes = np.zeros(grid * grid, np.int32), np.zeros(grid * grid, np.int32)
+    color_ids = {c: i + 1 for i, c in enumerate(COLORS)}
+    for o in objs:
+        col = min(int(o.cx * grid / image_size), grid - 1)
+        row = min(int(o.cy * grid / image_size), grid - 1)
+        colors[row * grid + col] = color_ids[o.color]
+        shapes[row * grid + col] = SHAPES.index(o.shape) + 1
+    return colors, shapes
+
+
 def make_record(kind: str, index: int, seed: int, split: str, out_dir: Path, *,
                 image_size: int, questions_per_image: int,
                 category_probs: np.ndarray | None = None) -> tuple[dict, list[dict]]:
@@ -518,19 +558,9 @@ def make_record(kind: str, index: int, seed: int, split: str, out_dir: Path, *,
         encode_video(render_video(movers, image_size, background), VIDEO_FPS, out_dir / rel)
         media_key, marker = "video", "<video>"
     else:
-        if kind == "shapes":
-            objs = _grid_scene(rng, image_size, 3, int(rng.integers(1, 4)),
-                               (0.11 * image_size, 0.145 * image_size))
-            qas = pick(lambda c: _shapes_qa(rng, objs, c))
-        elif kind == "shapes_hd":
-            objs = _grid_scene(rng, image_size, 4, int(rng.integers(3, 7)),
-                               (0.032 * image_size, 0.040 * image_size))
-            qas = pick(lambda c: _hd_qa(rng, objs, c))
-        elif kind in ("grid_shapes", "grid_shapes_hd"):
-            objs = grid_scene(rng, kind, image_size)
-            qas = pick(lambda c: _grid_qa(rng, objs, c))
-        else:
-            raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
+        objs = _image_scene(rng, kind, image_size)
+        qa = {"shapes": _shapes_qa, "shapes_hd": _hd_qa, "grid_shapes": _grid_qa, "grid_shapes_hd": _grid_qa}[kind]
+        qas = pick(lambda c: qa(rng, objs, c))
         rel = f"images/{rec_id}.png"
         render(objs, image_size, background).save(out_dir / rel, format="PNG")
         media_key, marker = "image", "<image>"

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a killed process reports
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT
 RESULTS_FILE = "results.json"
+VISION_PRETRAIN_FILE = "vision_pretrain.json"  # the summary of a fresh run's ViT pretraining
 
 
 class TrainError(UserError, RuntimeError):
@@ -280,6 +281,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t_start = time.time()
     # Every check a user mistake can fail runs before any data is built or anything compiled.
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    if int(config.train.get("vision_pretrain", {}).get("steps", 0)) > 0:
+        from mmlm.train.vision_pretrain import check_config
+
+        check_config(config)
     buckets = length_buckets(config.data)
     fbuckets = frame_buckets(config.data)
     workdir = check_workdir(workdir)
@@ -299,13 +304,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     ckpt = Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
     data_iter = iter(train_pipe)
+    pretrain_summary = None
     latest, state = ckpt.restore_latest(setup.abstract_state, data_iter)
+    pretrain_file = os.path.join(workdir, VISION_PRETRAIN_FILE)
     if latest is not None:
         log.info("resumed from step %d (%s)", latest, ckpt.manager.directory)
+        if os.path.exists(pretrain_file):  # a resumed run reports its start's ViT pretraining again
+            with open(pretrain_file) as f:
+                pretrain_summary = json.load(f)
     else:
         state = init_state(setup, int(config.seed))
         if config.train.init_from:
             state = load_init_from(setup, state, config.train.init_from)
+        state, pretrain_summary = pretrain_vision_if_configured(config, setup, state)
+        if pretrain_summary is not None and jax.process_index() == 0:
+            with open(pretrain_file, "w") as f:
+                json.dump(pretrain_summary, f, indent=2)
     # Written only now: the given config matched the checkpoint (or the workdir is fresh).
     if jax.process_index() == 0:
         save_config(workdir, config)
@@ -419,12 +433,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "eval": {k: v for k, v in eval_row.items()},
         "samples": samples,
     }
+    if pretrain_summary is not None:
+        results["vision_pretrain"] = pretrain_summary
     if jax.process_index() == 0:
         with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
             json.dump(results, f, indent=2)
         if status == "completed":
             print(format_results(results), flush=True)
     return results
+
+
+def pretrain_vision_if_configured(config: ml_collections.ConfigDict, setup: Setup,
+                     state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float] | None]:
+    """A fresh state whose ViT is pretrained on per-patch labels when `train.vision_pretrain.steps` > 0
+    (else unchanged), and the pretraining summary (None when it did not run)."""
+    vp = config.train.get("vision_pretrain")
+    if vp is None or int(vp.steps) <= 0:
+        return state, None
+    from mmlm.train.vision_pretrain import pretrain_vision
+
+    vision, summary = pretrain_vision(config, setup.model, state["params"]["vision"],
+                                      setup.state_shardings["params"]["vision"],
+                                      progress=bool(config.train.progress_bar) and jax.process_index() == 0)
+    return {**state, "params": {**state["params"], "vision": vision}}, summary
 
 
 def _check_supervised(batch: dict[str, Any], limit: int, step: int, ckpt: Checkpointer) -> None:
@@ -492,6 +523,10 @@ def format_results(results: dict[str, Any]) -> str:
         ("parameters", f"{results['params']:,} ({results['trainable_params']:,} trainable)"),
         ("mesh", results["mesh"]),
     ]
+    vp = results.get("vision_pretrain")
+    if vp:
+        rows.append(("vision pretraining", f"{vp['steps']} steps, {vp['seconds']:.1f} s; held-out objects: colour "
+                     f"{100 * vp['held_out_color_accuracy']:.1f}%, shape {100 * vp['held_out_shape_accuracy']:.1f}%"))
     if tr:
         rows += [("final train loss", f"{tr['loss']:.4f}"),
                  ("final train token accuracy", f"{tr['token_accuracy']:.4f}"),

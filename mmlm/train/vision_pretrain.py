@@ -1,0 +1,141 @@
+"""Vision pretraining on per-patch scene labels: the from-scratch stand-in for a pretrained CLIP tower.
+
+LLaVA and LLaVA-Mini start from a vision tower that was pretrained elsewhere (CLIP). A model trained
+from scratch on the synthetic data (the demo) must otherwise learn its ViT's features from the answers
+alone, through the compressed token and the pre-fusion layers: a slow, seed-dependent signal (runs that
+fail never learn to name shapes, and a linear probe of their ViT tells the shapes apart far worse than
+one of a run that succeeds; `experiments/demo_learning`). This stage gives the ViT the features first:
+for `train.vision_pretrain.steps` steps it trains the ViT with two linear heads on every patch feature
+(B, N, Dv) that name the colour and the shape of the object centred in that patch, or "none"; the labels
+come from the scene descriptions `mmlm.data.synth` renders the train images from. The heads are then
+dropped and the main training starts from the pretrained ViT (every part still trains).
+
+It runs on a fresh start only: a resumed run restores its ViT from the checkpoint. It needs a still-image
+`config.synthetic.kind` whose images the ViT sees whole (one view, no HD crops in the labels).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mmlm.data import synth
+from mmlm.data.preprocess import image_views
+from mmlm.errors import UserError
+from mmlm.models.llava_mini import LlavaMini
+
+log = logging.getLogger(__name__)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    vp = config.train.vision_pretrain
+    kind = config.get("synthetic", {}).get("kind", "")
+    if kind not in synth.IMAGE_KINDS:
+        raise UserError(
+            f"train.vision_pretrain.steps={int(vp.steps)} needs per-patch labels from a synthetic still-image "
+            f"dataset (config.synthetic.kind one of {synth.IMAGE_KINDS}), got synthetic.kind={kind!r}; "
+            "set --config.train.vision_pretrain.steps=0 for other data")
+    for key in ("batch_size", "num_images", "eval_images"):
+        if int(vp[key]) < 1:
+            raise UserError(f"train.vision_pretrain.{key} must be >= 1, got {vp[key]}")
+    if not float(vp.learning_rate) > 0:
+        raise UserError(f"train.vision_pretrain.learning_rate must be > 0, got {vp.learning_rate}")
+
+
+def labelled_images(config: ml_collections.ConfigDict, split: str, num: int) -> dict[str, np.ndarray]:
+    """Records 0..num-1 of a synthetic split as the ViT sees them, with per-patch labels.
+
+    Returns `images` uint8 (num, H, W, 3) (the pipeline's pad-to-square + resize to model.image_size)
+    and `colors`, `shapes` int32 (num, N): N = (H / patch)^2 patches in raster order, 0 = no object
+    centred there, else 1 + the index into `synth.COLORS` / `synth.SHAPES`.
+    """
+    s, vision = config.synthetic, config.model.vision
+    rendered = int(s.image_size) or synth.DEFAULT_SIZES[s.kind]
+    size, grid = int(config.model.image_size), int(vision.image_size) // int(vision.patch_size)
+    images = np.empty((num, size, size, 3), np.uint8)
+    colors, shapes = np.empty((num, grid * grid), np.int32), np.empty((num, grid * grid), np.int32)
+    for i in range(num):
+        img, objs = synth.scene(s.kind, i, int(s.seed), split, rendered)
+        images[i] = np.asarray(image_views(img, size, 1, tuple(config.model.image_mean))[0])
+        colors[i], shapes[i] = synth.patch_labels(objs, rendered, grid)
+    return {"images": images, "colors": colors, "shapes": shapes}
+
+
+def _heads_init(key: jax.Array, width: int) -> dict[str, jax.Array]:
+    kc, ks = jax.random.split(key)
+    init = jax.nn.initializers.lecun_normal()
+    return {"color_w": init(kc, (width, len(synth.COLORS) + 1)), "color_b": jnp.zeros(len(synth.COLORS) + 1),
+            "shape_w": init(ks, (width, len(synth.SHAPES) + 1)), "shape_b": jnp.zeros(len(synth.SHAPES) + 1)}
+
+
+def _logits(model: LlavaMini, params: dict[str, Any], images: jax.Array) -> dict[str, jax.Array]:
+    """uint8 (B, H, W, 3) -> {"color": (B, N, C+1) logits, "shape": (B, N, S+1) logits}."""
+    feats = model.apply({"params": {"vision": params["vision"]}}, images[:, None, None],
+                        method=LlavaMini.encode_images)[:, 0, 0].astype(jnp.float32)  # (B, N, Dv)
+    h = params["heads"]
+    return {n: feats @ h[f"{n}_w"] + h[f"{n}_b"] for n in ("color", "shape")}
+
+
+def _object_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Fraction of the patches holding an object whose label is predicted."""
+    hit = (jnp.argmax(logits, -1) == labels) & (labels > 0)
+    return jnp.sum(hit) / jnp.maximum(jnp.sum(labels > 0), 1)
+
+
+def pretrain_vision(config: ml_collections.ConfigDict, model: LlavaMini, vision_params: Any,
+                    vision_shardings: Any, *, progress: bool = True) -> tuple[Any, dict[str, float]]:
+    """Trains `vision_params` on per-patch labels; returns them (in `vision_shardings`) and a summary."""
+    check_config(config)
+    vp = config.train.vision_pretrain
+    steps, bs = int(vp.steps), int(vp.batch_size)
+    t0 = time.time()
+    train = labelled_images(config, config.data.train_split, int(vp.num_images))
+    held = labelled_images(config, config.data.eval_split, int(vp.eval_images))
+    warmup = steps // 10
+    lr = optax.warmup_cosine_decay_schedule(0.0, float(vp.learning_rate), warmup, max(steps, warmup + 1),
+                                            end_value=0.1 * float(vp.learning_rate))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.01))
+    params = {"vision": vision_params, "heads": _heads_init(jax.random.key(int(config.seed)),
+                                                             int(config.model.vision.width))}
+    opt_state = tx.init(params)
+
+    def loss_fn(p, batch):
+        logits = _logits(model, p, batch["images"])
+        ce = optax.softmax_cross_entropy_with_integer_labels
+        return jnp.mean(ce(logits["color"], batch["colors"])) + jnp.mean(ce(logits["shape"], batch["shapes"]))
+
+    @jax.jit
+    def step(p, o, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss
+
+    @jax.jit
+    def accuracy(p, batch):
+        logits = _logits(model, p, batch["images"])
+        return _object_accuracy(logits["color"], batch["colors"]), _object_accuracy(logits["shape"], batch["shapes"])
+
+    from tqdm import tqdm
+
+    order = np.random.default_rng(int(config.seed)).integers(0, len(train["images"]), size=(steps, bs))
+    bar = tqdm(range(steps), desc="vision pretraining", unit="step", disable=not progress, leave=False)
+    loss = jnp.zeros(())
+    for i in bar:
+        params, opt_state, loss = step(params, opt_state, {k: v[order[i]] for k, v in train.items()})
+        if (i + 1) % 50 == 0 or i + 1 == steps:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    bar.close()
+    color_acc, shape_acc = accuracy(params, held)
+    summary = {"steps": steps, "seconds": time.time() - t0, "final_loss": float(loss),
+               "held_out_color_accuracy": float(color_acc), "held_out_shape_accuracy": float(shape_acc)}
+    log.info("vision pretraining: %d steps in %.1f s, loss %.3f; held-out objects: colour %.1f%%, shape %.1f%%",
+             steps, summary["seconds"], summary["final_loss"], 100 * summary["held_out_color_accuracy"],
+             100 * summary["held_out_shape_accuracy"])
+    return jax.device_put(params["vision"], vision_shardings), summary
