@@ -324,6 +324,24 @@ def _check_mesh(config: ml_collections.ConfigDict, num_devices: int | None) -> d
         raise ConfigError(f"config.mesh: {e}") from None
 
 
+def _check_vision_pretrain(config: ml_collections.ConfigDict) -> None:
+    """`train.vision_pretrain`: ranges, and (when it runs) a synthetic still-image dataset for its labels."""
+    _num(config, "train.vision_pretrain.steps", low=0, hint="0 turns ViT pretraining off")
+    for key in ("batch_size", "num_images", "eval_images"):
+        _num(config, f"train.vision_pretrain.{key}", low=1)
+    _num(config, "train.vision_pretrain.learning_rate", kind=float, low=0, low_open=True)
+    if int(config.train.vision_pretrain.steps) == 0:
+        return
+    from mmlm.data.synth import IMAGE_KINDS
+
+    kind = config.get("synthetic", {}).get("kind", "")
+    if kind not in IMAGE_KINDS:
+        raise ConfigError(
+            f"config.train.vision_pretrain.steps={int(config.train.vision_pretrain.steps)} needs per-patch labels "
+            f"from a synthetic still-image dataset (config.synthetic.kind one of {IMAGE_KINDS}), got "
+            f"synthetic.kind={kind!r}; set --config.train.vision_pretrain.steps=0 for other data")
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
                     process_count: int = 1) -> None:
     """Checks a whole config before anything is built: types, ranges, divisibility.
@@ -356,6 +374,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
             raise ConfigError(f"config.train.trainable={tuple(trainable)!r}: "
                               + (f"unknown part(s) {unknown}; " if unknown else "nothing to train; ")
                               + f"parts are {list(PARTS)}")
+        if "vision_pretrain" in config.train:
+            _check_vision_pretrain(config)
     if "optim" in config:
         o = config.optim
         if o.schedule not in SCHEDULES:

@@ -68,6 +68,9 @@ CONFIG_MISTAKES = [
     ("--config.data.pixels_on_device=maybe", "config.data.pixels_on_device"),
     ("--config.model.image_std=(0.2,0,0.3)", "model.image_std"),
     ("--config.data.image_mean=(0.5,0.5)", "image_mean"),
+    ("--config.train.vision_pretrain.steps=-1", "config.train.vision_pretrain.steps"),
+    ("--config.train.vision_pretrain.batch_size=0", "config.train.vision_pretrain.batch_size"),
+    ("--config.train.vision_pretrain.learning_rate=0.0", "config.train.vision_pretrain.learning_rate"),
 ]
 
 

@@ -281,10 +281,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t_start = time.time()
     # Every check a user mistake can fail runs before any data is built or anything compiled.
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    if int(config.train.get("vision_pretrain", {}).get("steps", 0)) > 0:
-        from mmlm.train.vision_pretrain import check_config
-
-        check_config(config)
     buckets = length_buckets(config.data)
     fbuckets = frame_buckets(config.data)
     workdir = check_workdir(workdir)
@@ -444,7 +440,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def pretrain_vision_if_configured(config: ml_collections.ConfigDict, setup: Setup,
-                     state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float] | None]:
+                                  state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float] | None]:
     """A fresh state whose ViT is pretrained on per-patch labels when `train.vision_pretrain.steps` > 0
     (else unchanged), and the pretraining summary (None when it did not run)."""
     vp = config.train.get("vision_pretrain")

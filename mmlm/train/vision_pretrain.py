@@ -11,7 +11,10 @@ come from the scene descriptions `mmlm.data.synth` renders the train images from
 dropped and the main training starts from the pretrained ViT (every part still trains).
 
 It runs on a fresh start only: a resumed run restores its ViT from the checkpoint. It needs a still-image
-`config.synthetic.kind` whose images the ViT sees whole (one view, no HD crops in the labels).
+`config.synthetic.kind`; the ViT sees each image whole (one view, also for HD models). The optimizer is
+AdamW (weight decay 0.01) with the global gradient norm clipped to 1, as in the main recipe. Every
+process renders the same images and takes the same steps (the batch is replicated; the ViT keeps its
+shardings): it is meant for the small from-scratch models this data trains.
 """
 
 from __future__ import annotations
@@ -28,25 +31,10 @@ import optax
 
 from mmlm.data import synth
 from mmlm.data.preprocess import image_views
-from mmlm.errors import UserError
+from mmlm.config_utils import validate_config
 from mmlm.models.llava_mini import LlavaMini
 
 log = logging.getLogger(__name__)
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    vp = config.train.vision_pretrain
-    kind = config.get("synthetic", {}).get("kind", "")
-    if kind not in synth.IMAGE_KINDS:
-        raise UserError(
-            f"train.vision_pretrain.steps={int(vp.steps)} needs per-patch labels from a synthetic still-image "
-            f"dataset (config.synthetic.kind one of {synth.IMAGE_KINDS}), got synthetic.kind={kind!r}; "
-            "set --config.train.vision_pretrain.steps=0 for other data")
-    for key in ("batch_size", "num_images", "eval_images"):
-        if int(vp[key]) < 1:
-            raise UserError(f"train.vision_pretrain.{key} must be >= 1, got {vp[key]}")
-    if not float(vp.learning_rate) > 0:
-        raise UserError(f"train.vision_pretrain.learning_rate must be > 0, got {vp.learning_rate}")
 
 
 def labelled_images(config: ml_collections.ConfigDict, split: str, num: int) -> dict[str, np.ndarray]:
@@ -92,7 +80,7 @@ def _object_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def pretrain_vision(config: ml_collections.ConfigDict, model: LlavaMini, vision_params: Any,
                     vision_shardings: Any, *, progress: bool = True) -> tuple[Any, dict[str, float]]:
     """Trains `vision_params` on per-patch labels; returns them (in `vision_shardings`) and a summary."""
-    check_config(config)
+    validate_config(config)  # ranges, and a synthetic still-image kind for the labels
     vp = config.train.vision_pretrain
     steps, bs = int(vp.steps), int(vp.batch_size)
     t0 = time.time()
