@@ -144,7 +144,10 @@ def foundation_config() -> ml_collections.ConfigDict:
     as CLIP is pretrained before LLaVA; it rescued the demo) learns those labels
     perfectly (100% colour and shape on held-out objects), yet after 1,500 steps
     the cell questions are no better (cell colour 32.5%, cell shape 29%), nor with
-    row and column heads added to the pretraining (a temporary change: 32% / 27%).
+    row and column heads added to the pretraining (a temporary change: 32% / 27%),
+    nor after the full 4,000 steps (cell colour 33%, cell shape 21%; counts 100%
+    from step ~2,000, existence 70%; `--steps 4000 --every 500 --
+    --config.model.init_std=0 --config.train.vision_pretrain.steps=300`).
     So the blocker is finding the cell that "row two, column three" names, not
     seeing what is in it; next to try: questions that name cells in fewer words,
     a curriculum from 2x2 to 4x4 grids, or more LLM steps on the lookup alone.
