@@ -334,8 +334,8 @@ greedy exact-match accuracy on 500 held-out questions (92-93% on the development
 
 **Time:** about 6 minutes on a 2-core CPU for the full demo (`STEPS = @N@`); faster on a GPU/TPU
 runtime. Lower `STEPS` for a quick look (the accuracy will be lower: the lookups of an object by
-its colour or shape are learned after a few hundred steps, see the README's "The demo"). Re-running the cell resumes from the last
-checkpoint in `WORKDIR` (delete it to start over).
+its colour or shape are learned after a few hundred steps, see the README's "The demo").
+Re-running the cell resumes from the last checkpoint in `WORKDIR` (delete it to start over).
 """.replace("@STEPS@", f"{DEMO_STEPS:,}").replace("@N@", str(DEMO_STEPS)))
 
 code("""

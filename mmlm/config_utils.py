@@ -324,7 +324,7 @@ def _check_mesh(config: ml_collections.ConfigDict, num_devices: int | None) -> d
         raise ConfigError(f"config.mesh: {e}") from None
 
 
-def _check_vision_pretrain(config: ml_collections.ConfigDict) -> None:
+def check_vision_pretrain(config: ml_collections.ConfigDict) -> None:
     """`train.vision_pretrain`: ranges, and (when it runs) a synthetic still-image dataset for its labels."""
     _num(config, "train.vision_pretrain.steps", low=0, hint="0 turns ViT pretraining off")
     for key in ("batch_size", "num_images", "eval_images"):
@@ -375,7 +375,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
                               + (f"unknown part(s) {unknown}; " if unknown else "nothing to train; ")
                               + f"parts are {list(PARTS)}")
         if "vision_pretrain" in config.train:
-            _check_vision_pretrain(config)
+            check_vision_pretrain(config)
     if "optim" in config:
         o = config.optim
         if o.schedule not in SCHEDULES:

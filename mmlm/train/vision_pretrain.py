@@ -31,7 +31,7 @@ import optax
 
 from mmlm.data import synth
 from mmlm.data.preprocess import image_views
-from mmlm.config_utils import validate_config
+from mmlm.config_utils import check_vision_pretrain
 from mmlm.models.llava_mini import LlavaMini
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _object_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def pretrain_vision(config: ml_collections.ConfigDict, model: LlavaMini, vision_params: Any,
                     vision_shardings: Any, *, progress: bool = True) -> tuple[Any, dict[str, float]]:
     """Trains `vision_params` on per-patch labels; returns them (in `vision_shardings`) and a summary."""
-    validate_config(config)  # ranges, and a synthetic still-image kind for the labels
+    check_vision_pretrain(config)  # for callers other than the trainer (which validated the whole config)
     vp = config.train.vision_pretrain
     steps, bs = int(vp.steps), int(vp.batch_size)
     t0 = time.time()
