@@ -66,7 +66,8 @@ def get_config():
     vision = ml_collections.ConfigDict(dict(
         image_size=48, patch_size=16, width=width, layers=4, heads=4, mlp_dim=2 * width,
         select_layer=-1,  # features = output of the last block (all blocks are used)
-        layer_norm_eps=1e-5))
+        layer_norm_eps=1e-5,
+        position_init="normal"))  # initial position embeddings: CLIP's std 0.02 ("sincos2d": a 2-D sin-cos table)
     llm = d.llm_vicuna7b()
     llm.update(vocab_size=512, width=width, layers=2, heads=4, kv_heads=4, head_dim=width // 4, mlp_dim=2 * width,
                tie_embeddings=True)  # answer words share their embedding with the question words

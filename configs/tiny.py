@@ -13,7 +13,8 @@ from mmlm.train.data import synthetic_config
 
 def get_config():
     vision = ml_collections.ConfigDict(dict(image_size=32, patch_size=8, width=32, layers=3, heads=2, mlp_dim=64,
-                                            select_layer=-2, layer_norm_eps=1e-5))
+                                            select_layer=-2, layer_norm_eps=1e-5,
+                                            position_init="normal"))  # or "sincos2d" (mmlm.models.vit)
     llm = d.llm_vicuna7b()
     llm.update(vocab_size=512, width=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp_dim=64)  # 512: tiny tokenizer
     model = d.model_config(vision=vision, llm=llm, tokens=4, prefusion_layers=2, budgets=(1, 4))

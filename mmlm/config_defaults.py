@@ -25,6 +25,7 @@ def vision_clip_vit_l14_336() -> ml_collections.ConfigDict:
         mlp_dim=4096,          # MLP hidden width
         select_layer=-2,       # HF hidden_states index used as features (-2 = output of block 23 of 24)
         layer_norm_eps=1e-5,   # LayerNorm epsilon
+        position_init="normal",  # initial position embeddings: "normal" (CLIP, std 0.02) or "sincos2d" (from scratch)
     ))
 
 
@@ -212,6 +213,9 @@ def vision_pretrain_config() -> ml_collections.ConfigDict:
         num_images=4096,        # train-split records rendered once for it (index 0..num_images-1), sampled
                                 # with replacement; more than synthetic.num_train renders further records
         eval_images=500,        # eval-split records on which the final per-patch accuracy is reported
+        position_weight=0.0,    # weight of two more heads naming every patch's row and column (0 = none):
+                                # keeps where a patch is in its features, which the colour / shape heads
+                                # otherwise drown (the grid_shapes cell questions need it)
     ))
 
 

@@ -330,6 +330,8 @@ def check_vision_pretrain(config: ml_collections.ConfigDict) -> None:
     for key in ("batch_size", "num_images", "eval_images"):
         _num(config, f"train.vision_pretrain.{key}", low=1)
     _num(config, "train.vision_pretrain.learning_rate", kind=float, low=0, low_open=True)
+    if "position_weight" in config.train.vision_pretrain:
+        _num(config, "train.vision_pretrain.position_weight", kind=float, low=0, hint="0 turns the position heads off")
     if int(config.train.vision_pretrain.steps) == 0:
         return
     from mmlm.data.synth import IMAGE_KINDS

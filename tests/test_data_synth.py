@@ -203,16 +203,15 @@ def test_grid_questions_match_the_scene():
     rng = np.random.default_rng(0)
     objs = _grid_objs()
     by_cell = {(o.row, o.col): o for o in objs}
-    words = {w: i for i, w in enumerate(synth.NUMBER_WORDS)}
     seen = set()
     for _ in range(200):
         for category in synth.CATEGORIES["grid_shapes"]:
             qa = synth._grid_qa(rng, objs, category)
             seen.add((category, qa.answer))
             if category in ("cell_color", "cell_shape"):
-                # "What color is the object in row two, column three?" -> 0-based (1, 2)
-                tail = qa.question.rstrip("?").split("row ")[1]
-                row, col = (words[w.strip(", ")] - 1 for w in tail.split("column"))
+                # "What color is the object in cell B3?" -> 0-based (1, 2)
+                cell = qa.question.rstrip("?").split()[-1]
+                row, col = synth.GRID_ROW_NAMES.index(cell[0]), int(cell[1:]) - 1
                 o = by_cell[(row, col)]  # only occupied cells are asked about
                 assert qa.answer == (o.color if category == "cell_color" else o.shape)
             elif category == "count_color":

@@ -518,3 +518,24 @@ def test_uint8_pixels_give_the_outputs_of_host_normalised_images(text_only_prefu
     np.testing.assert_array_equal(device[batch["frame_mask"]], pixels[batch["frame_mask"]])
     again = apply(cfg, params, dict(batch, images=device), None)
     np.testing.assert_allclose(np.asarray(again["logits"]), np.asarray(want["logits"]), rtol=0, atol=1e-5)
+
+
+def test_sincos2d_position_init():
+    """`vision.position_init="sincos2d"`: a deterministic 2-D table (class token at 0) in the same parameter."""
+    from mmlm.models.vit import sincos2d
+
+    cfg = make_cfg("--config.model.vision.position_init=sincos2d")
+    batch = make_batch(cfg)
+    pos = np.asarray(init(cfg, batch)["vision"]["position_embedding"])
+    grid, width = cfg.vision.grid, cfg.vision.width
+    assert pos.shape == (grid * grid + 1, width)
+    np.testing.assert_array_equal(pos[0], 0.0)
+    np.testing.assert_allclose(pos[1:], sincos2d(grid, width), atol=1e-7)
+    table = sincos2d(grid, width).reshape(grid, grid, width)
+    # The first quarter of the channels follow the row only, the third quarter the column only.
+    q = width // 4
+    np.testing.assert_allclose(table[:, 0, :q], table[:, -1, :q])
+    np.testing.assert_allclose(table[0, :, 2 * q:3 * q], table[-1, :, 2 * q:3 * q])
+    assert np.abs(table[1, 0, :q] - table[0, 0, :q]).max() > 0.5  # rows differ strongly
+    with pytest.raises(ValueError, match="position_init"):
+        make_cfg("--config.model.vision.position_init=rope")

@@ -91,6 +91,31 @@ def test_pretraining_learns_the_patch_labels_deterministically():
     assert not np.allclose(np.asarray(f0), np.asarray(f1))
 
 
+def _position_spread(model, vision, images) -> float:
+    """Fraction of the feature variance that the patch position explains (variance of the per-patch mean)."""
+    f = np.asarray(model.apply({"params": {"vision": vision}}, images, method=LlavaMini.encode_images))[:, 0, 0]
+    return float(f.mean(0).var(0).sum() / f.reshape(-1, f.shape[-1]).var(0).sum())
+
+
+def test_position_heads_keep_where_each_patch_is():
+    """`position_weight` > 0 adds row / column heads: they are scored, and the features keep more of the
+    patch position than with the colour and shape heads alone."""
+    config = _tiny(steps=60)
+    setup = build_setup(config, 10)
+    state = init_state(setup, 0)
+    vision0, shardings = state["params"]["vision"], setup.state_shardings["params"]["vision"]
+    plain, summary = pretrain_vision(config, setup.model, vision0, shardings, progress=False)
+    assert "held_out_position_accuracy" not in summary
+    config.train.vision_pretrain.position_weight = 1.0
+    placed, summary = pretrain_vision(config, setup.model, vision0, shardings, progress=False)
+    assert summary["held_out_position_accuracy"] > 0.6, summary  # chance: 1 / grid (0.25)
+    images = labelled_images(config, "val", 16)["images"][:, None, None]
+    assert _position_spread(setup.model, placed, images) > 2 * _position_spread(setup.model, plain, images)
+    config.train.vision_pretrain.position_weight = -1.0
+    with pytest.raises(UserError, match="position_weight"):
+        validate_config(config)
+
+
 @pytest.mark.parametrize("kind", ["", "moving_shapes"])
 def test_pretraining_needs_synthetic_still_images(kind):
     config = _tiny()

@@ -41,7 +41,8 @@ def base_config(prefusion_layers: int = 1, tokens: int = 1, budgets: tuple[int, 
         heads=4,              # ViT attention heads
         mlp_dim=2 * WIDTH,    # ViT MLP hidden width
         select_layer=-1,      # features = output of the last block
-        layer_norm_eps=1e-5))
+        layer_norm_eps=1e-5,
+        position_init="sincos2d"))  # strong row / column directions from step 0 (CLIP's std-0.02 init: weak)
     llm = d.llm_vicuna7b()
     llm.update(
         vocab_size=512,       # the tiny tokenizer (data/tiny_tokenizer.model)
@@ -52,6 +53,8 @@ def base_config(prefusion_layers: int = 1, tokens: int = 1, budgets: tuple[int, 
     model.compressor.heads = 4    # cross-attention heads of the query compressor (divides WIDTH)
     model.dtype = "float32"       # CPU: fp32 matmuls are the fast path
     model.scan_layers = False     # 1-4 layer stacks: unrolled steps are faster on the CPU (measured)
+    model.init_std = 0            # dense kernels at the fan-in scale (as the demo): the foundation learns
+                                  # counts and existence with it, not with std 0.02 (measured)
     config = d.base_config(model)
     config.text_len = 72          # text tokens assumed by `mmlm summary`
     config.mesh.allow_replicated_fallback = True  # 64-wide layers on any small CPU mesh
@@ -157,6 +160,10 @@ def foundation_config() -> ml_collections.ConfigDict:
     config.train.trainable = ("vision",) + d.STAGE2_TRAINABLE
     config.train.steps = FOUNDATION_STEPS
     config.train.checkpoint_every = 1000
+    # The stand-in for CLIP's pretraining: per-patch colour, shape, row and column before step 0 (the position
+    # heads keep where each patch is in its features, which the cell questions need).
+    config.train.vision_pretrain.steps = 300
+    config.train.vision_pretrain.position_weight = 1.0
     config.optim.learning_rate = ml_collections.ConfigDict({p: 5e-4 for p in d.PARTS})  # peak LR of every part
     config.eval.budgets = (num_patches(),)
     return config

@@ -12,7 +12,7 @@ Kinds:
   a <colour> <shape>) need the HD crops.
 * `grid_shapes`: 6-12 shapes (distinct colour-shape pairs) in the cells of a
   4x4 grid (default 64 px: a 16 px ViT patch per cell). Questions address
-  one cell ("What color is the object in row two, column three?", colour or
+  one cell ("What color is the object in cell B3?", row B, column 3; colour or
   shape), or several objects (how many objects of a colour, is there a
   <colour> <shape>). The information grows with the vision tokens: a cell
   question needs that cell, and 16 cells of ~25 states each do not fit one
@@ -69,6 +69,9 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+# Bumped whenever what a kind renders or asks changes, so that datasets built before are rebuilt
+# (`mmlm.train.data` keys its build cache on it). 2: grid cells are named "B3", not "row two, column three".
+DATA_VERSION = 2
 KINDS = ("shapes", "shapes_hd", "grid_shapes", "grid_shapes_hd", "moving_shapes")
 # Question categories of each kind (the keys `category_weights` may use).
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -105,11 +108,12 @@ Q_EXIST = "Is there a {color} {shape}?"
 Q_DIRECTION = "Which way is the {color} {shape} moving?"
 Q_FIRST = "Which color appears first?"
 Q_COUNT_VIDEO = "How many objects appear in the video?"
-Q_CELL_COLOR = "What color is the object in row {row}, column {col}?"
-Q_CELL_SHAPE = "What shape is the object in row {row}, column {col}?"
+Q_CELL_COLOR = "What color is the object in cell {cell}?"
+Q_CELL_SHAPE = "What shape is the object in cell {cell}?"
 Q_COUNT_COLOR = "How many {color} objects are there?"
 
-GRID_SIDE = 4  # grid_shapes: cells per side of the scene grid (rows and columns are named one..four)
+GRID_SIDE = 4  # grid_shapes: cells per side of the scene grid
+GRID_ROW_NAMES = "ABCD"  # grid_shapes: row names, top to bottom (columns are 1..4, left to right)
 GRID_OBJECTS = (6, 12)  # grid_shapes: objects per scene, inclusive range
 # Object radius as a fraction of the image side: grid_shapes objects fill most of their cell
 # (11-14 px of a 16 px cell at 64 px); grid_shapes_hd objects are ~9 px wide at 128 px (4-5 px at 64 px).
@@ -291,8 +295,15 @@ def _hd_qa(rng: np.random.Generator, objs: Sequence[Obj], category: str) -> QA |
 
 
 def cell_words(row: int, col: int) -> dict[str, str]:
-    """Template fields naming grid cell (row, col), 0-based: rows and columns are "one".."four"."""
-    return {"row": NUMBER_WORDS[row + 1], "col": NUMBER_WORDS[col + 1]}
+    """Template fields naming grid cell (row, col), 0-based, as on a chessboard: "B3" is row two, column three.
+
+    Rows are letters and columns digits, so the row and the column are told
+    apart by the tokens themselves. With "row two, column three" the same
+    number words name both, and a small LLM has to bind each to the word
+    before it first; the 2-layer models of the paper-trend studies did not
+    learn that (`configs/experiments/base.py`).
+    """
+    return {"cell": f"{GRID_ROW_NAMES[row]}{col + 1}"}
 
 
 def _grid_qa(rng: np.random.Generator, objs: Sequence[Obj], category: str) -> QA | None:

@@ -22,6 +22,7 @@ ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # see mmlm.kernels.attenti
 # Top-level parameter groups of a model (the keys of its params tree); llava15 has no compressor/prefusion.
 PARTS = ("vision", "projector", "compressor", "prefusion", "llm")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+POSITION_INITS = ("normal", "sincos2d")  # VisionConfig.position_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,13 @@ class VisionConfig:
     mlp_dim: int = 4096
     select_layer: int = -2  # HF hidden_states index whose output is used
     layer_norm_eps: float = 1e-5
+    # Initial value of the learned position embeddings: "normal" (CLIP: std 0.02) or "sincos2d" (a 2-D
+    # sin-cos table, as big_vision's ViTs trained from scratch use; the parameter still trains).
+    position_init: str = "normal"
+
+    def __post_init__(self):
+        if self.position_init not in POSITION_INITS:
+            raise ValueError(f"vision.position_init {self.position_init!r}: choose one of {POSITION_INITS}")
 
     @property
     def grid(self) -> int:

@@ -9,15 +9,44 @@ never touches `hidden_states[k]` and is not built either.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 
 from mmlm.models.config import VisionConfig
 from mmlm.kernels.attention import self_attention
 from mmlm.models.layers import (ACT_BATCH, ACT_HEADS, ACT_LENGTH, ACT_MLP, BTD, BlockStack, constrain, dense,
                                 kernel_initializer, layer_norm, quick_gelu)
+
+
+def sincos2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """A fixed 2-D sin-cos position table, (grid * grid, width), patches in row-major order.
+
+    A quarter of the channels each are the sine / cosine of the row and of the
+    column at geometric frequencies (the "sincos2d" embedding of big_vision's
+    ViTs). Rows and columns are strong, separable directions from the first
+    step, where CLIP's std-0.02 init is a few per cent of a patch embedding.
+    """
+    if width % 4:
+        raise ValueError(f"sincos2d position embeddings need a width divisible by 4, got {width}")
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4))
+    r, c = rows.reshape(-1, 1) * omega, cols.reshape(-1, 1) * omega
+    return np.concatenate([np.sin(r), np.cos(r), np.sin(c), np.cos(c)], axis=1).astype(np.float32)
+
+
+def sincos2d_init(grid: int) -> Callable[..., jax.Array]:
+    """Initializer of the (1 + grid^2, width) position parameter: zeros for the class token, then `sincos2d`."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        del key  # deterministic
+        return jnp.asarray(np.concatenate([np.zeros((1, shape[1]), np.float32), sincos2d(grid, shape[1])]), dtype)
+
+    return init
 
 
 class VitBlock(nn.Module):
@@ -75,8 +104,8 @@ class VisionTower(nn.Module):
         x = constrain(rearrange(patches, "b h w d -> b (h w) d"), BTD)
         cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
                          (cfg.width,), self.param_dtype)
-        pos = self.param("position_embedding",
-                         nn.with_logical_partitioning(nn.initializers.normal(0.02), ("patches", "embed")),
+        pos_init = sincos2d_init(cfg.grid) if cfg.position_init == "sincos2d" else nn.initializers.normal(0.02)
+        pos = self.param("position_embedding", nn.with_logical_partitioning(pos_init, ("patches", "embed")),
                          (cfg.num_patches + 1, cfg.width), self.param_dtype)
         cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, cfg.width))
         x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)

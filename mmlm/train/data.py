@@ -55,8 +55,10 @@ def synthetic_config() -> ml_collections.ConfigDict:
 
 
 def _synth_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    from mmlm.data import synth
+
     s = config.synthetic
-    return {"kind": s.kind, "num_train": int(s.num_train), "num_eval": int(s.num_eval), "seed": int(s.seed),
+    return {"version": synth.DATA_VERSION, "kind": s.kind, "num_train": int(s.num_train), "num_eval": int(s.num_eval), "seed": int(s.seed),
             "image_size": int(s.image_size), "questions_per_image": int(s.questions_per_image),
             "train_category_weights": synth_weights(config),
             "train_split": config.data.train_split, "eval_split": config.data.eval_split}

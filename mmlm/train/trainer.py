@@ -521,8 +521,10 @@ def format_results(results: dict[str, Any]) -> str:
     ]
     vp = results.get("vision_pretrain")
     if vp:
+        position = vp.get("held_out_position_accuracy")
         rows.append(("vision pretraining", f"{vp['steps']} steps, {vp['seconds']:.1f} s; held-out objects: colour "
-                     f"{100 * vp['held_out_color_accuracy']:.1f}%, shape {100 * vp['held_out_shape_accuracy']:.1f}%"))
+                     f"{100 * vp['held_out_color_accuracy']:.1f}%, shape {100 * vp['held_out_shape_accuracy']:.1f}%"
+                     + ("" if position is None else f"; patch row / column {100 * position:.1f}%")))
     if tr:
         rows += [("final train loss", f"{tr['loss']:.4f}"),
                  ("final train token accuracy", f"{tr['token_accuracy']:.4f}"),

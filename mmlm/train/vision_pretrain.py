@@ -7,8 +7,12 @@ fail never learn to name shapes, and a linear probe of their ViT tells the shape
 one of a run that succeeds; `experiments/demo_learning`). This stage gives the ViT the features first:
 for `train.vision_pretrain.steps` steps it trains the ViT with two linear heads on every patch feature
 (B, N, Dv) that name the colour and the shape of the object centred in that patch, or "none"; the labels
-come from the scene descriptions `mmlm.data.synth` renders the train images from. The heads are then
-dropped and the main training starts from the pretrained ViT (every part still trains).
+come from the scene descriptions `mmlm.data.synth` renders the train images from. With
+`position_weight` > 0 two more heads name every patch's row and column: the colour and shape heads
+alone grow those features until the patch position is a fraction of a per cent of the feature variance
+(a linear probe reads the row of a `grid_shapes` patch 73% of the time after 300 steps, against 99.9%
+with the position heads, where it explains half the variance), and questions that name a place need it.
+The heads are then dropped and the main training starts from the pretrained ViT (every part still trains).
 
 It runs on a fresh start only: a resumed run restores its ViT from the checkpoint. It needs a still-image
 `config.synthetic.kind`; the ViT sees each image whole (one view, also for HD models). The optimizer is
@@ -56,19 +60,28 @@ def labelled_images(config: ml_collections.ConfigDict, split: str, num: int) -> 
     return {"images": images, "colors": colors, "shapes": shapes}
 
 
-def _heads_init(key: jax.Array, width: int) -> dict[str, jax.Array]:
-    kc, ks = jax.random.split(key)
+def _heads_init(key: jax.Array, width: int, grid: int) -> dict[str, jax.Array]:
+    """Linear heads on a patch feature: colour and shape (+ "none"), row and column (of `grid`)."""
     init = jax.nn.initializers.lecun_normal()
-    return {"color_w": init(kc, (width, len(synth.COLORS) + 1)), "color_b": jnp.zeros(len(synth.COLORS) + 1),
-            "shape_w": init(ks, (width, len(synth.SHAPES) + 1)), "shape_b": jnp.zeros(len(synth.SHAPES) + 1)}
+    sizes = {"color": len(synth.COLORS) + 1, "shape": len(synth.SHAPES) + 1, "row": grid, "col": grid}
+    heads = {}
+    for k, (name, n) in zip(jax.random.split(key, len(sizes)), sizes.items()):
+        heads[f"{name}_w"], heads[f"{name}_b"] = init(k, (width, n)), jnp.zeros(n)
+    return heads
 
 
 def _logits(model: LlavaMini, params: dict[str, Any], images: jax.Array) -> dict[str, jax.Array]:
-    """uint8 (B, H, W, 3) -> {"color": (B, N, C+1) logits, "shape": (B, N, S+1) logits}."""
+    """uint8 (B, H, W, 3) -> {"color": (B, N, C+1), "shape": (B, N, S+1), "row", "col": (B, N, grid)} logits."""
     feats = model.apply({"params": {"vision": params["vision"]}}, images[:, None, None],
                         method=LlavaMini.encode_images)[:, 0, 0].astype(jnp.float32)  # (B, N, Dv)
     h = params["heads"]
-    return {n: feats @ h[f"{n}_w"] + h[f"{n}_b"] for n in ("color", "shape")}
+    return {n: feats @ h[f"{n}_w"] + h[f"{n}_b"] for n in ("color", "shape", "row", "col")}
+
+
+def _positions(grid: int) -> dict[str, jax.Array]:
+    """Row and column of every patch, (N,) each, raster order."""
+    idx = jnp.arange(grid * grid)
+    return {"row": idx // grid, "col": idx % grid}
 
 
 def _object_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -90,14 +103,21 @@ def pretrain_vision(config: ml_collections.ConfigDict, model: LlavaMini, vision_
     lr = optax.warmup_cosine_decay_schedule(0.0, float(vp.learning_rate), warmup, max(steps, warmup + 1),
                                             end_value=0.1 * float(vp.learning_rate))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.01))
+    grid = int(config.model.vision.image_size) // int(config.model.vision.patch_size)
     params = {"vision": vision_params, "heads": _heads_init(jax.random.key(int(config.seed)),
-                                                             int(config.model.vision.width))}
+                                                             int(config.model.vision.width), grid)}
     opt_state = tx.init(params)
+    position_weight = float(vp.get("position_weight", 0.0))
+    where = _positions(grid)
 
     def loss_fn(p, batch):
         logits = _logits(model, p, batch["images"])
         ce = optax.softmax_cross_entropy_with_integer_labels
-        return jnp.mean(ce(logits["color"], batch["colors"])) + jnp.mean(ce(logits["shape"], batch["shapes"]))
+        loss = jnp.mean(ce(logits["color"], batch["colors"])) + jnp.mean(ce(logits["shape"], batch["shapes"]))
+        if position_weight:
+            loss += position_weight * sum(jnp.mean(ce(logits[k], jnp.broadcast_to(where[k], logits[k].shape[:2])))
+                                          for k in ("row", "col"))
+        return loss
 
     @jax.jit
     def step(p, o, batch):
@@ -108,7 +128,9 @@ def pretrain_vision(config: ml_collections.ConfigDict, model: LlavaMini, vision_
     @jax.jit
     def accuracy(p, batch):
         logits = _logits(model, p, batch["images"])
-        return _object_accuracy(logits["color"], batch["colors"]), _object_accuracy(logits["shape"], batch["shapes"])
+        position = jnp.mean(jnp.stack([jnp.argmax(logits[k], -1) == where[k] for k in ("row", "col")]))
+        return (_object_accuracy(logits["color"], batch["colors"]), _object_accuracy(logits["shape"], batch["shapes"]),
+                position)
 
     from tqdm import tqdm
 
@@ -120,9 +142,11 @@ def pretrain_vision(config: ml_collections.ConfigDict, model: LlavaMini, vision_
         if (i + 1) % 50 == 0 or i + 1 == steps:
             bar.set_postfix(loss=f"{float(loss):.3f}")
     bar.close()
-    color_acc, shape_acc = accuracy(params, held)
+    color_acc, shape_acc, position_acc = accuracy(params, held)
     summary = {"steps": steps, "seconds": time.time() - t0, "final_loss": float(loss),
                "held_out_color_accuracy": float(color_acc), "held_out_shape_accuracy": float(shape_acc)}
+    if position_weight:
+        summary["held_out_position_accuracy"] = float(position_acc)  # row and column of every patch
     log.info("vision pretraining: %d steps in %.1f s, loss %.3f; held-out objects: colour %.1f%%, shape %.1f%%",
              steps, summary["seconds"], summary["final_loss"], 100 * summary["held_out_color_accuracy"],
              100 * summary["held_out_shape_accuracy"])
