@@ -95,7 +95,7 @@ def base_config(prefusion_layers: int = 1, tokens: int = 1, budgets: tuple[int, 
     return config
 
 
-FOUNDATION_STEPS = 4000  # optimizer steps of the shared foundation (trained once for every row and seed)
+FOUNDATION_STEPS = 8000  # optimizer steps of the shared foundation (trained once for every row and seed)
 # The parts every study row takes from the foundation (train.init_from); the rest starts fresh in each row.
 FOUNDATION_PARTS = ("vision", "llm")
 
@@ -108,52 +108,20 @@ def foundation_config() -> ml_collections.ConfigDict:
     (`FOUNDATION_PARTS`) initialise every study row; each row then trains its
     own projector, compressor, pre-fusion and LLM with the ViT frozen, as
     LLaVA-Mini's stage 2 does with CLIP. From scratch, a model of this size
-    does not learn the cell lookups within one row's budget (measured: all
-    categories at their answer priors after 1,500 steps), hence the shared
-    start. Measured so far (2-core CPU, batch 32): this foundation is still
-    at the answer priors after 3,000 steps at LR 5e-4 (cell colour 27% vs
-    17% chance), after 1,500 steps at 2e-3 (ViT frozen at its random init),
-    and at width 128 after 1,500 steps (cell colour 29%); with the fan-in
-    initialisation that rescued the demo's slow seeds (`--config.model.init_std=0`)
-    cell colour is 23% after 1,000 steps and 32% after 1,500 (cell shape 29%,
-    chance 25%); over the full 4,000 steps it learns the per-colour counts (100%)
-    and existence (70%) but not the cell lookups (cell colour 33%, cell shape
-    24%; at LR 1e-3: 30% and 26%). Teacher-forced first answer token,
-    `experiments/demo_learning/run.py --config configs/experiments/foundation.py
-    --steps 4000 -- --config.model.init_std=0`. So the foundation does not yet
-    give the rows anything to build on.
+    does not learn the cell lookups within one row's budget, hence the shared
+    start.
 
-    The question mix is not the cause, nor the model's size: trained on
-    cell-colour questions only (`--config.synthetic.train_category_weights=
-    cell_color=1`, fan-in init, 1,500 steps) cell colour reaches 30.5%; with
-    4 LLM layers 32.5%, at width 128 26.5%; with the lookups weighted 3:3
-    against counts 0.5 and existence 1, 35%. The questions and images agree
-    (checked by eye on rendered scenes). `experiments/demo_learning/run.py
-    --config configs/experiments/foundation.py --steps 1500 --every 300 --
-    --config.model.init_std=0 --config.synthetic.train_category_weights=cell_color=1`
-    (plus `--config.model.llm.layers=4`, or the vision and LLM widths,
-    head_dim and MLP widths doubled). Two temporary code changes, not kept:
-    ViT position embeddings drawn at std 0.5 instead of 0.02 (at 0.02 they are
-    about 4% of the patch embedding's scale): cell colour 35% (cell-colour questions
-    only) and 30% (uniform mix), no better; scenes of 1-3 objects instead of
-    6-12: cell colour 66% at the end (71% at step 1,200), barely above naming any colour present (~61%
-    with 1-3 objects), and cell shape 21-29% (chance 25%) although a third of
-    those scenes hold a single object. So the from-scratch ViT does not learn
-    to tell the shapes apart within 1,500 steps of batch 32 (about 12,000
-    cell-shape questions), even alone in the scene; the demo's 4-block,
-    128-wide ViT named shapes only after some 80,000-130,000 shape questions
-    (1,000-1,600 steps of 64 x 3 at weight 5/12). A vision tower pretrained
-    on per-patch colour and shape labels (`--config.train.vision_pretrain.steps=300`,
-    as CLIP is pretrained before LLaVA; it rescued the demo) learns those labels
-    perfectly (100% colour and shape on held-out objects), yet after 1,500 steps
-    the cell questions are no better (cell colour 32.5%, cell shape 29%), nor with
-    row and column heads added to the pretraining (a temporary change: 32% / 27%),
-    nor after the full 4,000 steps (cell colour 33%, cell shape 21%; counts 100%
-    from step ~2,000, existence 70%; `--steps 4000 --every 500 --
-    --config.model.init_std=0 --config.train.vision_pretrain.steps=300`).
-    So the blocker is finding the cell that "row two, column three" names, not
-    seeing what is in it; next to try: questions that name cells in fewer words,
-    a curriculum from 2x2 to 4x4 grids, or more LLM steps on the lookup alone.
+    What it takes (`experiments/demo_learning/results.md` has every
+    measurement and command): the ViT is pretrained for 300 steps on per-patch
+    colour, shape, row and column (`train.vision_pretrain`; without the row and
+    column heads the colour and shape features drown the patch position, which
+    then explains 0.4% of the feature variance), its position embeddings start
+    from a 2-D sin-cos table, cells are named "B3" (distinct tokens for the row
+    and the column), and dense kernels start at the fan-in scale. With all of
+    that, 4,000 steps bring cell colour to 58.5% (teacher-forced first answer
+    token; 22% at step 1,500, ~30% is naming any colour present), counts to
+    99.5% and existence to 71%, while cell shape stays at chance (27.5%); every
+    earlier variant stayed at the priors. Hence `FOUNDATION_STEPS`.
     """
     config = base_config(prefusion_layers=0, tokens=1)
     config.model.mode = "llava15"  # all patches to the LLM: the easiest setting to learn the task in
