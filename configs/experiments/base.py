@@ -125,12 +125,17 @@ def foundation_config() -> ml_collections.ConfigDict:
     (`FOUNDATION_STEPS`; 875 s on the 2-core CPU) answers cell colour 100%,
     counts 100%, existence 62.5% and cell shape 21.8% (greedy exact match on
     the 1,200 held-out questions, `experiments/paper_trends/run.py`): it finds
-    the cell and reads its colour, but does not tell the shape in it, although
-    its pretrained ViT names the shape of every held-out patch.
+    the cell and reads its colour, but not the shape in it: trained on with
+    the answers, its ViT forgets the shapes (a linear probe reads them on 48% of
+    the object patches, 99.9% after the pretraining). Hence the ViT stays frozen
+    after its pretraining, as CLIP does in LLaVA: measured so, 4,000 steps give
+    cell colour 77.5% and cell shape 73% (teacher-forced, as above; counts 97%,
+    existence 68%). The 8,000-step foundation of this config is not measured yet.
     """
     config = base_config(prefusion_layers=0, tokens=1)
     config.model.mode = "llava15"  # all patches to the LLM: the easiest setting to learn the task in
-    config.train.trainable = ("vision",) + d.STAGE2_TRAINABLE
+    # The pretrained ViT stays frozen, as CLIP does in LLaVA: trained on with the answers, it loses the shapes.
+    config.train.trainable = d.STAGE2_TRAINABLE
     config.train.steps = FOUNDATION_STEPS
     config.train.checkpoint_every = 1000
     # The stand-in for CLIP's pretraining: per-patch colour, shape, row and column before step 0 (the position
@@ -170,6 +175,8 @@ def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.data.prefetch_buffer_size = 8
     config.synthetic.num_train = 16
     config.synthetic.num_eval = 4
+    if config.train.vision_pretrain.steps:  # the foundation: its ViT pretraining in a few steps too
+        config.train.vision_pretrain.update(steps=2, batch_size=8, num_images=16, eval_images=4)
     return config
 
 
