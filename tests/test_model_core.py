@@ -539,3 +539,5 @@ def test_sincos2d_position_init():
     assert np.abs(table[1, 0, :q] - table[0, 0, :q]).max() > 0.5  # rows differ strongly
     with pytest.raises(ValueError, match="position_init"):
         make_cfg("--config.model.vision.position_init=rope")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        make_cfg("--config.model.vision.position_init=sincos2d", "--config.model.vision.width=30")

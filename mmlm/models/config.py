@@ -44,6 +44,9 @@ class VisionConfig:
     def __post_init__(self):
         if self.position_init not in POSITION_INITS:
             raise ValueError(f"vision.position_init {self.position_init!r}: choose one of {POSITION_INITS}")
+        if self.position_init == "sincos2d" and self.width % 4:
+            raise ValueError(f"vision.position_init 'sincos2d' needs vision.width divisible by 4, got {self.width}; "
+                             "use position_init='normal' or another width")
 
     @property
     def grid(self) -> int:
