@@ -130,7 +130,9 @@ def foundation_config() -> ml_collections.ConfigDict:
     the object patches, 99.9% after the pretraining). Hence the ViT stays frozen
     after its pretraining, as CLIP does in LLaVA: measured so, 4,000 steps give
     cell colour 77.5% and cell shape 73% (teacher-forced, as above; counts 97%,
-    existence 68%). The 8,000-step foundation of this config is not measured yet.
+    existence 68%), and the 8,000-step foundation of this config answers cell
+    colour 90.2%, cell shape 88.4%, counts 97.7% and existence 64.4% (greedy
+    exact match on the 1,200 held-out questions; 1,696 s beside other jobs).
     """
     config = base_config(prefusion_layers=0, tokens=1)
     config.model.mode = "llava15"  # all patches to the LLM: the easiest setting to learn the task in
