@@ -64,8 +64,10 @@ def _heads_init(key: jax.Array, width: int, grid: int) -> dict[str, jax.Array]:
     """Linear heads on a patch feature: colour and shape (+ "none"), row and column (of `grid`)."""
     init = jax.nn.initializers.lecun_normal()
     sizes = {"color": len(synth.COLORS) + 1, "shape": len(synth.SHAPES) + 1, "row": grid, "col": grid}
+    # Colour and shape keep the keys they had before the position heads existed (the same pretraining as then).
+    keys = [*jax.random.split(key), *jax.random.split(jax.random.fold_in(key, 1))]
     heads = {}
-    for k, (name, n) in zip(jax.random.split(key, len(sizes)), sizes.items()):
+    for k, (name, n) in zip(keys, sizes.items()):
         heads[f"{name}_w"], heads[f"{name}_b"] = init(k, (width, n)), jnp.zeros(n)
     return heads
 
