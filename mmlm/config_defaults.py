@@ -197,6 +197,8 @@ def train_config(*, steps: int = 1000, trainable: tuple[str, ...] = STAGE2_TRAIN
         keep_checkpoints=3,       # most recent checkpoints kept in WORKDIR/checkpoints
         log_every=10,             # steps between metric rows (console, TensorBoard, metrics.jsonl)
         init_from="",             # model checkpoint dir (`mmlm convert` output) loaded before step 0; CLI --init_from
+        init_prefusion_from_llm=False,  # fresh start: pre-fusion block i starts as a copy of LLM block i mod L
+                                  # (after init_from; same block structure, so a trained LLM's lookups carry over)
         peak_tflops_per_device=0.0,  # peak dense TFLOP/s of one device for MFU; 0 = look up / estimate
         progress_bar=True,        # tqdm progress bar on the console (process 0 only)
         vision_pretrain=vision_pretrain_config(),  # ViT pretraining on synthetic per-patch labels (off by default)

@@ -297,3 +297,24 @@ def test_frame_buckets_give_the_loss_of_full_frame_batches(stage2, video_dataset
     np.testing.assert_allclose(float(m_cut["grad_norm"]), float(m_full["grad_norm"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(new_cut["params"]), jax.tree.leaves(new_full["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_prefusion_blocks_start_as_copies_of_the_llm_blocks(scan):
+    """train.init_prefusion_from_llm: pre-fusion block i = LLM block i mod L, in both stack layouts."""
+    from mmlm.models.layers import unstack_layers
+
+    config = tiny(f"--config.model.scan_layers={scan}", "--config.model.prefusion_layers=3",
+                  "--config.train.init_prefusion_from_llm=true")
+    setup, state = setup_and_state(config)
+    new = trainer.init_prefusion_if_configured(config, setup, state)["params"]
+    llm, blocks = unstack_layers(new["llm"]["decoder"]), unstack_layers(new["prefusion"]["blocks"])
+    assert len(llm) == 2 and len(blocks) == 3 and ("layers" in new["prefusion"]["blocks"]) == scan
+    for i in range(3):
+        jax.tree.map(np.testing.assert_array_equal, blocks[f"layers_{i}"], llm[f"layers_{i % 2}"])
+    old = unstack_layers(state["params"]["prefusion"]["blocks"])
+    assert not np.array_equal(old["layers_0"]["q_proj"]["kernel"], blocks["layers_0"]["q_proj"]["kernel"])
+    for part in ("llm", "vision", "compressor", "projector"):  # nothing else moves
+        jax.tree.map(np.testing.assert_array_equal, new[part], state["params"][part])
+    off = tiny("--config.model.prefusion_layers=3")
+    assert trainer.init_prefusion_if_configured(off, setup, state) is state  # off by default

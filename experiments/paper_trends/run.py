@@ -520,8 +520,9 @@ def markdown(report: dict[str, Any]) -> str:
                   "Every row starts from one foundation, the analogue of the paper's pretrained CLIP ViT and LLM: "
                   "a LLaVA-1.5-style model (all 16 patch tokens to the LLM) trained from scratch on grid_shapes "
                   f"(`configs/experiments/foundation.py`, {fd['steps']} steps, seed 0). Its vision tower (frozen "
-                  "in the rows, as CLIP in LLaVA-Mini's stage 2) and LLM initialise each row; projector, compressor "
-                  "and pre-fusion start fresh. The foundation itself scores "
+                  "in the rows, as CLIP in LLaVA-Mini's stage 2), projector and LLM initialise each row, and its "
+                  "LLM blocks the row's pre-fusion blocks (block i from LLM block i mod 2); the compressor starts "
+                  "fresh. The foundation itself scores "
                   f"{acc} ({cats}); it took {fd['wall_s']:.0f} s.", ""]
     for study, st in report["studies"].items():
         lines += [f"## {STUDY_TITLES[study]}", "",

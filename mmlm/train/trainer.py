@@ -43,7 +43,7 @@ from mmlm.checkpoint import is_model_checkpoint, load_model_params, save_config
 from mmlm.config_utils import validate_config
 from mmlm.errors import UserError
 from mmlm.models.config import ModelConfig, model_config_from_dict
-from mmlm.models.layers import count_params
+from mmlm.models.layers import count_params, stack_layers, unstack_layers
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.models.loss import max_supervised_tokens
 from mmlm.models.summary import dummy_batch
@@ -195,6 +195,39 @@ def load_init_from(setup: Setup, state: dict[str, Any], path: str) -> dict[str, 
     return {**state, "params": params}
 
 
+
+def prefusion_from_llm(params: dict[str, Any]) -> dict[str, Any]:
+    """Params whose pre-fusion block i is a copy of LLM block i mod L (L = LLM blocks); the rest unchanged.
+
+    The pre-fusion blocks have the LLM's block structure, so a pretrained
+    LLM's blocks are a start that already knows how text reads the vision
+    tokens (`train.init_prefusion_from_llm`). Works on scanned (`layers`,
+    leading layer axis) and unrolled (`layers_{i}`) stacks alike.
+    """
+    if "prefusion" not in params:
+        return params
+    llm = unstack_layers(params["llm"]["decoder"])
+    old = params["prefusion"]["blocks"]
+    prefusion = unstack_layers(old)
+    new = {f"layers_{i}": llm[f"layers_{i % len(llm)}"] for i in range(len(prefusion))}
+    for name, block in new.items():
+        want = jax.tree.map(jnp.shape, prefusion[name])
+        if jax.tree.map(jnp.shape, block) != want:
+            raise TrainError(f"train.init_prefusion_from_llm: LLM blocks {jax.tree.map(jnp.shape, block)} do not "
+                             f"have the pre-fusion block shapes {want}")
+    blocks = stack_layers(new, len(new)) if "layers" in old else new
+    return {**params, "prefusion": {**params["prefusion"], "blocks": blocks}}
+
+
+def init_prefusion_if_configured(config: ml_collections.ConfigDict, setup: Setup,
+                                 state: dict[str, Any]) -> dict[str, Any]:
+    """A fresh state with the pre-fusion blocks copied from the LLM's when `train.init_prefusion_from_llm`."""
+    if not config.train.get("init_prefusion_from_llm") or "prefusion" not in state["params"]:
+        return state
+    params = jax.device_put(prefusion_from_llm(state["params"]), setup.state_shardings["params"])
+    log.info("pre-fusion blocks initialised from the LLM's blocks")
+    return {**state, "params": params}
+
 # ------------------------------------------------------------------------- preemption
 
 class PreemptionWatch:
@@ -312,6 +345,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         state = init_state(setup, int(config.seed))
         if config.train.init_from:
             state = load_init_from(setup, state, config.train.init_from)
+        state = init_prefusion_if_configured(config, setup, state)
         state, pretrain_summary = pretrain_vision_if_configured(config, setup, state)
         if pretrain_summary is not None and jax.process_index() == 0:
             with open(pretrain_file, "w") as f:
