@@ -318,3 +318,8 @@ def test_prefusion_blocks_start_as_copies_of_the_llm_blocks(scan):
         jax.tree.map(np.testing.assert_array_equal, new[part], state["params"][part])
     off = tiny("--config.model.prefusion_layers=3")
     assert trainer.init_prefusion_if_configured(off, setup, state) is state  # off by default
+    # The train step donates the state: the copies must be buffers of their own.
+    step = jax.jit(make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, 1, setup.schedules,
+                                   setup.mesh), donate_argnums=(0,), compiler_options=FAST_COMPILE)
+    after, metrics = step({**state, "params": new}, batch_for(setup.cfg))
+    assert np.isfinite(float(metrics["loss"]))

@@ -209,7 +209,8 @@ def prefusion_from_llm(params: dict[str, Any]) -> dict[str, Any]:
     llm = unstack_layers(params["llm"]["decoder"])
     old = params["prefusion"]["blocks"]
     prefusion = unstack_layers(old)
-    new = {f"layers_{i}": llm[f"layers_{i % len(llm)}"] for i in range(len(prefusion))}
+    # Copies, not views: the train step donates the state, and one buffer may be donated only once.
+    new = {f"layers_{i}": jax.tree.map(jnp.copy, llm[f"layers_{i % len(llm)}"]) for i in range(len(prefusion))}
     for name, block in new.items():
         want = jax.tree.map(jnp.shape, prefusion[name])
         if jax.tree.map(jnp.shape, block) != want:
