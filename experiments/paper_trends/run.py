@@ -105,7 +105,7 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
               ("matryoshka", 1)),
         Claim("the Matryoshka model: 16 tokens beat 4", "(the same trend, one model)", ("matryoshka", 16),
               ("matryoshka", 4)),
-        Claim("the oracle (best of 1/4/16 per question) beats the best single budget",
+        Claim("the oracle (best of 1/4/16 per question) beats the Matryoshka model at 16 tokens",
               "an upper bound for choosing the budget per question", (ORACLE, 0), ("matryoshka", 16), ">="),
         Claim("MQT any-m sampling matches square budgets at 1 token", "MQT: any m in 1..M at inference",
               ("mqt_any_m", 1), ("matryoshka", 1), "~"),
@@ -523,8 +523,15 @@ def markdown(report: dict[str, Any]) -> str:
                   "in the rows, as CLIP in LLaVA-Mini's stage 2), projector and LLM initialise each row, and its "
                   "LLM blocks the row's pre-fusion blocks (block i from LLM block i mod 2); the compressor starts "
                   "fresh. The foundation itself scores "
-                  f"{acc} ({cats}); it took {fd['wall_s']:.0f} s.", ""]
+                  f"{acc} ({cats}); it took {fd['wall_s']:.0f} s.", "",
+                  "How this setup was found (the ViT pretraining with position heads, the frozen ViT, the "
+                  "pre-fusion copied from the LLM) and every variant that did not learn the cell questions: "
+                  "`experiments/demo_learning/results.md`, from the section \"The paper-trends foundation\".", ""]
     for study, st in report["studies"].items():
+        if not st["points"]:
+            lines += [f"## {STUDY_TITLES[study]}", "", "No finished runs yet; to run them:", "", "```",
+                      st["command"], "```", ""]
+            continue
         lines += [f"## {STUDY_TITLES[study]}", "",
                   "Reproduce this section (table and plots):", "", "```", st["command"], "```", "",
                   f"Wall time of its runs: {st['wall_time_s']:.0f} s ({st['runs']} runs; runs shared with another "
