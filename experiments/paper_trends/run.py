@@ -55,6 +55,7 @@ import math
 import os
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -471,7 +472,7 @@ def plot_study(study: str, points: Sequence[dict[str, Any]], out: Path) -> list[
         ax.set_xscale("log", base=log_base)
         ax.set_xlabel(label)
         ax.set_ylabel("held-out exact match (%)")
-        ax.set_title(STUDY_TITLES[study], fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(STUDY_TITLES[study], 75)), fontsize=9)  # titles outgrow the axes
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
