@@ -3,9 +3,12 @@
     mmlm train --config configs/experiments/pooling.py:avgpool_t1 --workdir W --config.seed=0
     python experiments/paper_trends/run.py --study pooling
 
-Rows (the shared small model of `base.py`, 1 pre-fusion layer, grid_shapes):
+Rows (the shared small model of `base.py`, grid_shapes, no pre-fusion: the
+paper compares the two inside LLaVA-Mini, but here pre-fusion copied from the
+foundation's LLM carries the answers through the text whatever the tokens
+hold, see `matryoshka.py`; without it the compressed tokens are the image):
 `query_t1`, `query_t4` (learned queries, cross-attention; the same configs
-as `matryoshka.py:fixed1` / `fixed4`, so the runner trains them once) and
+as `matryoshka.py:fixed1` / `fixed4` and `prefusion.py:pf0_t1` / `pf0_t4`, so the runner trains them once) and
 `avgpool_t1`, `avgpool_t4` (adaptive average pooling of the 4x4 patch grid
 to 1x1 / 2x2: no parameters).
 """
@@ -26,7 +29,7 @@ ROWS = {
 
 def get_config(row: str):
     kind, tokens = row.split("_t")
-    config = _base.base_config(tokens=int(tokens))
+    config = _base.base_config(prefusion_layers=0, tokens=int(tokens))
     config.model.compressor.kind = "query" if kind == "query" else "avgpool"
     config.eval.budgets = (int(tokens),)
     return config
