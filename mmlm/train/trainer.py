@@ -195,7 +195,6 @@ def load_init_from(setup: Setup, state: dict[str, Any], path: str) -> dict[str, 
     return {**state, "params": params}
 
 
-
 def prefusion_from_llm(params: dict[str, Any]) -> dict[str, Any]:
     """Params whose pre-fusion block i is a copy of LLM block i mod L (L = LLM blocks); the rest unchanged.
 
@@ -228,6 +227,7 @@ def init_prefusion_if_configured(config: ml_collections.ConfigDict, setup: Setup
     params = jax.device_put(prefusion_from_llm(state["params"]), setup.state_shardings["params"])
     log.info("pre-fusion blocks initialised from the LLM's blocks")
     return {**state, "params": params}
+
 
 # ------------------------------------------------------------------------- preemption
 
