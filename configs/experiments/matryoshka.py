@@ -12,6 +12,8 @@ cannot test a budget claim.
 
 * `matryoshka`: 16 nested queries; each step trains one budget drawn
   uniformly from {1, 4, 16}; scored at 1, 2, 4, 8 and 16 tokens.
+* `matryoshka_3x`: the same with 3,600 steps, so that each budget is
+  trained for about as many steps as its fixed-budget model (1,200).
 * `fixed1`, `fixed4`, `fixed16`: a model per budget (C^2 = 1, 4, 16
   queries), scored at its budget (the same configs as `prefusion.py:pf0_t1`,
   `pf0_t4`, `pf0_t16`, so the runner trains them once).
@@ -33,6 +35,7 @@ SCORED = (1, 2, 4, 8, 16)  # budgets the nested models are scored at (the traine
 # Row -> the method it belongs to (one line per method in the plots).
 ROWS = {
     "matryoshka": "Matryoshka {1,4,16}",
+    "matryoshka_3x": "Matryoshka {1,4,16}, 3x steps",
     "fixed1": "fixed budget",
     "fixed4": "fixed budget",
     "fixed16": "fixed budget",
@@ -41,9 +44,11 @@ ROWS = {
 
 
 def get_config(row: str):
-    if row == "matryoshka":
+    if row in ("matryoshka", "matryoshka_3x"):
         config = _base.base_config(prefusion_layers=0, tokens=16, budgets=(1, 4, 16))
         config.eval.budgets = SCORED
+        if row == "matryoshka_3x":  # one budget per step: 3 budgets x 1,200 steps
+            config.train.steps = 3 * config.train.steps
     elif row == "mqt_any_m":
         config = _base.base_config(prefusion_layers=0, tokens=16, budgets=tuple(range(1, 17)))
         config.eval.budgets = SCORED
