@@ -559,6 +559,14 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _relative_paths(record: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The run record with its questions file relative to OUT (results.json stays valid when OUT moves)."""
+    q = Path(record["questions"])
+    if q.is_absolute() and q.resolve().is_relative_to(out.resolve()):
+        return {**record, "questions": str(q.resolve().relative_to(out.resolve()))}
+    return record
+
+
 def build_report(studies: Sequence[str], plan: Sequence[Run], records: dict[str, dict[str, Any]], out: Path,
                  seeds: int, quick: bool) -> dict[str, Any]:
     """results.json content; also writes results.md and the plots."""
@@ -573,7 +581,7 @@ def build_report(studies: Sequence[str], plan: Sequence[Run], records: dict[str,
                      "generated": datetime.datetime.now().isoformat(timespec="seconds"),
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
         "wall_time_s": sum(r["wall_s"] for r in finished),
-        "studies": {}, "runs": {r["name"]: r for r in finished},
+        "studies": {}, "runs": {r["name"]: _relative_paths(r, out) for r in finished},
     }
     for study in studies:
         recs = [r for r in finished if any(s == study for s, _ in r["rows"])]
