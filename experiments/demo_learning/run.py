@@ -88,11 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     data_lib.prepare_synthetic(config, args.workdir)
     data_lib.resolve_data_config(config)
     setup = trainer.build_setup(config, args.steps)
-    state = trainer.init_state(setup, int(config.seed))
-    if config.train.init_from:  # a partial model checkpoint (e.g. the paper-trends foundation's parts)
-        state = trainer.load_init_from(setup, state, config.train.init_from)
-    state = trainer.init_prefusion_if_configured(config, setup, state)
-    state, _ = trainer.pretrain_vision_if_configured(config, setup, state)  # train.vision_pretrain.steps > 0
+    state, _ = trainer.fresh_state(config, setup)  # the same start as `mmlm train` without a checkpoint
     step_fn = jax.jit(make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, 1, setup.schedules,
                                       setup.mesh), donate_argnums=(0,))
     train_iter = iter(data_lib.make_pipeline(config, "train", train=True))

@@ -343,11 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             with open(pretrain_file) as f:
                 pretrain_summary = json.load(f)
     else:
-        state = init_state(setup, int(config.seed))
-        if config.train.init_from:
-            state = load_init_from(setup, state, config.train.init_from)
-        state = init_prefusion_if_configured(config, setup, state)
-        state, pretrain_summary = pretrain_vision_if_configured(config, setup, state)
+        state, pretrain_summary = fresh_state(config, setup)
         if pretrain_summary is not None and jax.process_index() == 0:
             with open(pretrain_file, "w") as f:
                 json.dump(pretrain_summary, f, indent=2)
@@ -472,6 +468,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if status == "completed":
             print(format_results(results), flush=True)
     return results
+
+
+def fresh_state(config: ml_collections.ConfigDict,
+                setup: Setup) -> tuple[dict[str, Any], dict[str, float] | None]:
+    """The state a run starts from when it has no checkpoint: random init with `config.seed`, the
+    parts of `train.init_from` loaded over it, pre-fusion copied from the LLM when configured, then
+    the ViT pretraining when configured. Returns the state and the pretraining summary (or None)."""
+    state = init_state(setup, int(config.seed))
+    if config.train.init_from:  # a partial model checkpoint (e.g. the paper-trends foundation's parts)
+        state = load_init_from(setup, state, config.train.init_from)
+    state = init_prefusion_if_configured(config, setup, state)
+    return pretrain_vision_if_configured(config, setup, state)
 
 
 def pretrain_vision_if_configured(config: ml_collections.ConfigDict, setup: Setup,
