@@ -167,6 +167,22 @@ STUDY_TITLES = {
     "pooling": "Query compressor vs average pooling",
 }
 
+# What each study's rows share, printed under its heading (the configs' docstrings have the details).
+STUDY_SETUP = {
+    "matryoshka": "Task `grid_shapes`, no pre-fusion: with 1 pre-fusion layer copied from the foundation's LLM "
+                  "the fused text carries the answers and a Matryoshka model scored 76.8-78.0% at every budget "
+                  "from 1 to 16 tokens, so that setting cannot test a budget claim. Rows: "
+                  "`configs/experiments/matryoshka.py`.",
+    "prefusion": "Task `grid_shapes`, one fixed budget per row; 16 tokens are all 16 patches. Rows: "
+                 "`configs/experiments/prefusion.py`.",
+    "resolution": "Task `grid_shapes_hd`: the same scenes at 128 px with shapes about 9 px wide (4-5 px in a "
+                  "64 px view). Grid 1 reads the image as one 64 px view, grid 2 as four 64 px crops plus the "
+                  "whole image. One Matryoshka {1, 4, 16} model per grid, with 1 pre-fusion layer (so the "
+                  "budget matters little, as in the Matryoshka study's note). Rows: "
+                  "`configs/experiments/resolution.py`.",
+    "pooling": "Task `grid_shapes`, no pre-fusion (as in the Matryoshka study); average pooling of the 4x4 "
+               "patch grid to 1x1 / 2x2 has no parameters. Rows: `configs/experiments/pooling.py`.",
+}
 
 # ----------------------------------------------------------------------------- the plan
 
@@ -537,7 +553,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"## {STUDY_TITLES[study]}", "", "No finished runs yet; to run them:", "", "```",
                       st["command"], "```", ""]
             continue
-        lines += [f"## {STUDY_TITLES[study]}", "",
+        lines += [f"## {STUDY_TITLES[study]}", "", STUDY_SETUP[study], "",
                   "Reproduce this section (table and plots):", "", "```", st["command"], "```", "",
                   f"Wall time of its runs: {st['wall_time_s']:.0f} s ({st['runs']} runs; runs shared with another "
                   "study count in both).", ""]
