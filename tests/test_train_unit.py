@@ -323,3 +323,9 @@ def test_prefusion_blocks_start_as_copies_of_the_llm_blocks(scan):
                                    setup.mesh), donate_argnums=(0,), compiler_options=FAST_COMPILE)
     after, metrics = step({**state, "params": new}, batch_for(setup.cfg))
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_load_init_from_refuses_a_directory_that_is_not_a_model_checkpoint(tmp_path):
+    # Callers other than `mmlm train` (the demo-learning tool) get the same message, not an Orbax error.
+    with pytest.raises(trainer.TrainError, match="is not a model checkpoint"):
+        trainer.load_init_from(None, {}, str(tmp_path))

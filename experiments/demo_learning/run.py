@@ -33,6 +33,7 @@ from mmlm import IGNORE_INDEX
 from mmlm.config_utils import load_config
 from mmlm.data import synth
 from mmlm.data.tokenizer import load_tokenizer
+from mmlm.errors import UserError
 from mmlm.models.loss import targets_from_labels
 from mmlm.train import data as data_lib
 from mmlm.train import trainer
@@ -129,4 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a mistake in the arguments or config: the message, not a traceback
+        sys.exit(f"demo_learning: {e}")

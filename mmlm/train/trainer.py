@@ -159,6 +159,13 @@ def init_state(setup: Setup, seed: int) -> dict[str, Any]:
     return jax.jit(create, out_shardings=setup.state_shardings)(jnp.asarray(seed, jnp.uint32))
 
 
+def check_init_from(path: str) -> None:
+    """Raises TrainError unless `path` is a model checkpoint (checked before any data is built)."""
+    if not is_model_checkpoint(path):
+        raise TrainError(f"--init_from {path!r} is not a model checkpoint (a directory with config.json and "
+                         "params/, as `mmlm convert` writes)")
+
+
 def load_init_from(setup: Setup, state: dict[str, Any], path: str) -> dict[str, Any]:
     """Overwrites params with those of a model checkpoint (`mmlm convert` output; may be partial).
 
@@ -166,6 +173,7 @@ def load_init_from(setup: Setup, state: dict[str, Any], path: str) -> dict[str, 
     leaves absent from the checkpoint keep their fresh initialisation. The
     optimizer state stays zero (it is a fresh run).
     """
+    check_init_from(path)
     import orbax.checkpoint as ocp
 
     params_dir = os.path.join(os.path.abspath(path), "params")
@@ -319,9 +327,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     fbuckets = frame_buckets(config.data)
     workdir = check_workdir(workdir)
     check_saved_model_config(config, workdir)
-    if config.train.init_from and not has_checkpoints(workdir) and not is_model_checkpoint(config.train.init_from):
-        raise TrainError(f"--init_from {config.train.init_from!r} is not a model checkpoint (a directory with "
-                         "config.json and params/, as `mmlm convert` writes)")
+    if config.train.init_from and not has_checkpoints(workdir):
+        check_init_from(config.train.init_from)
     data_lib.prepare_synthetic(config, workdir)
     data_lib.resolve_data_config(config)
     check_data(config)
