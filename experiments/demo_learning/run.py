@@ -133,4 +133,5 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as e:  # a mistake in the arguments or config: the message, not a traceback
-        sys.exit(f"demo_learning: {e}")
+        print(f"demo_learning: {e}", file=sys.stderr)
+        sys.exit(2)
