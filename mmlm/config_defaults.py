@@ -192,6 +192,9 @@ def train_config(*, steps: int = 1000, trainable: tuple[str, ...] = STAGE2_TRAIN
         steps=steps,              # optimizer steps; -1 = train.epochs passes over the training split
         epochs=1.0,               # passes over the training split, used only when steps == -1
         grad_accum_steps=1,       # micro-batches per step (activations held for data.batch_size/this sequences)
+        matryoshka_loss="sample",  # how a step trains model.compressor.budgets: "sample" one budget drawn
+                                  # uniformly per step (MQT); "all" every budget on the batch, the loss the
+                                  # mean of their losses (M3; a step costs the sum of the budgets' steps)
         trainable=tuple(trainable),  # parts updated by the optimizer (subset of PARTS); the rest is frozen
         checkpoint_every=1000,    # steps between (asynchronous) checkpoints; the last step is always saved
         keep_checkpoints=3,       # most recent checkpoints kept in WORKDIR/checkpoints

@@ -218,6 +218,7 @@ def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------------------- validation
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
+MATRYOSHKA_LOSSES = ("sample", "all")  # train.matryoshka_loss
 
 
 def _num(config: ml_collections.ConfigDict, key: str, *, kind: type = int, low: float | None = None,
@@ -367,6 +368,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         for key in ("grad_accum_steps", "checkpoint_every", "log_every"):
             _num(config, f"train.{key}", low=1)
         _num(config, "train.keep_checkpoints", low=0, hint="0 keeps every checkpoint")
+        if config.train.get("matryoshka_loss", "sample") not in MATRYOSHKA_LOSSES:
+            raise ConfigError(f"config.train.matryoshka_loss={config.train.matryoshka_loss!r}: choose "
+                              f"{' or '.join(repr(k) for k in MATRYOSHKA_LOSSES)} (one budget drawn per step, or "
+                              "every budget each step)")
         trainable = config.train.trainable
         if isinstance(trainable, str) or not isinstance(trainable, (tuple, list)):
             raise ConfigError(f"config.train.trainable must be a tuple of parts such as {PARTS[1:]}, "

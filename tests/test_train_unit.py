@@ -154,6 +154,45 @@ def test_matryoshka_budget_is_sampled_from_the_step_key(stage2):
         assert float(m["loss"]) == pytest.approx(ref[int(m["budget"])], rel=1e-5)
 
 
+def test_matryoshka_loss_all_trains_the_mean_of_every_budget(stage2):
+    """train.matryoshka_loss="all" (M3): loss and gradient are the means over the budgets, every step."""
+    config, setup, state = stage2
+    batch = batch_for(setup.cfg)
+    trainable, frozen = {p: state["params"][p] for p in setup.parts}, {
+        p: v for p, v in state["params"].items() if p not in setup.parts}
+    eval_step = make_eval_step(setup.model)
+
+    def loss_at(train_params, m):
+        r = eval_step({**train_params, **frozen}, batch, m)
+        return r["loss_sum"] / r["num_tokens"]
+
+    grad = jax.jit(jax.value_and_grad(loss_at), static_argnums=1, compiler_options=FAST_COMPILE)
+    (l1, g1), (l4, g4) = grad(trainable, 1), grad(trainable, 4)
+    want_norm = float(optax.tree.norm(jax.tree.map(lambda a, b: (a + b) / 2, g1, g4)))
+    step = jax.jit(make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, 1, setup.schedules,
+                                   setup.mesh, all_budgets=True), compiler_options=FAST_COMPILE)
+    for s in (0, 1):  # the same at every step: nothing is sampled
+        _, m = step(dict(jax.tree.map(jnp.copy, state), step=jnp.asarray(s, jnp.int32)), batch)
+        assert float(m["loss"]) == pytest.approx((float(l1) + float(l4)) / 2, rel=1e-5)
+        assert float(m["grad_norm"]) == pytest.approx(want_norm, rel=1e-4)
+        assert int(m["budget"]) == 0 and int(m["supervised_tokens"]) == 8 * 3
+
+
+def test_matryoshka_loss_all_is_set_by_the_config_and_counted_in_flops():
+    from mmlm.config_utils import ConfigError, validate_config
+    from mmlm.models.flops import train_step_flops
+
+    config = tiny("--config.train.matryoshka_loss=all")
+    setup = trainer.build_setup(config, 10)
+    assert setup.all_budgets and not trainer.build_setup(tiny(), 10).all_budgets
+    kw = dict(batch_size=4, text_len=T, budgets=setup.budgets)
+    per = [train_step_flops(setup.cfg, batch_size=4, text_len=T, budgets=(m,))["total"] for m in setup.budgets]
+    assert train_step_flops(setup.cfg, **kw)["total"] == pytest.approx(sum(per) / len(per))
+    assert train_step_flops(setup.cfg, all_budgets=True, **kw)["total"] == pytest.approx(sum(per))
+    with pytest.raises(ConfigError, match="matryoshka_loss='each'"):
+        validate_config(tiny("--config.train.matryoshka_loss=each"))
+
+
 def test_non_finite_loss_leaves_state_unchanged(stage2):
     config, setup, state = stage2
     batch = batch_for(setup.cfg)

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     setup = trainer.build_setup(config, args.steps)
     state, _ = trainer.fresh_state(config, setup)  # the same start as `mmlm train` without a checkpoint
     step_fn = jax.jit(make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, 1, setup.schedules,
-                                      setup.mesh), donate_argnums=(0,))
+                                      setup.mesh, all_budgets=setup.all_budgets), donate_argnums=(0,))
     train_iter = iter(data_lib.make_pipeline(config, "train", train=True))
     eval_cfg = config.copy_and_resolve_references()
     eval_cfg.data.eval_batch_size = args.eval_size

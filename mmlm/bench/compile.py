@@ -255,13 +255,13 @@ def compile_train_step(config: ml_collections.ConfigDict, s: Slice, frames: int 
     setup = build_setup(config, steps, mesh)
     batch = abstract_batch(config, setup.cfg, mesh, frames)
     step = make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, int(config.train.grad_accum_steps),
-                           setup.schedules, mesh, config.sharding_rules)
+                           setup.schedules, mesh, config.sharding_rules, all_budgets=setup.all_budgets)
     batch_sh = jax.tree.map(lambda a: a.sharding, batch)
     fn = jax.jit(step, in_shardings=(setup.state_shardings, batch_sh), out_shardings=(setup.state_shardings, None),
                  donate_argnums=(0,), compiler_options=tpu_compiler_options(config))
     b, t = int(config.data.batch_size), int(config.data.max_text_len)
     model_flops = train_step_flops(setup.cfg, batch_size=b, text_len=t, frames=frames, trainable=setup.parts,
-                                   budgets=setup.budgets)["total"]
+                                   budgets=setup.budgets, all_budgets=setup.all_budgets)["total"]
     report: dict[str, Any] = {
         "topology": s.name,
         "topology_string": s.topology,

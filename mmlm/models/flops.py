@@ -208,18 +208,21 @@ def _sample_step_flops(cfg: ModelConfig, text_len: int, frames: int, m: int,
 
 
 def train_step_flops(cfg: ModelConfig, *, batch_size: int, text_len: int, frames: int = 1,
-                     trainable: Sequence[str] = PARTS, budgets: Sequence[int] | None = None) -> dict[str, float]:
+                     trainable: Sequence[str] = PARTS, budgets: Sequence[int] | None = None,
+                     all_budgets: bool = False) -> dict[str, float]:
     """Model FLOPs of one optimizer step over a global batch of `batch_size` samples.
 
     text_len: T of `input_ids` (the `<image>` placeholder included); frames: F
     images / video frames per sample (0: a text-only batch). budgets: the Matryoshka budgets the step
-    samples uniformly (the mean is returned); None = the default budget.
+    samples uniformly (the mean is returned; with `all_budgets`, every budget trains each step: the sum);
+    None = the default budget.
     Returns the FLOPs per part and their `total`.
     """
     if text_len < 2 or frames < 0 or batch_size < 1:
         raise ValueError(f"need text_len >= 2, frames >= 0, batch_size >= 1; got {text_len}, {frames}, {batch_size}")
     budgets = [cfg.check_budget(None)] if not budgets or cfg.mode == "llava15" else [int(b) for b in budgets]
     per = [_sample_step_flops(cfg, text_len, frames, m, frozenset(trainable)) for m in budgets]
-    out = {p: batch_size * sum(r[p] for r in per) / len(per) for p in PARTS}
+    share = 1 if all_budgets else len(per)
+    out = {p: batch_size * sum(r[p] for r in per) / share for p in PARTS}
     out["total"] = sum(out[p] for p in PARTS)
     return out

@@ -70,14 +70,15 @@ def peak_tflops_per_device(configured: float = 0.0) -> float:
 
 
 def model_flops_per_step(cfg: Any, batch: Mapping[str, Any], parts: Sequence[str],
-                         budgets: Sequence[int]) -> float:
+                         budgets: Sequence[int], all_budgets: bool = False) -> float:
     """Analytic model FLOPs of one train step on the global `batch` (see the module docstring)."""
     from mmlm.models.flops import train_step_flops
 
     b, t = batch["input_ids"].shape
     frames = batch["images"].shape[1] if "images" in batch else 0
     return float(train_step_flops(cfg, batch_size=int(b), text_len=int(t), frames=int(frames),
-                                  trainable=tuple(parts), budgets=tuple(budgets))["total"])
+                                  trainable=tuple(parts), budgets=tuple(budgets),
+                                  all_budgets=all_budgets)["total"])
 
 
 def compiled_flops(compiled: Any) -> float:

@@ -11,7 +11,9 @@ One `train_step` = one optimizer update over the global batch:
    (index into `budgets`) uniformly. The budget is a static shape, so the
    forward is a `lax.switch` with one branch per budget: one compiled
    program, only the chosen branch runs, and resuming at any step replays
-   the same budgets.
+   the same budgets. With `all_budgets` (`train.matryoshka_loss="all"`, M3's
+   training) every budget runs on the batch instead and the loss is the mean
+   of the budgets' losses (the supervised tokens are the same at every budget).
 2. The batch (B, ...) is split into `grad_accum` micro-batches; a `lax.scan`
    sums per-token loss and gradients over them (activations for only B/k
    sequences are live). Gradients are taken w.r.t. the trainable parts only.
@@ -106,16 +108,22 @@ def budget_index(rng: jax.Array, step: jax.Array, num_budgets: int) -> jax.Array
 
 def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: Sequence[str],
                     budgets: Sequence[int], grad_accum: int, schedules: dict[str, Schedule],
-                    mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] = ()) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+                    mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] = (),
+                    all_budgets: bool = False) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
     """Builds `train_step(state, batch) -> (new_state, metrics)` (not jitted).
 
     tx: the `make_optimizer` transformation (its state must be an `optax.ApplyIfFiniteState`).
+    all_budgets: train every budget each step (loss = mean over budgets) instead of sampling one.
     """
     budgets = tuple(int(b) for b in budgets)
+    all_budgets = all_budgets and len(budgets) > 1
+    per_step = len(budgets) if all_budgets else 1  # budgets whose sums add up in one step
 
     def loss_for(train_params, frozen, mb, idx):
         params = {**train_params, **frozen}  # gradients are taken w.r.t. train_params only
         branches = [functools.partial(_loss_sums, model, budget=m) for m in budgets]
+        if all_budgets:  # summed sums: / (budgets x supervised tokens) below is the mean of the budgets' losses
+            return jax.tree.map(lambda *xs: sum(xs), *(f(params, mb) for f in branches))
         if len(branches) == 1:
             return branches[0](params, mb)
         return jax.lax.switch(idx, [lambda p, b, f=f: f(p, b) for f in branches], params, mb)
@@ -167,9 +175,9 @@ def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: S
             "loss": loss,
             "token_accuracy": ncorrect.astype(jnp.float32) / denom,
             "grad_norm": grad_norm,
-            "supervised_tokens": ntok,
-            "tokens": nseq,
-            "budget": jnp.asarray(budgets, jnp.int32)[idx],
+            "supervised_tokens": ntok // per_step,
+            "tokens": nseq,  # LLM input tokens processed (every budget's, with all_budgets)
+            "budget": jnp.zeros((), jnp.int32) if all_budgets else jnp.asarray(budgets, jnp.int32)[idx],  # 0: all
             "finite": finite.astype(jnp.int32),
         }
         for part, sched in schedules.items():

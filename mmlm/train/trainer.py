@@ -88,6 +88,7 @@ class Setup:
     mesh: Mesh
     parts: tuple[str, ...]
     budgets: tuple[int, ...]
+    all_budgets: bool                  # every budget trains each step (train.matryoshka_loss="all")
     total_steps: int
     tx: Any
     schedules: dict[str, Any]
@@ -140,7 +141,7 @@ def build_setup(config: ml_collections.ConfigDict, total_steps: int, mesh: Mesh 
     }
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     return Setup(config=config, cfg=cfg, model=model, mesh=mesh, parts=parts, budgets=training_budgets(cfg),
-                 total_steps=total_steps, tx=tx, schedules=schedules, abstract_state=abstract,
+                 all_budgets=config.train.get("matryoshka_loss", "sample") == "all", total_steps=total_steps, tx=tx, schedules=schedules, abstract_state=abstract,
                  state_shardings=state_sh, param_logical_specs=logical)
 
 
@@ -364,7 +365,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     n_opt = count_state(setup.abstract_state["opt_state"])
     step_fn = jax.jit(
         make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, int(config.train.grad_accum_steps),
-                        setup.schedules, setup.mesh, config.sharding_rules),
+                        setup.schedules, setup.mesh, config.sharding_rules, all_budgets=setup.all_budgets),
         in_shardings=(setup.state_shardings, None), out_shardings=(setup.state_shardings, None),
         donate_argnums=(0,),
         compiler_options=dict(config.get("tpu_compiler_options") or {}) if jax.default_backend() == "tpu" else None)
@@ -403,7 +404,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if shape not in programs:
                 t0 = time.time()
                 programs[shape] = step_fn.lower(state, batch).compile()
-                flops_of[shape] = model_flops_per_step(setup.cfg, batch, setup.parts, setup.budgets)
+                flops_of[shape] = model_flops_per_step(setup.cfg, batch, setup.parts, setup.budgets,
+                                                         setup.all_budgets)
                 frames = f", {batch['images'].shape[1]}-frame" if "images" in batch else ""
                 writer.message(f"compiled the train step for {batch['input_ids'].shape[1]}-token{frames} batches "
                                f"in {time.time() - t0:.1f}s ({flops_of[shape] / 1e9:.2f} model GFLOP/step)")
