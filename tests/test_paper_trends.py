@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -85,6 +86,42 @@ def test_shared_rows_train_once_and_a_rerun_skips_finished_runs(quick):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "0 runs to do" in proc.stdout  # every run of the study (and the foundation) had finished
     assert (out / "results.json").stat().st_mtime > before
+
+
+def test_results_json_alone_stands_for_the_finished_runs(quick, tmp_path):
+    """A fresh checkout has results.json but no runs/: the report rebuilds from it, and a missing run
+    trains alone (with the foundation again, whose weights it needs)."""
+    out, _, _ = quick
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(out / "results.json", fresh / "results.json")
+    proc = _run(fresh, "--report_only", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "0 runs to do" in proc.stdout
+    old, new = (json.loads((d / "results.json").read_text()) for d in (out, fresh))
+    for study in STUDIES:
+        assert new["studies"][study]["points"] == old["studies"][study]["points"], study
+    del new["runs"]["matryoshka-fixed4-s0"]  # pooling's query_t4 row
+    (fresh / "results.json").write_text(json.dumps(new))
+    proc = _run(fresh, "--study", "pooling", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 runs to do" in proc.stdout  # the row and the foundation
+    assert (fresh / "runs" / "foundation" / "run.json").is_file()
+    assert (fresh / "runs" / "matryoshka-fixed4-s0" / "run.json").is_file()
+    assert not (fresh / "runs" / "matryoshka-fixed1-s0").exists()  # recorded: not trained again
+
+
+def test_a_knob_added_at_its_old_value_keeps_the_fingerprint():
+    sys.path.insert(0, str(RUN.parent))
+    import run as runner
+
+    config = runner.load_spec(f"{runner.CONFIG_DIR}/matryoshka.py:matryoshka", 0, Path("data"), False, None)
+    assert config.train.matryoshka_loss == "sample"
+    fp = runner.config_fingerprint(config)
+    del config.train["matryoshka_loss"]  # a config from before the knob
+    assert runner.config_fingerprint(config) == fp
+    config.train.matryoshka_loss = "all"
+    assert runner.config_fingerprint(config) != fp
 
 
 def test_quick_run_time(quick):

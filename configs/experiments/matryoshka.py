@@ -17,6 +17,11 @@ cannot test a budget claim.
 * `fixed1`, `fixed4`, `fixed16`: a model per budget (C^2 = 1, 4, 16
   queries), scored at its budget (the same configs as `prefusion.py:pf0_t1`,
   `pf0_t4`, `pf0_t16`, so the runner trains them once).
+* `matryoshka_all`: the `matryoshka` model trained M3's way: every budget
+  on every batch, the loss the mean of the three budgets' losses
+  (`train.matryoshka_loss="all"`), for the same 1,200 steps: each budget
+  gets as many updates as its fixed-budget model, at about twice the
+  compute per step.
 * `mqt_any_m`: MQT's sampling: each step draws m uniformly from 1..16
   (the same nested query order, so the square budgets are still lattices);
   scored like `matryoshka`.
@@ -36,6 +41,7 @@ SCORED = (1, 2, 4, 8, 16)  # budgets the nested models are scored at (the traine
 ROWS = {
     "matryoshka": "Matryoshka {1,4,16}",
     "matryoshka_3x": "Matryoshka {1,4,16}, 3x steps",
+    "matryoshka_all": "Matryoshka {1,4,16}, every budget each step (M3)",
     "fixed1": "fixed budget",
     "fixed4": "fixed budget",
     "fixed16": "fixed budget",
@@ -44,11 +50,13 @@ ROWS = {
 
 
 def get_config(row: str):
-    if row in ("matryoshka", "matryoshka_3x"):
+    if row in ("matryoshka", "matryoshka_3x", "matryoshka_all"):
         config = _base.base_config(prefusion_layers=0, tokens=16, budgets=(1, 4, 16))
         config.eval.budgets = SCORED
         if row == "matryoshka_3x":  # one budget per step: 3 budgets x 1,200 steps
             config.train.steps = 3 * config.train.steps
+        if row == "matryoshka_all":  # every budget each step: 1,200 steps train each budget 1,200 times
+            config.train.matryoshka_loss = "all"
     elif row == "mqt_any_m":
         config = _base.base_config(prefusion_layers=0, tokens=16, budgets=tuple(range(1, 17)))
         config.eval.budgets = SCORED

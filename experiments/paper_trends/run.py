@@ -33,7 +33,11 @@ Outputs (under --out, default experiments/paper_trends/):
   one run.
 * `results.json`: every point (row, budget: mean, std and values over
   seeds, per category, LLM vision tokens, FLOPs per example), the paper's
-  orderings with verdicts, wall times.
+  orderings with verdicts, wall times, and every finished run's record. A
+  run recorded there with the same config counts as finished even when its
+  `runs/` directory is gone (a fresh checkout of the repository's results):
+  a new row trains alone, and `--report_only` rebuilds the same report. The
+  foundation is trained again only when a row needs its weights.
 * `results.md`: per study the command, the table, the orderings, the plots.
 * `<study>_tokens.png`, `<study>_flops.png`: accuracy vs LLM vision tokens
   and vs FLOPs per example (analytic matmul count, `mmlm bench flops`), one
@@ -71,6 +75,9 @@ ORACLE = "oracle"  # the pseudo-row: best budget per question of the Matryoshka 
 ORACLE_OF, ORACLE_BUDGETS = ("matryoshka", "matryoshka"), (1, 4, 16)  # (study, row) and the budgets it picks from
 QUICK_EVAL_IMAGES = 8  # a val split this small is a --quick one: score one question per image (one batch)
 MATCH_TOLERANCE = 0.02  # "matches": within max(2 points, the combined seed spread)
+# Config keys added after runs were recorded, at the value every earlier run had implicitly: left out of the
+# fingerprint at that value, so adding a knob does not mark the finished runs stale.
+LATER_KEYS = {("train", "matryoshka_loss"): "sample"}
 
 
 # ----------------------------------------------------------------------------- the paper's orderings
@@ -102,6 +109,11 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
               "(as above)", ("matryoshka_3x", 1), ("fixed1", 1), "~"),
         Claim("... trained 3x as long, at 4 tokens", "(as above)", ("matryoshka_3x", 4), ("fixed4", 4), "~"),
         Claim("... trained 3x as long, at 16 tokens", "(as above)", ("matryoshka_3x", 16), ("fixed16", 16), "~"),
+        Claim("... trained on every budget each step (M3's loss), at 1 token", "(as above)",
+              ("matryoshka_all", 1), ("fixed1", 1), "~"),
+        Claim("... every budget each step, at 4 tokens", "(as above)", ("matryoshka_all", 4), ("fixed4", 4), "~"),
+        Claim("... every budget each step, at 16 tokens", "(as above)", ("matryoshka_all", 16), ("fixed16", 16),
+              "~"),
         Claim("fixed-budget models: 4 tokens beat 1", "336 px LLaVA-Mini, 1 vs 4 tokens: VQAv2 77.6 vs 77.7",
               ("fixed4", 4), ("fixed1", 1)),
         Claim("fixed-budget models: 16 tokens beat 4", "4 vs 16 tokens: VQAv2 77.7 vs 78.1",
@@ -214,6 +226,9 @@ def config_fingerprint(config: Any, base: str = "") -> str:
     plain = config.to_dict()
     plain["synthetic"] = {**plain["synthetic"], "cache_dir": ""}
     plain["train"] = {**plain["train"], "init_from": bool(plain["train"]["init_from"])}
+    for (section, key), value in LATER_KEYS.items():
+        if plain.get(section, {}).get(key, value) == value:
+            plain[section].pop(key, None)
     text = json.dumps(plain, sort_keys=True, default=str) + base
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -399,6 +414,41 @@ def load_finished(run: Run, out: Path) -> dict[str, Any] | None:
                         f"{record.get('fingerprint')} vs {run.fingerprint}): the config changed since. Delete "
                         "that directory to retrain it, or pass another --out")
     return record
+
+
+def reported_runs(out: Path) -> dict[str, dict[str, Any]]:
+    """The run records of OUT/results.json (the report of an earlier invocation; with the repository's
+    results a fresh checkout has every run's record but none of the `runs/` directories)."""
+    path = out / RESULTS_JSON
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()).get("runs", {}))
+    except (json.JSONDecodeError, AttributeError) as e:
+        from mmlm.errors import UserError
+
+        raise UserError(f"{path} is not a results file of this runner ({e}); move it away to start afresh") from e
+
+
+def finished_records(plan: Sequence[Run], out: Path) -> dict[str, dict[str, Any]]:
+    """Records of the plan's finished runs: `runs/NAME/run.json`, else the run's record in results.json when
+    its fingerprint is the run's (a row whose config changed since is trained again)."""
+    reported = reported_runs(out)
+    records = {}
+    for run in plan:
+        rec = load_finished(run, out)
+        if rec is None and reported.get(run.name, {}).get("fingerprint") == run.fingerprint:
+            rec = reported[run.name]
+        if rec is not None:
+            records[run.name] = rec
+    return records
+
+
+def foundation_available(out: Path) -> bool:
+    """Whether the rows can start from the foundation: exported, or its finished run is here to export."""
+    from mmlm.checkpoint import is_model_checkpoint
+
+    return is_model_checkpoint(str(out / FOUNDATION / "model")) or (out / "runs" / FOUNDATION / RUN_FILE).is_file()
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -674,12 +724,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The report covers every study whose runs are in OUT (a run of one study does not drop the others).
         plan = make_plan(STUDIES, seeds, out, args.quick)
         wanted = {(s, r) for s in studies for r in study_module(s).ROWS}
-        records: dict[str, dict[str, Any]] = {}
-        for run in plan:
-            rec = load_finished(run, out)
-            if rec is not None:
-                records[run.name] = rec
+        records = finished_records(plan, out)
         todo = [r for r in plan if r.name not in records and (r.name == FOUNDATION or set(r.rows) & wanted)]
+        if todo and todo[0].name != FOUNDATION and not foundation_available(out):
+            # Its record came from results.json, its weights are gone (a fresh checkout): train it again.
+            del records[FOUNDATION]
+            todo.insert(0, plan[0])
         print(f"paper trends: {len(todo)} runs to do for {', '.join(studies)}, {seeds} seed(s)"
               f"{' (quick)' if args.quick else ''}; {len(records)} of all {len(plan)} runs finished -> {out}",
               flush=True)
