@@ -173,7 +173,8 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
 }
 
 STUDY_TITLES = {
-    "matryoshka": "Matryoshka: one model for budgets 1/4/16 vs fixed-budget models, the oracle, MQT's any-m",
+    "matryoshka": ("Matryoshka: one model for budgets 1/4/16 vs fixed-budget models, the oracle, MQT's any-m, "
+                   "M3's every-budget loss"),
     "prefusion": "Pre-fusion depth at 1 token, tokens without pre-fusion, and LLaVA-1.5",
     "resolution": "Resolution: HD grid 1 vs 2 at the same budgets",
     "pooling": "Query compressor vs average pooling",
