@@ -141,8 +141,9 @@ def build_setup(config: ml_collections.ConfigDict, total_steps: int, mesh: Mesh 
     }
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     return Setup(config=config, cfg=cfg, model=model, mesh=mesh, parts=parts, budgets=training_budgets(cfg),
-                 all_budgets=config.train.get("matryoshka_loss", "sample") == "all", total_steps=total_steps, tx=tx, schedules=schedules, abstract_state=abstract,
-                 state_shardings=state_sh, param_logical_specs=logical)
+                 all_budgets=config.train.get("matryoshka_loss", "sample") == "all", total_steps=total_steps,
+                 tx=tx, schedules=schedules, abstract_state=abstract, state_shardings=state_sh,
+                 param_logical_specs=logical)
 
 
 def init_state(setup: Setup, seed: int) -> dict[str, Any]:
