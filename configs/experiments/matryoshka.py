@@ -20,8 +20,8 @@ cannot test a budget claim.
 * `matryoshka_all`: the `matryoshka` model trained M3's way: every budget
   on every batch, the loss the mean of the three budgets' losses
   (`train.matryoshka_loss="all"`), for the same 1,200 steps: each budget
-  gets as many updates as its fixed-budget model, at about twice the
-  compute per step.
+  gets as many updates as its fixed-budget model, at the FLOPs of all three
+  budgets per step (6.55 vs 2.0-2.5 model GFLOP; about twice the wall time).
 * `mqt_any_m`: MQT's sampling: each step draws m uniformly from 1..16
   (the same nested query order, so the square budgets are still lattices);
   scored like `matryoshka`.
