@@ -425,7 +425,7 @@ def reported_runs(out: Path) -> dict[str, dict[str, Any]]:
         return {}
     try:
         return dict(json.loads(path.read_text()).get("runs", {}))
-    except (json.JSONDecodeError, AttributeError) as e:
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not a mapping of runs
         from mmlm.errors import UserError
 
         raise UserError(f"{path} is not a results file of this runner ({e}); move it away to start afresh") from e
