@@ -122,6 +122,15 @@ def test_wsd_schedule_holds_the_peak_then_decays_linearly():
         lr_factor(config.optim, 100)
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear", "wsd", "constant"])
+def test_a_one_step_run_takes_its_step_at_the_peak(kind):
+    """`--config.train.steps=1` (a smoke run) has no room for warmup: its one step uses the peak LR."""
+    config = tiny(f"--config.optim.schedule={kind}", "--config.optim.warmup_ratio=0.1")
+    assert float(lr_factor(config.optim, 1)(0)) == pytest.approx(1.0)
+    f = lr_factor(config.optim, 2)  # one warmup step from 0, then the peak
+    assert float(f(0)) == 0.0 and float(f(1)) == pytest.approx(1.0)
+
+
 def test_gradient_accumulation_matches_one_big_batch(stage2):
     config, setup, state = stage2
     batch = batch_for(setup.cfg, b=8)

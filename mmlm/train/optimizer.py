@@ -65,13 +65,14 @@ def part_labels(params: Mapping[str, Any], parts: Sequence[str]) -> dict[str, An
 def lr_factor(optim: ml_collections.ConfigDict, total_steps: int) -> Schedule:
     """Schedule shape in [0, 1] (multiplied by each part's peak LR).
 
-    Linear warmup from 0 over ceil(warmup_ratio * total_steps) steps, then
+    Linear warmup from 0 over ceil(warmup_ratio * total_steps) steps (at most
+    total_steps - 1: a 1-step run takes its step at the peak), then
     cosine / linear decay to `end_lr_ratio` at `total_steps`, or constant, or
     "wsd" (warmup-stable-decay): the peak until the last
     ceil(decay_ratio * total_steps) steps, then linear decay to `end_lr_ratio`.
     """
     total = max(int(total_steps), 1)
-    warmup = min(int(math.ceil(float(optim.warmup_ratio) * total)), total)
+    warmup = min(int(math.ceil(float(optim.warmup_ratio) * total)), total - 1)  # a step left to decay over
     end = float(optim.end_lr_ratio)
     kind = optim.schedule
     if kind == "constant":
