@@ -32,8 +32,8 @@ COMMON = {
     "MMLM_COLAB_NUM_QUESTIONS": "16",
     "JAX_PLATFORMS": "cpu",
     "TF_CPP_MIN_LOG_LEVEL": "3",
-    # These runs check that the notebooks work, not speed: compile without LLVM optimisation.
-    "XLA_FLAGS": "--xla_backend_optimization_level=0",
+    # These runs check that the notebooks work, not speed: conftest's fast-compile flags.
+    "XLA_FLAGS": os.environ["XLA_FLAGS"],
 }
 NOTEBOOKS = {
     "mmlm_quickstart.ipynb": {"MMLM_COLAB_FLOPS_ARGS": "--analytic_only"},
