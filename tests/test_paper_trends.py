@@ -111,6 +111,35 @@ def test_results_json_alone_stands_for_the_finished_runs(quick, tmp_path):
     assert not (fresh / "runs" / "matryoshka-fixed1-s0").exists()  # recorded: not trained again
 
 
+def test_the_committed_results_stand_for_every_run_in_any_checkout(tmp_path):
+    """The repository's results.json was recorded in another checkout: every run still counts as finished
+    (no path of that checkout in the fingerprints), so --report_only rebuilds the same tables."""
+    committed = REPO / "experiments" / "paper_trends" / "results.json"
+    shutil.copy(committed, tmp_path / "results.json")
+    proc = subprocess.run([sys.executable, str(RUN), "--report_only", "--out", str(tmp_path)], cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    old, new = (json.loads(p.read_text()) for p in (committed, tmp_path / "results.json"))
+    assert "0 runs to do" in proc.stdout and new["settings"]["runs_finished"] == old["settings"]["runs_planned"]
+    for study, st in old["studies"].items():  # all but the printed command, which names the other --out
+        assert {**new["studies"][study], "command": st["command"]} == st, study
+
+
+def test_the_tokenizer_path_counts_relative_to_the_repository():
+    sys.path.insert(0, str(RUN.parent))
+    import run as runner
+
+    inside = runner.REPO / "data" / "tiny_tokenizer.model"
+    assert runner.repo_relative(str(inside)) == "data/tiny_tokenizer.model"
+    assert runner.repo_relative("/elsewhere/t.model") == "/elsewhere/t.model"
+    config = runner.load_spec(f"{runner.CONFIG_DIR}/matryoshka.py:matryoshka", 0, Path("data"), False, None)
+    fp = runner.config_fingerprint(config)
+    config.data.tokenizer = "data/tiny_tokenizer.model"
+    assert runner.config_fingerprint(config) == fp
+    config.data.tokenizer = "/elsewhere/t.model"
+    assert runner.config_fingerprint(config) != fp
+
+
 def test_a_knob_added_at_its_old_value_keeps_the_fingerprint():
     sys.path.insert(0, str(RUN.parent))
     import run as runner

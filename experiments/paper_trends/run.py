@@ -224,16 +224,25 @@ def study_module(study: str) -> Any:
 
 
 def config_fingerprint(config: Any, base: str = "") -> str:
-    """A hash of the whole config (seed included; the data and foundation paths left out, so OUT can move)
-    and of `base` (the foundation's fingerprint for a row): runs with equal fingerprints are the same run."""
+    """A hash of the whole config (seed included; the data and foundation paths left out, so OUT can move,
+    and the tokenizer's path taken relative to the repository, so the checkout can) and of `base` (the
+    foundation's fingerprint for a row): runs with equal fingerprints are the same run."""
     plain = config.to_dict()
     plain["synthetic"] = {**plain["synthetic"], "cache_dir": ""}
+    plain["data"] = {**plain["data"], "tokenizer": repo_relative(plain["data"]["tokenizer"])}
     plain["train"] = {**plain["train"], "init_from": bool(plain["train"]["init_from"])}
     for (section, key), value in LATER_KEYS.items():
         if plain.get(section, {}).get(key, value) == value:
             plain[section].pop(key, None)
     text = json.dumps(plain, sort_keys=True, default=str) + base
     return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def repo_relative(path: str) -> str:
+    """`path` relative to the repository when it lies inside it (the configs name files of the checkout by
+    absolute path); any other path as given."""
+    p = Path(path)
+    return p.relative_to(REPO).as_posix() if p.is_absolute() and p.is_relative_to(REPO) else path
 
 
 def load_spec(spec: str, seed: int, data_dir: Path, quick: bool, init_from: Path | None) -> Any:
