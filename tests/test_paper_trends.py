@@ -23,10 +23,10 @@ STUDIES = ("matryoshka", "prefusion", "resolution", "pooling")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(out: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def _run(out: Path, *args: str, timeout: float = 900, quick: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(RUN), *(["--quick"] if quick else []), "--out", str(out), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +116,7 @@ def test_the_committed_results_stand_for_every_run_in_any_checkout(tmp_path):
     (no path of that checkout in the fingerprints), so --report_only rebuilds the same tables."""
     committed = REPO / "experiments" / "paper_trends" / "results.json"
     shutil.copy(committed, tmp_path / "results.json")
-    proc = subprocess.run([sys.executable, str(RUN), "--report_only", "--out", str(tmp_path)], cwd=REPO,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    proc = _run(tmp_path, "--report_only", timeout=300, quick=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     old, new = (json.loads(p.read_text()) for p in (committed, tmp_path / "results.json"))
     assert "0 runs to do" in proc.stdout and new["settings"]["runs_finished"] == old["settings"]["runs_planned"]
