@@ -169,15 +169,32 @@ def test_loglikelihood_equals_the_forward_logits(setup, model, docs):
     assert scores[-1][1]  # the model's own greedy answer is the greedy continuation
 
 
-def test_several_visuals_in_one_prompt_are_refused(model, docs):
+def test_several_visuals_in_one_prompt_are_refused_or_read_as_frames(model, docs):
+    from mmlm.data import preprocess
+
     image_doc = next(i for i, d in enumerate(docs) if d["kind"] == "image")
+    video_doc = next(i for i, d in enumerate(docs) if d["kind"] == "video")
 
     def two_images(doc):
         return questions.doc_to_visual(doc) * 2
 
     req = _request("generate_until", ("Compare them.", {"max_new_tokens": 2}, two_images, image_doc, TASK, "test"))
-    with pytest.raises(UserError, match="one image or one video"):
+    with pytest.raises(UserError, match="one image or one video.*multi_image=frames"):
         model.generate_until([req])
+
+    # multi_image=frames: a video's frames given as images answer as the video itself does.
+    def frames(doc):
+        return preprocess.decode_video(doc["media"], max_frames=2, target_fps=model.im.video_fps).frames
+
+    gen = {"max_new_tokens": 4, "until": []}
+    as_video = _request("generate_until", ("Which way?", gen, questions.doc_to_visual, video_doc, TASK, "test"))
+    as_images = _request("generate_until", ("Which way?", gen, frames, video_doc, TASK, "test"))
+    model.multi_image = "frames"
+    try:
+        assert len(frames(docs[video_doc])) == 2
+        assert model.generate_until([as_images]) == model.generate_until([as_video])
+    finally:
+        model.multi_image = "error"
 
 
 def test_bad_model_args_are_clear(setup):
@@ -190,6 +207,8 @@ def test_bad_model_args_are_clear(setup):
         MMLM.create_from_arg_string(f"checkpoint={root / 'ckpt'},num_tokens=4", {"batch_size": 1})
     with pytest.raises(UserError, match="is not a directory"):
         MMLM.create_from_arg_string(f"workdir={root / 'nowhere'}", {"batch_size": 1})
+    with pytest.raises(UserError, match="multi_image='concat'"):
+        MMLM.create_from_arg_string(f"checkpoint={root / 'ckpt'},multi_image=concat", {"batch_size": 1})
     with pytest.raises(UserError, match="weights='fp8'"):
         MMLM.create_from_arg_string(f"checkpoint={root / 'ckpt'},weights=fp8", {"batch_size": 1})
 

@@ -9,7 +9,8 @@ default: the model's), `weights=float|int8` (as stored, or weight-only int8
 as `mmlm chat --weights`), `max_frames=N` (video frame cap; default: the
 model's), `batch_size=N` (or lmms-eval's `--batch_size`), `max_new_tokens=N`
 (when a task sets none; default 128), `seed=N` (sampling), `tokenizer=`,
-`template=` (for checkpoints without data settings). A mistake raises
+`template=` (for checkpoints without data settings), `multi_image=frames` (see
+below). A mistake raises
 `mmlm.errors.UserError` naming the argument before any weights load.
 
 Requests are answered in batches of `batch_size`, grouped by media kind and
@@ -19,7 +20,10 @@ compiles a handful of programs. Media follow the project's preprocessing
 (`mmlm.data.preprocess`, `mmlm.infer.loading.load_media`): a PIL image from
 a task's `doc_to_visual`, an image path, or a video path. A prompt holds one
 image or one video (LLaVA-Mini's format has a single media placeholder), so a
-request with several visuals is an error that says so.
+request with several visuals is an error that says so, unless
+`multi_image=frames`: then several images are read as the frames of one
+video (in order, at most `max_frames`, sampled evenly), which is how
+LLaVA-Mini sees a video (e.g. SEED-Bench's video questions, given as frames).
 
 `generate_until` runs `mmlm.infer.generate.generate` (greedy, or sampled
 with `temperature` / `top_p` when `do_sample` is set or `temperature` > 0),
@@ -55,7 +59,8 @@ from mmlm.errors import UserError
 DEFAULT_MAX_NEW_TOKENS = 128
 PAD_LEN_TO = 16  # prompt lengths are rounded up to a multiple of this (fewer compiled shapes)
 MODEL_ARGS = ("workdir", "checkpoint", "step", "num_vision_tokens", "weights", "max_frames", "batch_size",
-              "max_new_tokens", "seed", "tokenizer", "template")
+              "max_new_tokens", "seed", "tokenizer", "template", "multi_image")
+MULTI_IMAGE = ("error", "frames")  # several images in one request: refuse, or read them as a video's frames
 _HARNESS_ARGS = ("max_batch_size", "device")  # lmms-eval passes these to every model; mmlm does not need them
 
 
@@ -176,7 +181,7 @@ class _Row:
     index: int  # position in the request list
     where: str  # names the request in messages
     kind: str | None  # "image", "video" or None (text only)
-    visual: Any  # a PIL image or a file path; None for text only
+    visual: Any  # a PIL image, a file path, a list of PIL images (frames); None for text only
     ids: list[int]
     fuse: list[bool] | None = None  # loglikelihood: the fuse mask of prompt + continuation
     labels: list[int] | None = None  # loglikelihood: continuation ids at their positions, else IGNORE_INDEX
@@ -203,7 +208,8 @@ class MMLM(lmms):
     def __init__(self, workdir: str | None = None, checkpoint: str | None = None, step: int | None = None,
                  num_vision_tokens: int | None = None, weights: str = "float", max_frames: int | None = None,
                  batch_size: int | str = 1, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, seed: int = 0,
-                 tokenizer: str | None = None, template: str | None = None, **harness: Any) -> None:
+                 tokenizer: str | None = None, template: str | None = None, multi_image: str = "error",
+                 **harness: Any) -> None:
         super().__init__()
         from mmlm.infer.loading import load_inference_model
         from mmlm.models.quant import WEIGHT_FORMATS
@@ -224,6 +230,9 @@ class MMLM(lmms):
         if weights not in WEIGHT_FORMATS:
             raise UserError(f"mmlm model args: weights={weights!r}: choose from {', '.join(WEIGHT_FORMATS)} "
                             "('float': the stored dtype, e.g. bf16)")
+        if multi_image not in MULTI_IMAGE:
+            raise UserError(f"mmlm model args: multi_image={multi_image!r}: choose from {', '.join(MULTI_IMAGE)}")
+        self.multi_image = multi_image
         if isinstance(batch_size, str) and batch_size.startswith("auto"):
             raise UserError(f"mmlm model args: batch_size={batch_size!r}: give a number (--batch_size 16)")
         self.batch_size_per_gpu = _positive_int("batch_size", batch_size, allow_none=False)
@@ -274,9 +283,11 @@ class MMLM(lmms):
         if not items:
             return None, None
         if len(items) > 1:
+            if self.multi_image == "frames" and all(isinstance(v, Image.Image) for v in items):
+                return "video", items
             raise UserError(f"{where}: {len(items)} images/videos for one prompt, but mmlm's prompt format holds "
-                            "one image or one video (a single media placeholder, as LLaVA-Mini); multi-image "
-                            "tasks cannot run on mmlm")
+                            "one image or one video (a single media placeholder, as LLaVA-Mini); pass "
+                            "multi_image=frames in --model_args to read several images as one video's frames")
         item = items[0]
         if isinstance(item, Image.Image):
             return "image", item
@@ -294,12 +305,17 @@ class MMLM(lmms):
 
         if row.kind is None:
             return None
+        im = self.im
         try:
             if isinstance(row.visual, Image.Image):
                 img = preprocess._to_rgb(row.visual)  # the same 8-bit RGB conversion as decoded files get
-                im = self.im
                 return preprocess.preprocess_image(img, im.image_size, im.hd_grid, im.image_mean, im.image_std)[None]
-            return load_media(self.im, row.visual, row.kind, self.max_frames)
+            if isinstance(row.visual, list):  # images as a video's frames (multi_image=frames)
+                frames = [preprocess._to_rgb(v) for v in row.visual]
+                pixels, count = preprocess.preprocess_frames(frames, self.max_frames or im.max_frames, im.image_size,
+                                                             im.hd_grid, im.image_mean, im.image_std)
+                return pixels[:count]
+            return load_media(im, row.visual, row.kind, self.max_frames)
         except UserError as e:
             raise UserError(f"{row.where}: {e}") from None
 
