@@ -240,16 +240,19 @@ class MMLM(lmms):
         self.default_max_new_tokens = _positive_int("max_new_tokens", max_new_tokens, allow_none=False)
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise UserError(f"mmlm model args: step={step!r} must be a checkpoint step (an integer >= 0)")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise UserError(f"mmlm model args: seed={seed!r} must be an integer")
         self.num_vision_tokens = check_budget_early(source, num_vision_tokens)
-        self.im = load_inference_model(workdir=None if workdir is None else source,
-                                       checkpoint=None if checkpoint is None else source, step=step,
-                                       tokenizer=tokenizer, template=template, weights=weights)
+        im = load_inference_model(workdir=None if workdir is None else source,
+                                  checkpoint=None if checkpoint is None else source, step=step,
+                                  tokenizer=tokenizer, template=template, weights=weights)
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
         local = jax.local_devices()
         self.jax_device = local[int(os.environ.get("LOCAL_RANK", 0)) % len(local)]
-        self.params = jax.device_put(self.im.params, self.jax_device)
-        self._rng = jax.random.fold_in(jax.random.PRNGKey(int(seed)), self._rank)
+        # Committed params: every batch of this process runs on `jax_device` (the batches follow them there).
+        self.im = dataclasses.replace(im, params=jax.device_put(im.params, self.jax_device))
+        self._rng = jax.random.fold_in(jax.random.PRNGKey(seed), self._rank)
         self._batches = 0
 
     # ------------------------------------------------------------------ harness properties
@@ -406,7 +409,7 @@ class MMLM(lmms):
             s = chunk[0].settings
             batch = self._make_batch(chunk, with_fuse=False)
             self._batches += 1
-            tokens, lengths = generate(self.im.cfg, self.params, batch, max_new_tokens=s.max_new_tokens,
+            tokens, lengths = generate(self.im.cfg, self.im.params, batch, max_new_tokens=s.max_new_tokens,
                                        eos_id=self.im.stop_ids, num_vision_tokens=self.num_vision_tokens,
                                        temperature=s.temperature, top_p=s.top_p,
                                        rng=jax.random.fold_in(self._rng, self._batches),
@@ -444,7 +447,7 @@ class MMLM(lmms):
                 labels[j, : len(row.labels)] = row.labels
             longest = max(sum(1 for t in r.labels if t != IGNORE_INDEX) for r in chunk)
             k = max(8, -(-longest // 8) * 8)  # a few compiled sizes, not one per continuation length
-            total, greedy = continuation_scores(self.im.cfg, self.params, batch, labels,
+            total, greedy = continuation_scores(self.im.cfg, self.im.params, batch, labels,
                                                 num_vision_tokens=self.num_vision_tokens, k=k)
             total, greedy = np.asarray(total), np.asarray(greedy)
             for j, row in enumerate(chunk):
