@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("lmms_eval.api.model", reason="lmms-eval (the `eval` extra) is not installed")
+try:
+    import lmms_eval.api.model  # noqa: F401
+except Exception as e:  # not installed, or an install that cannot import (e.g. a torch / torchvision mismatch)
+    pytest.skip(f"lmms-eval (the `eval` extra) is not importable: {e}", allow_module_level=True)
 
 import jax  # noqa: E402
 from lmms_eval.api.instance import Instance  # noqa: E402
