@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from mmlm.cli_common import run_command
+from mmlm.cli_common import number, run_command
 from mmlm.convert.io import DTYPE_CHOICES, parse_size
 from mmlm.errors import UserError
 
@@ -54,13 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "contain it), or the source of the unused CLIP blocks when exporting a vision tower")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep",
                    help="weight dtype to write (default: keep each tensor's dtype, e.g. bf16 stays bf16)")
-    p.add_argument("--select_layer", type=int, default=-2,
+    p.add_argument("--select_layer", type=number(int), default=-2,
                    help="hf-clip: HF hidden_states index used as features (default -2, as LLaVA); LLaVA-Mini "
                         "takes it from mm_vision_select_layer")
     p.add_argument("--base_config", metavar="FILE",
                    help="import: an mmlm config file (e.g. configs/llava_mini_vicuna7b.py) whose model section "
                         "supplies the parts the checkpoint does not define")
-    p.add_argument("--hd_grid", type=int, metavar="N",
+    p.add_argument("--hd_grid", type=number(int, 1), metavar="N",
                    help="llava-mini: the model is HD with N x N crops (plus the whole image), for a release "
                         "config.json that lacks resolution_ratio; 1 = not HD. An error if config.json or the "
                         "checkpoint's compressor says otherwise")

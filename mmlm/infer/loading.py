@@ -109,7 +109,10 @@ def inference_model(config: ml_collections.ConfigDict, params: Any, source: str,
     if weights not in WEIGHT_FORMATS:
         raise UserError(f"--weights {weights!r}: choose from {WEIGHT_FORMATS}")
 
-    cfg = model_config_from_dict(config.model)
+    try:
+        cfg = model_config_from_dict(config.model)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{source}: the model section of its config is not a valid model config ({e})") from None
     missing = [p for p in ("vision", "projector", "llm") if p not in params]
     if cfg.mode == "llava_mini":
         # Average pooling (`compressor.kind="avgpool"`) has no parameters, so no `compressor` entry.
