@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a non-empty --dst: an import replaces the mmlm checkpoint there; an export "
                         "deletes every file of a previous export there first (and refuses a directory holding "
                         "anything else)")
+    p.add_argument("--allow_nonfinite", action="store_true",
+                   help="import: write tensors that hold NaN or inf (named in the report) instead of refusing "
+                        "the conversion")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -119,7 +122,8 @@ def _run(args: argparse.Namespace) -> int:
             report = import_checkpoint(
                 args.from_kind, args.src, args.dst, vision=args.vision, dtype=args.dtype,
                 select_layer=args.select_layer, base_config=args.base_config,
-                ignore_unknown=args.ignore_unknown, hd_grid=args.hd_grid, progress=not args.quiet, log=log)
+                ignore_unknown=args.ignore_unknown, hd_grid=args.hd_grid, progress=not args.quiet,
+                allow_nonfinite=args.allow_nonfinite, log=log)
             print(report.summary())
             print(f"next: mmlm verify --hf {args.src} --mmlm {args.dst}"
                   + (f" --vision {args.vision}" if args.vision else ""))
