@@ -392,6 +392,20 @@ def test_damaged_config_json(capsys, tmp_path, model, command, source):
     assert_user_error(rc, out, str(ck / "config.json"), "'model' section")
 
 
+def test_a_hand_edited_config_json_is_checked_like_a_config(capsys, tmp_path, model):
+    """chat / eval refuse a saved model config the trainer would refuse (here a norm eps of 0: NaN answers)."""
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(model / "ckpt", ck)
+    saved = json.loads((ck / "config.json").read_text())
+    saved["model"]["llm"]["rms_eps"] = 0.0
+    (ck / "config.json").write_text(json.dumps(saved))
+    rc, out = run_cli(capsys, "eval", "--checkpoint", str(ck), "--data", str(model / "q.jsonl"),
+                      "--out", str(tmp_path / "o"))
+    assert_user_error(rc, out, str(ck / "config.json"), "config.model.llm.rms_eps must be > 0")
+
+
 @pytest.mark.parametrize("kind", ["corrupt_model", "corrupt_json", "missing"])
 def test_missing_or_corrupt_tokenizer(capsys, tmp_path, model, kind):
     path = tmp_path / {"corrupt_model": "tok.model", "corrupt_json": "tokenizer.json", "missing": "no.model"}[kind]
@@ -511,3 +525,14 @@ def test_full_disk_anywhere_in_a_command_is_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith(f"mmlm x: error: no space left on the device writing '{tmp_path / 'out.json'}'")
     assert "MiB free there" in err and err.count("\n") == 1
+
+
+def test_full_disk_while_writing_data_is_one_line(capsys, tmp_path, monkeypatch):
+    from mmlm.data import synth
+
+    def full(*args, **kwargs):
+        raise _enospc(str(tmp_path / "o" / "images" / "0.png"))
+
+    monkeypatch.setattr(synth, "synthesize", full)
+    rc, out = run_cli(capsys, "data", "synth", "--kind", "shapes", "--out", str(tmp_path / "o"), "--num", "2")
+    assert_user_error(rc, out, "no space left on the device writing", "0.png", "MiB free there")

@@ -18,7 +18,7 @@ import sys
 
 from mmlm.cli_common import number, run_command
 from mmlm.convert.io import DTYPE_CHOICES, parse_size
-from mmlm.errors import UserError
+from mmlm.errors import DiskFullError, UserError, disk_full_message, is_disk_full
 
 EPILOG = """\
 Imports write DST/config.json (a complete mmlm config) and DST/params (Orbax).
@@ -138,6 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         # The converters report what is wrong with a checkpoint (its config, tensors or files) this way;
         # OSError: a file or directory that cannot be read or written.
+        if is_disk_full(e):
+            raise DiskFullError(disk_full_message(getattr(e, "filename", None) or args.dst)) from None
         raise UserError(str(e)) from None
     return 0
 

@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from mmlm.cli_common import SEED, number, run_command
-from mmlm.errors import UserError
+from mmlm.errors import DiskFullError, UserError, disk_full_message, is_disk_full
 
 _DESCRIPTION = """\
 Data tools for mmlm.
@@ -192,6 +192,8 @@ def _dispatch(args) -> int:
     except UserError:
         raise
     except (OSError, ValueError) as e:  # unreadable / malformed input files and directories
+        if is_disk_full(e):
+            raise DiskFullError(disk_full_message(getattr(e, "filename", None) or getattr(args, "out", None))) from None
         raise UserError(str(e)) from None
 
 
