@@ -209,9 +209,8 @@ def _single_file_next_to_a_stale_index(src: str) -> dict[str, np.ndarray]:
 
 
 def test_single_file_wins_over_a_stale_index_as_in_transformers(capsys, tmp_path):
-    from transformers import LlamaForCausalLM
-
     from convert_helpers import load_mmlm
+    from transformers import LlamaForCausalLM
 
     src, dst = str(tmp_path / "hf"), str(tmp_path / "mmlm")
     newer = _single_file_next_to_a_stale_index(src)
@@ -236,7 +235,7 @@ def test_weights_with_nan_or_inf_are_named_at_convert(capsys, tmp_path):
     reader = CheckpointReader(src)
     tensors = {n: reader.get(n) for n in reader.names()}
     for f in os.listdir(src):  # one single file instead of the shards
-        if f.endswith(".safetensors") or f.endswith(".index.json"):
+        if f.endswith((".safetensors", ".index.json")):
             os.remove(os.path.join(src, f))
     tensors["model.layers.1.mlp.up_proj.weight"][0, :3] = np.nan
     tensors["model.norm.weight"][5] = np.inf

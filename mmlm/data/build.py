@@ -360,17 +360,20 @@ def load_media(example: dict[str, Any], options: BuildOptions) -> dict[str, Any]
 
 
 def process_record(raw: Any, index: int, options: BuildOptions) -> dict[str, Any] | Skip:
-    """check_record then load_media; never raises for a bad record."""
+    """check_record, load_media, then (with `options.text`) the text-length class; never raises for a bad record."""
     try:
         checked = check_record(raw, index, options)
         if isinstance(checked, Skip):
             return checked
         out = load_media(checked, options)
-        if options.text is not None and not isinstance(out, Skip):
-            out["_text"] = classify(options.tokenizer, json.loads(out["conversations"]), options.text)
-        return out
     except Exception as e:  # noqa: BLE001 - a record must never stop the build
         return Skip("malformed_record", record_id(raw, index), f"unexpected {type(e).__name__}: {e}")
+    if options.text is not None and not isinstance(out, Skip):
+        try:  # only counted: a conversation the check cannot encode is still written (and not counted)
+            out["_text"] = classify(options.tokenizer, json.loads(out["conversations"]), options.text)
+        except Exception:  # noqa: BLE001
+            pass
+    return out
 
 
 # ----------------------------------------------------------------------------
