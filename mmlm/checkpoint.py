@@ -151,9 +151,20 @@ def load_config_json(directory: str) -> ml_collections.ConfigDict:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory!r} has no {CONFIG_FILE}: not an mmlm checkpoint or workdir")
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        raise ConfigFileError(f"{path} is damaged: not valid JSON ({type(e).__name__}: {e}); restore it "
+                              "from a copy (a workdir's config.json is what `mmlm train` wrote there)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ConfigFileError(f"{path} is damaged: expected a JSON object with a 'model' section, got "
+                              f"{type(data).__name__ if not isinstance(data, dict) else 'no model section'}")
     return ml_collections.ConfigDict(_tuples(data))
+
+
+class ConfigFileError(UserError, ValueError):
+    """A checkpoint's or workdir's config.json that cannot be read as an mmlm config."""
 
 
 def _tuples(value: Any) -> Any:

@@ -219,6 +219,7 @@ def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 MATRYOSHKA_LOSSES = ("sample", "all")  # train.matryoshka_loss
+MAX_SEED = 2**32 - 1  # seeds: what numpy and jax.random accept
 
 
 def _num(config: ml_collections.ConfigDict, key: str, *, kind: type = int, low: float | None = None,
@@ -280,6 +281,13 @@ def _check_model(config: ml_collections.ConfigDict) -> Any:
                 "llm.head_dim", "llm.mlp_dim", "compressor.tokens", "compressor.heads", "image_size", "hd_grid"):
         _num(config, f"model.{key}", low=1)
     _num(config, "model.prefusion_layers", low=0)
+    # Zeros that make the forward non-finite: a norm eps of 0 divides a zero (e.g. padding) row by 0, a RoPE
+    # base of 0 gives infinite frequencies.
+    for key in ("vision.layer_norm_eps", "llm.rms_eps", "compressor.ln_eps", "llm.rope_theta"):
+        _num(config, f"model.{key}", kind=float, low=0, low_open=True, hint="0 makes the model's output NaN")
+    _num(config, "model.init_std", kind=float, low=0, hint="0 means lecun normal")
+    for key in ("scan_unroll", "loss_chunk", "loss_positions"):
+        _num(config, f"model.{key}", low=0, hint="0 means all")
     v = cfg.vision
     if v.width % v.heads:
         raise ConfigError(f"config.model.vision.heads={v.heads} does not divide config.model.vision.width="
@@ -361,6 +369,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     if "text_len" in config:
         _num(config, "text_len", low=1)
     sizes = _check_mesh(config, num_devices)
+    if "seed" in config:
+        _num(config, "seed", low=0, high=MAX_SEED)
+    if config.get("synthetic") is not None and config.synthetic.get("kind"):
+        _check_synthetic(config)
     if "train" in config:
         _num(config, "train.steps", low=1, allow=(-1,), hint="-1 means train.epochs passes over the data")
         if int(config.train.steps) == -1:
@@ -414,6 +426,19 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         _check_data(config, sizes, process_count)
 
 
+def _check_synthetic(config: ml_collections.ConfigDict) -> None:
+    """`config.synthetic` (a dataset rendered on first use): sizes, seed, and at least one batch of records."""
+    for key in ("num_train", "num_eval", "questions_per_image"):
+        _num(config, f"synthetic.{key}", low=1)
+    _num(config, "synthetic.seed", low=0, high=MAX_SEED)
+    _num(config, "synthetic.image_size", low=0, hint="0 means the synthesiser's default")
+    if "data" in config and "train" in config:
+        n, b = int(config.synthetic.num_train), int(config.data.batch_size)
+        if n < b:
+            raise ConfigError(f"config.synthetic.num_train={n} is fewer than one batch "
+                              f"(config.data.batch_size={b}); raise num_train or lower the batch size")
+
+
 def _check_pixels(config: ml_collections.ConfigDict) -> None:
     """data.image_mean / image_std: 3 numbers each, std > 0, equal to model.image_mean / image_std.
 
@@ -445,6 +470,12 @@ def _check_data(config: ml_collections.ConfigDict, sizes: dict[str, int] | None,
     _num(config, "data.max_text_len", low=2)
     _num(config, "data.max_frames", low=1)
     _num(config, "data.video_fps", kind=float, low=0, low_open=True)
+    if "seed" in d:
+        _num(config, "data.seed", low=0, high=MAX_SEED)
+    if d.get("num_epochs") is not None:
+        _num(config, "data.num_epochs", low=1, hint="None repeats forever")
+    if "worker_buffer_size" in d:
+        _num(config, "data.worker_buffer_size", low=1)
     for key in ("worker_count", "prefetch_buffer_size"):
         if key in d:
             _num(config, f"data.{key}", low=0)

@@ -107,4 +107,7 @@ def test_bench_data(data_cli_dataset, capsys):
                           "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["examples_per_s"] > 0 and result["images_shape"] == [4, 1, 1, 16, 16, 3]
-    assert bench_data.main(["--batches", "0"]) == 2
+    with pytest.raises(SystemExit) as e:  # refused by the flag's type: usage and one error line
+        bench_data.main(["--batches", "0"])
+    assert e.value.code == 2
+    assert "--batches: expected an integer >= 1, got '0'" in capsys.readouterr().err

@@ -65,7 +65,7 @@ from jax.sharding import Mesh  # noqa: E402
 
 from mmlm import sharding as shd  # noqa: E402
 from mmlm.bench.roofline import Chip, roofline  # noqa: E402
-from mmlm.cli_common import run_command  # noqa: E402
+from mmlm.cli_common import number, run_command  # noqa: E402
 from mmlm.config_utils import load_config, split_config_overrides  # noqa: E402
 from mmlm.errors import UserError  # noqa: E402
 from mmlm.models.summary import batch_shapes  # noqa: E402
@@ -398,12 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--topology", required=True,
                         help="Cloud TPU slice name: v4-N / v5p-N (N TensorCores = 2 x chips), v5litepod-N (alias "
                              "v5e-N) / v6e-N (N chips); e.g. v5p-64 = 32 v5p chips")
-    parser.add_argument("--frames", type=int, default=1,
+    parser.add_argument("--frames", type=number(int, 1), default=1,
                         help="images / video frames per sample (the pipeline's max_frames for a video dataset)")
     parser.add_argument("--what", default="train", choices=("train", "infer"),
                         help="train: the train step on the whole slice (default); infer: prefill and one decode "
                              "step of mmlm chat on one chip, for the model and its LLaVA-1.5 baseline")
-    parser.add_argument("--new_tokens", type=int, default=64,
+    parser.add_argument("--new_tokens", type=number(int, 1), default=64,
                         help="--what infer: answer tokens the KV cache holds after the prompt (default 64)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="--what infer: weight and compute dtype (default bfloat16)")

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmlm.cli_common import print_report
+from mmlm.cli_common import SEED, number, print_report
 from mmlm.kernels.compression import compress_attention
 
 _MB = 1 << 20
@@ -209,11 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(HD, 48x48); m in {1, 16, 64}; 1 image or 64 video frames.",
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--frames", type=int, nargs="+", default=[1, 64], help="batch sizes B (default: 1 64)")
-    parser.add_argument("--n", type=int, nargs="+", default=[576, 2304], help="patches per frame N (default: 576 2304)")
-    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64], help="query counts m (default: 1 16 64)")
-    parser.add_argument("--dv", type=int, default=1024, help="vision width Dv (default 1024)")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads H (default 8)")
+    parser.add_argument("--frames", type=number(int, 1), nargs="+", default=[1, 64], help="batch sizes B (default: 1 64)")
+    parser.add_argument("--n", type=number(int, 1), nargs="+", default=[576, 2304], help="patches per frame N (default: 576 2304)")
+    parser.add_argument("--m", type=number(int, 1), nargs="+", default=[1, 16, 64], help="query counts m (default: 1 16 64)")
+    parser.add_argument("--dv", type=number(int, 1), default=1024, help="vision width Dv (default 1024)")
+    parser.add_argument("--heads", type=number(int, 1), default=8, help="attention heads H (default 8)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="dtype of inputs and weights (default bfloat16; compute is fp32 inside)")
     parser.add_argument("--impl", choices=["both", "xla", "pallas"], default="both",
@@ -221,11 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interpret", action="store_true",
                         help="on CPU, also run the Pallas path in interpret mode (a smoke test: its timings "
                              "are not performance figures)")
-    parser.add_argument("--block_n", type=int, default=None, help="kernel block over N (default: the kernel's)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default 5)")
+    parser.add_argument("--block_n", type=number(int, 1), default=None, help="kernel block over N (default: the kernel's)")
+    parser.add_argument("--warmup", type=number(int, 0), default=1, help="untimed runs before timing (default 1)")
+    parser.add_argument("--repeats", type=number(int, 1), default=5, help="timed runs; the median is reported (default 5)")
     parser.add_argument("--no_backward", action="store_true", help="time the forward only")
-    parser.add_argument("--seed", type=int, default=0, help="input RNG seed")
+    parser.add_argument("--seed", type=SEED, default=0, help="input RNG seed")
     parser.add_argument("--json", action="store_true", help="print the report as JSON (MB and ms) instead of a table")
     return parser
 

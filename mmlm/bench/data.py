@@ -17,6 +17,8 @@ import tempfile
 import time
 from typing import Sequence
 
+from mmlm.cli_common import number
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -28,21 +30,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split to read (default: %(default)s)")
     p.add_argument("--kind", default="shapes", choices=("shapes", "shapes_hd", "moving_shapes"),
                    help="synthetic kind when no --dataset (default: %(default)s)")
-    p.add_argument("--num", type=int, default=512, help="synthetic records (default: %(default)s)")
-    p.add_argument("--source-size", type=int, default=336,
+    p.add_argument("--num", type=number(int, 1), default=512, help="synthetic records (default: %(default)s)")
+    p.add_argument("--source-size", type=number(int, 1), default=336,
                    help="side of the synthetic images in pixels (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=336, help="model image side H = W (default: %(default)s)")
-    p.add_argument("--hd-grid", type=int, default=1,
+    p.add_argument("--image-size", type=number(int, 1), default=336, help="model image side H = W (default: %(default)s)")
+    p.add_argument("--hd-grid", type=number(int, 1), default=1,
                    help="HD grid n: n x n crops + the whole image; 1 = no HD (default: %(default)s)")
-    p.add_argument("--max-frames", type=int, default=8, help="F for video datasets (default: %(default)s)")
-    p.add_argument("--max-text-len", type=int, default=128, help="T (default: %(default)s)")
+    p.add_argument("--max-frames", type=number(int, 1), default=8, help="F for video datasets (default: %(default)s)")
+    p.add_argument("--max-text-len", type=number(int, 2), default=128, help="T (default: %(default)s)")
     p.add_argument("--template", default="vicuna_v1", help="conversation template (default: %(default)s)")
     p.add_argument("--tokenizer", default="", help="tokenizer path (default: the tiny tokenizer)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size (default: %(default)s)")
-    p.add_argument("--batches", type=int, default=40, help="timed batches (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=0, help="grain worker processes (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=4, help="read/preprocess threads (default: %(default)s)")
+    p.add_argument("--batch-size", type=number(int, 1), default=32, help="batch size (default: %(default)s)")
+    p.add_argument("--batches", type=number(int, 1), default=40, help="timed batches (default: %(default)s)")
+    p.add_argument("--warmup", type=number(int, 0), default=3, help="untimed batches first (default: %(default)s)")
+    p.add_argument("--workers", type=number(int, 0), default=0, help="grain worker processes (default: %(default)s)")
+    p.add_argument("--threads", type=number(int, 1), default=4, help="read/preprocess threads (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     return p
 

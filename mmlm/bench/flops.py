@@ -75,7 +75,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmlm.cli_common import print_report
+from mmlm.cli_common import number, print_report
 from mmlm.config_utils import load_config, split_config_overrides
 from mmlm.models.compressor import make_compressor
 from mmlm.models.config import ModelConfig, model_config_from_dict
@@ -469,11 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True,
                         help="config file or name in configs/ (e.g. llava_mini_vicuna7b or configs/tiny.py)")
     parser.add_argument("--json", action="store_true", help="print JSON (values in FLOPs) instead of a table")
-    parser.add_argument("--text_tokens", type=int, default=DEFAULT_TEXT_TOKENS,
+    parser.add_argument("--text_tokens", type=number(int, 0), default=DEFAULT_TEXT_TOKENS,
                         help=f"instruction text tokens, <image> placeholder excluded (default "
                              f"{DEFAULT_TEXT_TOKENS}: the length that reproduces the paper's Table 14 under its "
                              "'2 x params x tokens' rule, derivation below)")
-    parser.add_argument("--num_vision_tokens", type=int, default=None,
+    parser.add_argument("--num_vision_tokens", type=number(int, 1), default=None,
                         help="Matryoshka budget m (default: the config's default budget)")
     parser.add_argument("--lm_head", choices=LM_HEAD_CHOICES, default="all",
                         help="LM head over every LLM position (default, as the forward and the paper's rule) "

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from mmlm import IMAGE_TOKEN_ID
+from mmlm.cli_common import number
 from mmlm.models.config import ModelConfig
 
 # Overrides that give a model big enough for the baseline/LLaVA-Mini difference to show on a laptop CPU,
@@ -136,10 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS),
                    help="size overrides applied before --config.* ones (default cpu-small; 'none' keeps the "
                         "config's sizes)")
-    p.add_argument("--batch", type=int, default=1, help="prompts per batch (default 1)")
-    p.add_argument("--text_len", type=int, default=32, help="prompt text tokens incl. the image placeholder")
-    p.add_argument("--new_tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median; default 5)")
+    p.add_argument("--batch", type=number(int, 1), default=1, help="prompts per batch (default 1)")
+    p.add_argument("--text_len", type=number(int, 1), default=32, help="prompt text tokens incl. the image placeholder")
+    p.add_argument("--new_tokens", type=number(int, 1), default=32, help="tokens generated per prompt (default 32)")
+    p.add_argument("--runs", type=number(int, 1), default=5, help="timed runs per measurement (median; default 5)")
     p.add_argument("--scanned", action="store_true",
                    help="decode with the scanned layer stacks the model trains with, instead of the unrolled "
                         "layout that load_inference_model serves (for comparison)")

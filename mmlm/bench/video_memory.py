@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmlm.cli_common import check_output_file, number
+from mmlm.errors import UserError
 from mmlm.models.config import ModelConfig
 from mmlm.models.llama import LlamaModel, init_cache
 from mmlm.models.llava_mini import LlavaMini
@@ -163,10 +165,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True,
                    help="config file or name under configs/ (e.g. llava_mini_vicuna7b, configs/tiny.py)")
     p.add_argument("--frames", default="1,2,4,8,16,32,64", help="comma-separated frame counts")
-    p.add_argument("--num_vision_tokens", type=int, default=None,
+    p.add_argument("--num_vision_tokens", type=number(int, 1), default=None,
                    help="LLaVA-Mini tokens per frame (default: the config's default budget)")
-    p.add_argument("--text_tokens", type=int, default=None, help="prompt text tokens (default: config.text_len)")
-    p.add_argument("--memory_gib", type=float, default=24.0,
+    p.add_argument("--text_tokens", type=number(int, 0), default=None, help="prompt text tokens (default: config.text_len)")
+    p.add_argument("--memory_gib", type=number(float, 0, low_open=True), default=24.0,
                    help="device memory for the 'frames that fit' estimate (default 24 GiB, the paper's GPU)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return p
@@ -188,6 +190,12 @@ def main(argv: list[str]) -> int:
         print("mmlm bench video-memory: --frames needs at least two positive frame counts, e.g. 1,2,4",
               file=sys.stderr)
         return 2
+    if args.json:
+        try:
+            check_output_file(args.json, "--json")
+        except UserError as e:
+            print(f"mmlm bench video-memory: error: {e}", file=sys.stderr)
+            return 2
     try:
         config = load_config(resolve_config_path(args.config), overrides)
         mini = model_config_from_dict(config.model)
@@ -228,10 +236,16 @@ def main(argv: list[str]) -> int:
               f"{r['per_token_kv_bytes']:,} B/token expected) -> about {fit:,} frames ({fit / 3600:.1f} h at 1 fps) "
               f"of cache fit in {args.memory_gib:g} GiB next to the {_mb(weights)} LLM weights"
               + (f"; PROBLEMS: {r['problems']}" if r["problems"] else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": args.config, "text_tokens": text, "backend": jax.default_backend(),
-                       "llm_weight_bytes": weights, **results}, f, indent=2)
+    if args.json:  # written whole or not at all: a temporary sibling renamed over the file
+        tmp = f"{args.json}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"config": args.config, "text_tokens": text, "backend": jax.default_backend(),
+                           "llm_weight_bytes": weights, **results}, f, indent=2)
+            os.replace(tmp, args.json)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     ok = not (results["llava15"]["problems"] or results["llava_mini"]["problems"])
     print("check: per-frame growth = layers x kv_heads x head_dim x 2 x bytes x tokens_per_frame: "
           + ("OK" if ok else "FAILED"))

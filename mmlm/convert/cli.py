@@ -16,9 +16,9 @@ import argparse
 import os
 import sys
 
-from mmlm.cli_common import run_command
+from mmlm.cli_common import number, run_command
 from mmlm.convert.io import DTYPE_CHOICES, parse_size
-from mmlm.errors import UserError
+from mmlm.errors import DiskFullError, UserError, disk_full_message, is_disk_full
 
 EPILOG = """\
 Imports write DST/config.json (a complete mmlm config) and DST/params (Orbax).
@@ -54,13 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "contain it), or the source of the unused CLIP blocks when exporting a vision tower")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep",
                    help="weight dtype to write (default: keep each tensor's dtype, e.g. bf16 stays bf16)")
-    p.add_argument("--select_layer", type=int, default=-2,
+    p.add_argument("--select_layer", type=number(int), default=-2,
                    help="hf-clip: HF hidden_states index used as features (default -2, as LLaVA); LLaVA-Mini "
                         "takes it from mm_vision_select_layer")
     p.add_argument("--base_config", metavar="FILE",
                    help="import: an mmlm config file (e.g. configs/llava_mini_vicuna7b.py) whose model section "
                         "supplies the parts the checkpoint does not define")
-    p.add_argument("--hd_grid", type=int, metavar="N",
+    p.add_argument("--hd_grid", type=number(int, 1), metavar="N",
                    help="llava-mini: the model is HD with N x N crops (plus the whole image), for a release "
                         "config.json that lacks resolution_ratio; 1 = not HD. An error if config.json or the "
                         "checkpoint's compressor says otherwise")
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a non-empty --dst: an import replaces the mmlm checkpoint there; an export "
                         "deletes every file of a previous export there first (and refuses a directory holding "
                         "anything else)")
+    p.add_argument("--allow_nonfinite", action="store_true",
+                   help="import: write tensors that hold NaN or inf (named in the report) instead of refusing "
+                        "the conversion")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -119,7 +122,8 @@ def _run(args: argparse.Namespace) -> int:
             report = import_checkpoint(
                 args.from_kind, args.src, args.dst, vision=args.vision, dtype=args.dtype,
                 select_layer=args.select_layer, base_config=args.base_config,
-                ignore_unknown=args.ignore_unknown, hd_grid=args.hd_grid, progress=not args.quiet, log=log)
+                ignore_unknown=args.ignore_unknown, hd_grid=args.hd_grid, progress=not args.quiet,
+                allow_nonfinite=args.allow_nonfinite, log=log)
             print(report.summary())
             print(f"next: mmlm verify --hf {args.src} --mmlm {args.dst}"
                   + (f" --vision {args.vision}" if args.vision else ""))
@@ -134,6 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         # The converters report what is wrong with a checkpoint (its config, tensors or files) this way;
         # OSError: a file or directory that cannot be read or written.
+        if is_disk_full(e):
+            raise DiskFullError(disk_full_message(getattr(e, "filename", None) or args.dst)) from None
         raise UserError(str(e)) from None
     return 0
 

@@ -188,9 +188,12 @@ def _find_vision_dir(src: str, hf: dict[str, Any], vision: str | None) -> str | 
 
 def import_checkpoint(kind: str, src: str, dst: str, *, vision: str | None = None, dtype: str = "keep",
                       select_layer: int = -2, base_config: str | None = None, ignore_unknown: bool = False,
-                      hd_grid: int | None = None, progress: bool = True,
+                      hd_grid: int | None = None, progress: bool = True, allow_nonfinite: bool = False,
                       log: Callable[[str], None] = print) -> ImportReport:
     """Converts `src` (an HF directory of the given kind) into the mmlm checkpoint `dst`.
+
+    Tensors holding NaN or inf are named and refused (nothing is written) unless `allow_nonfinite`,
+    which writes them and lists them in the report's notes.
 
     `hd_grid` (llava-mini only) states the HD grid of a release whose
     config.json lacks `resolution_ratio` (see `llava_mini.model_config_from_release`).
@@ -259,14 +262,28 @@ def import_checkpoint(kind: str, src: str, dst: str, *, vision: str | None = Non
         raise ValueError(f"{len(missing)} tensor(s) the config implies are missing from the checkpoint: "
                          f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
 
+    for reader_ in dict.fromkeys(s.reader for s in sources):
+        log(reader_.describe())
     filler = ParamFiller(expected, dtype)
     todo = [(s, n) for s in sources for n in s.reader.names() if n in s.names]
     bar = tqdm(todo, desc=f"convert {kind}", unit="tensor", disable=not progress)
+    nonfinite: list[str] = []
     for s, n in bar:
-        filler.put(s.names[n], s.reader.get(n), n)
+        array = s.reader.get(n)
+        bad = nonfinite_count(array)
+        if bad:
+            nonfinite.append(f"{n} ({bad} of {array.size} values)")
+        filler.put(s.names[n], array, n)
         report.converted += 1
     for s in sources:
         s.reader.release()
+    if nonfinite:
+        listed = "; ".join(nonfinite[:10]) + (f"; ... {len(nonfinite) - 10} more" if len(nonfinite) > 10 else "")
+        if not allow_nonfinite:
+            raise ValueError(f"{len(nonfinite)} tensor(s) of {src} hold NaN or inf: {listed}. The model would "
+                             "answer with NaN; re-download the checkpoint, or pass --allow_nonfinite to convert "
+                             "it as it is")
+        notes.append(f"written with NaN/inf (--allow_nonfinite): {listed}")
     params = filler.tree()
     del filler
 
@@ -293,6 +310,13 @@ def import_checkpoint(kind: str, src: str, dst: str, *, vision: str | None = Non
     log(f"writing {report.bytes / 2**30:.2f} GiB to {report.dst} ...")
     checkpoint.save_model_low_memory(dst, params, config)
     return report
+
+
+def nonfinite_count(array: np.ndarray) -> int:
+    """How many values of a floating-point array are NaN or +-inf (0 for integer arrays)."""
+    if array.dtype.kind in "biu":  # bool and integers; floats are "f", ml_dtypes' bfloat16 and fp8 "V"
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

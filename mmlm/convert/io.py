@@ -1,6 +1,7 @@
 """Reading and writing HF-style checkpoint directories, one tensor at a time.
 
-A source directory holds `config.json` and weights as
+A source directory holds `config.json` and weights as (the first one present
+is read, the others ignored and named, as transformers chooses)
 * `model.safetensors`, or shards listed in `model.safetensors.index.json`, or
 * `pytorch_model.bin`, or shards listed in `pytorch_model.bin.index.json`
   (loaded with `torch.load(weights_only=True)`: tensors and plain containers
@@ -215,7 +216,10 @@ class CheckpointReader:
             raise UserError(f"checkpoint directory {directory!r} does not exist")
         self._bin_cache: tuple[str, dict] | None = None
         self._safe_headers: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.index: str | None = None  # the shard index read, if any
+        self.ignored: list[str] = []  # weight files present but not read (see `_discover`)
         self.format, files = self._discover()
+        self.files = files
         self.infos: dict[str, TensorInfo] = {}
         for file in files:
             for info in self._list(file):
@@ -237,31 +241,52 @@ class CheckpointReader:
         return path
 
     def _discover(self) -> tuple[str, list[str]]:
+        """The weight files to read, chosen as transformers' `from_pretrained` chooses them.
+
+        First found wins: model.safetensors, model.safetensors.index.json, pytorch_model.bin,
+        pytorch_model.bin.index.json (so a single-file checkpoint next to a stale shard index is read,
+        the index ignored, as transformers does); failing all four, every *.safetensors file.
+        `self.ignored` lists the weight files present but not read.
+        """
         d = self.directory
-        for index, fmt in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
-            path = os.path.join(d, index)
-            if os.path.isfile(path):
-                try:
-                    with open(path) as f:
-                        weight_map = json.load(f)["weight_map"]
-                    shards = set(weight_map.values())
-                except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-                    raise UserError(f"{path} is not a shard index (JSON with a 'weight_map' object): "
-                                    f"{type(e).__name__}: {e}") from None
-                files = sorted(self._inside(index, x) for x in shards)
-                missing = [os.path.relpath(x, d) for x in files if not os.path.isfile(x)]
-                if missing:
-                    raise UserError(f"{index} in {d!r} lists shards that are missing: {missing}")
-                return fmt, files
-        if os.path.isfile(os.path.join(d, SAFE_SINGLE)):
-            return "safetensors", [os.path.join(d, SAFE_SINGLE)]
-        if os.path.isfile(os.path.join(d, BIN_SINGLE)):
-            return "bin", [os.path.join(d, BIN_SINGLE)]
-        safes = sorted(x for x in os.listdir(d) if x.endswith(".safetensors"))
-        if safes:
-            return "safetensors", [os.path.join(d, x) for x in safes]
-        raise UserError(
-            f"no weights in {d!r}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+        order = ((SAFE_SINGLE, "safetensors"), (SAFE_INDEX, "safetensors"), (BIN_SINGLE, "bin"),
+                 (BIN_INDEX, "bin"))
+        present = [(name, fmt) for name, fmt in order if os.path.isfile(os.path.join(d, name))]
+        if not present:
+            safes = sorted(x for x in os.listdir(d) if x.endswith(".safetensors"))
+            if safes:
+                return "safetensors", [os.path.join(d, x) for x in safes]
+            raise UserError(
+                f"no weights in {d!r}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+        (name, fmt), others = present[0], present[1:]
+        self.ignored = [n for n, _ in others]
+        path = os.path.join(d, name)
+        if not name.endswith(".index.json"):
+            return fmt, [path]
+        try:
+            with open(path) as f:
+                weight_map = json.load(f)["weight_map"]
+            shards = set(weight_map.values())
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise UserError(f"{path} is not a shard index (JSON with a 'weight_map' object): "
+                            f"{type(e).__name__}: {e}") from None
+        files = sorted(self._inside(name, x) for x in shards)
+        missing = [os.path.relpath(x, d) for x in files if not os.path.isfile(x)]
+        if missing:
+            raise UserError(f"{name} in {d!r} lists shards that are missing: {missing}")
+        self.index = path
+        return fmt, files
+
+    def describe(self) -> str:
+        """Which files were read, and which weight files were present but not read (one line)."""
+        read = ([os.path.basename(self.index)] if self.index else []) + \
+            [os.path.relpath(f, self.directory) for f in self.files]
+        shown = read if len(read) <= 6 else read[:3] + [f"... {len(read) - 4} more ..."] + read[-1:]
+        line = f"read {self.directory}: {', '.join(shown)}"
+        if self.ignored:
+            line += (f"; not read: {', '.join(self.ignored)} (when several are present, transformers reads the "
+                     f"first of {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE}, {BIN_INDEX}; so does mmlm)")
+        return line
 
     def _list(self, file: str) -> Iterator[TensorInfo]:
         if file.endswith(".safetensors"):

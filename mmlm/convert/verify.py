@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mmlm.cli_common import SEED, number
 from mmlm.errors import UserError
 
 # (atol, rtol) by compute dtype; the limit of an output is atol + rtol * max|reference|.
@@ -48,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision", metavar="CLIP_DIR", help="LLaVA-Mini: the CLIP directory of the tower")
     p.add_argument("--dtype", choices=tuple(DEFAULT_TOLERANCE), default="float32",
                    help="compute dtype of both models (default float32; bfloat16 halves memory for 7-8B models)")
-    p.add_argument("--atol", type=float, help="absolute tolerance (default by dtype: fp32 1e-4, bf16 2e-2)")
-    p.add_argument("--rtol", type=float, help="tolerance relative to max|reference| (default fp32 1e-4, bf16 5e-2)")
-    p.add_argument("--batch", type=int, default=2, help="samples (default 2)")
-    p.add_argument("--seq_len", type=int, default=16, help="text tokens per sample (default 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--atol", type=number(float, 0), help="absolute tolerance (default by dtype: fp32 1e-4, bf16 2e-2)")
+    p.add_argument("--rtol", type=number(float, 0), help="tolerance relative to max|reference| (default fp32 1e-4, bf16 5e-2)")
+    p.add_argument("--batch", type=number(int, 1), default=2, help="samples (default 2)")
+    p.add_argument("--seq_len", type=number(int, 1), default=16, help="text tokens per sample (default 16)")
+    p.add_argument("--seed", type=SEED, default=0, help="input RNG seed (default 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 

@@ -16,7 +16,10 @@ Output, under OUT:
 * `build_report.json`: `{"written": int, "skipped": {reason: int},
   "examples": {reason: [record id, ...]}, "splits": {split: {...}}}` (at most
   `MAX_REPORTED_IDS` ids per reason; the id is the record's "id", or
-  "#INDEX" when it has none).
+  "#INDEX" when it has none). With text settings (`text=`, the CLI's
+  `--tokenizer/--template/--max-text-len`) also `"text_settings"` and per
+  split `"text"`: how many written conversations that text length cuts, and
+  how many of those keep no supervised token (`mmlm.data.supervision`).
 
 Each stored example keeps the record's position in its JSON (`index`, the
 pipeline's `example_id`), its id, the normalised conversation (JSON text,
@@ -31,6 +34,7 @@ skipped under one reason (checked in this order):
 
   malformed_record      not an object, no/invalid conversations, unknown
                         role, turns not alternating, unreadable JSONL line
+                        or JSON nested too deeply to parse
   non_utf8_text         a string that is not valid UTF-8 (bad bytes in the
                         file, or lone surrogate escapes)
   no_assistant_turn     no gpt/assistant turn to learn from
@@ -58,6 +62,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from mmlm.data import templates
+from mmlm.data.supervision import Counts, TextSettings, classify
 from mmlm.errors import UserError
 
 DATASET_VERSION = "1.0.0"
@@ -84,6 +89,8 @@ class BuildOptions:
     video_fps: float = 1.0  # frames sampled per second of video
     max_frame_side: int = 768  # stored video frames are downscaled to fit this
     jpeg_quality: int = 95
+    text: TextSettings | None = None  # count conversations this text length cuts (`mmlm.data.supervision`)
+    tokenizer: Any = None  # the opened `text.tokenizer`
 
 
 @dataclasses.dataclass
@@ -112,6 +119,8 @@ def read_records(path: str | os.PathLike) -> list[Any]:
     malformed_record). A .json file that does not parse raises BuildError.
     """
     p = Path(path)
+    if p.is_dir():
+        raise BuildError(f"JSON file {str(p)!r} is a directory; give the LLaVA .json or .jsonl file in it")
     if not p.is_file():
         raise BuildError(f"JSON file {str(p)!r} does not exist")
     text = _read_text(p)
@@ -124,20 +133,65 @@ def read_records(path: str | os.PathLike) -> list[Any]:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
                 out.append(_BadLine(n, str(e)))
+            except RecursionError:
+                out.append(_BadLine(n, _TOO_DEEP))
         return out
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise BuildError(f"{p}: not valid JSON ({e}); use .jsonl for one record per line") from None
+    except RecursionError:  # one absurdly nested record must not stop the build: parse record by record
+        data = _records_one_by_one(text, p)
     if not isinstance(data, list):
         raise BuildError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
     return data
 
 
+_TOO_DEEP = "JSON nested too deeply to parse"
+# A JSON string, or one structural character (the scanner of `_records_one_by_one`).
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]', re.DOTALL)
+
+
+def _records_one_by_one(text: str, path: Path) -> list[Any]:
+    """The records of a JSON list parsed one at a time; a record nested too deeply becomes a `_BadLine`.
+
+    Used only when parsing the whole file hit Python's recursion limit: a scan of strings and brackets
+    finds where each top-level element starts and ends.
+    """
+    start = len(text) - len(text.lstrip())
+    if not text.startswith("[", start):
+        raise BuildError(f"{path}: JSON nested too deeply to parse, and not a list of records")
+    out: list[Any] = []
+    depth, begin = 0, start + 1
+    for m in _JSON_TOKEN.finditer(text, start):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+        elif tok in "]}":
+            depth -= 1
+        if depth == 0 or (depth == 1 and tok == ","):
+            chunk = text[begin:m.start()]
+            begin = m.end()
+            if chunk.strip():
+                line = text.count("\n", 0, m.start() - len(chunk)) + 1
+                try:
+                    out.append(json.loads(chunk))
+                except json.JSONDecodeError as e:
+                    raise BuildError(f"{path}: not valid JSON near line {line} ({e})") from None
+                except RecursionError:
+                    out.append(_BadLine(line, _TOO_DEEP, f"#{len(out)}"))
+            if depth == 0:
+                return out
+    raise BuildError(f"{path}: not valid JSON (the list of records is not closed)")
+
+
 @dataclasses.dataclass
 class _BadLine:
+    """A record that could not be parsed (JSONL line or position in a JSON list), skipped as malformed."""
+
     line: int
     error: str
+    label: str = ""  # the record's name in the report; "" = "line LINE" (JSONL)
 
 
 # ----------------------------------------------------------------------------
@@ -166,7 +220,7 @@ def _all_utf8(obj: Any) -> bool:
 def record_id(raw: Any, index: int) -> str:
     """The record's "id" as text, or "#INDEX" if it has no usable id."""
     if isinstance(raw, _BadLine):
-        return f"line {raw.line}"
+        return raw.label or f"line {raw.line}"
     rid = raw.get("id") if isinstance(raw, Mapping) else None
     if isinstance(rid, (str, int)) and not isinstance(rid, bool) and _is_utf8(str(rid)) and str(rid):
         return str(rid)
@@ -306,14 +360,20 @@ def load_media(example: dict[str, Any], options: BuildOptions) -> dict[str, Any]
 
 
 def process_record(raw: Any, index: int, options: BuildOptions) -> dict[str, Any] | Skip:
-    """check_record then load_media; never raises for a bad record."""
+    """check_record, load_media, then (with `options.text`) the text-length class; never raises for a bad record."""
     try:
         checked = check_record(raw, index, options)
         if isinstance(checked, Skip):
             return checked
-        return load_media(checked, options)
+        out = load_media(checked, options)
     except Exception as e:  # noqa: BLE001 - a record must never stop the build
         return Skip("malformed_record", record_id(raw, index), f"unexpected {type(e).__name__}: {e}")
+    if options.text is not None and not isinstance(out, Skip):
+        try:  # only counted: a conversation the check cannot encode is still written (and not counted)
+            out["_text"] = classify(options.tokenizer, json.loads(out["conversations"]), options.text)
+        except Exception:  # noqa: BLE001
+            pass
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -327,6 +387,7 @@ class SplitStats:
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     details: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    text: Counts = dataclasses.field(default_factory=Counts)  # conversations the text length cuts
 
     def add_skip(self, skip: Skip) -> None:
         self.skipped[skip.reason] = self.skipped.get(skip.reason, 0) + 1
@@ -350,7 +411,8 @@ def make_report(stats: Mapping[str, SplitStats]) -> dict[str, Any]:
         "written": sum(s.written for s in stats.values()),
         "skipped": {r: skipped[r] for r in sorted(skipped, key=key)},
         "examples": {r: examples[r][:MAX_REPORTED_IDS] for r in sorted(examples, key=key)},
-        "splits": {name: {"written": s.written, "media": s.media, "skipped": s.skipped}
+        "splits": {name: {"written": s.written, "media": s.media, "skipped": s.skipped,
+                          **({"text": s.text.to_json()} if s.text.checked else {})}
                    for name, s in stats.items()},
     }
 
@@ -358,10 +420,14 @@ def make_report(stats: Mapping[str, SplitStats]) -> dict[str, Any]:
 def format_summary(report: Mapping[str, Any], stats: Mapping[str, SplitStats] | None = None) -> str:
     """Human-readable build summary."""
     lines = [f"written: {report['written']} examples"]
+    text = TextSettings(**report["text_settings"]) if report.get("text_settings") else None
     for name, s in report.get("splits", {}).items():
         media = ", ".join(f"{k} {v}" for k, v in s["media"].items() if v)
         lines.append(f"  split {name}: {s['written']} written ({media or 'empty'}), "
                      f"{sum(s['skipped'].values())} skipped")
+        cut = Counts.from_json(s["text"]).summary(f"    split {name}", text) if text and "text" in s else None
+        if cut:
+            lines.append(cut)
     total = sum(report["skipped"].values())
     lines.append(f"skipped: {total} records" + (":" if total else ""))
     for reason, n in report["skipped"].items():
@@ -453,7 +519,7 @@ def build_dataset(jsons: Mapping[str, str | os.PathLike] | str | os.PathLike,
                   videos_dir: str | os.PathLike | None = None, name: str = "llava_data",
                   overwrite: bool = False, max_video_frames: int = 64, video_fps: float = 1.0,
                   max_frame_side: int = 768, workers: int | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, text: TextSettings | None = None) -> dict[str, Any]:
     """Builds a TFDS ArrayRecord dataset from LLaVA JSON files.
 
     Args:
@@ -470,6 +536,8 @@ def build_dataset(jsons: Mapping[str, str | os.PathLike] | str | os.PathLike,
       max_frame_side: stored video frames are downscaled to fit this side.
       workers: threads decoding media (default: CPU count, at most 16).
       progress: tqdm progress bars.
+      text: count, per split, the conversations these text settings cut (`mmlm.data.supervision`): in
+        the report (`splits.SPLIT.text`) and the summary. None: not counted.
 
     Returns:
       The report dict (also written to out_dir/build_report.json).
@@ -503,6 +571,14 @@ def build_dataset(jsons: Mapping[str, str | os.PathLike] | str | os.PathLike,
     options = BuildOptions(Path(images_dir) if images_dir is not None else None,
                            Path(videos_dir) if videos_dir is not None else None,
                            max_video_frames, video_fps, max_frame_side)
+    if text is not None:
+        from mmlm.data.tokenizer import load_tokenizer
+
+        if text.template not in templates.TEMPLATES:
+            raise BuildError(f"unknown template {text.template!r}; choose from {templates.TEMPLATES}")
+        if text.max_text_len < 2:
+            raise BuildError(f"the text length must be >= 2 tokens, got {text.max_text_len}")
+        options.text, options.tokenizer = text, load_tokenizer(text.tokenizer)  # a bad path fails here
     records = {split: read_records(path) for split, path in jsons.items()}
     for split, recs in records.items():
         if not recs:
@@ -538,6 +614,8 @@ def _build(name: str, out: Path, jsons: Mapping[str, Any], records: Mapping[str,
                 continue
             stats[split].written += 1
             stats[split].media[MEDIA_NAMES[result["media"]]] += 1
+            if "_text" in result:
+                stats[split].text.add(result.pop("_text"), result["id"])
             yield result["index"], result
         if stats[split].written == 0:
             raise BuildError(f"split {split!r}: no valid record in {str(jsons[split])!r} "
@@ -554,6 +632,8 @@ def _build(name: str, out: Path, jsons: Mapping[str, Any], records: Mapping[str,
             download_dir=downloads,
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     report = make_report(stats)
+    if options.text is not None:
+        report["text_settings"] = options.text.to_json()
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     meta = {
         "name": name,
@@ -576,7 +656,17 @@ def read_meta(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     if not f.is_file():
         raise BuildError(f"{str(dataset_dir)!r} is not an `mmlm data build` output (no {META_FILE}); "
                          "build it with `mmlm data build --json FILE --images DIR --out DIR`")
-    return json.loads(f.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+        ok = (isinstance(meta, dict) and isinstance(meta.get("splits"), dict) and isinstance(meta.get("builder_dir"), str)
+              and all(isinstance(s, dict) for s in meta["splits"].values()))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise BuildError(f"{f} is damaged: not valid JSON ({type(e).__name__}: {e}); rebuild the dataset with "
+                         "`mmlm data build ... --overwrite`") from None
+    if not ok:
+        raise BuildError(f"{f} is damaged: expected an object with 'splits' and 'builder_dir'; rebuild the "
+                         "dataset with `mmlm data build ... --overwrite`")
+    return meta
 
 
 def parse_json_args(values: Sequence[str], default_split: str = "train") -> dict[str, str]:

@@ -12,8 +12,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from mmlm.cli_common import run_command
-from mmlm.errors import UserError
+from mmlm.cli_common import SEED, number, run_command
+from mmlm.errors import DiskFullError, UserError, disk_full_message, is_disk_full
 
 _DESCRIPTION = """\
 Data tools for mmlm.
@@ -32,22 +32,9 @@ Typical flow:
 """
 
 
-def _number(parse, ok, expected: str):
-    """An argparse `type` that parses with `parse` and accepts values for which `ok(value)` holds."""
-    def convert(text: str):
-        try:
-            value = parse(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return convert
-
-
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-_nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-_positive_float = _number(float, lambda v: v > 0, "a positive number")
+_positive_int = number(int, 1)
+_nonneg_int = number(int, 0)
+_positive_float = number(float, 0, low_open=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                         "moving_shapes: videos with direction/order-of-appearance questions")
     p.add_argument("--out", required=True, help="output directory (created; splits can share it)")
     p.add_argument("--num", required=True, type=_positive_int, help="number of images/videos")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--split", default="train", help="split name, e.g. train, val, test (default: %(default)s)")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="image/video side in pixels (default: shapes 64, shapes_hd 128, grid_shapes 64, "
@@ -106,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="threads decoding media (default: CPU count, at most 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("text length check", "count the conversations a model's text length cuts (in the "
+                             "summary and the report; nothing is dropped): give the settings of the model to train")
+    g.add_argument("--tokenizer", default="", help="tokenizer path (default: the tiny tokenizer in data/)")
+    g.add_argument("--template", default="vicuna_v1", choices=templates.TEMPLATES,
+                   help="conversation template (default: %(default)s)")
+    g.add_argument("--max-text-len", type=number(int, 2), default=2048,
+                   help="text length T in tokens, data.max_text_len (default: %(default)s)")
 
     p = sub.add_parser("inspect", help="print decoded examples with supervised spans marked",
                        description="Print examples of a built dataset as the model sees them: the "
@@ -118,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="vicuna_v1", choices=templates.TEMPLATES,
                    help="conversation template (default: %(default)s)")
     p.add_argument("--tokenizer", default="", help="tokenizer path (default: the tiny tokenizer in data/)")
-    p.add_argument("--max-text-len", type=_positive_int, default=256, help="T (default: %(default)s)")
+    p.add_argument("--max-text-len", type=number(int, 2), default=256, help="T (default: %(default)s)")
     p.add_argument("--image-size", type=_positive_int, default=336, help="H = W (default: %(default)s)")
     p.add_argument("--hd-grid", type=_positive_int, default=1,
                    help="HD grid n: n x n crops + the whole image; 1 = no HD (default: %(default)s)")
@@ -144,12 +138,14 @@ def _synth(args) -> int:
 
 def _build(args) -> int:
     from mmlm.data import build
+    from mmlm.data.supervision import TextSettings
 
     jsons = build.parse_json_args(args.json, args.split)  # a BuildError is a UserError
     report = build.build_dataset(
         jsons, args.images, args.out, videos_dir=args.videos, name=args.name,
         overwrite=args.overwrite, max_video_frames=args.max_video_frames, video_fps=args.video_fps,
-        max_frame_side=args.max_frame_side, workers=args.workers, progress=not args.quiet)
+        max_frame_side=args.max_frame_side, workers=args.workers, progress=not args.quiet,
+        text=TextSettings(args.tokenizer, args.template, args.max_text_len))
     print(report.pop("_summary"))
     print(f"report: {args.out}/{build.REPORT_FILE}")
     return 0
@@ -187,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return run_command(f"data {args.command}", _dispatch, args)
+    return run_command(f"data {args.command}", _dispatch, args, interruptible=True)
 
 
 def _dispatch(args) -> int:
@@ -196,6 +192,8 @@ def _dispatch(args) -> int:
     except UserError:
         raise
     except (OSError, ValueError) as e:  # unreadable / malformed input files and directories
+        if is_disk_full(e):
+            raise DiskFullError(disk_full_message(getattr(e, "filename", None) or getattr(args, "out", None))) from None
         raise UserError(str(e)) from None
 
 

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from mmlm.cli_common import number
 from mmlm.data import synth, templates
 from mmlm.data.tokenizer import TINY_TOKENIZER_PATH
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(deterministic: the same command always writes the same file).")
     parser.add_argument("--out", default=str(TINY_TOKENIZER_PATH),
                         help="output .model path (default: %(default)s)")
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+    parser.add_argument("--vocab-size", type=number(int, 64), default=DEFAULT_VOCAB_SIZE,
                         help="number of pieces (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.vocab_size < 64:

@@ -77,6 +77,10 @@ from mmlm.data.tokenizer import Tokenizer, load_tokenizer
 from mmlm.data.config import hd_grid_value
 from mmlm.errors import UserError
 
+class DataError(UserError, ValueError):
+    """A dataset or data setting the pipeline cannot use (a user mistake: exit status 2 at the CLIs)."""
+
+
 _PADDING = {"_padding": True}  # stands for a dummy evaluation example
 
 
@@ -95,7 +99,7 @@ def open_split(dataset_dir: str | Path, split: str):
 
     meta = build_lib.read_meta(dataset_dir)
     if split not in meta["splits"]:
-        raise ValueError(f"dataset {str(dataset_dir)!r} has no split {split!r}; "
+        raise DataError(f"dataset {str(dataset_dir)!r} has no split {split!r}; "
                          f"splits: {sorted(meta['splits'])}")
     builder = tfds.builder_from_directory(str(Path(dataset_dir) / meta["builder_dir"]))
     return builder.as_data_source(split)
@@ -508,7 +512,7 @@ def make_dataset(config: ml_collections.ConfigDict, split: str, *, process_index
 
     cfg = config.data
     if not cfg.dataset_dir:
-        raise ValueError("config.data.dataset_dir is empty; set it to an `mmlm data build --out` directory")
+        raise DataError("config.data.dataset_dir is empty; set it to an `mmlm data build --out` directory")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
     meta = build_lib.read_meta(cfg.dataset_dir)
@@ -526,13 +530,14 @@ def make_dataset(config: ml_collections.ConfigDict, split: str, *, process_index
     cached = bool(cfg.get("cache_examples", False)) and train
     if train:
         if n < global_bs:
-            raise ValueError(f"split {split!r} has {n} examples, fewer than one global batch ({global_bs})")
+            raise DataError(f"split {split!r} of {str(cfg.dataset_dir)!r} has {n} examples, fewer than one global "
+                            f"batch (config.data.batch_size={global_bs}); lower the batch size or add data")
         ds = grain.MapDataset.source(_CachedExamples(source, processor) if cached else source)
         if cfg.shuffle:
             ds = ds.shuffle(seed=int(cfg.seed))
         epochs = cfg.num_epochs
         if epochs is not None and int(epochs) < 1:
-            raise ValueError(f"num_epochs must be >= 1 or None, got {epochs}")
+            raise DataError(f"config.data.num_epochs must be >= 1 or None, got {epochs}")
         ds = ds.repeat(None if epochs is None else int(epochs))
         batches_per_epoch = n // global_bs
         if epochs is None:

@@ -27,7 +27,7 @@ import os
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mmlm.pixels import CLIP_MEAN, CLIP_STD, normalization_constants  # CLIP ViT-L/14-336 constants
 
@@ -92,8 +92,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, name: str | None = None) -> Image.Image:
-    """Decodes encoded image bytes (any PIL format) to a fully loaded 8-bit RGB image.
+    """Decodes encoded image bytes (any PIL format) to a fully loaded 8-bit RGB image, upright.
 
+    The EXIF orientation tag (phone photos store the pixels sideways and the
+    rotation in the tag) is applied, so the pixels are what a viewer shows.
     `name` (the file it came from) is used in error messages. Raises OSError
     for undecodable or truncated data and ValueError for an image with more
     pixels than PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`).
@@ -108,7 +110,21 @@ def decode_image(data: bytes, name: str | None = None) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise OSError(f"cannot identify the image format{of}: not an image format PIL reads "
                       f"({len(data)} bytes)") from None
-    return _to_rgb(img)
+    return _to_rgb(upright(img))
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 = upright, 2-8 = mirrored and/or rotated
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """`img` with its EXIF orientation applied (PIL's `ImageOps.exif_transpose`); itself when upright."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: nothing says the pixels are rotated
+        return img
+    if orientation not in range(2, 9):
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

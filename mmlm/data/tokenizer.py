@@ -30,6 +30,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from mmlm.errors import UserError
+
 # Shipped assets live in the repository's top-level `data/` directory (an
 # editable install keeps it next to the package). MMLM_ASSETS_DIR overrides.
 ASSETS_DIR = Path(os.environ.get("MMLM_ASSETS_DIR", Path(__file__).resolve().parents[2] / "data"))
@@ -273,13 +275,24 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
         elif (p / "tokenizer.json").is_file():
             p = p / "tokenizer.json"
         else:
-            raise FileNotFoundError(
+            raise TokenizerMissingError(
                 f"tokenizer directory {str(path)!r} has neither tokenizer.model nor tokenizer.json")
     if not p.is_file():
-        raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-    if p.suffix == ".json":
-        return HFTokenizer(p)
-    if p.suffix == ".model":
-        return SentencePieceTokenizer(p)
-    raise ValueError(
-        f"unsupported tokenizer file {str(p)!r}: expected a sentencepiece .model or a tokenizer.json")
+        raise TokenizerMissingError(f"tokenizer file {str(path)!r} does not exist")
+    if p.suffix not in (".json", ".model"):
+        raise TokenizerError(
+            f"unsupported tokenizer file {str(p)!r}: expected a sentencepiece .model or a tokenizer.json")
+    try:
+        return HFTokenizer(p) if p.suffix == ".json" else SentencePieceTokenizer(p)
+    except Exception as e:  # noqa: BLE001 - sentencepiece / tokenizers raise RuntimeError, Exception, ...
+        raise TokenizerError(f"tokenizer file {str(p)!r} is damaged or not a "
+                             f"{'tokenizer.json' if p.suffix == '.json' else 'sentencepiece model'} "
+                             f"({type(e).__name__}: {str(e).strip()[:200]})") from None
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer file that cannot be opened: the wrong kind of file, or damaged."""
+
+
+class TokenizerMissingError(UserError, FileNotFoundError):
+    """A tokenizer path that does not exist."""

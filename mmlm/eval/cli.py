@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from mmlm.cli_common import run_command
+from mmlm.cli_common import number, run_command
 from mmlm.errors import UserError
 
 
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training workdir (latest checkpoint + config.json)")
     src.add_argument("--checkpoint", help="model checkpoint directory (config.json + params/)")
-    p.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default: latest)")
+    p.add_argument("--step", type=number(int, 0), default=None, help="with --workdir: checkpoint step (default: latest)")
     p.add_argument("--data", required=True, help="question JSONL")
     p.add_argument("--images", default=None,
                    help="root of the image (and video) paths in the JSONL (default: the JSONL's directory)")
@@ -47,10 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (answers*.jsonl, metrics.json)")
     p.add_argument("--num_vision_tokens", type=_budgets, default=None,
                    help="comma-separated budgets, e.g. 1,4,16,64 (default: the model's default budget)")
-    p.add_argument("--batch_size", type=int, default=16, help="questions per generation batch (default 16)")
-    p.add_argument("--max_new_tokens", type=int, default=16, help="answer length limit (default 16)")
-    p.add_argument("--max_frames", type=int, default=None, help="video frame cap (default: the model's)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--batch_size", type=number(int, 1), default=16, help="questions per generation batch (default 16)")
+    p.add_argument("--max_new_tokens", type=number(int, 1), default=16, help="answer length limit (default 16)")
+    p.add_argument("--max_frames", type=number(int, 1), default=None, help="video frame cap (default: the model's)")
+    p.add_argument("--limit", type=number(int, 1), default=None, help="only the first N questions")
     p.add_argument("--no_option_prompt", action="store_true",
                    help="do not append lettered options to multiple-choice questions")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the one in the model's config)")
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    return run_command("eval", run, _parser().parse_args(argv))
+    return run_command("eval", run, _parser().parse_args(argv), interruptible=True)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Iterable, TextIO
+from typing import Iterable, Sequence, TextIO
 
 import jax
 import numpy as np
 
-from mmlm.cli_common import run_command
+from mmlm.cli_common import SEED, check_output_file, number, run_command
 from mmlm.errors import UserError
 from mmlm.infer.loading import InferenceModel
 
@@ -30,18 +30,18 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training workdir (latest checkpoint + config.json)")
     src.add_argument("--checkpoint", help="model checkpoint directory (config.json + params/)")
-    p.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default: latest)")
+    p.add_argument("--step", type=number(int, 0), default=None, help="with --workdir: checkpoint step (default: latest)")
     media = p.add_mutually_exclusive_group(required=True)
     media.add_argument("--image", help="image file (any format PIL reads)")
     media.add_argument("--video", help="video file (sampled at the model's fps, default 1 frame/s)")
     p.add_argument("--prompt", default=None, help="question; without it, questions are read interactively")
-    p.add_argument("--num_vision_tokens", type=int, default=None,
+    p.add_argument("--num_vision_tokens", type=number(int, 1), default=None,
                    help="vision tokens per image/frame (a budget the model supports; default: the model's)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="answer length limit (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--max_frames", type=int, default=None,
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy (default), > 0 samples")
+    p.add_argument("--top_p", type=number(float, 0, 1, low_open=True), default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    p.add_argument("--max_new_tokens", type=number(int, 1), default=128, help="answer length limit (default 128)")
+    p.add_argument("--seed", type=SEED, default=0, help="sampling seed (default 0)")
+    p.add_argument("--max_frames", type=number(int, 1), default=None,
                    help="video frame cap (default: the model's data.max_frames)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the one in the model's config)")
     p.add_argument("--template", default=None, help="conversation template (default: the model's)")
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="LLM weights: 'float' as stored (default) or 'int8' (LLM and pre-fusion kernels as int8 with a per-channel scale: about half the memory, answers close to the float model's)")
     p.add_argument("--save_compression_map", metavar="OUT.png", default=None,
                    help="write the image with each compressed token's attention over the patches")
-    p.add_argument("--map_panel_size", type=int, default=224, help="pixels per compression-map panel")
+    p.add_argument("--map_panel_size", type=number(int, 16), default=224, help="pixels per compression-map panel")
     return p
 
 
@@ -88,21 +88,6 @@ def check_text(text: str, where: str) -> None:
                         "re-encode it as UTF-8") from None
 
 
-def check_output_file(path: str, flag: str) -> None:
-    """An output file path whose directory exists and is writable, and which is not a directory itself."""
-    import os
-
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path!r} is a directory; give a file name such as map.png")
-    if not os.path.exists(parent):
-        raise UserError(f"{flag} {path!r}: the directory {parent!r} does not exist; create it first")
-    if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path!r}: {parent!r} is not a directory")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UserError(f"{flag} {path!r} is not writable (check the permissions of {parent!r})")
-
-
 def _check_budget_early(args: argparse.Namespace) -> None:
     """Rejects an unsupported --num_vision_tokens from config.json alone (before loading weights)."""
     from mmlm.checkpoint import load_config_json
@@ -113,6 +98,10 @@ def _check_budget_early(args: argparse.Namespace) -> None:
         cfg = model_config_from_dict(load_config_json(source).model)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
+    except (ValueError, TypeError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{source}/config.json: its model section is not a valid model config ({e})") from None
     try:
         cfg.check_budget(args.num_vision_tokens)
     except ValueError as e:
@@ -234,13 +223,34 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
     history: list[tuple[str, str]] = []
     rng = jax.random.PRNGKey(args.seed)
     for question in _questions(args.prompt, stdin, out):
-        if args.prompt is None and stdin.isatty():
-            out.write("ASSISTANT: ")
-        rng, sub = jax.random.split(rng)
-        text = answer(im, pixels, question, history, num_vision_tokens=m, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, rng=sub, out=out)
+        try:
+            check_question(question, history)
+            if args.prompt is None and stdin.isatty():
+                out.write("ASSISTANT: ")
+            rng, sub = jax.random.split(rng)
+            text = answer(im, pixels, question, history, num_vision_tokens=m, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, rng=sub, out=out)
+        except UserError as e:
+            if args.prompt is not None:
+                raise
+            # Interactive: a question the model cannot take is refused, and the chat goes on.
+            print(f"[mmlm chat] {e}; ask again", file=err)
+            continue
         history.append((question, text))
     return 0
+
+
+def check_question(question: str, history: Sequence[tuple[str, str]]) -> None:
+    """Refuses media markers the prompt cannot place: the media come once, before the first question."""
+    from mmlm.data.templates import count_markers
+
+    n = count_markers(question)
+    if n and history:
+        raise UserError("<image>/<video> in a follow-up question: the image or video was given with "
+                        "--image/--video and stays in the chat; type the question without the marker")
+    if n > 1:
+        raise UserError(f"the question holds {n} <image>/<video> markers; one chat has one image or video, "
+                        "placed where the (single) marker is or before the question")
 
 
 def main(argv: list[str]) -> int:

@@ -80,6 +80,10 @@ def load_inference_model(*, workdir: str | None = None, checkpoint: str | None =
     if not os.path.isdir(source):
         raise UserError(f"{'--workdir' if workdir else '--checkpoint'} {source!r} is not a directory")
     try:
+        check_model_section(load_config_json(source), source)  # before any weight is read
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    try:
         if workdir is not None:
             params, config = load_params_from_workdir(workdir, step)
         else:
@@ -88,6 +92,17 @@ def load_inference_model(*, workdir: str | None = None, checkpoint: str | None =
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     return inference_model(config, params, source, tokenizer=tokenizer, template=template, weights=weights)
+
+
+def check_model_section(config: ml_collections.ConfigDict, source: str) -> None:
+    """The saved model config passes the trainer's checks (types, ranges: e.g. a hand-edited norm eps of 0,
+    which would make every answer NaN); a `UserError` naming the file and the key otherwise."""
+    from mmlm.config_utils import ConfigError, validate_config
+
+    try:
+        validate_config(ml_collections.ConfigDict({"model": config.model.to_dict()}))
+    except ConfigError as e:
+        raise UserError(f"{os.path.join(source, 'config.json')}: {e}") from None
 
 
 def inference_model(config: ml_collections.ConfigDict, params: Any, source: str, *, tokenizer: str | None = None,
@@ -109,7 +124,10 @@ def inference_model(config: ml_collections.ConfigDict, params: Any, source: str,
     if weights not in WEIGHT_FORMATS:
         raise UserError(f"--weights {weights!r}: choose from {WEIGHT_FORMATS}")
 
-    cfg = model_config_from_dict(config.model)
+    try:
+        cfg = model_config_from_dict(config.model)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{source}: the model section of its config is not a valid model config ({e})") from None
     missing = [p for p in ("vision", "projector", "llm") if p not in params]
     if cfg.mode == "llava_mini":
         # Average pooling (`compressor.kind="avgpool"`) has no parameters, so no `compressor` entry.

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mmlm.cli_common import print_report, run_command
+from mmlm.cli_common import number, print_report, run_command
 from mmlm.config_utils import load_config, split_config_overrides, validate_config
 from mmlm.errors import UserError
 from mmlm.models.config import PARTS, ModelConfig, model_config_from_dict
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
                     "are allocated). Config overrides: --config.a.b=value.")
     parser.add_argument("--config", required=True, help="config file, e.g. configs/llava_mini_vicuna7b.py")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--text_len", type=int, default=None,
+    parser.add_argument("--text_len", type=number(int, 1), default=None,
                         help="text tokens per sample for the sequence lengths (default: config.text_len)")
     args = parser.parse_args(argv)
     args.overrides = overrides

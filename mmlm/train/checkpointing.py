@@ -45,7 +45,7 @@ import orbax.checkpoint as ocp
 
 from mmlm.checkpoint import (CONFIG_FILE, checkpoint_dir, load_config_json, set_aside_damaged, verify_step,
                              write_manifest)
-from mmlm.errors import UserError
+from mmlm.errors import DiskFullError, UserError, disk_full_message, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ class Checkpointer:
         self.root = checkpoint_dir(workdir)
         self.async_save = async_save
         self._unmanifested: list[int] = []  # saved steps whose manifest is not written yet
+        self._failed = False  # a save failed on a full disk (reported once)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
             enable_async_checkpointing=async_save,
@@ -202,11 +203,26 @@ class Checkpointer:
         }
         if data_iterator is not None and hasattr(data_iterator, "get_state"):
             args[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.wait_until_finished()  # the previous save's manifest refers to its step alone
-        self._unmanifested.append(step)
-        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
-        if not self.async_save:
-            self._write_pending_manifests()
+        try:
+            self.manager.wait_until_finished()  # the previous save's manifest refers to its step alone
+            self._unmanifested.append(step)
+            self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+            if not self.async_save:
+                self._write_pending_manifests()
+        except Exception as e:
+            self._raise_if_disk_full(e)
+            raise
+
+    def _raise_if_disk_full(self, e: BaseException) -> None:
+        """A save that failed on a full disk: its partial step directory is removed, one-line `DiskFullError`."""
+        if not is_disk_full(e):
+            return
+        self._failed = True
+        self._unmanifested.clear()
+        self._remove_interrupted_saves()  # frees what the failed save wrote; older steps are untouched
+        last = self.latest_step()
+        kept = f"; the last complete checkpoint is step {last}" if last is not None else ""
+        raise DiskFullError(f"saving a checkpoint: {disk_full_message(self.root)}{kept}") from None
 
     def restore_latest(self, abstract_state: dict[str, Any], data_iterator: Any | None = None
                        ) -> tuple[int | None, dict[str, Any] | None]:
@@ -278,5 +294,15 @@ class Checkpointer:
                 "opt_state": restored["opt_state"], "rng": restored["meta"]["rng"]}
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            if not self._failed:  # else already reported by the save that failed; raising would hide it
+                self._raise_if_disk_full(e)
+                raise
+        finally:
+            try:
+                self.manager.close()
+            except Exception:
+                if not self._failed:
+                    raise

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from mmlm.cli_common import run_command
+from mmlm.cli_common import number, run_command
 from mmlm.config_utils import load_config, split_config_overrides
 from mmlm.errors import UserError
 
@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(sets train.init_from; ignored when resuming)")
     g = p.add_argument_group("multi-host (jax.distributed)")
     g.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0's coordinator")
-    g.add_argument("--num_processes", type=int, default=None, help="number of processes (hosts)")
-    g.add_argument("--process_id", type=int, default=None, help="this process's index, 0..num_processes-1")
+    g.add_argument("--num_processes", type=number(int, 1), default=None, help="number of processes (hosts)")
+    g.add_argument("--process_id", type=number(int, 0), default=None, help="this process's index, 0..num_processes-1")
     g.add_argument("--multihost", action="store_true",
                    help="call jax.distributed.initialize() with automatic cluster detection (Cloud TPU, SLURM)")
     g.add_argument("--cpu_collectives", default="gloo", choices=("gloo", "mpi", "none"),

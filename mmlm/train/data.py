@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mmlm.data.config import hd_grid_value
+from mmlm.data.supervision import Counts, TextSettings, classify
 from mmlm.errors import UserError
 from mmlm.sharding import batch_sharding
 
@@ -130,7 +131,48 @@ def _build_synthetic(config: ml_collections.ConfigDict, key: Mapping[str, Any], 
     # TFDS prints its own "Downloading and preparing ..." lines; keep the console for the trainer.
     with contextlib.redirect_stdout(io.StringIO()):
         build.build_dataset(jsons, media, out / "built", videos_dir=videos, name=f"synthetic_{s.kind}",
-                            overwrite=True, progress=False)
+                            overwrite=True, progress=False, text=TextSettings.from_data_config(config.data))
+
+
+SUPERVISION_SAMPLE = 2000  # records read at train start when the build report did not count these settings
+
+
+def check_supervision(config: ml_collections.ConfigDict, split: str) -> Counts:
+    """Counts the examples of `split` that `data.max_text_len` cuts, and says so (a warning line).
+
+    The build report's counts are used when they were made with the same tokenizer, template, system
+    prompt and text length; otherwise up to `SUPERVISION_SAMPLE` records spread over the split are
+    encoded. A split in which every checked example keeps no supervised token is a `UserError`: it
+    would train on nothing.
+    """
+    from mmlm.data import build
+    from mmlm.data.pipeline import open_split
+    from mmlm.data.tokenizer import load_tokenizer
+
+    settings = TextSettings.from_data_config(config.data)
+    dataset_dir = Path(config.data.dataset_dir)
+    counts, total = None, None
+    try:
+        report = json.loads((dataset_dir / build.REPORT_FILE).read_text(encoding="utf-8"))
+        if report.get("text_settings") == settings.to_json():
+            counts = Counts.from_json(report["splits"][split]["text"])
+    except (OSError, ValueError, KeyError, TypeError):
+        counts = None  # no usable report: count here
+    if counts is None:
+        source = open_split(dataset_dir, split)
+        total = len(source)
+        tokenizer = load_tokenizer(settings.tokenizer)
+        counts = Counts()
+        for i in np.unique(np.linspace(0, total - 1, min(total, SUPERVISION_SAMPLE)).astype(np.int64)):
+            rec = source[int(i)]
+            rid = rec["id"].decode("utf-8") if isinstance(rec["id"], bytes) else str(rec["id"])
+            counts.add(classify(tokenizer, json.loads(rec["conversations"]), settings), rid)
+    line = counts.summary(f"split {split!r}", settings, total=total)
+    if counts.checked and counts.unsupervised == counts.checked:
+        raise UserError(f"{line}: every one, so training would learn nothing")
+    if line:
+        log.warning("%s", line)
+    return counts
 
 
 def resolve_data_config(config: ml_collections.ConfigDict) -> None:

@@ -335,6 +335,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data_lib.resolve_data_config(config)
     check_data(config)
     train_pipe = data_lib.make_pipeline(config, config.data.train_split, train=True)
+    data_lib.check_supervision(config, config.data.train_split)  # says how many examples the text length cuts
     total_steps = resolve_total_steps(config, train_pipe)
     setup = build_setup(config, total_steps)
     _check_batch(config, setup)
