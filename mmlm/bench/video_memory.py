@@ -37,6 +37,7 @@ import numpy as np
 from mmlm.models.config import ModelConfig
 from mmlm.models.llama import LlamaModel, init_cache
 from mmlm.models.llava_mini import LlavaMini
+from mmlm.safe_io import write_text_atomic
 
 
 def resolve_config_path(name: str) -> str:
@@ -168,7 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text_tokens", type=int, default=None, help="prompt text tokens (default: config.text_len)")
     p.add_argument("--memory_gib", type=float, default=24.0,
                    help="device memory for the 'frames that fit' estimate (default 24 GiB, the paper's GPU)")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--json", default=None,
+                   help="also write the figures to this JSON file (an existing one only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     return p
 
 
@@ -188,6 +191,18 @@ def main(argv: list[str]) -> int:
         print("mmlm bench video-memory: --frames needs at least two positive frame counts, e.g. 1,2,4",
               file=sys.stderr)
         return 2
+    if args.json:
+        from mmlm.errors import UserError
+        from mmlm.safe_io import check_not_input, refuse_existing
+
+        try:  # checked before the (slow) compile: the figures file replaces no input and no earlier file
+            if os.path.isdir(args.json):
+                raise UserError(f"--json {args.json!r} is a directory; give a file name such as out.json")
+            check_not_input(args.json, "--json", {"--config": resolve_config_path(args.config)})
+            refuse_existing(args.json, "--json", args.overwrite)
+        except (UserError, FileNotFoundError) as e:
+            print(f"mmlm bench video-memory: error: {e}", file=sys.stderr)
+            return 2
     try:
         config = load_config(resolve_config_path(args.config), overrides)
         mini = model_config_from_dict(config.model)
@@ -229,9 +244,9 @@ def main(argv: list[str]) -> int:
               f"of cache fit in {args.memory_gib:g} GiB next to the {_mb(weights)} LLM weights"
               + (f"; PROBLEMS: {r['problems']}" if r["problems"] else ""))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": args.config, "text_tokens": text, "backend": jax.default_backend(),
-                       "llm_weight_bytes": weights, **results}, f, indent=2)
+        write_text_atomic(args.json, json.dumps({"config": args.config, "text_tokens": text,
+                                                 "backend": jax.default_backend(), "llm_weight_bytes": weights,
+                                                 **results}, indent=2))
     ok = not (results["llava15"]["problems"] or results["llava_mini"]["problems"])
     print("check: per-frame growth = layers x kv_heads x head_dim x 2 x bytes x tokens_per_frame: "
           + ("OK" if ok else "FAILED"))
