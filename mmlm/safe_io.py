@@ -42,8 +42,9 @@ from mmlm.errors import UserError
 NEW_SUFFIX = ".mmlm-new"  # `.NAME.mmlm-new`: a directory being written (or, after the exchange, the old one)
 OLD_SUFFIX = ".mmlm-old"  # `.NAME.mmlm-old`: the old directory between the two renames of the fallback swap
 TMP_TAG = ".mmlm-tmp"  # `.NAME.mmlm-tmp-PID[.ext]`: a file being written
-# Tests set this to a stage name ("staged": the new content is complete but not swapped in; "swap": inside the
-# swap): the process prints `mmlm-test-pause: STAGE` to stderr and sleeps there, so that a test can signal it.
+# Tests set this to a stage name ("staged": a new directory is complete but not swapped in; "swap": inside its
+# swap; "file": a new file is complete but not renamed): the process prints `mmlm-test-pause: STAGE` to stderr
+# and sleeps there, so that a test can signal it.
 TEST_PAUSE_ENV = "MMLM_TEST_PAUSE_IN_WRITE"
 _DEFERRED = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)
 
@@ -167,7 +168,7 @@ def atomic_file(path: str | os.PathLike, fsync: bool = True) -> Iterator[str]:
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        _test_pause("staged")
+        _test_pause("file")
         with signals_deferred():
             os.replace(tmp, target)
     except BaseException:
