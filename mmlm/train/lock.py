@@ -14,6 +14,7 @@ host; the file's host field is still reported.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -62,8 +63,12 @@ class WorkdirLock:
                     f"--workdir {self.workdir!r} is in use by another mmlm train ({_describe(owner)}; lock file "
                     f"{self.path}); wait for it to finish or stop it (kill {owner.get('pid', 'PID')}), or use "
                     "another --workdir") from None
-            except OSError:
+            except OSError as e:
                 os.close(fd)
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without flock
+                    log.warning("cannot lock %s (%s): running without the workdir lock; make sure no other "
+                                "mmlm train uses this workdir", self.path, e.strerror or e)
+                    return self
                 raise
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
