@@ -402,6 +402,13 @@ def test_eval_skips_and_reports_media_outside_images(tiny_model, capsys, monkeyp
                      "--out", str(out), "--overwrite")
     assert_refused(code, err, "answers.jsonl", "is the input --data")
     assert (out / "answers.jsonl").read_bytes() == answers
+    # Nothing left to answer: one line naming the questions and why.
+    only_escaping = root / "escaping.jsonl"
+    only_escaping.write_text("".join(line + "\n" for line in (root / "q.jsonl").read_text().splitlines()[1:]))
+    code, err = _cli(capsys, "eval", "--checkpoint", str(root / "ckpt"), "--data", str(only_escaping),
+                     "--images", str(root / "images"), "--out", str(root / "eval_none"))
+    assert_refused(code, err, "'dots'", "path_escapes_root", "../secret.png")
+    assert not (root / "eval_none").exists()
 
 
 def test_eval_overwrite_replaces_the_whole_earlier_result_set(tiny_model, capsys):

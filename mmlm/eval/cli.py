@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
     from mmlm.eval.evaluate import (RESULT_FILES, ResultsWriter, check_output_dir, earlier_results, evaluate,
                                     prepare_questions, read_jsonl)
-    from mmlm.safe_io import check_not_input
     from mmlm.eval.metrics import format_table
     from mmlm.infer.loading import load_inference_model
+    from mmlm.safe_io import check_not_input
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                                   skipped=escaped)
     if not questions:
         raise UserError(f"no question of {args.data!r} can be answered: " + "; ".join(
-            f"{s['question_id']}: {s['reason']}" for s in escaped[:3]) + (" ..." if len(escaped) > 3 else ""))
+            s["reason"] for s in escaped[:3]) + (" ..." if len(escaped) > 3 else ""))
     writer = ResultsWriter(args.out, replace=bool(earlier))
     start = time.perf_counter()
     try:
