@@ -311,7 +311,7 @@ code("""
 from IPython.display import display
 from PIL import Image
 
-!mmlm data synth --kind shapes --out {RUN_DIR}/peek --num 6 --seed 0 --split peek --image-size 48 --questions-per-image 3
+!mmlm data synth --kind shapes --out {RUN_DIR}/peek --num 6 --seed 0 --split peek --image-size 48 --questions-per-image 3 --overwrite
 
 records = json.load(open(f"{RUN_DIR}/peek/peek.json"))
 for rec in records[:4]:
@@ -388,7 +388,7 @@ the compressed vision token looks: its cross-attention over the ViT patches, ave
 
 code("""
 NUM_QUESTIONS = int(os.environ.get("MMLM_COLAB_NUM_QUESTIONS", 100))
-!mmlm data synth --kind shapes --out {RUN_DIR}/fresh --num {NUM_QUESTIONS} --seed 1 --split test --image-size 48
+!mmlm data synth --kind shapes --out {RUN_DIR}/fresh --num {NUM_QUESTIONS} --seed 1 --split test --image-size 48 --overwrite
 
 questions = [json.loads(line) for line in open(f"{RUN_DIR}/fresh/test_questions.jsonl")]
 q = questions[0]
@@ -398,7 +398,7 @@ print("question:", QUESTION, "| reference answer:", q["answer"])
 """)
 
 code("""
-!mmlm chat --workdir {WORKDIR} --image {IMAGE} --prompt "{QUESTION}" --max_new_tokens 8 --save_compression_map {RUN_DIR}/compression_map.png
+!mmlm chat --workdir {WORKDIR} --image {IMAGE} --prompt "{QUESTION}" --max_new_tokens 8 --save_compression_map {RUN_DIR}/compression_map.png --overwrite
 
 display(Image.open(f"{RUN_DIR}/compression_map.png"))
 """)
@@ -411,7 +411,7 @@ question category. Images are found relative to the JSONL (`--images` overrides 
 """)
 
 code("""
-!mmlm eval --workdir {WORKDIR} --data {RUN_DIR}/fresh/test_questions.jsonl --out {RUN_DIR}/eval --max_new_tokens 4 --no_progress
+!mmlm eval --workdir {WORKDIR} --data {RUN_DIR}/fresh/test_questions.jsonl --out {RUN_DIR}/eval --max_new_tokens 4 --no_progress --overwrite
 
 metrics = json.load(open(f"{RUN_DIR}/eval/metrics.json"))
 row = metrics["rows"][0]
@@ -543,7 +543,7 @@ from mmlm.infer.chat import answer
 from mmlm.infer.loading import load_image_pixels
 
 NUM_QUESTIONS = int(os.environ.get("MMLM_COLAB_NUM_QUESTIONS", 500))
-!mmlm data synth --kind shapes --out {RUN_DIR}/fresh --num {NUM_QUESTIONS} --seed 1 --split test --image-size {im.image_size}
+!mmlm data synth --kind shapes --out {RUN_DIR}/fresh --num {NUM_QUESTIONS} --seed 1 --split test --image-size {im.image_size} --overwrite
 
 
 def ask(pixels, question, m=None, max_new_tokens=8):
@@ -680,7 +680,7 @@ budget barely moves the total; the same count for the 7B Matryoshka config
 """)
 
 code("""
-!mmlm eval --workdir {WORKDIR} --data {RUN_DIR}/fresh/test_questions.jsonl --out {RUN_DIR}/eval_budgets --num_vision_tokens {",".join(map(str, BUDGETS))} --max_new_tokens 4 --no_progress
+!mmlm eval --workdir {WORKDIR} --data {RUN_DIR}/fresh/test_questions.jsonl --out {RUN_DIR}/eval_budgets --num_vision_tokens {",".join(map(str, BUDGETS))} --max_new_tokens 4 --no_progress --overwrite
 
 metrics = json.load(open(f"{RUN_DIR}/eval_budgets/metrics.json"))
 accuracy = {row["num_vision_tokens"]: row["accuracy"] for row in metrics["rows"]}

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mmlm.errors import UserError
+from mmlm.safe_io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,9 @@ def _short(e: BaseException, limit: int = 300) -> str:
 
 
 def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
+    """Writes `directory/config.json` atomically (a complete old or new file, never a partial one)."""
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    write_text_atomic(os.path.join(directory, CONFIG_FILE), config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_config_json(directory: str) -> ml_collections.ConfigDict:

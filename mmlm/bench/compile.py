@@ -69,6 +69,7 @@ from mmlm.cli_common import number, run_command  # noqa: E402
 from mmlm.config_utils import load_config, split_config_overrides  # noqa: E402
 from mmlm.errors import UserError  # noqa: E402
 from mmlm.models.summary import batch_shapes  # noqa: E402
+from mmlm.safe_io import write_text_atomic  # noqa: E402
 
 GIB = 1 << 30
 
@@ -319,8 +320,7 @@ def step_time(compiled: Any, s: Slice, model_flops: float, dump_hlo: str = "") -
     optimal = float((cost or {}).get("optimal_seconds", -1.0))
     text = compiled.as_text()
     if dump_hlo:
-        with open(dump_hlo, "w") as f:
-            f.write(text)
+        write_text_atomic(dump_hlo, text)
     roof = roofline(text, s.chip)
     if optimal > 0 and not _has_loops(text):
         seconds, estimator = optimal, "optimal_seconds"

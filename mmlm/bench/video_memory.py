@@ -39,6 +39,7 @@ from mmlm.errors import UserError
 from mmlm.models.config import ModelConfig
 from mmlm.models.llama import LlamaModel, init_cache
 from mmlm.models.llava_mini import LlavaMini
+from mmlm.safe_io import write_text_atomic
 
 
 def resolve_config_path(name: str) -> str:
@@ -170,7 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text_tokens", type=number(int, 0), default=None, help="prompt text tokens (default: config.text_len)")
     p.add_argument("--memory_gib", type=number(float, 0, low_open=True), default=24.0,
                    help="device memory for the 'frames that fit' estimate (default 24 GiB, the paper's GPU)")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--json", default=None,
+                   help="also write the figures to this JSON file (an existing one only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     return p
 
 
@@ -191,9 +194,13 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     if args.json:
-        try:
+        from mmlm.safe_io import check_not_input, refuse_existing
+
+        try:  # checked before the (slow) compile: the figures file replaces no input and no earlier file
             check_output_file(args.json, "--json")
-        except UserError as e:
+            check_not_input(args.json, "--json", {"--config": resolve_config_path(args.config)})
+            refuse_existing(args.json, "--json", args.overwrite)
+        except (UserError, FileNotFoundError) as e:
             print(f"mmlm bench video-memory: error: {e}", file=sys.stderr)
             return 2
     try:
@@ -236,16 +243,10 @@ def main(argv: list[str]) -> int:
               f"{r['per_token_kv_bytes']:,} B/token expected) -> about {fit:,} frames ({fit / 3600:.1f} h at 1 fps) "
               f"of cache fit in {args.memory_gib:g} GiB next to the {_mb(weights)} LLM weights"
               + (f"; PROBLEMS: {r['problems']}" if r["problems"] else ""))
-    if args.json:  # written whole or not at all: a temporary sibling renamed over the file
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w") as f:
-                json.dump({"config": args.config, "text_tokens": text, "backend": jax.default_backend(),
-                           "llm_weight_bytes": weights, **results}, f, indent=2)
-            os.replace(tmp, args.json)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    if args.json:
+        write_text_atomic(args.json, json.dumps({"config": args.config, "text_tokens": text,
+                                                 "backend": jax.default_backend(), "llm_weight_bytes": weights,
+                                                 **results}, indent=2))
     ok = not (results["llava15"]["problems"] or results["llava_mini"]["problems"])
     print("check: per-frame growth = layers x kv_heads x head_dim x 2 x bytes x tokens_per_frame: "
           + ("OK" if ok else "FAILED"))

@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export: mm_vision_tower to write (default: recorded at import, else "
                         "openai/clip-vit-large-patch14-336)")
     p.add_argument("--overwrite", action="store_true",
-                   help="allow a non-empty --dst: an import replaces the mmlm checkpoint there; an export "
-                        "deletes every file of a previous export there first (and refuses a directory holding "
-                        "anything else)")
+                   help="allow a non-empty --dst holding an earlier conversion: an import replaces the mmlm "
+                        "checkpoint there, an export a previous export (a directory holding anything else is "
+                        "refused). The new one is written beside it and swapped in when complete, so an "
+                        "interrupted conversion leaves the old one intact")
     p.add_argument("--allow_nonfinite", action="store_true",
                    help="import: write tensors that hold NaN or inf (named in the report) instead of refusing "
                         "the conversion")
@@ -89,8 +90,6 @@ def _check_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         parser.error(f"--vision applies to --from llava-mini and --to hf, not --from {args.from_kind}")
     if args.vision and not os.path.isdir(args.vision):
         parser.error(f"--vision {args.vision!r} is not a directory (pass an HF CLIP directory)")
-    if os.path.abspath(args.src) == os.path.abspath(args.dst):
-        parser.error("--dst must differ from --src")
     if os.path.isdir(args.dst) and os.listdir(args.dst) and not args.overwrite:
         parser.error(f"--dst {args.dst!r} is not empty; choose another directory or pass --overwrite")
     if args.hd_grid is not None and args.from_kind != "llava-mini":
@@ -114,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from mmlm.safe_io import check_not_input
+
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    # --dst is replaced as a whole: it must not be, hold or lie inside an input (symlinks resolved).
+    check_not_input(args.dst, "--dst", {"--src": args.src, "--vision": args.vision,
+                                        "--base_config": args.base_config})
     try:
         if args.from_kind:
             from mmlm.convert.importer import import_checkpoint
@@ -122,8 +126,8 @@ def _run(args: argparse.Namespace) -> int:
             report = import_checkpoint(
                 args.from_kind, args.src, args.dst, vision=args.vision, dtype=args.dtype,
                 select_layer=args.select_layer, base_config=args.base_config,
-                ignore_unknown=args.ignore_unknown, hd_grid=args.hd_grid, progress=not args.quiet,
-                allow_nonfinite=args.allow_nonfinite, log=log)
+                ignore_unknown=args.ignore_unknown, hd_grid=args.hd_grid, overwrite=args.overwrite,
+                progress=not args.quiet, allow_nonfinite=args.allow_nonfinite, log=log)
             print(report.summary())
             print(f"next: mmlm verify --hf {args.src} --mmlm {args.dst}"
                   + (f" --vision {args.vision}" if args.vision else ""))

@@ -41,6 +41,7 @@ from mmlm.models.config import ModelConfig, model_config_from_dict
 from mmlm.models.layers import stack_layers
 from mmlm.models.positions import sincos_2d
 from mmlm.models.projector import projector_depth
+from mmlm.safe_io import DirectoryReplacement
 
 VISION_SUBDIR = "vision_tower"
 # Tokenizer / generation files carried over from the original HF directory when it still exists.
@@ -74,16 +75,14 @@ def _export_entries(directory: str, nested: bool = True) -> tuple[list[str], lis
     return ours, foreign
 
 
-def prepare_destination(dst: str, overwrite: bool, keep: tuple[str, ...] = ()) -> list[str]:
-    """Makes `dst` ready for an export; returns the names of the previous export's files it deleted.
+def check_destination(dst: str, overwrite: bool) -> list[str]:
+    """Checks that an export may replace `dst`; returns the previous export's entries there (deletes nothing).
 
     A non-empty `dst` needs `overwrite`, and may hold only what an export
     writes (weights, index, shards, config.json, tokenizer and generation
-    files, the vision subdirectory): all of it is deleted first, so no shard or
-    index of an earlier export can outlive it and be read instead of the new
-    weights. Anything else makes it refuse, deleting nothing. Files named in
-    `keep` (top level) stay: the tokenizer files when `dst` is where they are
-    copied from.
+    files, the vision subdirectory): the new export replaces all of it, so no
+    shard or index of an earlier export can outlive it and be read instead of
+    the new weights. Anything else makes it refuse.
     """
     if not os.path.exists(dst):
         return []
@@ -99,13 +98,6 @@ def prepare_destination(dst: str, overwrite: bool, keep: tuple[str, ...] = ()) -
         raise UserError(
             f"--dst {dst!r} is not an mmlm export: it holds {shown}{' ...' if len(foreign) > 5 else ''}, which an "
             "export does not write. --overwrite only replaces a previous export; choose an empty or new --dst")
-    for path in ours:
-        if os.path.dirname(path) == dst and os.path.basename(path) in keep:
-            continue
-        if os.path.isdir(path):
-            os.rmdir(path)
-        else:
-            os.remove(path)
     return [os.path.relpath(p, dst) for p in ours]
 
 
@@ -226,10 +218,12 @@ def _main_dtype(flat: Any, dtype: str) -> str:
 
 
 def _copy_side_files(source_dir: str | None, dst: str) -> list[str]:
+    """Copies the tokenizer / generation files of the original HF directory (when it still exists) into `dst`.
+
+    When exporting back into that directory, they are copied from its current content into the new one.
+    """
     if not source_dir or not os.path.isdir(source_dir):
         return []
-    if os.path.realpath(source_dir) == os.path.realpath(dst):
-        return []  # exporting back into the original directory: its files stayed in place
     copied = []
     for name in SIDE_FILES:
         for path in glob.glob(os.path.join(source_dir, name)):
@@ -244,8 +238,9 @@ def export_checkpoint(src: str, dst: str, *, vision: str | None = None, dtype: s
                       log: Callable[[str], None] = print) -> ExportReport:
     """Writes the HF layout(s) of the mmlm checkpoint `src` into `dst` (see module docstring).
 
-    A non-empty `dst` needs `overwrite` and must hold a previous export, which
-    is deleted first (`prepare_destination`).
+    A non-empty `dst` needs `overwrite` and must hold a previous export
+    (`check_destination`). The export is written beside `dst` and swapped in
+    when complete; the previous one is deleted only then.
     """
     if not checkpoint.is_model_checkpoint(src):
         raise FileNotFoundError(f"{src!r} is not an mmlm model checkpoint (config.json + params/)")
@@ -258,18 +253,25 @@ def export_checkpoint(src: str, dst: str, *, vision: str | None = None, dtype: s
     if vision and _inside(vision, dst):
         raise UserError(f"--vision {vision!r} lies inside --dst {dst!r}, which the export replaces; copy the CLIP "
                         "directory elsewhere first")
-    same_source = bool(source.get("path")) and os.path.realpath(source["path"]) == os.path.realpath(dst)
-    removed = prepare_destination(dst, overwrite, keep=SIDE_FILES if same_source else ())
-    if removed:
-        log(f"--overwrite: deleted the previous export in {dst} ({len(removed)} entries)")
-    os.makedirs(dst, exist_ok=True)
+    previous = check_destination(dst, overwrite)
+    with DirectoryReplacement(dst, log=log) as staging:
+        report = _export(flat, parts, cfg, source, vision, dst, staging, dtype, out_dtype, max_shard_bytes,
+                         mm_vision_tower, progress)
+    if previous:
+        log(f"--overwrite: replaced the previous export in {dst} ({len(previous)} entries)")
+    return report
 
+
+def _export(flat: dict, parts: set[str], cfg: ModelConfig, source: Any, vision: str | None, dst: str,
+            staging: str, dtype: str, out_dtype: str, max_shard_bytes: int, mm_vision_tower: str | None,
+            progress: bool) -> ExportReport:
+    """The files of `export_checkpoint`, written into `staging` (which then replaces `dst`)."""
     if "llm" not in parts:
         if parts != {"vision"}:
             raise ValueError(f"cannot export params {sorted(parts)} without an LLM; exportable: llm, llm + "
                              "LLaVA-Mini modules, or vision")
         report = ExportReport(dst, "CLIPVisionModel")
-        _export_vision(flat, cfg, vision, dst, dtype, out_dtype, max_shard_bytes, source, progress, report)
+        _export_vision(flat, cfg, vision, staging, dtype, out_dtype, max_shard_bytes, source, progress, report)
         return report
 
     tie = cfg.llm.tie_embeddings
@@ -297,22 +299,22 @@ def export_checkpoint(src: str, dst: str, *, vision: str | None = None, dtype: s
         fixed = {} if cfg.compressor.stored_position_table else {
             mapping.COMPRESSOR_POS_EMBED: sincos_2d(cfg.vision.width, cfg.compressor.grid).astype(np_dtype(out_dtype))}
     report = ExportReport(dst, layout)
-    writer = SafetensorsWriter(dst, max_shard_bytes)
+    writer = SafetensorsWriter(staging, max_shard_bytes)
     report.tensors = _write_tensors(writer, flat, names, dtype, progress, f"export {layout}")
     for name, value in fixed.items():
         writer.add(name, value)
         report.tensors += 1
     report.files = writer.close()
     report.bytes = writer.total_bytes
-    write_json(dst, "config.json", hf_cfg)
-    copied = _copy_side_files(source.get("path"), dst)
+    write_json(staging, "config.json", hf_cfg)
+    copied = _copy_side_files(source.get("path"), staging)
     if copied:
         report.notes.append(f"copied {copied} from {source.get('path')}")
     if "vision" in parts:
         if vision:
             vreport = ExportReport(os.path.join(dst, VISION_SUBDIR), "CLIPVisionModel")
-            _export_vision(flat, cfg, vision, vreport.dst, dtype, out_dtype, max_shard_bytes, source, progress,
-                           vreport)
+            _export_vision(flat, cfg, vision, os.path.join(staging, VISION_SUBDIR), dtype, out_dtype,
+                           max_shard_bytes, source, progress, vreport)
             report.notes.append(vreport.summary())
         else:
             report.notes.append(

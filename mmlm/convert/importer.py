@@ -33,8 +33,10 @@ from mmlm.config_utils import load_config_file
 from mmlm.convert import hf_clip, hf_llama, llava_mini, mapping
 from mmlm.convert.io import CheckpointReader, dtype_name, np_dtype, read_hf_config
 from mmlm.convert.mapping import Path, Target
+from mmlm.errors import UserError
 from mmlm.models.config import ModelConfig, model_config_from_dict
 from mmlm.models.positions import sincos_2d
+from mmlm.safe_io import DirectoryReplacement
 
 KINDS = ("hf-clip", "hf-llama", "llava-mini")
 POS_EMBED_ATOL = 1e-2  # the release stores the fixed sin-cos table in the model dtype (bf16: ~4e-3 rounding)
@@ -188,10 +190,12 @@ def _find_vision_dir(src: str, hf: dict[str, Any], vision: str | None) -> str | 
 
 def import_checkpoint(kind: str, src: str, dst: str, *, vision: str | None = None, dtype: str = "keep",
                       select_layer: int = -2, base_config: str | None = None, ignore_unknown: bool = False,
-                      hd_grid: int | None = None, progress: bool = True, allow_nonfinite: bool = False,
-                      log: Callable[[str], None] = print) -> ImportReport:
+                      hd_grid: int | None = None, overwrite: bool = False, progress: bool = True,
+                      allow_nonfinite: bool = False, log: Callable[[str], None] = print) -> ImportReport:
     """Converts `src` (an HF directory of the given kind) into the mmlm checkpoint `dst`.
 
+    A non-empty `dst` needs `overwrite` and must hold an earlier mmlm checkpoint
+    (`check_import_destination`); the new one replaces it only once complete.
     Tensors holding NaN or inf are named and refused (nothing is written) unless `allow_nonfinite`,
     which writes them and lists them in the report's notes.
 
@@ -200,6 +204,7 @@ def import_checkpoint(kind: str, src: str, dst: str, *, vision: str | None = Non
     """
     if kind not in KINDS:
         raise ValueError(f"unknown source kind {kind!r}; choose from {KINDS}")
+    check_import_destination(dst, overwrite)
     hf = read_hf_config(src)
     where = os.path.join(src, "config.json")
     reader = CheckpointReader(src)
@@ -298,7 +303,7 @@ def import_checkpoint(kind: str, src: str, dst: str, *, vision: str | None = Non
     model.scan_layers = True  # the written tree has stacked `layers`
     config = config_defaults.base_config(model)
     config.source = ml_collections.ConfigDict(source_meta)
-    tokenizer_files = _copy_tokenizer(src, dst) if "llm" in parts else []
+    tokenizer_files = _tokenizer_files(src) if "llm" in parts else []
     if tokenizer_files:
         # `mmlm chat/eval --checkpoint DST` then find the tokenizer; the template is a guess (LLaMA-3
         # vocabularies are >= 128k tokens), overridable with --template.
@@ -308,7 +313,11 @@ def import_checkpoint(kind: str, src: str, dst: str, *, vision: str | None = Non
         notes.append(f"copied {tokenizer_files} into {dst}; config.data.template={config.data.template!r}")
     model_config_from_dict(config.model)  # the written config must rebuild the model
     log(f"writing {report.bytes / 2**30:.2f} GiB to {report.dst} ...")
-    checkpoint.save_model_low_memory(dst, params, config)
+    # Written beside `dst` and swapped in when complete: an earlier checkpoint there survives an interruption.
+    with DirectoryReplacement(dst, log=log) as staging:
+        for f in tokenizer_files:
+            shutil.copy2(os.path.join(src, f), os.path.join(staging, f))
+        checkpoint.save_model_low_memory(staging, params, config)
     return report
 
 
@@ -319,20 +328,36 @@ def nonfinite_count(array: np.ndarray) -> int:
     return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
+def check_import_destination(dst: str, overwrite: bool) -> None:
+    """Refuses a `dst` an import must not replace: not empty without `overwrite`, or holding anything but an
+    mmlm checkpoint (another model's files, a training workdir, ...) even with it."""
+    if not os.path.exists(dst):
+        return
+    if not os.path.isdir(dst):
+        raise UserError(f"--dst {dst!r} exists and is not a directory; choose a directory path")
+    entries = sorted(os.listdir(dst))
+    if not entries:
+        return
+    if not overwrite:
+        raise UserError(f"--dst {dst!r} is not empty; choose another directory or pass --overwrite")
+    ours = {checkpoint.CONFIG_FILE, checkpoint.PARAMS_DIR, *TOKENIZER_FILES}
+    foreign = [e for e in entries if e not in ours]
+    if foreign or not checkpoint.is_model_checkpoint(dst):
+        shown = foreign[:5] or entries[:5]
+        raise UserError(
+            f"--dst {dst!r} is not an mmlm model checkpoint: it holds {shown}{' ...' if len(foreign) > 5 else ''}"
+            ", which an import does not write. --overwrite only replaces an earlier conversion; choose an empty "
+            "or new --dst")
+
+
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _copy_tokenizer(src: str, dst: str) -> list[str]:
-    """Copies the source's tokenizer files next to the converted weights."""
+def _tokenizer_files(src: str) -> list[str]:
+    """The source's tokenizer files, copied next to the converted weights (none without a tokenizer model)."""
     if not any(os.path.isfile(os.path.join(src, f)) for f in TOKENIZER_FILES[:2]):
         return []
-    os.makedirs(dst, exist_ok=True)
-    copied = []
-    for f in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src, f)):
-            shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
-            copied.append(f)
-    return copied
+    return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
 
 
 def _check_coverage(expected: dict[Path, Any], targets: list[Target]) -> None:

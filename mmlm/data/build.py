@@ -64,6 +64,7 @@ import numpy as np
 from mmlm.data import templates
 from mmlm.data.supervision import Counts, TextSettings, classify
 from mmlm.errors import UserError
+from mmlm.safe_io import DirectoryReplacement, check_not_input, confined_path, write_text_atomic
 
 DATASET_VERSION = "1.0.0"
 META_FILE = "mmlm_dataset.json"
@@ -227,13 +228,8 @@ def record_id(raw: Any, index: int) -> str:
     return f"#{index}"
 
 
-def resolve_media(root: Path, rel: str) -> Path | None:
-    """`root/rel` resolved (symlinks too); None if it lies outside `root`."""
-    base = os.path.realpath(root)
-    full = os.path.realpath(os.path.join(base, rel))
-    if os.path.commonpath([base, full]) != base:
-        return None
-    return Path(full)
+# `root/rel` resolved (symlinks too); None if it lies outside `root` (shared with eval and the server).
+resolve_media = confined_path
 
 
 def _media_field(raw: Mapping[str, Any]) -> tuple[str, str | None] | Skip | None:
@@ -564,10 +560,7 @@ def build_dataset(jsons: Mapping[str, str | os.PathLike] | str | os.PathLike,
                          f"video_fps={video_fps}, max_frame_side={max_frame_side}")
     out = Path(out_dir)
     target = out / name
-    if target.exists():
-        if not overwrite:
-            raise BuildError(f"{str(target)!r} already exists; pass --overwrite to rebuild it")
-        shutil.rmtree(target)
+    _check_outputs(out, name, jsons, images_dir, videos_dir, overwrite)
     options = BuildOptions(Path(images_dir) if images_dir is not None else None,
                            Path(videos_dir) if videos_dir is not None else None,
                            max_video_frames, video_fps, max_frame_side)
@@ -585,19 +578,57 @@ def build_dataset(jsons: Mapping[str, str | os.PathLike] | str | os.PathLike,
             raise BuildError(f"split {split!r}: {str(jsons[split])!r} holds no records")
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    # Built beside the outputs and swapped in when complete: an earlier build survives a failed or interrupted
+    # one, and out/NAME, the report and the manifest always describe the same build.
+    replacement = DirectoryReplacement(target)
+    stage = out / f".{name}.mmlm-build"
     try:
-        return _build(name, out, jsons, records, options, workers, progress, max_video_frames, video_fps)
+        new_dir = replacement.__enter__()
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        report = _build(name, stage, jsons, records, options, workers, progress, max_video_frames, video_fps)
+        os.rmdir(new_dir)
+        os.rename(stage / name, new_dir)
+        replacement.commit({stage / REPORT_FILE: out / REPORT_FILE, stage / META_FILE: out / META_FILE})
+        return report
     except BaseException:
         # A failed build leaves nothing behind: no half-written dataset, no empty output directory.
-        shutil.rmtree(target, ignore_errors=True)
-        if created_out and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        shutil.rmtree(replacement.new, ignore_errors=True)
+        if created_out and out.is_dir() and not [p for p in out.iterdir() if p != stage]:
+            shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _check_outputs(out: Path, name: str, jsons: Mapping[str, Any], images_dir: Any, videos_dir: Any,
+                   overwrite: bool) -> None:
+    """Refuses outputs that would replace an input, or an earlier build without `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {str(out)!r} exists and is not a directory; give a directory path")
+    files = {f"--json {split}": path for split, path in jsons.items()}
+    # out/NAME is replaced as a whole: it must not be or hold an input (it may lie inside --images).
+    check_not_input(out / name, "--out/--name", {**files, "--images": images_dir, "--videos": videos_dir},
+                    inside=False)
+    for f in (REPORT_FILE, META_FILE):
+        check_not_input(out / f, "--out", files, inside=False, contains=False)
+    target = out / name
+    if target.exists() and not overwrite:
+        raise BuildError(f"{str(target)!r} already exists; pass --overwrite to rebuild it")
+    meta = out / META_FILE
+    if not overwrite and (meta.exists() or (out / REPORT_FILE).exists()):
+        try:
+            earlier = f"the dataset {json.loads(meta.read_text(encoding='utf-8'))['name']!r}"
+        except (OSError, ValueError, KeyError, TypeError):
+            earlier = "an earlier build"
+        raise BuildError(f"--out {str(out)!r} already holds {earlier} ({META_FILE}, {REPORT_FILE}); building "
+                         f"{name!r} there would replace its report: choose another --out, or pass --overwrite")
 
 
 def _build(name: str, out: Path, jsons: Mapping[str, Any], records: Mapping[str, list], options: "BuildOptions",
            workers: int | None, progress: bool, max_video_frames: int, video_fps: float) -> dict[str, Any]:
-    """The TFDS build proper of `build_dataset` (inputs already checked, `out` created)."""
+    """The TFDS build proper of `build_dataset` (inputs already checked) into the staging directory `out`:
+    out/NAME/VERSION, out/build_report.json and out/mmlm_dataset.json."""
     from tqdm import tqdm
 
     workers = workers or min(16, os.cpu_count() or 1)
@@ -634,7 +665,7 @@ def _build(name: str, out: Path, jsons: Mapping[str, Any], records: Mapping[str,
     report = make_report(stats)
     if options.text is not None:
         report["text_settings"] = options.text.to_json()
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     meta = {
         "name": name,
         "version": DATASET_VERSION,
@@ -645,7 +676,7 @@ def _build(name: str, out: Path, jsons: Mapping[str, Any], records: Mapping[str,
         "max_video_frames": max_video_frames,
         "video_fps": video_fps,
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / META_FILE, json.dumps(meta, indent=2) + "\n")
     report["_summary"] = format_summary(report, stats)
     return report
 

@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="relative frequency of question categories, e.g. color=3,count=0.5 (unlisted: 1; "
                         "categories per kind: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in
                                                              synth.CATEGORIES.items()) + "; default: uniform)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier synthesis of this split in --out (without it, any "
+                        "file it would write that exists makes it refuse, before anything is written)")
 
     p = sub.add_parser("build", help="LLaVA JSON + media -> TFDS ArrayRecord dataset",
                        description="Build a TFDS ArrayRecord dataset from LLaVA-format JSON. Bad records "
@@ -131,7 +134,7 @@ def _synth(args) -> int:
 
     path = synth.synthesize(args.kind, args.out, args.num, args.seed, args.split,
                             image_size=args.image_size, questions_per_image=args.questions_per_image,
-                            category_weights=args.category_weights)
+                            category_weights=args.category_weights, overwrite=args.overwrite)
     print(f"wrote {path} and {path.parent / (args.split + '_questions.jsonl')}")
     return 0
 

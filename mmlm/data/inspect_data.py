@@ -17,6 +17,7 @@ import numpy as np
 from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mmlm.data import preprocess
 from mmlm.data.tokenizer import Tokenizer
+from mmlm.safe_io import atomic_file
 
 _SPECIAL_RE = re.compile(r"^<\|.*\|>$|^<s>$|^</s>$|^<pad>$|^<unk>$")
 _GREEN, _RESET = "\033[32m", "\033[0m"
@@ -157,7 +158,8 @@ def inspect(dataset_dir: str, split: str, config, *, num: int, start: int, save_
             if save_dir:
                 Path(save_dir).mkdir(parents=True, exist_ok=True)
                 path = Path(save_dir) / f"{split}_{i:06d}.png"
-                sheet.save(path)
+                with atomic_file(path, fsync=False) as tmp:
+                    sheet.save(tmp)
                 print(f"image: {path} ({sheet.size[0]}x{sheet.size[1]}, rows = frames, "
                       f"columns = views)", file=out)
             if show:

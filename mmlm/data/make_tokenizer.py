@@ -27,6 +27,7 @@ from typing import Iterator
 from mmlm.cli_common import number
 from mmlm.data import synth, templates
 from mmlm.data.tokenizer import TINY_TOKENIZER_PATH
+from mmlm.safe_io import write_bytes_atomic
 
 DEFAULT_VOCAB_SIZE = 512
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--vocab-size must be >= 64, got {args.vocab_size}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(train_tokenizer(args.vocab_size))
+    write_bytes_atomic(out, train_tokenizer(args.vocab_size))
     problems = check_tokenizer(out)
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)

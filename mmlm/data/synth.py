@@ -69,6 +69,9 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmlm.errors import UserError
+from mmlm.safe_io import atomic_file, write_text_atomic
+
 # Bumped whenever what a kind renders or asks changes, so that datasets built before are rebuilt
 # (`mmlm.train.data` keys its build cache on it). 2: grid cells are named "B3", not "row two, column three".
 DATA_VERSION = 2
@@ -565,15 +568,17 @@ def make_record(kind: str, index: int, seed: int, split: str, out_dir: Path, *,
     if kind == "moving_shapes":
         movers = _movers(rng, image_size)
         qas = pick(lambda c: _video_qa(rng, movers, c))
-        rel = f"videos/{rec_id}.mp4"
-        encode_video(render_video(movers, image_size, background), VIDEO_FPS, out_dir / rel)
+        rel = media_path(kind, split, index)
+        with atomic_file(out_dir / rel, fsync=False) as tmp:
+            encode_video(render_video(movers, image_size, background), VIDEO_FPS, tmp)
         media_key, marker = "video", "<video>"
     else:
         objs = _image_scene(rng, kind, image_size)
         qa = {"shapes": _shapes_qa, "shapes_hd": _hd_qa, "grid_shapes": _grid_qa, "grid_shapes_hd": _grid_qa}[kind]
         qas = pick(lambda c: qa(rng, objs, c))
-        rel = f"images/{rec_id}.png"
-        render(objs, image_size, background).save(out_dir / rel, format="PNG")
+        rel = media_path(kind, split, index)
+        with atomic_file(out_dir / rel, fsync=False) as tmp:
+            render(objs, image_size, background).save(tmp, format="PNG")
         media_key, marker = "image", "<image>"
     record = {"id": rec_id, media_key: rel, "conversations": _conversation(qas, marker)}
     lines = [{"question_id": rec_id if len(qas) == 1 else f"{rec_id}-q{j}", media_key: rel,
@@ -584,7 +589,8 @@ def make_record(kind: str, index: int, seed: int, split: str, out_dir: Path, *,
 
 def synthesize(kind: str, out_dir: str | os.PathLike, num: int, seed: int, split: str = "train", *,
                image_size: int | None = None, questions_per_image: int = 1,
-               category_weights: Mapping[str, float] | str | None = None, progress: bool = True) -> Path:
+               category_weights: Mapping[str, float] | str | None = None, overwrite: bool = False,
+               progress: bool = True) -> Path:
     """Writes a synthetic LLaVA dataset split; returns the path of its JSON.
 
     Args:
@@ -601,6 +607,9 @@ def synthesize(kind: str, out_dir: str | os.PathLike, num: int, seed: int, split
         categories weigh 1; None = uniform). A category that does not apply
         to a scene (e.g. position with one object) is redrawn, so the
         realised mix also depends on the scenes.
+      overwrite: replace files of an earlier synthesis (the split's JSON,
+        JSONL or media); without it they make it refuse (`UserError`)
+        before anything is written. Each file is replaced atomically.
       progress: show a tqdm progress bar.
 
     Returns:
@@ -619,6 +628,11 @@ def synthesize(kind: str, out_dir: str | os.PathLike, num: int, seed: int, split
     if size < 16 or (kind == "moving_shapes" and size % 2):
         raise ValueError(f"image_size must be >= 16 (and even for videos), got {size}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} exists and is not a directory; give a directory path")
+    if not overwrite:
+        _refuse_earlier_files(out, [f"{split}.json", f"{split}_questions.jsonl"]
+                              + [media_path(kind, split, i) for i in range(num)], split)
     (out / ("videos" if kind == "moving_shapes" else "images")).mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
@@ -629,11 +643,23 @@ def synthesize(kind: str, out_dir: str | os.PathLike, num: int, seed: int, split
         records.append(rec)
         lines += qs
     json_path = out / f"{split}.json"
-    json_path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-    with open(out / f"{split}_questions.jsonl", "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
+    write_text_atomic(json_path, json.dumps(records, indent=1) + "\n")
+    write_text_atomic(out / f"{split}_questions.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     return json_path
+
+
+def media_path(kind: str, split: str, index: int) -> str:
+    """The path of record `index`'s image or video, relative to the output directory."""
+    rec_id = f"{kind}-{split}-{index:06d}"
+    return f"videos/{rec_id}.mp4" if kind == "moving_shapes" else f"images/{rec_id}.png"
+
+
+def _refuse_earlier_files(out: Path, rels: Sequence[str], split: str) -> None:
+    existing = [rel for rel in rels if os.path.lexists(out / rel)]
+    if existing:
+        raise UserError(f"--out {str(out)!r} already holds {len(existing)} file(s) this synthesis writes (e.g. "
+                        f"{str(out / existing[0])!r}); pass --overwrite to replace them, or choose another --out "
+                        f"or --split (now {split!r})")
 
 
 # ----------------------------------------------------------------------------

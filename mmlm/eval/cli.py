@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="root of the image (and video) paths in the JSONL (default: the JSONL's directory)")
     p.add_argument("--videos", default=None, help="root of the video paths (default: --images)")
     p.add_argument("--out", required=True, help="output directory (answers*.jsonl, metrics.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier evaluation in --out (without it, they make the command "
+                        "refuse); they stay whole until the new results are complete")
     p.add_argument("--num_vision_tokens", type=_budgets, default=None,
                    help="comma-separated budgets, e.g. 1,4,16,64 (default: the model's default budget)")
     p.add_argument("--batch_size", type=number(int, 1), default=16, help="questions per generation batch (default 16)")
@@ -65,9 +68,11 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from mmlm.eval.evaluate import ResultsWriter, check_output_dir, evaluate, prepare_questions, read_jsonl
+    from mmlm.eval.evaluate import (RESULT_FILES, ResultsWriter, check_output_dir, earlier_results, evaluate,
+                                    prepare_questions, read_jsonl)
     from mmlm.eval.metrics import format_table
     from mmlm.infer.loading import load_inference_model
+    from mmlm.safe_io import check_not_input
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
@@ -80,13 +85,27 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(media_root):
         raise UserError(f"--images {media_root!r} is not a directory")
     check_output_dir(args.out, create=False)  # a bad --out fails before the model is even loaded
+    earlier = earlier_results(args.out)
+    if earlier and not args.overwrite:
+        raise UserError(f"--out {args.out!r} holds the results of an earlier evaluation ({', '.join(earlier[:4])}"
+                        f"{' ...' if len(earlier) > 4 else ''}); pass --overwrite to replace them, or choose "
+                        "another --out")
+    inputs = {"--data": args.data, "--tokenizer": args.tokenizer}
+    # Neither a file this run writes nor an earlier result it may remove can be an input.
+    for name in {*RESULT_FILES, *earlier, *(f"answers_m{b}.jsonl" for b in args.num_vision_tokens or [])}:
+        check_not_input(os.path.join(args.out, name), "--out", inputs)
     im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step, weights=args.weights,
                               tokenizer=args.tokenizer, template=args.template)
     budgets = args.num_vision_tokens or [None]
     for b in budgets:
         im.budget(b)  # every budget is checked before any compute
-    questions = prepare_questions(im, rows, media_root, args.videos, append_options=not args.no_option_prompt)
-    writer = ResultsWriter(args.out)
+    escaped: list[dict] = []  # media paths outside --images / --videos: skipped and reported, never opened
+    questions = prepare_questions(im, rows, media_root, args.videos, append_options=not args.no_option_prompt,
+                                  skipped=escaped)
+    if not questions:
+        raise UserError(f"no question of {args.data!r} can be answered: " + "; ".join(
+            s["reason"] for s in escaped[:3]) + (" ..." if len(escaped) > 3 else ""))
+    writer = ResultsWriter(args.out, replace=bool(earlier))
     start = time.perf_counter()
     try:
         result = evaluate(im, questions, budgets, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -94,15 +113,26 @@ def run(args: argparse.Namespace) -> int:
     finally:
         writer.close()  # answers computed so far stay on disk, flushed
     seconds = time.perf_counter() - start
+    result.skipped[:0] = escaped
     path = writer.finish(result, {"source": im.source, "data": os.path.abspath(args.data),
                                   "mode": im.cfg.mode, "seconds": round(seconds, 2)})
     print(format_table(result.rows))
     for s in result.skipped:
         print(f"[mmlm eval] skipped: {s['reason']}", file=sys.stderr)
-    answered = len(questions) - len(result.skipped)
+    answered = len(questions) + len(escaped) - len(result.skipped)
     print(f"[mmlm eval] {answered} questions x {len(result.rows)} budget(s) in {seconds:.1f} s -> {path}"
-          + (f" ({len(result.skipped)} skipped: unreadable media)" if result.skipped else ""), file=sys.stderr)
+          + (f" ({len(result.skipped)} skipped: " + ", ".join(
+              f"{n} {why}" for why, n in _skip_counts(result.skipped).items()) + ")" if result.skipped else ""),
+          file=sys.stderr)
     return 0
+
+
+def _skip_counts(skipped: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in skipped:
+        why = "media path outside its root" if "path_escapes_root" in s["reason"] else "unreadable media"
+        counts[why] = counts.get(why, 0) + 1
+    return counts
 
 
 def main(argv: list[str]) -> int:

@@ -21,6 +21,7 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 from mmlm.eval import metrics
 from mmlm.errors import UserError
 from mmlm.infer.loading import InferenceModel, check_file, encode_question, load_media
+from mmlm.safe_io import confined_path, signals_deferred
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
@@ -111,16 +113,30 @@ def question_prompt_text(row: dict[str, Any], append_options: bool) -> str:
 
 
 def prepare_questions(im: InferenceModel, rows: Sequence[dict[str, Any]], media_root: str | os.PathLike,
-                      video_root: str | os.PathLike | None = None, append_options: bool = True
-                      ) -> list[EvalQuestion]:
-    """Parses lines into prompts and checks every media file exists (before any compute)."""
+                      video_root: str | os.PathLike | None = None, append_options: bool = True,
+                      skipped: list[dict[str, Any]] | None = None) -> list[EvalQuestion]:
+    """Parses lines into prompts and checks every media file exists (before any compute).
+
+    A media path that leaves its root (`..`, an absolute path, a symlink
+    pointing outside; `mmlm.safe_io.confined_path`) is never opened: the
+    question is left out and, as `mmlm data build` does, recorded in
+    `skipped` ({"question_id", "reason": "question ID: path_escapes_root: ..."});
+    without a `skipped` list such a question raises `UserError`.
+    """
     out = []
     for i, row in enumerate(rows):
         kind = "image" if "image" in row else "video" if "video" in row else None
         media = None
         if kind is not None:
             root = Path(video_root if (kind == "video" and video_root) else media_root)
-            media = root / str(row[kind])
+            media = confined_path(root, str(row[kind]))
+            if media is None:
+                reason = (f"question {row['question_id']!r}: path_escapes_root: {kind} {str(row[kind])!r} is "
+                          f"outside {str(root)!r}")
+                if skipped is None:
+                    raise UserError(reason)
+                skipped.append({"question_id": row["question_id"], "reason": reason})
+                continue
             try:
                 check_file(media, kind)
             except UserError as e:
@@ -285,21 +301,44 @@ def check_output_dir(out_dir: str | os.PathLike, create: bool = True) -> Path:
     return out
 
 
+RESULT_FILES = ("answers.jsonl", "metrics.json")  # with answers_m{m}.jsonl: what an evaluation writes in OUT
+PARTIAL_DIR = ".mmlm-eval-partial"  # where a replacing evaluation streams its answers until it finishes
+
+
+def earlier_results(out_dir: str | os.PathLike) -> list[str]:
+    """The result files of an earlier evaluation in `out_dir` (sorted names; empty if none)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if p.name in RESULT_FILES or (p.name.startswith("answers_m") and p.name.endswith(".jsonl")))
+
+
 class ResultsWriter:
     """Writes `OUT/answers_m{m}.jsonl` line by line while an evaluation runs, then the final files.
 
     Lines are appended and flushed as each batch is answered, so an
     interrupted evaluation keeps every answer computed so far; `finish`
     rewrites the answer files in question order and writes `metrics.json`.
+    With `replace` (OUT holds an earlier evaluation, replaced with
+    --overwrite) the lines go to `OUT/.mmlm-eval-partial/` instead, and
+    `finish` swaps the complete new set in at once, removing the earlier
+    answer files of budgets this run did not evaluate: the earlier results
+    stay whole until then and are never mixed with the new ones.
     """
 
-    def __init__(self, out_dir: str | os.PathLike):
+    def __init__(self, out_dir: str | os.PathLike, replace: bool = False):
         self.out = check_output_dir(out_dir)
+        self.replace = replace
+        self.stream_dir = self.out / PARTIAL_DIR if replace else self.out
+        if replace:
+            shutil.rmtree(self.stream_dir, ignore_errors=True)
+            self.stream_dir.mkdir()
         self._files: dict[int, Any] = {}
 
     def __call__(self, m: int, lines: Sequence[dict[str, Any]]) -> None:
         if m not in self._files:
-            self._files[m] = open(self.out / f"answers_m{m}.jsonl", "w", encoding="utf-8")
+            self._files[m] = open(self.stream_dir / f"answers_m{m}.jsonl", "w", encoding="utf-8")
         f = self._files[m]
         for line in lines:
             f.write(json.dumps(line) + "\n")
@@ -312,23 +351,28 @@ class ResultsWriter:
 
     def finish(self, result: EvalResult, extra: dict[str, Any]) -> Path:
         self.close()
-        return write_results(self.out, result, extra)
+        path = write_results(self.out, result, extra, replace=self.replace)
+        if self.replace:
+            shutil.rmtree(self.stream_dir, ignore_errors=True)
+        return path
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def write_results(out_dir: str | os.PathLike, result: EvalResult, extra: dict[str, Any],
+                  replace: bool = False) -> Path:
+    """OUT/answers.jsonl (first budget), OUT/answers_m{m}.jsonl (every budget), OUT/metrics.json.
 
-
-def write_results(out_dir: str | os.PathLike, result: EvalResult, extra: dict[str, Any]) -> Path:
-    """OUT/answers.jsonl (first budget), OUT/answers_m{m}.jsonl (every budget), OUT/metrics.json."""
+    Every file is written completely under a temporary name first; all are
+    then renamed into place in one step that signals cannot interrupt. With
+    `replace`, answer files of other budgets (an earlier evaluation's) are
+    removed in the same step.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    texts: dict[str, str] = {}
     for i, (m, lines) in enumerate(result.answers.items()):
         text = "".join(json.dumps(line) + "\n" for line in lines)
         for name in [f"answers_m{m}.jsonl"] + (["answers.jsonl"] if i == 0 else []):
-            _write_text_atomic(out / name, text)
+            texts[name] = text
     first = result.rows[0]
     summary = {"accuracy": first["accuracy"], "vqa_accuracy": first["vqa_accuracy"],
                "mc_accuracy": first["mc_accuracy"], "num_vision_tokens": first["num_vision_tokens"],
@@ -336,6 +380,21 @@ def write_results(out_dir: str | os.PathLike, result: EvalResult, extra: dict[st
     if result.skipped:
         summary["skipped"] = result.skipped
     summary.update(extra)
-    path = out / "metrics.json"
-    _write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
-    return path
+    texts["metrics.json"] = json.dumps(summary, indent=2) + "\n"
+    stale = [name for name in earlier_results(out) if name not in texts] if replace else []
+    tmps = {}
+    try:
+        for name, text in texts.items():
+            tmp = out / f".{name}.mmlm-tmp-{os.getpid()}"
+            tmp.write_text(text, encoding="utf-8")
+            tmps[tmp] = out / name
+        with signals_deferred():
+            for tmp, final in tmps.items():
+                os.replace(tmp, final)
+            for name in stale:
+                os.remove(out / name)
+    finally:
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
+    return out / "metrics.json"

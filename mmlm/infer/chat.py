@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="float", choices=("float", "int8"),
                    help="LLM weights: 'float' as stored (default) or 'int8' (LLM and pre-fusion kernels as int8 with a per-channel scale: about half the memory, answers close to the float model's)")
     p.add_argument("--save_compression_map", metavar="OUT.png", default=None,
-                   help="write the image with each compressed token's attention over the patches")
+                   help="write the image with each compressed token's attention over the patches (never over "
+                        "an input; an existing file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --save_compression_map replace an existing file (replaced once the new one is complete)")
     p.add_argument("--map_panel_size", type=number(int, 16), default=224, help="pixels per compression-map panel")
     return p
 
@@ -76,7 +79,13 @@ def _validate_args(args: argparse.Namespace) -> None:
         if not args.prompt.strip():
             raise UserError("--prompt is empty; give a question or leave --prompt out for an interactive chat")
     if args.save_compression_map:
+        from mmlm.safe_io import check_not_input, refuse_existing
+
         check_output_file(args.save_compression_map, "--save_compression_map")
+        check_not_input(args.save_compression_map, "--save_compression_map",
+                        {"--image": args.image, "--video": args.video, "--workdir": args.workdir,
+                         "--checkpoint": args.checkpoint, "--tokenizer": args.tokenizer})
+        refuse_existing(args.save_compression_map, "--save_compression_map", args.overwrite)
 
 
 def check_text(text: str, where: str) -> None:

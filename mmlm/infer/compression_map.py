@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 from mmlm.models.compressor import make_compressor, square_side
 from mmlm.models.config import ModelConfig
 from mmlm.models.llava_mini import LlavaMini
+from mmlm.safe_io import atomic_file
 
 
 def query_attention(cfg: ModelConfig, compressor_params: dict[str, Any], keys: jax.Array,
@@ -165,5 +166,6 @@ def save_compression_map(path: str, cfg: ModelConfig, params: Any, pixels: np.nd
     maps = compression_maps(cfg, params, pixels[None], num_tokens)[0]
     shown = [display_image(cfg, frame, mean, std) for frame in pixels]
     img = render_compression_map(shown, maps, panel_size)
-    img.save(path)
+    with atomic_file(path) as tmp:  # complete or absent, never a truncated PNG over an earlier map
+        img.save(tmp)
     return img.size

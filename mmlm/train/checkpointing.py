@@ -43,8 +43,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mmlm.checkpoint import (CONFIG_FILE, checkpoint_dir, load_config_json, set_aside_damaged, verify_step,
-                             write_manifest)
+from mmlm.checkpoint import (CONFIG_FILE, PARAMS_DIR, checkpoint_dir, is_model_checkpoint, load_config_json,
+                             set_aside_damaged, verify_step, write_manifest)
 from mmlm.errors import DiskFullError, UserError, disk_full_message, is_disk_full
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,11 @@ def check_workdir(workdir: str) -> str:
     path = os.path.abspath(workdir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--workdir {workdir!r} is a file, not a directory; pass a new or existing directory")
+    if is_model_checkpoint(path) and not os.path.isdir(checkpoint_dir(path)):
+        # Training there would rewrite the checkpoint's config.json (and mix a run into a model's files).
+        raise UserError(f"--workdir {workdir!r} is a model checkpoint ({CONFIG_FILE} + {PARAMS_DIR}/, as "
+                        "`mmlm convert` writes), not a training workdir; start from it with "
+                        f"`--init_from {workdir} --workdir NEW_DIR`")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".mmlm-write-test-"):

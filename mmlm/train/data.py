@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from mmlm.data.config import hd_grid_value
 from mmlm.data.supervision import Counts, TextSettings, classify
 from mmlm.errors import UserError
+from mmlm.safe_io import write_text_atomic
 from mmlm.sharding import batch_sharding
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def prepare_synthetic(config: ml_collections.ConfigDict, workdir: str) -> None:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (marker.is_file() and json.loads(marker.read_text()) == key):
                 _build_synthetic(config, key, out)
-                marker.write_text(json.dumps(key, indent=2) + "\n")
+                write_text_atomic(marker, json.dumps(key, indent=2) + "\n")
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("mmlm_synthetic_data_ready")
     if not marker.is_file():
@@ -124,7 +125,7 @@ def _build_synthetic(config: ml_collections.ConfigDict, key: Mapping[str, Any], 
         weights = key["train_category_weights"] if split == key["train_split"] else None
         jsons[split] = str(synth.synthesize(s.kind, raw, int(num), int(s.seed), split, image_size=size,
                                             questions_per_image=int(s.questions_per_image),
-                                            category_weights=weights, progress=False))
+                                            category_weights=weights, overwrite=True, progress=False))
     media = raw if s.kind != "moving_shapes" else None
     videos = raw if s.kind == "moving_shapes" else None
     _write_categories(raw / f"{key['eval_split']}_questions.jsonl", out / CATEGORIES_FILE)
@@ -210,7 +211,7 @@ def _write_categories(questions: Path, out: Path) -> None:
                 base = qid
             index = str(int(base.rsplit("-", 1)[1]))
             cats.setdefault(index, q["category"])
-    out.write_text(json.dumps(cats, indent=0) + "\n")
+    write_text_atomic(out, json.dumps(cats, indent=0) + "\n")
 
 
 def make_pipeline(config: ml_collections.ConfigDict, split: str, *, train: bool, local_only: bool = False):

@@ -51,7 +51,9 @@ from mmlm import sharding as shd
 from mmlm.data.pipeline import frame_buckets, length_buckets
 from mmlm.train import data as data_lib
 from mmlm.train.checkpointing import Checkpointer, check_saved_model_config, check_workdir, has_checkpoints
+from mmlm.safe_io import write_text_atomic
 from mmlm.train.evaluate import Evaluator
+from mmlm.train.lock import WorkdirLock
 from mmlm.train.metrics import MetricWriter, model_flops_per_step, peak_tflops_per_device
 from mmlm.train.optimizer import count_state, make_optimizer, part_schedule, trainable_parts
 from mmlm.train.step import make_train_step, model_inputs
@@ -328,6 +330,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     buckets = length_buckets(config.data)
     fbuckets = frame_buckets(config.data)
     workdir = check_workdir(workdir)
+    # One run per workdir: a second one would interleave its metrics and checkpoints with this one's.
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    try:
+        return _train_locked(config, workdir, t_start, buckets, fbuckets)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, t_start: float, buckets: Any,
+                  fbuckets: Any) -> dict[str, Any]:
+    """`train` once the workdir is checked and locked."""
     check_saved_model_config(config, workdir)
     if config.train.init_from and not has_checkpoints(workdir):
         check_init_from(config.train.init_from)
@@ -355,8 +369,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
         state, pretrain_summary = fresh_state(config, setup)
         if pretrain_summary is not None and jax.process_index() == 0:
-            with open(pretrain_file, "w") as f:
-                json.dump(pretrain_summary, f, indent=2)
+            write_text_atomic(pretrain_file, json.dumps(pretrain_summary, indent=2))
     # Written only now: the given config matched the checkpoint (or the workdir is fresh).
     if jax.process_index() == 0:
         save_config(workdir, config)
@@ -474,8 +487,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if pretrain_summary is not None:
         results["vision_pretrain"] = pretrain_summary
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-            json.dump(results, f, indent=2)
+        write_text_atomic(os.path.join(workdir, RESULTS_FILE), json.dumps(results, indent=2))
         if status == "completed":
             print(format_results(results), flush=True)
     return results
