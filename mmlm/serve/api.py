@@ -4,7 +4,9 @@ Routes:
   GET  /                          the web page (static/index.html); GET /static/{name}: its files
   GET  /health                    200 once the programs are compiled, 503 before (and while stopping)
   GET  /v1/models                 OpenAI list; each model also carries budgets / default_budget / media
-  POST /v1/chat/completions       OpenAI format, streamed (SSE) or not; mmlm extension `num_vision_tokens`
+  POST /v1/chat/completions       OpenAI format, streamed (SSE) or not; extensions `num_vision_tokens` (the
+                                  Matryoshka budget) and `ignore_eos` (answers of exactly max_tokens
+                                  tokens, for throughput benchmarks, as vLLM's)
   POST /v1/mmlm/compression_map   {"image": data URL, "num_vision_tokens": int|null} -> {"image": PNG data URL}
   GET  /v1/mmlm/status            slots in use, waiting requests, counters
 
@@ -81,6 +83,7 @@ class ChatRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
@@ -153,6 +156,9 @@ def parse_chat_request(body: Any, im: InferenceModel, settings: ServerSettings) 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream", "invalid_type")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos", "invalid_type")
     options = body.get("stream_options") or {}
     include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
 
@@ -234,7 +240,7 @@ def parse_chat_request(body: Any, im: InferenceModel, settings: ServerSettings) 
                        "context_length_exceeded")
     return ChatRequest(prompt=prompt, fuse_mask=fuse, pixels=pixels, media_kind=media[0] if media else None,
                        num_vision_tokens=budget, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                       seed=seed, stop=stop, stream=stream, include_usage=include_usage)
+                       seed=seed, stop=stop, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos)
 
 
 # ---------------------------------------------------------------------- text output
@@ -426,6 +432,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         req = Request(prompt=parsed.prompt, fuse_mask=parsed.fuse_mask, pixels=parsed.pixels,
                       num_vision_tokens=parsed.num_vision_tokens, max_tokens=parsed.max_tokens,
                       temperature=parsed.temperature, top_p=parsed.top_p, seed=parsed.seed,
+                      ignore_eos=parsed.ignore_eos,
                       emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
         try:
             engine.submit(req)

@@ -82,6 +82,7 @@ class Request:
     top_p: float
     seed: int
     emit: Callable[[str, Any], None]
+    ignore_eos: bool = False  # decode past stop tokens up to max_tokens (fixed-length benchmarks)
     cancelled: bool = False
     prompt_tokens: int = 0  # LLM prompt length (text + vision tokens), set by the prefill
     generated: int = 0
@@ -282,7 +283,7 @@ class Engine:
         if req.cancelled:
             self._finish(req, "cancelled")
             return True
-        if token in self.stop_ids:
+        if token in self.stop_ids and not req.ignore_eos:
             self._finish(req, "stop")
             return True
         req.generated += 1
