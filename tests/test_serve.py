@@ -376,7 +376,8 @@ def test_without_the_serve_extra_the_command_names_the_install(monkeypatch, caps
 
 
 def test_health_is_503_until_compiled_and_a_llava15_model_has_no_compression_map(tmp_path):
-    """In-process app whose engine never starts: /health says not ready; llava15 refuses compression maps."""
+    """In-process app whose engine never starts: /health says not ready; llava15 refuses compression maps;
+    a chunked upload over the body limit gets its 413 too."""
     from fastapi.testclient import TestClient
 
     from mmlm.infer.loading import inference_model
@@ -393,6 +394,8 @@ def test_health_is_503_until_compiled_and_a_llava15_model_has_no_compression_map
     assert health.status_code == 503 and health.json()["error"]["code"] == "not_ready"
     r = client.post("/v1/mmlm/compression_map", json={"image": "data:image/png;base64,AAAA"})
     assert r.status_code == 400 and "no compressor" in r.json()["error"]["message"]
+    chunked = client.post("/v1/chat/completions", content=(b"x" * 65536 for _ in range(20)))  # no Content-Length
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
     card = client.get("/v1/models").json()["data"][0]
     assert card["budgets"] == [im.cfg.vision.num_patches] and card["default_budget"] == im.cfg.vision.num_patches
 

@@ -94,15 +94,15 @@ def _summary(runs: list[dict], requests: int) -> dict:
             "per_round": [r["tokens"] / r["wall"] for r in runs]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
+    """Starts the server, runs both workloads in alternating rounds, stops it."""
     import openai
 
     # Natural answers (the demo's are one word) and fixed-length answers (`ignore_eos`, as serving
     # benchmarks such as vLLM's fix output lengths): the first is dominated by the per-request prefill,
     # the second by decoding, which is what batching shares.
-    workloads = [("natural answers", args.max_tokens, False), (f"{args.fixed_tokens}-token answers (ignore_eos)",
-                                                               args.fixed_tokens, True)]
+    workloads = [("natural answers", args.max_tokens, False),
+                 (f"{args.fixed_tokens}-token answers (ignore_eos)", args.fixed_tokens, True)]
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "mmlm.cli", "serve", "--workdir", args.workdir, "--port", str(port),
@@ -111,14 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     ready = threading.Event()
     threading.Thread(target=lambda: [ready.set() for line in proc.stdout if "ready at" in line], daemon=True).start()
-    results: dict[str, dict[str, list[dict]]] = {}
+    out: dict = {"workloads": {}}
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows = _questions(args.requests, args.seed, Path(tmp))
         t0 = time.monotonic()
         if not ready.wait(600):
             raise SystemExit("the server did not start in 600 s")
-        startup = time.monotonic() - t0
+        out["startup"] = time.monotonic() - t0
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
 
         def ask(row: dict, max_tokens: int, ignore_eos: bool) -> tuple[str, int, float]:
@@ -130,34 +128,45 @@ def main(argv: list[str] | None = None) -> int:
             return r.choices[0].message.content, r.usage.completion_tokens, time.perf_counter() - start
 
         for name, max_tokens, ignore_eos in workloads:
-            one = lambda row: ask(row, max_tokens, ignore_eos)  # noqa: E731
+            def one(row: dict) -> tuple[str, int, float]:
+                return ask(row, max_tokens, ignore_eos)
+
             reference = [one(row)[0] for row in rows]  # warm-up: compiles every prompt bucket the rows need
             if not ignore_eos:
-                correct = sum(a.strip().lower() == r["answer"].strip().lower() for a, r in zip(reference, rows))
+                out["correct"] = sum(a.strip().lower() == r["answer"].strip().lower() for a, r in zip(reference, rows))
+                out["answers"] = reference
             modes: dict[str, list[dict]] = {"sequential": [], "concurrent": []}
             for rnd in range(args.rounds):
                 order = ("sequential", "concurrent") if rnd % 2 == 0 else ("concurrent", "sequential")
                 for mode in order:
                     start = time.perf_counter()
                     if mode == "sequential":
-                        out = [one(row) for row in rows]
+                        res = [one(row) for row in rows]
                     else:
                         with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:
-                            out = list(pool.map(one, rows))
+                            res = list(pool.map(one, rows))
                     wall = time.perf_counter() - start
-                    if [r[0] for r in out] != reference:
+                    if [r[0] for r in res] != reference:
                         raise SystemExit(f"{name}, {mode}: the answers differ from the first pass's")
-                    modes[mode].append({"wall": wall, "tokens": sum(r[1] for r in out), "latency": [r[2] for r in out]})
-                    print(f"{name}, round {rnd}, {mode}: {wall:.3f} s, {modes[mode][-1]['tokens']} tokens", flush=True)
-            results[name] = modes
+                    modes[mode].append({"wall": wall, "tokens": sum(r[1] for r in res), "latency": [r[2] for r in res]})
+                    print(f"{name}, round {rnd}, {mode}: {wall:.3f} s, {modes[mode][-1]['tokens']} tokens",
+                          flush=True)
+            out["workloads"][name] = modes
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            rc = proc.wait(60)
+            out["rc"] = proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            rc = proc.wait()
+            out["rc"] = proc.wait()
+    return out
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = _questions(args.requests, args.seed, Path(tmp))
+    run = measure(args, rows)
     lines = [
         "# Serving: concurrent against sequential requests",
         "",
@@ -169,24 +178,26 @@ def main(argv: list[str] | None = None) -> int:
         f"{LOAD_BEFORE}. The server and the client share the machine (which other work shares too), so the two "
         "modes alternate round by round.",
         "",
-        f"{args.requests} held-out synthetic `shapes` questions (one 48 px image each, greedy; {correct}/{len(rows)} "
-        f"answered correctly), sent through the `openai` client to `mmlm serve --max_batch {args.max_batch}`; "
-        f"{args.rounds} rounds per mode and workload. Sequential: each request sent when the previous answer "
-        f"arrived; concurrent: {args.requests} client threads at once. Server start (load + compile) "
-        f"{startup:.1f} s; exit status after SIGTERM {rc}. Both modes gave the same answers in every round.",
+        f"{args.requests} held-out synthetic `shapes` questions (one 48 px image each, greedy; "
+        f"{run['correct']}/{len(rows)} answered correctly), sent through the `openai` client to "
+        f"`mmlm serve --max_batch {args.max_batch}`; {args.rounds} rounds per mode and workload. Sequential: each "
+        f"request sent when the previous answer arrived; concurrent: {args.requests} client threads at once. Both "
+        f"modes gave the same answers in every round. Server start (load + compile) {run['startup']:.1f} s; exit "
+        f"status after SIGTERM {run['rc']}.",
         "",
-        "| workload | mode | completion tokens / round | aggregate tokens/s | requests/s | p50 latency | p99 latency |",
+        "| workload | mode | tokens / round | aggregate tokens/s | requests/s | p50 latency | p99 latency |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     ratios = []
-    for name, modes in results.items():
-        summary = {mode: _summary(runs, args.requests) for mode, runs in modes.items()}
+    for name, modes in run["workloads"].items():
+        summary = {mode: _summary(r, args.requests) for mode, r in modes.items()}
         for mode, s in summary.items():
             lines.append(f"| {name} | {mode} | {s['tokens']:.0f} | {s['tok_s']:.1f} | {s['req_s']:.1f} | "
                          f"{s['p50']:.0f} ms | {s['p99']:.0f} ms |")
         ratio = summary["concurrent"]["tok_s"] / summary["sequential"]["tok_s"]
         per_round = [c / q for c, q in zip(summary["concurrent"]["per_round"], summary["sequential"]["per_round"])]
-        ratios.append(f"* {name}: **{ratio:.2f}x** (per round pair: " + ", ".join(f"{r:.2f}x" for r in per_round) + ")")
+        ratios.append(f"* {name}: **{ratio:.2f}x** (per round pair: " + ", ".join(f"{r:.2f}x" for r in per_round)
+                      + ")")
     lines += ["", "Concurrent / sequential aggregate tokens/s:", "", *ratios, ""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))

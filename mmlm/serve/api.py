@@ -287,6 +287,33 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes gets a 413, by its Content-Length before it is read,
+    or (chunked uploads) as soon as the bytes read pass the limit."""
+
+    def __init__(self, app, limit: int, too_large):
+        self.app, self.limit, self.too_large = app, limit, too_large
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self.too_large(int(length))(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge()  # answered by the app's exception handler
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     """The ASGI app serving `engine`'s model (the engine is started and stopped by the app's lifespan)."""
     import contextlib
@@ -306,24 +333,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     app.state.engine = engine
 
     limit = settings.max_body_bytes
-
-    @app.middleware("http")
-    async def body_limit(request: HttpRequest, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return _too_large(int(length))
-        if request.method in ("POST", "PUT") and length is None:
-            receive, seen = request._receive, [0]
-
-            async def counted():
-                message = await receive()
-                seen[0] += len(message.get("body", b""))
-                if seen[0] > limit:
-                    raise BodyTooLarge()
-                return message
-
-            request._receive = counted
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=limit, too_large=lambda size: _too_large(size))
 
     def _too_large(size: int | None) -> JSONResponse:
         got = f" ({size} bytes)" if size else ""

@@ -26,7 +26,7 @@ row's arithmetic does not depend on what the other slots hold; an answer is
 the same whether its request decodes alone or with 15 others (tested).
 
 Policy (each iteration of the engine thread): admit waiting requests in
-arrival order into free slots (prefill each), drop cancelled ones, then one
+arrival order into free slots (prefill them), drop cancelled ones, then one
 decode step for all active slots. Requests beyond `max_batch` wait in a FIFO.
 """
 
@@ -189,7 +189,8 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
-        self.stats = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0}
+        self.stats: dict[str, float] = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0,
+                                        "prefill_seconds": 0.0, "step_seconds": 0.0}
         self._state = self._empty_state()
 
     # ------------------------------------------------------------------ public
@@ -213,7 +214,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, float]:
+        """Slots, active / waiting requests, counters and the engine thread's busy seconds."""
         with self._cv:
             active = sum(r is not None for r in self._active)
             return {"slots": self.max_batch, "active": active, "waiting": len(self._waiting), **self.stats}
@@ -236,14 +238,11 @@ class Engine:
         k = views_per_frame(self.cfg)
         pixels = np.zeros((1, k, im.image_size, im.image_size, 3), np.float32)
         prompt, fuse = encode_question(im, "Hello", True, return_fuse_mask=True)
-        done = threading.Event()
-        req = Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None, max_tokens=2,
-                      temperature=0.0, top_p=1.0, seed=0,
-                      emit=lambda kind, value: done.set() if kind in ("done", "error") else None)
-        self._admit(req)
+        self._admit([Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None, max_tokens=2,
+                             temperature=0.0, top_p=1.0, seed=0, emit=lambda kind, value: None)])
         while any(r is not None for r in self._active):
             self._step()
-        self.stats.update({key: 0 for key in self.stats})
+        self.stats.update({key: type(value)(0) for key, value in self.stats.items()})
 
     def _run(self, warmup: bool) -> None:
         if warmup:
@@ -257,8 +256,8 @@ class Engine:
                     break
                 free = sum(r is None for r in self._active)
                 admit = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-            for req in admit:
-                self._admit(req)
+            if admit:
+                self._admit(admit)
             if any(r is not None for r in self._active):
                 self._step()
         self._fail_all("the server is shutting down")
@@ -293,43 +292,53 @@ class Engine:
             return True
         return False
 
-    def _admit(self, req: Request) -> None:
-        if req.cancelled:
-            self._finish(req, "cancelled")
-            return
-        try:
-            first, cache, valid, n_valid, rng, sp, greedy = self._prefill(req)
-        except Exception as e:  # an internal error fails this request only
-            self.stats["failed"] += 1
-            req.emit("error", f"prefill failed: {type(e).__name__}: {e}")
-            return
-        self.stats["admitted"] += 1
-        if self._token(req, first):
-            return
-        with self._cv:
-            slot = self._active.index(None)
-            self._active[slot] = req
-        req.slot = slot
-        self._state = _insert_jit(self._state, cache, valid, jnp.asarray(slot, jnp.int32),
-                                  jnp.asarray(first, jnp.int32), n_valid, rng, sp.temperature, sp.top_p,
-                                  jnp.asarray(greedy))
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefills each request alone and puts it into a free slot (or finishes it at its first token)."""
+        for req in reqs:
+            if req.cancelled:  # gone while waiting
+                self._finish(req, "cancelled")
+                continue
+            start = time.perf_counter()
+            try:
+                first, cache, valid, n_valid, sp, greedy = self._prefill(req)
+            except Exception as e:  # an internal error fails this request only
+                self.stats["failed"] += 1
+                req.emit("error", f"prefill failed: {type(e).__name__}: {e}")
+                continue
+            self.stats["admitted"] += 1
+            if not self._token(req, first):
+                with self._cv:
+                    slot = self._active.index(None)
+                    self._active[slot] = req
+                req.slot = slot
+                self._state = _insert_jit(self._state, cache, valid, jnp.asarray(slot, jnp.int32),
+                                          jnp.asarray(first, jnp.int32), n_valid, jax.random.PRNGKey(req.seed),
+                                          sp.temperature, sp.top_p, jnp.asarray(greedy))
+            self.stats["prefill_seconds"] += time.perf_counter() - start
 
     def _prefill(self, req: Request):
+        """The request's prefill, a batch of 1 (the program `mmlm chat` runs): first token, cache, prompt length.
+
+        Alone, so that a request's arithmetic never depends on which requests arrive with it (a larger
+        prefill batch rounds differently; grouping the 16 prefills of a burst gained little on the demo,
+        where the HTTP work per request weighs as much).
+        """
         im = self.im
         media = [req.pixels] if req.pixels is not None else [None]
         batch = make_batch(self.cfg, [req.prompt], media, pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET,
                            fuse_masks=[req.fuse_mask])
         m = self.cfg.check_budget(req.num_vision_tokens) if req.pixels is not None else None
         sp, greedy = sampling_params(req.temperature, req.top_p, im.stop_ids)
-        key = jax.random.PRNGKey(req.seed)
-        key, sub = jax.random.split(key)
+        # The first token is sampled with a subkey of the request's seed; its slot continues from the seed.
+        sub = jax.random.split(jax.random.PRNGKey(req.seed))[1]
         state = prefill_jit(self.cfg, self.params, batch, sp, sub, max_new_tokens=1, num_vision_tokens=m,
                             greedy=greedy)
         n_valid = state.prompt_valid[0]
         req.prompt_tokens = int(n_valid)
-        return (int(state.tokens[0, 0]), state.cache, state.key_valid, n_valid, key, sp, greedy)
+        return int(state.tokens[0, 0]), state.cache, state.key_valid, n_valid, sp, greedy
 
     def _step(self) -> None:
+        start = time.perf_counter()
         try:
             self._state, tokens = _slot_step_jit(self.cfg, self.params, self._state)
             tokens = np.asarray(tokens)
@@ -343,15 +352,8 @@ class Engine:
                 req.emit("error", f"decoding failed: {type(e).__name__}: {e}")
             return
         self.stats["steps"] += 1
+        self.stats["step_seconds"] += time.perf_counter() - start
         for slot, req in enumerate(list(self._active)):
             if req is not None:
                 self._token(req, int(tokens[slot]))
 
-
-def wait_ready(engine: Engine, timeout: float) -> bool:
-    """True once the engine compiled its programs (polls, for callers without an event loop)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if engine.ready.wait(0.1):
-            return True
-    return False
