@@ -21,6 +21,7 @@ import asyncio
 import base64
 import dataclasses
 import io
+import itertools
 import json
 import math
 import time
@@ -147,7 +148,7 @@ def parse_chat_request(body: Any, im: InferenceModel, settings: ServerSettings) 
         max_tokens = _integer(body, "max_tokens", settings.max_new_tokens, 1, settings.max_new_tokens)
     temperature = _number(body, "temperature", 0.0, 0.0, 100.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-    seed = _integer(body, "seed", 0, -(2**63), 2**63 - 1)
+    seed = _integer(body, "seed", 0, 0, 2**32 - 1)
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_SEQUENCES:
@@ -320,6 +321,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     im = engine.im
     state = {"stopping": False}
+    id_prefix, counter = uuid.uuid4().hex[:16], itertools.count()  # completion ids: unique, cheap
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -448,7 +450,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             engine.submit(req)
         except RuntimeError as e:
             raise ApiError(503, str(e), None, "shutting_down", "server_error") from None
-        rid = "chatcmpl-" + uuid.uuid4().hex[:24]
+        rid = f"chatcmpl-{id_prefix}{next(counter):08x}"
         created = int(time.time())
         detok = Detokenizer(im.tokenizer, parsed.stop)
         if parsed.stream:
