@@ -229,7 +229,7 @@ def test_concurrent_answers_equal_sequential_ones(server):
                    for i, (q, img, m) in enumerate(jobs)]
         concurrent_answers = [f.result(timeout=120) for f in futures]
     assert concurrent_answers == sequential
-    assert len(set(a for a, _ in sequential)) > 1  # distinct answers: the rows did not mix
+    assert len({a for a, _ in sequential}) > 1  # distinct answers: the rows did not mix
 
 
 def _png_header_only(width: int, height: int) -> bytes:

@@ -128,7 +128,7 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
             return r.choices[0].message.content, r.usage.completion_tokens, time.perf_counter() - start
 
         for name, max_tokens, ignore_eos in workloads:
-            def one(row: dict) -> tuple[str, int, float]:
+            def one(row: dict, max_tokens: int = max_tokens, ignore_eos: bool = ignore_eos) -> tuple[str, int, float]:
                 return ask(row, max_tokens, ignore_eos)
 
             reference = [one(row)[0] for row in rows]  # warm-up: compiles every prompt bucket the rows need

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -404,8 +404,6 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return await run_in_threadpool(_compression_map, body)
 
     def _compression_map(body: Any) -> dict:
-        from PIL import Image  # noqa: F401  (the PNG encoder)
-
         from mmlm.infer.compression_map import compression_maps, display_image, render_compression_map
 
         if im.cfg.mode != "llava_mini":
@@ -472,7 +470,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         while True:
             try:
                 kind, value = await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if request is not None and await request.is_disconnected():
                     req.cancel()
                     return
@@ -527,7 +525,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 yield chunk({}, usage=_usage(req), choices=False)
             yield "data: [DONE]\n\n"
         except ApiError as e:  # the engine failed mid-answer: an error event, then the end
-            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'param': None, 'code': e.code}})}\n\n"
+            error = {"message": e.message, "type": e.kind, "param": None, "code": e.code}
+            yield f"data: {json.dumps({'error': error})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             req.cancel()  # the client went away (the generator is closed) or the answer ended

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import threading
 import time
 from typing import Any, Callable, NamedTuple
