@@ -7,7 +7,8 @@ questions (rendered into a temporary directory, sent as data: URLs) through the 
 greedy, in rounds that alternate the two modes so that both see the same load on a shared machine:
 
 * sequential: each request is sent when the previous answer arrived;
-* concurrent: N client threads start together (the server decodes them in one batch of slots).
+* concurrent: the N requests at once (`asyncio.gather` over the async client; the server decodes them
+  in one batch of slots).
 
 Two workloads: the model's natural answers (one word for the demo: the per-request prefill dominates)
 and fixed-length answers (`ignore_eos`, as serving benchmarks fix output lengths: decoding dominates).
@@ -19,8 +20,8 @@ modes give the same answers, and writes results.md next to this script.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
-import concurrent.futures
 import json
 import os
 import platform
@@ -117,21 +118,27 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
         if not ready.wait(600):
             raise SystemExit("the server did not start in 600 s")
         out["startup"] = time.monotonic() - t0
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                                    timeout=300)
 
-        def ask(row: dict, max_tokens: int, ignore_eos: bool) -> tuple[str, int, float]:
+        async def ask(row: dict, max_tokens: int, ignore_eos: bool) -> tuple[str, int, float]:
             start = time.perf_counter()
-            r = client.chat.completions.create(
+            r = await client.chat.completions.create(
                 model="bench", temperature=0, max_tokens=max_tokens, extra_body={"ignore_eos": ignore_eos},
                 messages=[{"role": "user", "content": [{"type": "text", "text": row["text"]},
                                                        {"type": "image_url", "image_url": {"url": row["url"]}}]}])
             return r.choices[0].message.content, r.usage.completion_tokens, time.perf_counter() - start
 
-        for name, max_tokens, ignore_eos in workloads:
-            def one(row: dict, max_tokens: int = max_tokens, ignore_eos: bool = ignore_eos) -> tuple[str, int, float]:
-                return ask(row, max_tokens, ignore_eos)
+        async def sequential(max_tokens: int, ignore_eos: bool) -> list[tuple[str, int, float]]:
+            return [await ask(row, max_tokens, ignore_eos) for row in rows]
 
-            reference = [one(row)[0] for row in rows]  # warm-up: compiles every prompt bucket the rows need
+        async def concurrent(max_tokens: int, ignore_eos: bool) -> list[tuple[str, int, float]]:
+            return list(await asyncio.gather(*(ask(row, max_tokens, ignore_eos) for row in rows)))
+
+        loop = asyncio.new_event_loop()
+        for name, max_tokens, ignore_eos in workloads:
+            # warm-up: compiles every prompt bucket the rows need
+            reference = [r[0] for r in loop.run_until_complete(sequential(max_tokens, ignore_eos))]
             if not ignore_eos:
                 out["correct"] = sum(a.strip().lower() == r["answer"].strip().lower() for a, r in zip(reference, rows))
                 out["answers"] = reference
@@ -140,11 +147,8 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
                 order = ("sequential", "concurrent") if rnd % 2 == 0 else ("concurrent", "sequential")
                 for mode in order:
                     start = time.perf_counter()
-                    if mode == "sequential":
-                        res = [one(row) for row in rows]
-                    else:
-                        with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:
-                            res = list(pool.map(one, rows))
+                    run_mode = sequential if mode == "sequential" else concurrent
+                    res = loop.run_until_complete(run_mode(max_tokens, ignore_eos))
                     wall = time.perf_counter() - start
                     if [r[0] for r in res] != reference:
                         raise SystemExit(f"{name}, {mode}: the answers differ from the first pass's")
@@ -152,6 +156,8 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
                     print(f"{name}, round {rnd}, {mode}: {wall:.3f} s, {modes[mode][-1]['tokens']} tokens",
                           flush=True)
             out["workloads"][name] = modes
+        loop.run_until_complete(client.close())
+        loop.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.requests} held-out synthetic `shapes` questions (one 48 px image each, greedy; "
         f"{run['correct']}/{len(rows)} answered correctly), sent through the `openai` client to "
         f"`mmlm serve --max_batch {args.max_batch}`; {args.rounds} rounds per mode and workload. Sequential: each "
-        f"request sent when the previous answer arrived; concurrent: {args.requests} client threads at once. Both "
+        f"request sent when the previous answer arrived; concurrent: all {args.requests} at once (`asyncio.gather`). Both "
         f"modes gave the same answers in every round. Server start (load + compile) {run['startup']:.1f} s; exit "
         f"status after SIGTERM {run['rc']}.",
         "",
