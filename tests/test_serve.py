@@ -174,6 +174,38 @@ def test_stream_chunks_concatenate_to_the_answer_and_end_with_done(server):
     assert events[-1] == "data: [DONE]"
 
 
+def test_multi_turn_answer_equals_the_interactive_chat(server):
+    """Earlier user/assistant turns are the chat history, as in `mmlm chat`'s interactive mode."""
+    image = server.root / "media" / "img1.png"
+    argv = ["--checkpoint", str(server.root / "ckpt"), "--image", str(image), "--max_new_tokens", "4"]
+    out = io.StringIO()
+    rc = chat.run(chat._parser().parse_args(argv), stdin=io.StringIO("What is it?\nAnd the color?\n"), out=out,
+                  err=io.StringIO())
+    assert rc == 0
+    first, second = out.getvalue().split("\n")[:2]
+    messages = _messages("What is it?", _data_url(image)) + [
+        {"role": "assistant", "content": first}, {"role": "user", "content": "And the color?"}]
+    resp = server.client().chat.completions.create(model="tiny", temperature=0, max_tokens=4, messages=messages)
+    assert resp.choices[0].message.content == second
+
+
+def test_detokenizer_holds_back_a_stop_string_split_across_tokens():
+    from mmlm.serve.api import Detokenizer
+
+    class Pieces:  # token i decodes to PIECES[i]
+        PIECES = ["Hel", "lo ", "wo", "rld", "!"]
+
+        def decode(self, ids):
+            return "".join(self.PIECES[i] for i in ids)
+
+    detok = Detokenizer(Pieces(), ["o wor"])
+    deltas = [detok.add(i) for i in range(3)]
+    assert deltas == ["Hel", "l", ""]  # "o " and "o wo" could start the stop string: held back
+    assert detok.add(3) == "" and detok.stopped and detok.text == "Hell"
+    plain = Detokenizer(Pieces(), ["xyz"])
+    assert "".join(plain.add(i) for i in range(5)) + plain.flush() == "Hello world!"
+
+
 def _write_video(path: Path, frames: int = 6, fps: int = 2) -> None:
     import av
 
