@@ -174,6 +174,71 @@ def test_stream_chunks_concatenate_to_the_answer_and_end_with_done(server):
     assert events[-1] == "data: [DONE]"
 
 
+def test_multi_turn_answer_equals_the_interactive_chat(server):
+    """Earlier user/assistant turns are the chat history, as in `mmlm chat`'s interactive mode."""
+    image = server.root / "media" / "img1.png"
+    argv = ["--checkpoint", str(server.root / "ckpt"), "--image", str(image), "--max_new_tokens", "4"]
+    out = io.StringIO()
+    rc = chat.run(chat._parser().parse_args(argv), stdin=io.StringIO("What is it?\nAnd the color?\n"), out=out,
+                  err=io.StringIO())
+    assert rc == 0
+    first, second = out.getvalue().split("\n")[:2]
+    messages = _messages("What is it?", _data_url(image)) + [
+        {"role": "assistant", "content": first}, {"role": "user", "content": "And the color?"}]
+    resp = server.client().chat.completions.create(model="tiny", temperature=0, max_tokens=4, messages=messages)
+    assert resp.choices[0].message.content == second
+
+
+def test_detokenizer_holds_back_a_stop_string_split_across_tokens():
+    from mmlm.serve.api import Detokenizer
+
+    class Pieces:  # token i decodes to PIECES[i]
+        PIECES = ["Hel", "lo ", "wo", "rld", "!"]
+
+        def decode(self, ids):
+            return "".join(self.PIECES[i] for i in ids)
+
+    detok = Detokenizer(Pieces(), ["o wor"])
+    deltas = [detok.add(i) for i in range(3)]
+    assert deltas == ["Hel", "l", ""]  # "o " and "o wo" could start the stop string: held back
+    assert detok.add(3) == "" and detok.stopped and detok.text == "Hell"
+    plain = Detokenizer(Pieces(), ["xyz"])
+    assert "".join(plain.add(i) for i in range(5)) + plain.flush() == "Hello world!"
+
+
+def _write_video(path: Path, frames: int = 6, fps: int = 2) -> None:
+    import av
+
+    rng = np.random.default_rng(5)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_video_answer_equals_mmlm_chat(server):
+    video = server.root / "media" / "clip.mp4"
+    _write_video(video)
+    resp = server.client().chat.completions.create(
+        model="tiny", temperature=0, max_tokens=5,
+        messages=_messages("What moves?", _data_url(video, "video/mp4"), "video_url"))
+    argv = ["--checkpoint", str(server.root / "ckpt"), "--video", str(video), "--prompt", "What moves?",
+            "--max_new_tokens", "5"]
+    out = io.StringIO()
+    assert chat.run(chat._parser().parse_args(argv), stdin=io.StringIO(), out=out, err=io.StringIO()) == 0
+    assert resp.choices[0].message.content == out.getvalue()[:-1]
+
+
+def test_ignore_eos_gives_max_tokens_tokens(server):
+    resp = server.client().chat.completions.create(
+        model="tiny", temperature=0, max_tokens=7, extra_body={"ignore_eos": True},
+        messages=_messages(QUESTIONS[0], _data_url(server.root / "media" / "img0.png")))
+    assert resp.usage.completion_tokens == 7 and resp.choices[0].finish_reason == "length"
+
+
 def test_stop_strings_cut_the_answer(server):
     image = server.root / "media" / "img1.png"
     full, _ = _ask(server, QUESTIONS[0], image, max_tokens=12)
@@ -196,7 +261,7 @@ def test_concurrent_answers_equal_sequential_ones(server):
                    for i, (q, img, m) in enumerate(jobs)]
         concurrent_answers = [f.result(timeout=120) for f in futures]
     assert concurrent_answers == sequential
-    assert len(set(a for a, _ in sequential)) > 1  # distinct answers: the rows did not mix
+    assert len({a for a, _ in sequential}) > 1  # distinct answers: the rows did not mix
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -340,6 +405,31 @@ def test_without_the_serve_extra_the_command_names_the_install(monkeypatch, caps
     assert cli.main(["--checkpoint", "unused"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mmlm serve: error:") and 'pip install -e ".[serve]"' in err and "\n" not in err
+
+
+def test_health_is_503_until_compiled_and_a_llava15_model_has_no_compression_map(tmp_path):
+    """In-process app whose engine never starts: /health says not ready; llava15 refuses compression maps;
+    a chunked upload over the body limit gets its 413 too."""
+    from fastapi.testclient import TestClient
+
+    from mmlm.infer.loading import inference_model
+    from mmlm.serve.api import ServerSettings, create_app
+    from mmlm.serve.engine import Engine
+
+    config = load_config(str(REPO / "configs/tiny.py"))
+    config.model.mode = "llava15"
+    im = inference_model(config, random_params(model_config_from_dict(config.model), seed=0), "llava15-tiny")
+    app = create_app(Engine(im, max_batch=1, max_new_tokens=4),
+                     ServerSettings(model_name="base", max_new_tokens=4, max_body_bytes=1 << 20, media_root=None))
+    client = TestClient(app)  # no lifespan: the engine is not started (not compiled)
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json()["error"]["code"] == "not_ready"
+    r = client.post("/v1/mmlm/compression_map", json={"image": "data:image/png;base64,AAAA"})
+    assert r.status_code == 400 and "no compressor" in r.json()["error"]["message"]
+    chunked = client.post("/v1/chat/completions", content=(b"x" * 65536 for _ in range(20)))  # no Content-Length
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["budgets"] == [im.cfg.vision.num_patches] and card["default_budget"] == im.cfg.vision.num_patches
 
 
 def test_media_refuses_file_urls_without_a_media_root(tmp_path):

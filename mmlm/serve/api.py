@@ -4,7 +4,9 @@ Routes:
   GET  /                          the web page (static/index.html); GET /static/{name}: its files
   GET  /health                    200 once the programs are compiled, 503 before (and while stopping)
   GET  /v1/models                 OpenAI list; each model also carries budgets / default_budget / media
-  POST /v1/chat/completions       OpenAI format, streamed (SSE) or not; mmlm extension `num_vision_tokens`
+  POST /v1/chat/completions       OpenAI format, streamed (SSE) or not; extensions `num_vision_tokens` (the
+                                  Matryoshka budget) and `ignore_eos` (answers of exactly max_tokens
+                                  tokens, for throughput benchmarks, as vLLM's)
   POST /v1/mmlm/compression_map   {"image": data URL, "num_vision_tokens": int|null} -> {"image": PNG data URL}
   GET  /v1/mmlm/status            slots in use, waiting requests, counters
 
@@ -19,6 +21,7 @@ import asyncio
 import base64
 import dataclasses
 import io
+import itertools
 import json
 import math
 import time
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -81,6 +84,7 @@ class ChatRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
@@ -144,7 +148,7 @@ def parse_chat_request(body: Any, im: InferenceModel, settings: ServerSettings) 
         max_tokens = _integer(body, "max_tokens", settings.max_new_tokens, 1, settings.max_new_tokens)
     temperature = _number(body, "temperature", 0.0, 0.0, 100.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-    seed = _integer(body, "seed", 0, -(2**63), 2**63 - 1)
+    seed = _integer(body, "seed", 0, 0, 2**32 - 1)
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_SEQUENCES:
@@ -153,6 +157,9 @@ def parse_chat_request(body: Any, im: InferenceModel, settings: ServerSettings) 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream", "invalid_type")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos", "invalid_type")
     options = body.get("stream_options") or {}
     include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
 
@@ -234,7 +241,7 @@ def parse_chat_request(body: Any, im: InferenceModel, settings: ServerSettings) 
                        "context_length_exceeded")
     return ChatRequest(prompt=prompt, fuse_mask=fuse, pixels=pixels, media_kind=media[0] if media else None,
                        num_vision_tokens=budget, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                       seed=seed, stop=stop, stream=stream, include_usage=include_usage)
+                       seed=seed, stop=stop, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos)
 
 
 # ---------------------------------------------------------------------- text output
@@ -281,12 +288,40 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes gets a 413, by its Content-Length before it is read,
+    or (chunked uploads) as soon as the bytes read pass the limit."""
+
+    def __init__(self, app, limit: int, too_large):
+        self.app, self.limit, self.too_large = app, limit, too_large
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self.too_large(int(length))(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge()  # answered by the app's exception handler
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     """The ASGI app serving `engine`'s model (the engine is started and stopped by the app's lifespan)."""
     import contextlib
 
     im = engine.im
     state = {"stopping": False}
+    id_prefix, counter = uuid.uuid4().hex[:16], itertools.count()  # completion ids: unique, cheap
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -300,24 +335,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     app.state.engine = engine
 
     limit = settings.max_body_bytes
-
-    @app.middleware("http")
-    async def body_limit(request: HttpRequest, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return _too_large(int(length))
-        if request.method in ("POST", "PUT") and length is None:
-            receive, seen = request._receive, [0]
-
-            async def counted():
-                message = await receive()
-                seen[0] += len(message.get("body", b""))
-                if seen[0] > limit:
-                    raise BodyTooLarge()
-                return message
-
-            request._receive = counted
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=limit, too_large=lambda size: _too_large(size))
 
     def _too_large(size: int | None) -> JSONResponse:
         got = f" ({size} bytes)" if size else ""
@@ -386,8 +404,6 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return await run_in_threadpool(_compression_map, body)
 
     def _compression_map(body: Any) -> dict:
-        from PIL import Image  # noqa: F401  (the PNG encoder)
-
         from mmlm.infer.compression_map import compression_maps, display_image, render_compression_map
 
         if im.cfg.mode != "llava_mini":
@@ -426,12 +442,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         req = Request(prompt=parsed.prompt, fuse_mask=parsed.fuse_mask, pixels=parsed.pixels,
                       num_vision_tokens=parsed.num_vision_tokens, max_tokens=parsed.max_tokens,
                       temperature=parsed.temperature, top_p=parsed.top_p, seed=parsed.seed,
+                      ignore_eos=parsed.ignore_eos,
                       emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
         try:
             engine.submit(req)
         except RuntimeError as e:
             raise ApiError(503, str(e), None, "shutting_down", "server_error") from None
-        rid = "chatcmpl-" + uuid.uuid4().hex[:24]
+        rid = f"chatcmpl-{id_prefix}{next(counter):08x}"
         created = int(time.time())
         detok = Detokenizer(im.tokenizer, parsed.stop)
         if parsed.stream:
@@ -453,7 +470,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         while True:
             try:
                 kind, value = await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if request is not None and await request.is_disconnected():
                     req.cancel()
                     return
@@ -508,7 +525,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 yield chunk({}, usage=_usage(req), choices=False)
             yield "data: [DONE]\n\n"
         except ApiError as e:  # the engine failed mid-answer: an error event, then the end
-            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'param': None, 'code': e.code}})}\n\n"
+            error = {"message": e.message, "type": e.kind, "param": None, "code": e.code}
+            yield f"data: {json.dumps({'error': error})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             req.cancel()  # the client went away (the generator is closed) or the answer ended

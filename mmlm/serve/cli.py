@@ -4,8 +4,8 @@
     mmlm serve --checkpoint ckpt/ --port 9000 --max_batch 16 --media_root ~/pictures
 
 Prints one line `mmlm serve: ready at http://HOST:PORT ...` once the model's programs are compiled
-(GET /health answers 503 until then). SIGTERM or Ctrl-C: new connections are refused, requests in flight
-finish (up to --grace_s seconds), then the server exits with status 0.
+(GET /health answers 503 until then). SIGTERM: new connections are refused, requests in flight finish
+(up to --grace_s seconds), then the server exits with status 0 (Ctrl-C: the same, exit status 130).
 """
 
 from __future__ import annotations

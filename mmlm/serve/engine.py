@@ -7,13 +7,13 @@ one jitted step of static shape: nothing recompiles when requests come and go.
 
 A request's life:
 
-1. **Prefill**, alone (batch of 1): `mmlm.infer.generate.prefill_jit`, the
+1. **Prefill**, alone (batch of 1): `mmlm.infer.generate.prefill`, the
    function `mmlm chat` runs, on the prompt padded to a multiple of 32 text
    tokens (a few programs cover every prompt). The vision tower and the
    compressor run here, once.
-2. **Insert**: its cache rows go into a free slot (columns `[0, P]`, the rest
-   of the row zeroed and masked), with its first answer token, write column
-   `P` and position `n_valid`.
+2. **Insert**, in the same program: its cache rows go into a free slot
+   (columns `[0, P]`, the rest of the row zeroed and masked), with its first
+   answer token, write column `P` and position `n_valid`.
 3. **Decode**: each loop iteration runs one step over all slots; every row
    feeds its last token at its own column (`jax.vmap` over rows turns the
    model's cache write into a per-row scatter). Empty slots compute too (the
@@ -26,7 +26,7 @@ row's arithmetic does not depend on what the other slots hold; an answer is
 the same whether its request decodes alone or with 15 others (tested).
 
 Policy (each iteration of the engine thread): admit waiting requests in
-arrival order into free slots (prefill each), drop cancelled ones, then one
+arrival order into free slots (prefill them), drop cancelled ones, then one
 decode step for all active slots. Requests beyond `max_batch` wait in a FIFO.
 """
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import threading
 import time
 from typing import Any, Callable, NamedTuple
@@ -45,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmlm.infer.batching import make_batch, round_up, views_per_frame
-from mmlm.infer.generate import prefill_jit, sampling_params, top_p_filter
+from mmlm.infer.generate import SamplingParams, prefill, top_p_filter
 from mmlm.infer.loading import InferenceModel
 from mmlm.models.config import ModelConfig
 from mmlm.models.llama import KVCache, init_cache
@@ -82,6 +81,7 @@ class Request:
     top_p: float
     seed: int
     emit: Callable[[str, Any], None]
+    ignore_eos: bool = False  # decode past stop tokens up to max_tokens (fixed-length benchmarks)
     cancelled: bool = False
     prompt_tokens: int = 0  # LLM prompt length (text + vision tokens), set by the prefill
     generated: int = 0
@@ -143,7 +143,24 @@ def _insert(st: SlotState, cache: KVCache, valid: jax.Array, slot: jax.Array, fi
         greedy=st.greedy.at[slot].set(greedy))
 
 
-_insert_jit = jax.jit(_insert, donate_argnames=("st",))
+def _prefill_into(cfg: ModelConfig, params: Any, st: SlotState, batch: dict, slot: jax.Array, key: jax.Array,
+                  sp: SamplingParams, *, num_vision_tokens: int | None, greedy: bool
+                  ) -> tuple[SlotState, jax.Array]:
+    """One request's prefill (`generate.prefill` on a batch of 1, as `mmlm chat` runs it) and its insertion
+    into `slot`, in one program (one dispatch per request). Returns the state and [first token, n_valid].
+
+    The first token is sampled with a subkey of the request's key; its slot continues from the key.
+    """
+    pre = prefill(cfg, params, batch, sp, jax.random.split(key)[1], max_new_tokens=1,
+                  num_vision_tokens=num_vision_tokens, greedy=greedy)
+    first, n_valid = pre.tokens[0, 0], pre.prompt_valid[0]
+    st = _insert(st, pre.cache, pre.key_valid, slot, first, n_valid, key, sp.temperature, sp.top_p,
+                 jnp.asarray(greedy))
+    return st, jnp.stack([first, n_valid])
+
+
+_prefill_into_jit = jax.jit(_prefill_into, static_argnames=("cfg", "num_vision_tokens", "greedy"),
+                            donate_argnames=("st",))
 
 
 # ----------------------------------------------------------------------------- engine
@@ -182,13 +199,15 @@ class Engine:
         self.prompt_slots = max_prompt_length(self.cfg, self.params, im.max_text_len, im.max_frames)
         self.slots = self.prompt_slots + 1 + max_new_tokens
         self.stop_ids = set(im.stop_ids)
+        self._stop_array = np.asarray(im.stop_ids, np.int32)
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request | None] = [None] * max_batch
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
-        self.stats = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0}
+        self.stats: dict[str, float] = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0,
+                                        "prefill_seconds": 0.0, "step_seconds": 0.0}
         self._state = self._empty_state()
 
     # ------------------------------------------------------------------ public
@@ -212,7 +231,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, float]:
+        """Slots, active / waiting requests, counters and the engine thread's busy seconds."""
         with self._cv:
             active = sum(r is not None for r in self._active)
             return {"slots": self.max_batch, "active": active, "waiting": len(self._waiting), **self.stats}
@@ -235,14 +255,11 @@ class Engine:
         k = views_per_frame(self.cfg)
         pixels = np.zeros((1, k, im.image_size, im.image_size, 3), np.float32)
         prompt, fuse = encode_question(im, "Hello", True, return_fuse_mask=True)
-        done = threading.Event()
-        req = Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None, max_tokens=2,
-                      temperature=0.0, top_p=1.0, seed=0,
-                      emit=lambda kind, value: done.set() if kind in ("done", "error") else None)
-        self._admit(req)
+        self._admit([Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None, max_tokens=2,
+                             temperature=0.0, top_p=1.0, seed=0, emit=lambda kind, value: None)])
         while any(r is not None for r in self._active):
             self._step()
-        self.stats.update({key: 0 for key in self.stats})
+        self.stats.update({key: type(value)(0) for key, value in self.stats.items()})
 
     def _run(self, warmup: bool) -> None:
         if warmup:
@@ -256,8 +273,8 @@ class Engine:
                     break
                 free = sum(r is None for r in self._active)
                 admit = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-            for req in admit:
-                self._admit(req)
+            if admit:
+                self._admit(admit)
             if any(r is not None for r in self._active):
                 self._step()
         self._fail_all("the server is shutting down")
@@ -282,7 +299,7 @@ class Engine:
         if req.cancelled:
             self._finish(req, "cancelled")
             return True
-        if token in self.stop_ids:
+        if token in self.stop_ids and not req.ignore_eos:
             self._finish(req, "stop")
             return True
         req.generated += 1
@@ -292,43 +309,53 @@ class Engine:
             return True
         return False
 
-    def _admit(self, req: Request) -> None:
-        if req.cancelled:
-            self._finish(req, "cancelled")
-            return
-        try:
-            first, cache, valid, n_valid, rng, sp, greedy = self._prefill(req)
-        except Exception as e:  # an internal error fails this request only
-            self.stats["failed"] += 1
-            req.emit("error", f"prefill failed: {type(e).__name__}: {e}")
-            return
-        self.stats["admitted"] += 1
-        if self._token(req, first):
-            return
-        with self._cv:
-            slot = self._active.index(None)
-            self._active[slot] = req
-        req.slot = slot
-        self._state = _insert_jit(self._state, cache, valid, jnp.asarray(slot, jnp.int32),
-                                  jnp.asarray(first, jnp.int32), n_valid, rng, sp.temperature, sp.top_p,
-                                  jnp.asarray(greedy))
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefills each request alone into a free slot; one that ends at its first token frees it again."""
+        for req in reqs:
+            if req.cancelled:  # gone while waiting
+                self._finish(req, "cancelled")
+                continue
+            start = time.perf_counter()
+            with self._cv:
+                slot = self._active.index(None)
+            try:
+                first, n_valid = self._prefill(req, slot)
+            except Exception as e:  # an internal error fails this request only
+                self.stats["failed"] += 1
+                req.emit("error", f"prefill failed: {type(e).__name__}: {e}")
+                continue
+            req.prompt_tokens = n_valid
+            self.stats["admitted"] += 1
+            if not self._token(req, first):
+                with self._cv:
+                    self._active[slot] = req
+                req.slot = slot
+            self.stats["prefill_seconds"] += time.perf_counter() - start
 
-    def _prefill(self, req: Request):
+    def _prefill(self, req: Request, slot: int) -> tuple[int, int]:
+        """Runs the request's prefill into `slot`; returns its first token and prompt length.
+
+        A batch of 1, the program `mmlm chat` runs, so that a request's arithmetic never depends on which
+        requests arrive with it (a larger prefill batch rounds differently; grouping the 16 prefills of a
+        burst gained little on the demo, where the HTTP work per request weighs as much).
+        """
         im = self.im
         media = [req.pixels] if req.pixels is not None else [None]
         batch = make_batch(self.cfg, [req.prompt], media, pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET,
                            fuse_masks=[req.fuse_mask])
         m = self.cfg.check_budget(req.num_vision_tokens) if req.pixels is not None else None
-        sp, greedy = sampling_params(req.temperature, req.top_p, im.stop_ids)
-        key = jax.random.PRNGKey(req.seed)
-        key, sub = jax.random.split(key)
-        state = prefill_jit(self.cfg, self.params, batch, sp, sub, max_new_tokens=1, num_vision_tokens=m,
-                            greedy=greedy)
-        n_valid = state.prompt_valid[0]
-        req.prompt_tokens = int(n_valid)
-        return (int(state.tokens[0, 0]), state.cache, state.key_valid, n_valid, key, sp, greedy)
+        greedy = req.temperature == 0.0
+        # Host arrays (no eager device ops per request); the same values as `generate.sampling_params`.
+        sp = SamplingParams(temperature=np.float32(1.0 if greedy else req.temperature), top_p=np.float32(req.top_p),
+                            stop_ids=self._stop_array, pad_id=self._stop_array[0])
+        key = np.asarray([0, req.seed], np.uint32)  # = jax.random.PRNGKey(seed) for 0 <= seed < 2**32
+        self._state, out = _prefill_into_jit(self.cfg, self.params, self._state, batch, np.int32(slot), key, sp,
+                                             num_vision_tokens=m, greedy=greedy)
+        first, n_valid = np.asarray(out)
+        return int(first), int(n_valid)
 
     def _step(self) -> None:
+        start = time.perf_counter()
         try:
             self._state, tokens = _slot_step_jit(self.cfg, self.params, self._state)
             tokens = np.asarray(tokens)
@@ -342,15 +369,8 @@ class Engine:
                 req.emit("error", f"decoding failed: {type(e).__name__}: {e}")
             return
         self.stats["steps"] += 1
+        self.stats["step_seconds"] += time.perf_counter() - start
         for slot, req in enumerate(list(self._active)):
             if req is not None:
                 self._token(req, int(tokens[slot]))
 
-
-def wait_ready(engine: Engine, timeout: float) -> bool:
-    """True once the engine compiled its programs (polls, for callers without an event loop)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if engine.ready.wait(0.1):
-            return True
-    return False
