@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mmlm.train.cli", "train a model from a config (the demo: --config configs/demo.py)"),
     "eval": ("mmlm.eval.cli", "evaluate a checkpoint on a question JSONL across token budgets"),
     "chat": ("mmlm.infer.chat", "ask a model about an image or a video"),
+    "serve": ("mmlm.serve.cli", "OpenAI-compatible HTTP API with batched decoding, and a web page"),
     "convert": ("mmlm.convert.cli", "import HF CLIP / LLaMA / LLaVA-Mini weights, or export to HF"),
     "verify": ("mmlm.convert.verify", "compare a converted checkpoint against transformers"),
     "data": ("mmlm.data.cli", "synthesise, build, inspect and benchmark datasets"),
@@ -24,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("mmlm.bench.cli", "benchmarks: flops, compress, latency, video-memory, data"),
 }
 # Commands that run compiled steps on this host: glibc keeps XLA's freed step buffers (mmlm.host_memory).
-RUNS_STEPS = ("train", "eval", "chat", "bench")
+RUNS_STEPS = ("train", "eval", "chat", "serve", "bench")
 
 
 def _usage() -> str:

@@ -1,0 +1,130 @@
+"""`mmlm serve`: an OpenAI-compatible chat-completions server with batched decoding and a web page.
+
+    mmlm serve --workdir workdirs/demo                       # http://127.0.0.1:8000
+    mmlm serve --checkpoint ckpt/ --port 9000 --max_batch 16 --media_root ~/pictures
+
+Prints one line `mmlm serve: ready at http://HOST:PORT ...` once the model's programs are compiled
+(GET /health answers 503 until then). SIGTERM: new connections are refused, requests in flight finish
+(up to --grace_s seconds), then the server exits with status 0 (Ctrl-C: the same, exit status 130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+from mmlm.cli_common import run_command
+from mmlm.errors import UserError
+
+INSTALL_HINT = 'pip install -e ".[serve]"'
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmlm serve",
+        description="Serve a model over HTTP: the OpenAI chat-completions API (POST /v1/chat/completions, "
+                    "streamed or not, images and videos as data: URLs), GET /v1/models, a compression-map "
+                    "endpoint and a web page at /. Concurrent requests decode together in a fixed batch of "
+                    "--max_batch slots.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training workdir (latest checkpoint + config.json)")
+    src.add_argument("--checkpoint", help="model checkpoint directory (config.json + params/)")
+    p.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default: latest)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max_batch", type=int, default=16,
+                   help="decoding slots: requests answered at once; more wait in arrival order (default 16)")
+    p.add_argument("--max_new_tokens", type=int, default=256,
+                   help="longest answer a request may ask for (max_tokens), and its default (default 256)")
+    p.add_argument("--model_name", default=None,
+                   help="model id in the API (default: the workdir's or checkpoint's directory name)")
+    p.add_argument("--media_root", default=None,
+                   help="directory whose files requests may name as file:///path (default: none; file:// "
+                        "URLs are refused and media come as data: URLs)")
+    p.add_argument("--max_body_mb", type=float, default=20.0,
+                   help="largest request body in MB (default 20); a larger one gets a 413 error")
+    p.add_argument("--grace_s", type=float, default=30.0,
+                   help="on SIGTERM, how long requests in flight may take to finish (default 30 s)")
+    p.add_argument("--weights", default="float", choices=("float", "int8"),
+                   help="LLM weights: 'float' as stored (default) or 'int8' (weight-only int8)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the one in the model's config)")
+    p.add_argument("--template", default=None, help="conversation template (default: the model's)")
+    p.add_argument("--log_level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default warning; info logs every request)")
+    return p
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_batch < 1:
+        raise UserError(f"--max_batch must be >= 1, got {args.max_batch}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.max_body_mb > 0:
+        raise UserError(f"--max_body_mb must be > 0, got {args.max_body_mb}")
+    if not args.grace_s >= 0:
+        raise UserError(f"--grace_s must be >= 0, got {args.grace_s}")
+    if args.media_root is not None and not os.path.isdir(args.media_root):
+        raise UserError(f"--media_root {args.media_root!r} is not a directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise UserError(f"serving needs FastAPI and uvicorn ({e.name} is missing): {INSTALL_HINT}") from None
+    from mmlm.infer.loading import load_inference_model
+    from mmlm.serve.api import ServerSettings, create_app
+    from mmlm.serve.engine import Engine
+
+    _validate(args)
+    im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
+                              tokenizer=args.tokenizer, template=args.template, weights=args.weights)
+    source = os.path.abspath(args.workdir or args.checkpoint)
+    name = args.model_name or os.path.basename(source.rstrip(os.sep)) or "mmlm"
+    settings = ServerSettings(model_name=name, max_new_tokens=args.max_new_tokens,
+                              max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                              media_root=os.path.abspath(args.media_root) if args.media_root else None)
+    engine = Engine(im, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens)
+    app = create_app(engine, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.grace_s, access_log=args.log_level in ("info", "debug"))
+    server = uvicorn.Server(config)
+
+    def announce() -> None:
+        engine.ready.wait()
+        while not server.started and not server.should_exit:
+            threading.Event().wait(0.05)
+        if server.started:
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.port
+            print(f"mmlm serve: ready at http://{host}:{port} (model {name!r}, {im.cfg.mode}, "
+                  f"{args.max_batch} slots)", flush=True)
+
+    threading.Thread(target=announce, name="mmlm-announce", daemon=True).start()
+    # uvicorn handles SIGTERM (graceful shutdown), then re-raises it to the handler it found installed:
+    # this one, so that a requested shutdown ends with exit status 0 instead of death by the signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    print(f"mmlm serve: {im.source}: compiling the decoding programs ({args.max_batch} slots)...",
+          file=sys.stderr, flush=True)
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits 1 when it cannot bind the address
+        if e.code:
+            raise UserError(f"cannot listen on {args.host}:{args.port} (in use, or not an address of this "
+                            "machine); pick another --port or --host") from None
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_command("serve", run, _parser().parse_args(argv), interruptible=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

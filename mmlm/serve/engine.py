@@ -1,0 +1,376 @@
+"""Continuous batching: requests join a running fixed-shape batch of decoding slots.
+
+The engine owns `max_batch` slots. Each slot has its own KV-cache rows
+(`S = P_max + max_new_tokens` columns), its own write column and its own RoPE
+position, so requests at different points of their answers decode together in
+one jitted step of static shape: nothing recompiles when requests come and go.
+
+A request's life:
+
+1. **Prefill**, alone (batch of 1): `mmlm.infer.generate.prefill`, the
+   function `mmlm chat` runs, on the prompt padded to a multiple of 32 text
+   tokens (a few programs cover every prompt). The vision tower and the
+   compressor run here, once.
+2. **Insert**, in the same program: its cache rows go into a free slot
+   (columns `[0, P]`, the rest of the row zeroed and masked), with its first
+   answer token, write column `P` and position `n_valid`.
+3. **Decode**: each loop iteration runs one step over all slots; every row
+   feeds its last token at its own column (`jax.vmap` over rows turns the
+   model's cache write into a per-row scatter). Empty slots compute too (the
+   shape is fixed) and their output is dropped.
+4. A stop token, `max_tokens`, a cancellation (client gone, stop string) or
+   the engine's shutdown frees the slot.
+
+Per-row independence: rows meet only in batched matmuls of fixed shape, so a
+row's arithmetic does not depend on what the other slots hold; an answer is
+the same whether its request decodes alone or with 15 others (tested).
+
+Policy (each iteration of the engine thread): admit waiting requests in
+arrival order into free slots (prefill them), drop cancelled ones, then one
+decode step for all active slots. Requests beyond `max_batch` wait in a FIFO.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmlm.infer.batching import make_batch, round_up, views_per_frame
+from mmlm.infer.generate import SamplingParams, prefill, top_p_filter
+from mmlm.infer.loading import InferenceModel
+from mmlm.models.config import ModelConfig
+from mmlm.models.llama import KVCache, init_cache
+from mmlm.models.llava_mini import LlavaMini
+
+PROMPT_BUCKET = 32  # text tokens: prompts are padded to a multiple of this (as `mmlm chat` pads them)
+
+
+class SlotState(NamedTuple):
+    """Device state of all slots (B = max_batch, S cache columns per slot)."""
+
+    cache: KVCache  # per layer {"k","v": (B, S, kv_heads, head_dim)}
+    key_valid: jax.Array  # (B, S) bool: columns holding this slot's real tokens
+    write: jax.Array  # (B,) int32: column the next fed token is written to
+    pos: jax.Array  # (B,) int32: RoPE position of the next fed token
+    last: jax.Array  # (B,) int32: the token to feed next (the last one sampled)
+    rng: jax.Array  # (B, 2) uint32: per-slot PRNG keys
+    temperature: jax.Array  # (B,) float32 (1 for greedy rows)
+    top_p: jax.Array  # (B,) float32
+    greedy: jax.Array  # (B,) bool
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request. `emit(kind, value)` is called from the engine thread:
+    ("token", id), then ("done", "stop" | "length" | "cancelled") or ("error", message)."""
+
+    prompt: list[int]
+    fuse_mask: list[bool]
+    pixels: np.ndarray | None  # (F, K, H, W, 3) or None for a text-only prompt
+    num_vision_tokens: int | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    emit: Callable[[str, Any], None]
+    ignore_eos: bool = False  # decode past stop tokens up to max_tokens (fixed-length benchmarks)
+    cancelled: bool = False
+    prompt_tokens: int = 0  # LLM prompt length (text + vision tokens), set by the prefill
+    generated: int = 0
+    slot: int = -1
+
+    def cancel(self) -> None:
+        """Thread-safe: the engine frees the request's slot at its next iteration."""
+        self.cancelled = True
+
+
+# ----------------------------------------------------------------------- jitted steps
+
+def _slot_step(cfg: ModelConfig, params: Any, st: SlotState) -> tuple[SlotState, jax.Array]:
+    """Feeds every slot's last token at its own column; returns the new state and tokens (B,)."""
+    model = LlavaMini(cfg)
+    variables = {"params": params}
+    s = st.key_valid.shape[1]
+    col = jnp.minimum(st.write, s - 1)
+    key_valid = st.key_valid | (jnp.arange(s)[None, :] == col[:, None])
+    embeds = model.apply(variables, st.last[:, None], method=LlavaMini.embed_tokens)  # (B, 1, D)
+
+    def row(e, pos, kv, cache_row, c):
+        one = jax.tree.map(lambda a: a[None], cache_row)
+        logits, new = model.apply(variables, e[None], pos[None, None], kv[None], one, c, method=LlavaMini.decode)
+        return logits[0, -1], jax.tree.map(lambda a: a[0], new)
+
+    logits, cache = jax.vmap(row)(embeds, st.pos, key_valid, st.cache, col)  # (B, V) fp32
+    keys = jax.vmap(jax.random.split)(st.rng)  # (B, 2, 2)
+    scaled = logits / st.temperature[:, None]
+    filtered = top_p_filter(scaled, st.top_p[:, None])
+    sampled = jax.vmap(jax.random.categorical)(keys[:, 1], filtered).astype(jnp.int32)
+    tokens = jnp.where(st.greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
+    new = SlotState(cache=cache, key_valid=key_valid, write=st.write + 1, pos=st.pos + 1, last=tokens,
+                    rng=keys[:, 0], temperature=st.temperature, top_p=st.top_p, greedy=st.greedy)
+    return new, tokens
+
+
+_slot_step_jit = jax.jit(_slot_step, static_argnames=("cfg",), donate_argnames=("st",))
+
+
+def _insert(st: SlotState, cache: KVCache, valid: jax.Array, slot: jax.Array, first: jax.Array,
+            n_valid: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array,
+            greedy: jax.Array) -> SlotState:
+    """Puts a prefilled request (cache (1, P+1, ...), valid (1, P+1)) into `slot`; its row is reset first."""
+    s = st.key_valid.shape[1]
+    p1 = valid.shape[1]
+
+    def put(big: jax.Array, small: jax.Array) -> jax.Array:
+        row = jnp.zeros((1, s) + big.shape[2:], big.dtype)
+        row = jax.lax.dynamic_update_slice(row, small.astype(big.dtype), (0,) * row.ndim)
+        return jax.lax.dynamic_update_slice(big, row, (slot,) + (0,) * (row.ndim - 1))
+
+    new_cache = jax.tree.map(put, st.cache, cache)
+    key_valid = put(st.key_valid, valid)
+    return SlotState(
+        cache=new_cache, key_valid=key_valid, write=st.write.at[slot].set(p1 - 1),
+        pos=st.pos.at[slot].set(n_valid), last=st.last.at[slot].set(first), rng=st.rng.at[slot].set(rng),
+        temperature=st.temperature.at[slot].set(temperature), top_p=st.top_p.at[slot].set(top_p),
+        greedy=st.greedy.at[slot].set(greedy))
+
+
+def _prefill_into(cfg: ModelConfig, params: Any, st: SlotState, batch: dict, slot: jax.Array, key: jax.Array,
+                  sp: SamplingParams, *, num_vision_tokens: int | None, greedy: bool
+                  ) -> tuple[SlotState, jax.Array]:
+    """One request's prefill (`generate.prefill` on a batch of 1, as `mmlm chat` runs it) and its insertion
+    into `slot`, in one program (one dispatch per request). Returns the state and [first token, n_valid].
+
+    The first token is sampled with a subkey of the request's key; its slot continues from the key.
+    """
+    pre = prefill(cfg, params, batch, sp, jax.random.split(key)[1], max_new_tokens=1,
+                  num_vision_tokens=num_vision_tokens, greedy=greedy)
+    first, n_valid = pre.tokens[0, 0], pre.prompt_valid[0]
+    st = _insert(st, pre.cache, pre.key_valid, slot, first, n_valid, key, sp.temperature, sp.top_p,
+                 jnp.asarray(greedy))
+    return st, jnp.stack([first, n_valid])
+
+
+_prefill_into_jit = jax.jit(_prefill_into, static_argnames=("cfg", "num_vision_tokens", "greedy"),
+                            donate_argnames=("st",))
+
+
+# ----------------------------------------------------------------------------- engine
+
+def max_prompt_length(cfg: ModelConfig, params: Any, max_text_len: int, max_frames: int) -> int:
+    """Longest LLM prompt (text + vision tokens) a request can have: the largest text bucket with the
+    largest video at the largest budget (shapes only, nothing runs)."""
+    t = round_up(max_text_len, PROMPT_BUCKET)
+    k, s = views_per_frame(cfg), cfg.image_size
+    batch = {"input_ids": jax.ShapeDtypeStruct((1, t), jnp.int32),
+             "attention_mask": jax.ShapeDtypeStruct((1, t), bool),
+             "fuse_mask": jax.ShapeDtypeStruct((1, t), bool),
+             "images": jax.ShapeDtypeStruct((1, max_frames, k, s, s, 3), jnp.float32),
+             "frame_mask": jax.ShapeDtypeStruct((1, max_frames), bool)}
+    m = max(cfg.supported_budgets)
+    out = jax.eval_shape(lambda p, b: LlavaMini(cfg).apply({"params": p}, b, m, "left",
+                                                           method=LlavaMini.build_llm_inputs), params, batch)
+    return int(out["embeds"].shape[1])
+
+
+class Engine:
+    """Slot-batched generation on a background thread. `submit` is thread-safe.
+
+    Args:
+      im: the loaded model.
+      max_batch: decoding slots (requests decoding at once; more wait in a FIFO).
+      max_new_tokens: the longest answer a request may ask for (sizes each slot's cache).
+    """
+
+    def __init__(self, im: InferenceModel, *, max_batch: int, max_new_tokens: int):
+        self.im = im
+        self.cfg = im.cfg
+        self.params = nn.unbox(im.params)
+        self.max_batch = max_batch
+        self.max_new_tokens = max_new_tokens
+        self.prompt_slots = max_prompt_length(self.cfg, self.params, im.max_text_len, im.max_frames)
+        self.slots = self.prompt_slots + 1 + max_new_tokens
+        self.stop_ids = set(im.stop_ids)
+        self._stop_array = np.asarray(im.stop_ids, np.int32)
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[Request | None] = [None] * max_batch
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.ready = threading.Event()
+        self.stats: dict[str, float] = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0,
+                                        "prefill_seconds": 0.0, "step_seconds": 0.0}
+        self._state = self._empty_state()
+
+    # ------------------------------------------------------------------ public
+    def start(self, warmup: bool = True) -> None:
+        """Starts the engine thread; with `warmup`, compiles the common programs first (then `ready`)."""
+        self._thread = threading.Thread(target=self._run, args=(warmup,), name="mmlm-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: Request) -> None:
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the server is shutting down")
+            self._waiting.append(req)
+            self._cv.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ends the engine: waiting and decoding requests get an error event."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def status(self) -> dict[str, float]:
+        """Slots, active / waiting requests, counters and the engine thread's busy seconds."""
+        with self._cv:
+            active = sum(r is not None for r in self._active)
+            return {"slots": self.max_batch, "active": active, "waiting": len(self._waiting), **self.stats}
+
+    # ---------------------------------------------------------------- internals
+    def _empty_state(self) -> SlotState:
+        b, s, cfg = self.max_batch, self.slots, self.cfg
+        return SlotState(
+            cache=init_cache(cfg.llm, b, s, cfg.compute_dtype, per_layer=not cfg.scan_layers),
+            key_valid=jnp.zeros((b, s), bool), write=jnp.zeros((b,), jnp.int32), pos=jnp.zeros((b,), jnp.int32),
+            last=jnp.zeros((b,), jnp.int32), rng=jnp.zeros((b, 2), jnp.uint32),
+            temperature=jnp.ones((b,), jnp.float32), top_p=jnp.ones((b,), jnp.float32),
+            greedy=jnp.ones((b,), bool))
+
+    def _warmup(self) -> None:
+        """Compiles the decode step and the prefill of a one-image prompt in the first text bucket."""
+        from mmlm.infer.loading import encode_question
+
+        im = self.im
+        k = views_per_frame(self.cfg)
+        pixels = np.zeros((1, k, im.image_size, im.image_size, 3), np.float32)
+        prompt, fuse = encode_question(im, "Hello", True, return_fuse_mask=True)
+        self._admit([Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None, max_tokens=2,
+                             temperature=0.0, top_p=1.0, seed=0, emit=lambda kind, value: None)])
+        while any(r is not None for r in self._active):
+            self._step()
+        self.stats.update({key: type(value)(0) for key, value in self.stats.items()})
+
+    def _run(self, warmup: bool) -> None:
+        if warmup:
+            self._warmup()
+        self.ready.set()
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not any(self._active):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                free = sum(r is None for r in self._active)
+                admit = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            if admit:
+                self._admit(admit)
+            if any(r is not None for r in self._active):
+                self._step()
+        self._fail_all("the server is shutting down")
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            pending = list(self._waiting) + [r for r in self._active if r is not None]
+            self._waiting.clear()
+            self._active = [None] * self.max_batch
+        for req in pending:
+            req.emit("error", message)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        with self._cv:
+            if 0 <= req.slot < self.max_batch and self._active[req.slot] is req:
+                self._active[req.slot] = None
+            self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
+        req.emit("done", reason)
+
+    def _token(self, req: Request, token: int) -> bool:
+        """Delivers a sampled token; returns True when the request is finished."""
+        if req.cancelled:
+            self._finish(req, "cancelled")
+            return True
+        if token in self.stop_ids and not req.ignore_eos:
+            self._finish(req, "stop")
+            return True
+        req.generated += 1
+        req.emit("token", token)
+        if req.generated >= req.max_tokens:
+            self._finish(req, "length")
+            return True
+        return False
+
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefills each request alone into a free slot; one that ends at its first token frees it again."""
+        for req in reqs:
+            if req.cancelled:  # gone while waiting
+                self._finish(req, "cancelled")
+                continue
+            start = time.perf_counter()
+            with self._cv:
+                slot = self._active.index(None)
+            try:
+                first, n_valid = self._prefill(req, slot)
+            except Exception as e:  # an internal error fails this request only
+                self.stats["failed"] += 1
+                req.emit("error", f"prefill failed: {type(e).__name__}: {e}")
+                continue
+            req.prompt_tokens = n_valid
+            self.stats["admitted"] += 1
+            if not self._token(req, first):
+                with self._cv:
+                    self._active[slot] = req
+                req.slot = slot
+            self.stats["prefill_seconds"] += time.perf_counter() - start
+
+    def _prefill(self, req: Request, slot: int) -> tuple[int, int]:
+        """Runs the request's prefill into `slot`; returns its first token and prompt length.
+
+        A batch of 1, the program `mmlm chat` runs, so that a request's arithmetic never depends on which
+        requests arrive with it (a larger prefill batch rounds differently; grouping the 16 prefills of a
+        burst gained little on the demo, where the HTTP work per request weighs as much).
+        """
+        im = self.im
+        media = [req.pixels] if req.pixels is not None else [None]
+        batch = make_batch(self.cfg, [req.prompt], media, pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET,
+                           fuse_masks=[req.fuse_mask])
+        m = self.cfg.check_budget(req.num_vision_tokens) if req.pixels is not None else None
+        greedy = req.temperature == 0.0
+        # Host arrays (no eager device ops per request); the same values as `generate.sampling_params`.
+        sp = SamplingParams(temperature=np.float32(1.0 if greedy else req.temperature), top_p=np.float32(req.top_p),
+                            stop_ids=self._stop_array, pad_id=self._stop_array[0])
+        key = np.asarray([0, req.seed], np.uint32)  # = jax.random.PRNGKey(seed) for 0 <= seed < 2**32
+        self._state, out = _prefill_into_jit(self.cfg, self.params, self._state, batch, np.int32(slot), key, sp,
+                                             num_vision_tokens=m, greedy=greedy)
+        first, n_valid = np.asarray(out)
+        return int(first), int(n_valid)
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        try:
+            self._state, tokens = _slot_step_jit(self.cfg, self.params, self._state)
+            tokens = np.asarray(tokens)
+        except Exception as e:  # an internal error: fail the decoding requests, start from clean slots
+            with self._cv:
+                active = [r for r in self._active if r is not None]
+                self._active = [None] * self.max_batch
+                self.stats["failed"] += len(active)
+            self._state = self._empty_state()
+            for req in active:
+                req.emit("error", f"decoding failed: {type(e).__name__}: {e}")
+            return
+        self.stats["steps"] += 1
+        self.stats["step_seconds"] += time.perf_counter() - start
+        for slot, req in enumerate(list(self._active)):
+            if req is not None:
+                self._token(req, int(tokens[slot]))
+
