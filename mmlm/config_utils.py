@@ -445,6 +445,9 @@ def _check_data(config: ml_collections.ConfigDict, sizes: dict[str, int] | None,
     _num(config, "data.max_text_len", low=2)
     _num(config, "data.max_frames", low=1)
     _num(config, "data.video_fps", kind=float, low=0, low_open=True)
+    for key in ("video_chunk_frames", "prefill_chunk_tokens"):
+        if key in d:
+            _num(config, f"data.{key}", low=1)
     for key in ("worker_count", "prefetch_buffer_size"):
         if key in d:
             _num(config, f"data.{key}", low=0)
