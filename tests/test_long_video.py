@@ -154,3 +154,22 @@ def test_chat_video_chunked_answers_like_one_batch(tiny):
     assert rc == 0 and "10 frames" in err
     with pytest.raises(UserError, match="--video_chunk_frames"):
         _chat(["--checkpoint", ckpt, "--video", video, "--prompt", "Q?", "--video_chunk_frames", "0"])
+
+
+def test_eval_encodes_each_video_in_chunks_and_batches_the_llm(tiny):
+    """`evaluate` over two videos of different lengths in one batch, 2-frame chunks: each answer equals the
+    one-batch greedy answer to its question alone."""
+    from mmlm.eval.evaluate import evaluate, prepare_questions
+
+    im = load_inference_model(checkpoint=str(tiny / "ckpt"))
+    rows = [{"question_id": "a", "video": "v1fps.mp4", "text": "What is shown?"},
+            {"question_id": "b", "video": "v4fps.mp4", "text": "Which colour comes first?"}]
+    questions = prepare_questions(im, rows, tiny, None)
+    result = evaluate(im, questions, [None], batch_size=4, max_new_tokens=5, max_frames=6, progress=False,
+                      video_chunk_frames=2)
+    got = {line["question_id"]: line["text"] for line in result.answers[im.budget(None)]}
+    for q in questions:
+        pixels = load_media(im, q.media, "video", max_frames=6)
+        batch = make_batch(im.cfg, [q.prompt], [pixels], pad_id=im.tokenizer.pad_id)
+        tokens, lengths = generate(im.cfg, im.params, batch, max_new_tokens=5, eos_id=im.stop_ids)
+        assert got[q.record["question_id"]] == im.tokenizer.decode(trim_answer(tokens[0], lengths[0])).strip()

@@ -29,7 +29,8 @@ agree to float rounding (tests/test_long_video.py pins 1e-5 on the logits).
 
 `stream_video_answer` is the entry point for a caller with an
 `InferenceModel` (chat, a server): a video path and prompt ids in, answer
-token ids out as they are generated.
+token ids out as they are generated. `generate_videos` answers a batch of
+questions, each about its own video (`mmlm eval`).
 """
 
 from __future__ import annotations
@@ -278,9 +279,7 @@ def stream_video_answer(im, video: str | os.PathLike | VideoStream, prompt: Sequ
     m = im.budget(num_vision_tokens)
     if chunk_frames is not None and chunk_frames < 1:
         raise UserError(f"--video_chunk_frames must be >= 1, got {chunk_frames}")
-    stream = video if isinstance(video, VideoStream) else VideoStream(
-        video, image_size=im.image_size, fps=fps or im.video_fps, max_frames=max_frames, hd_grid=im.hd_grid,
-        mean=im.image_mean, std=im.image_std)
+    stream = video if isinstance(video, VideoStream) else open_video(im, video, fps=fps, max_frames=max_frames)
     text = text_batch([prompt], [fuse_mask], pad_id=im.tokenizer.pad_id)
     encoded = encode_video(im.cfg, im.params, text, stream.chunks(chunk_frames or im.video_chunk_frames), m)
     stops = set(im.stop_ids)
@@ -291,3 +290,28 @@ def stream_video_answer(im, video: str | os.PathLike | VideoStream, prompt: Sequ
         if token in stops:
             return
         yield token
+
+
+def open_video(im, path: str | os.PathLike, *, fps: float | None = None, max_frames: int | None = None
+               ) -> VideoStream:
+    """A `VideoStream` with the model's preprocessing (image size, HD grid, normalisation) and sampling rate."""
+    return VideoStream(path, image_size=im.image_size, fps=fps or im.video_fps, max_frames=max_frames,
+                       hd_grid=im.hd_grid, mean=im.image_mean, std=im.image_std)
+
+
+def generate_videos(im, prompts: Sequence[Sequence[int]], videos: Sequence[VideoStream], *,
+                    num_vision_tokens: int | None, max_new_tokens: int, chunk_frames: int | None = None,
+                    prefill_chunk: int | None = None, pad_len_to: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy answers to B questions, each about its own video: tokens (B, max_new_tokens), lengths (B,).
+
+    Each video is streamed and encoded chunk by chunk with its own question's text (pre-fusion reads it);
+    the LLM then prefills and decodes all B rows as one batch (vision tokens padded to the longest video).
+    """
+    m = im.budget(num_vision_tokens)
+    text = text_batch(prompts, pad_id=im.tokenizer.pad_id, pad_len_to=pad_len_to)
+    size = chunk_frames or im.video_chunk_frames
+    encoded = [encode_video(im.cfg, im.params, {k: a[j:j + 1] for k, a in text.items()}, v.chunks(size), m)
+               for j, v in enumerate(videos)]
+    return generate_encoded(im.cfg, im.params, text, stack_videos(encoded), max_new_tokens=max_new_tokens,
+                            eos_id=im.stop_ids, prefill_chunk=prefill_chunk or im.prefill_chunk_tokens,
+                            pad_id=im.tokenizer.pad_id)
