@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 
 import jax
@@ -173,3 +174,29 @@ def test_eval_encodes_each_video_in_chunks_and_batches_the_llm(tiny):
         batch = make_batch(im.cfg, [q.prompt], [pixels], pad_id=im.tokenizer.pad_id)
         tokens, lengths = generate(im.cfg, im.params, batch, max_new_tokens=5, eos_id=im.stop_ids)
         assert got[q.record["question_id"]] == im.tokenizer.decode(trim_answer(tokens[0], lengths[0])).strip()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install mmlm[tpu])")
+def test_compile_infer_frames_for_a_tpu_chip(capsys):
+    """`mmlm compile --what infer --frames N` on the tiny config: the three chunked programs compile for a
+    v5e chip, and the KV cache holds the prompt (text + N frames x m tokens, the last vision chunk padded) and
+    the answer."""
+    import json
+
+    from mmlm.bench import compile as C
+
+    assert C.main(["--config", "tiny", "--topology", "v5litepod-1", "--what", "infer", "--frames", "50",
+                   "--new_tokens", "8", "--json", "--config.data.video_chunk_frames=16"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    row = r["models"][0]
+    cfg = model_config_from_dict(load_config("configs/tiny.py").model)
+    m = cfg.check_budget(None)
+    assert row["llm_prompt_tokens"] == 24 - 1 + 50 * m
+    assert row["kv_cache_slots"] == 24 - 1 + 64 * m + 8  # 4 chunks of 16 frames; one prefill chunk (< 512)
+    llm = cfg.llm
+    assert row["kv_cache_bytes"] == llm.layers * 2 * row["kv_cache_slots"] * llm.kv_heads * llm.head_dim * 2
+    assert r["fits"] and row["serving_bytes"] >= row["params_bytes"] + row["kv_cache_bytes"]
+    # The prefill chunk updates the donated cache in place: aliased, not copied.
+    assert row["prefill_chunk"]["per_chip_bytes"]["aliased"] >= row["kv_cache_bytes"]  # TPU tiles pad tiny dims
+    for name in ("encode_chunk", "prefill_inputs", "prefill_chunk", "decode_step"):
+        assert row[name]["per_chip_bytes"]["total"] > 0

@@ -169,15 +169,18 @@ def compile_long_video(config: ml_collections.ConfigDict, s: Slice, frames: int,
                        dtype: str = "bfloat16", weights: str = "float") -> dict[str, Any]:
     """Compiles the chunked video path of `mmlm chat --video` for `frames` frames on the slice's first chip.
 
-    Three programs of `mmlm.infer.chunked`, for the config's own model (LLaVA-Mini or LLaVA-1.5): one chunk
+    The programs of `mmlm.infer.chunked`, for the config's own model (LLaVA-Mini or LLaVA-1.5): one chunk
     of `data.video_chunk_frames` frames through the vision tower, compressor and pre-fusion
-    (`encode_chunk_jit`; it runs ceil(frames / chunk) times), the LLM prefill over frames x tokens-per-frame
-    vision tokens + `config.text_len` text tokens in chunks of `data.prefill_chunk_tokens`
-    (`prefill_video_jit`), and one decode step over the resulting KV cache (`decode_step_jit`, donated).
-    `serving_bytes`: every weight, the video's vision tokens (held from the first chunk to the prefill) and
-    the largest program's temporaries and outputs (the KV cache for the prefill and decode step).
+    (`encode_chunk_jit`; it runs ceil(frames / chunk) times), the prompt assembly (`prefill_inputs_jit`:
+    frames x tokens-per-frame vision tokens + `config.text_len` text tokens, and the zeroed KV cache), one
+    LLM prefill chunk of `data.prefill_chunk_tokens` tokens over that cache (`prefill_chunk_jit`, cache
+    donated; it runs prompt / chunk times), and one decode step (`decode_step_jit`, donated).
+    `serving_bytes`: every weight plus, at the worst moment, what is alive: the program's temporaries and
+    outputs (the cache, aliased with its donated input) and the arrays it reads that outlive it (the video's
+    vision tokens while encoding and assembling, the prompt embeddings while prefilling).
     """
-    from mmlm.infer.chunked import EncodedVideo, encode_chunk_jit, prefill_video_jit, reads_fused_text
+    from mmlm.infer.chunked import (EncodedVideo, encode_chunk_jit, first_token_jit, prefill_chunk_jit,
+                                    prefill_inputs_jit, reads_fused_text)
     from mmlm.infer.generate import decode_step_jit, decoding_layout, sampling_params
     from mmlm.kernels.compression import compile_platform
     from mmlm.models.config import model_config_from_dict
@@ -223,24 +226,35 @@ def compile_long_video(config: ml_collections.ConfigDict, s: Slice, frames: int,
     sp, greedy = sampling_params(0.0, 1.0, eos_id=2)
     sp = _abstract(sp, one_chip)
     key = abstract((2,), jnp.uint32)
-    static = dict(max_new_tokens=new_tokens, prefill_chunk=prefill_chunk, greedy=greedy)
     row: dict[str, Any] = {"mode": cfg.mode, "frames": frames, "vision_tokens_per_frame": per_frame,
                            "video_chunk_frames": chunk, "prefill_chunk_tokens": prefill_chunk, "text_tokens": text_len,
                            "new_tokens": new_tokens, "params_bytes": params_bytes(params)}
     t0 = time.perf_counter()
+    nbytes = lambda tree: sum(a.size * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
     with compile_platform("tpu"):
-        state = jax.eval_shape(lambda p, t, v, q, k: prefill_video_jit(serve_cfg, p, t, v, q, k, **static)[0],
-                               params, text, video, sp, key)
-        state = _abstract(state, one_chip)
-        slots = int(state.key_valid.shape[1])
+        pre = dict(max_new_tokens=new_tokens, prefill_chunk=prefill_chunk)
+        embeds, positions, key_valid, cache = _abstract(jax.eval_shape(
+            lambda p, t, v: prefill_inputs_jit(serve_cfg, p, t, v, **pre), params, text, video), one_chip)
+        size = min(prefill_chunk, int(embeds.shape[1]))
+        start = abstract((), jnp.int32)
+        last = _abstract(jax.eval_shape(lambda *a: prefill_chunk_jit(serve_cfg, *a, size=size)[0], params, embeds,
+                                        positions, key_valid, cache, start), one_chip)
+        state = _abstract(jax.eval_shape(
+            lambda p, l, c, kv, q, k: first_token_jit(serve_cfg, p, l, c, kv, q, k, max_new_tokens=new_tokens,
+                                                      greedy=greedy)[0], params, last, cache, key_valid, sp, key),
+            one_chip)
         row["llm_prompt_tokens"] = text_len - 1 + frames * per_frame
-        row["kv_cache_slots"] = slots
-        row["kv_cache_bytes"] = sum(a.size * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(state.cache))
+        row["kv_cache_slots"] = int(key_valid.shape[1])
+        row["kv_cache_bytes"] = nbytes(cache)
         row["vision_tokens_bytes"] = vision_len * width * cdt.itemsize
+        row["prompt_embeds_bytes"] = nbytes(embeds)
+        row["prefill_chunks"] = int(embeds.shape[1]) // size
         try:
             programs = {
                 "encode_chunk": encode_chunk_jit.lower(serve_cfg, params, chunk_batch, num_tokens=m).compile(),
-                "prefill": prefill_video_jit.lower(serve_cfg, params, text, video, sp, key, **static).compile(),
+                "prefill_inputs": prefill_inputs_jit.lower(serve_cfg, params, text, video, **pre).compile(),
+                "prefill_chunk": prefill_chunk_jit.lower(serve_cfg, params, embeds, positions, key_valid, cache,
+                                                         start, size=size).compile(),
                 "decode_step": decode_step_jit.lower(serve_cfg, params, state, sp, greedy=greedy).compile(),
             }
         except Exception as e:  # noqa: BLE001 - XlaRuntimeError: the compiler's own verdict
@@ -254,14 +268,14 @@ def compile_long_video(config: ml_collections.ConfigDict, s: Slice, frames: int,
         for name, compiled in programs.items():
             row[name] = _program_report(compiled, s, "seconds")
         work = lambda name: row[name]["per_chip_bytes"]["temporaries"] + row[name]["per_chip_bytes"]["outputs"]
-        held = row["vision_tokens_bytes"]
-        row["serving_bytes"] = row["params_bytes"] + max(work("encode_chunk") + held, work("prefill") + held,
-                                                         work("decode_step"))
+        row["serving_bytes"] = row["params_bytes"] + max(
+            work("encode_chunk") + row["vision_tokens_bytes"], work("prefill_inputs") + row["vision_tokens_bytes"],
+            work("prefill_chunk") + row["prompt_embeds_bytes"], work("decode_step"))
         row["hbm_fraction"] = row["serving_bytes"] / s.hbm_bytes
         row["fits"] = row["serving_bytes"] <= s.hbm_bytes
-        # A whole video's prefill: each chunk's encoding, then the LLM over the prompt.
+        # A whole video's prefill: each vision chunk, then each LLM prefill chunk.
         row["prefill_seconds_total"] = chunks * (row["encode_chunk"]["seconds"] or 0.0) + \
-            (row["prefill"]["seconds"] or 0.0)
+            row["prefill_chunks"] * (row["prefill_chunk"]["seconds"] or 0.0)
     return {
         "what": "infer", "video": True, "topology": s.name, "topology_string": s.topology,
         "device_kind": device.device_kind, "chips_used": 1, "hbm_bytes_per_chip": s.hbm_bytes, "dtype": dtype,
@@ -280,14 +294,15 @@ def format_long_video_report(r: dict[str, Any]) -> str:
              f"chunks: {m['video_chunk_frames']} frames per vision chunk, {m['prefill_chunk_tokens']} tokens per "
              f"prefill chunk",
              f"weights {_fmt_bytes(m['params_bytes'])}, KV cache {_fmt_bytes(m['kv_cache_bytes'])} "
-             f"({m['kv_cache_slots']} slots), vision tokens {_fmt_bytes(m['vision_tokens_bytes'])}"]
+             f"({m['kv_cache_slots']} slots), vision tokens {_fmt_bytes(m['vision_tokens_bytes'])}, prompt "
+             f"embeddings {_fmt_bytes(m['prompt_embeds_bytes'])} ({m['prefill_chunks']} prefill chunks)"]
     if m.get("compile_error"):
         lines.append(f"does not fit: {m['compile_error']}")
         return "\n".join(lines)
     ms = lambda x: f"{1e3 * x:.4g}" if x else "?"
-    for name in ("encode_chunk", "prefill", "decode_step"):
+    for name in ("encode_chunk", "prefill_inputs", "prefill_chunk", "decode_step"):
         p = m[name]
-        lines.append(f"{name:<13} {_fmt_bytes(p['per_chip_bytes']['total']):>10} per chip, "
+        lines.append(f"{name:<14} {_fmt_bytes(p['per_chip_bytes']['total']):>10} per chip, "
                      f"temporaries {_fmt_bytes(p['per_chip_bytes']['temporaries'])}, "
                      f"~{ms(p['seconds'])} ms ({p['estimator']})")
     lines.append(f"serving memory {_fmt_bytes(m['serving_bytes'])} of {_fmt_bytes(r['hbm_bytes_per_chip'])} "

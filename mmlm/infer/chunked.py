@@ -18,8 +18,9 @@ chunks of C frames, and
 2. **prefill** (`prefill_video`): the vision tokens replace the prompt's
    `<image>` placeholder (`merge_vision_into_text`, left-aligned as in
    `generate.prefill`), and the LLM runs over the prompt in chunks of
-   `prefill_chunk` tokens into a KV cache sized to the prompt (rounded up to
-   the chunk) + the answer, so attention scores are `chunk x prompt`, not
+   `prefill_chunk` tokens (one compiled program, the cache donated and
+   written in place) into a KV cache sized to the prompt (rounded up to the
+   chunk) + the answer, so attention scores are `chunk x prompt`, not
    `prompt x prompt`. Samples answer token 0.
 3. **decode**: `generate.decode_step`, as for any prompt.
 
@@ -153,24 +154,10 @@ def stack_videos(videos: Sequence[EncodedVideo]) -> EncodedVideo:
 
 # ------------------------------------------------------------------------------ prefill
 
-def _llm_chunk(model: LlavaMini, embeds, positions, key_valid, cache, start):
-    hidden, cache = model.llm(embeds, positions, key_valid, cache=cache, cache_index=start, return_hidden=True)
-    return hidden[:, -1], cache
-
-
-def _last_logits(model: LlavaMini, hidden):
-    return model.llm.logits(hidden).astype(jnp.float32)
-
-
-def prefill_video(cfg: ModelConfig, params: Params, text: Batch, video: EncodedVideo, sp: SamplingParams,
-                  rng: jax.Array, *, max_new_tokens: int, prefill_chunk: int, greedy: bool
-                  ) -> tuple[DecodeState, jax.Array]:
-    """Prompt + encoded video -> the decoding state after answer token 0, and its logits (B, V) fp32.
-
-    The prompt P = T - 1 + V tokens is left-aligned (as `generate.prefill`), padded in front to a multiple
-    of `prefill_chunk` and run through the LLM chunk by chunk (`lax.fori_loop`: each chunk's queries attend
-    to the cache so far, causally, over the valid slots). The cache holds P (rounded up) + max_new_tokens slots.
-    """
+def _prefill_inputs(cfg: ModelConfig, params: Params, text: Batch, video: EncodedVideo, *, max_new_tokens: int,
+                    prefill_chunk: int) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+    """The LLM's prompt and an empty cache: embeds (B, P, D), positions (B, P), key_valid (B, P + max_new_tokens),
+    the zeroed KV cache; P = T - 1 + V left-aligned tokens, padded in front to a multiple of the chunk."""
     model = LlavaMini(cfg)
     variables = {"params": params}
     ids, attn = text["input_ids"], text["attention_mask"]
@@ -185,32 +172,75 @@ def prefill_video(cfg: ModelConfig, params: Params, text: Batch, video: EncodedV
                                     align="left")
     embeds, valid, positions = inputs["embeds"], inputs["valid"], inputs["positions"]
     b, p = valid.shape
-    c = min(prefill_chunk, p)
-    front = -p % c  # left padding: the last chunk ends at the last prompt token
+    front = -p % min(prefill_chunk, p)  # left padding: the last chunk ends at the last prompt token
     embeds = jnp.pad(embeds, ((0, 0), (front, 0), (0, 0)))
     valid = jnp.pad(valid, ((0, 0), (front, 0)))
     positions = jnp.pad(positions, ((0, 0), (front, 0)))
-    p += front
-    cache = init_cache(cfg.llm, b, p + max_new_tokens, cfg.compute_dtype, per_layer=not cfg.scan_layers)
+    cache = init_cache(cfg.llm, b, p + front + max_new_tokens, cfg.compute_dtype, per_layer=not cfg.scan_layers)
     key_valid = jnp.concatenate([valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
+    return embeds, positions, key_valid, cache
 
-    def body(i, carry):
-        cache, _ = carry
-        start = i * c
-        chunk = lambda a: jax.lax.dynamic_slice_in_dim(a, start, c, axis=1)
-        last, cache = model.apply(variables, chunk(embeds), chunk(positions), key_valid, cache, start,
-                                  method=_llm_chunk)
-        return cache, last
 
-    last0 = jnp.zeros((b, cfg.llm.width), cfg.compute_dtype)
-    cache, last = jax.lax.fori_loop(0, p // c, body, (cache, last0))
-    logits = model.apply(variables, last, method=_last_logits)
-    state = start_decoding(logits, cache, key_valid, valid.sum(axis=1), sp, rng, max_new_tokens=max_new_tokens,
+prefill_inputs_jit = jax.jit(_prefill_inputs, static_argnames=("cfg", "max_new_tokens", "prefill_chunk"))
+
+
+def _llm_chunk(model: LlavaMini, embeds, positions, key_valid, cache, start):
+    hidden, cache = model.llm(embeds, positions, key_valid, cache=cache, cache_index=start, return_hidden=True)
+    return hidden[:, -1], cache
+
+
+def _prefill_chunk(cfg: ModelConfig, params: Params, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array,
+                   cache: Any, start: jax.Array, *, size: int) -> tuple[jax.Array, Any]:
+    """Prompt slots [start, start + size) through the LLM into the cache (their queries attend causally to the
+    valid slots so far): the last slot's final hidden state (B, D) and the cache."""
+    chunk = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)
+    return LlavaMini(cfg).apply({"params": params}, chunk(embeds), chunk(positions), key_valid, cache, start,
+                                method=_llm_chunk)
+
+
+# The cache is donated: each chunk writes its slots in place (one cache alive, not two).
+prefill_chunk_jit = jax.jit(_prefill_chunk, static_argnames=("cfg", "size"), donate_argnames=("cache",))
+
+
+def _last_logits(model: LlavaMini, hidden):
+    return model.llm.logits(hidden).astype(jnp.float32)
+
+
+def _first_token(cfg: ModelConfig, params: Params, last: jax.Array, cache: Any, key_valid: jax.Array,
+                 sp: SamplingParams, rng: jax.Array, *, max_new_tokens: int, greedy: bool
+                 ) -> tuple[DecodeState, jax.Array]:
+    logits = LlavaMini(cfg).apply({"params": params}, last, method=_last_logits)
+    prompt_valid = key_valid[:, : key_valid.shape[1] - max_new_tokens].sum(axis=1)
+    state = start_decoding(logits, cache, key_valid, prompt_valid, sp, rng, max_new_tokens=max_new_tokens,
                            greedy=greedy)
     return state, logits
 
 
-prefill_video_jit = jax.jit(prefill_video, static_argnames=("cfg", "max_new_tokens", "prefill_chunk", "greedy"))
+first_token_jit = jax.jit(_first_token, static_argnames=("cfg", "max_new_tokens", "greedy"),
+                          donate_argnames=("cache",))
+
+
+def prefill_video(cfg: ModelConfig, params: Params, text: Batch, video: EncodedVideo, sp: SamplingParams,
+                  rng: jax.Array, *, max_new_tokens: int, prefill_chunk: int, greedy: bool
+                  ) -> tuple[DecodeState, jax.Array]:
+    """Prompt + encoded video -> the decoding state after answer token 0, and its logits (B, V) fp32.
+
+    The prompt P = T - 1 + V tokens is left-aligned (as `generate.prefill`), padded in front to a multiple
+    of `prefill_chunk` and run through the LLM chunk by chunk from a host loop (`prefill_chunk_jit`, one
+    compiled program, the cache donated and updated in place): each chunk's queries attend to the cache so
+    far, causally, over the valid slots. The cache holds P (rounded up) + max_new_tokens slots.
+    """
+    params = nn.unbox(params)
+    embeds, positions, key_valid, cache = prefill_inputs_jit(cfg, params, text, video, max_new_tokens=max_new_tokens,
+                                                             prefill_chunk=prefill_chunk)
+    p = embeds.shape[1]
+    size = min(prefill_chunk, p)
+    last = None
+    for start in range(0, p, size):
+        last, cache = prefill_chunk_jit(cfg, params, embeds, positions, key_valid, cache,
+                                        jnp.asarray(start, jnp.int32), size=size)
+    return first_token_jit(cfg, params, last, cache, key_valid, sp, rng, max_new_tokens=max_new_tokens,
+                           greedy=greedy)
 
 
 # ------------------------------------------------------------------------------ generation
@@ -229,7 +259,7 @@ def stream_encoded(cfg: ModelConfig, params: Params, text: Batch, video: Encoded
     sp, greedy = sampling_params(temperature, top_p, eos_id)
     params = nn.unbox(params)
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    state, _ = prefill_video_jit(cfg, params, text, video, sp, rng, max_new_tokens=max_new_tokens,
+    state, _ = prefill_video(cfg, params, text, video, sp, rng, max_new_tokens=max_new_tokens,
                                  prefill_chunk=prefill_chunk, greedy=greedy)
     yield np.asarray(state.tokens[:, 0])
     for i in range(1, max_new_tokens):
