@@ -180,7 +180,7 @@ def compile_long_video(config: ml_collections.ConfigDict, s: Slice, frames: int,
     vision tokens while encoding and assembling, the prompt embeddings while prefilling).
     """
     from mmlm.infer.chunked import (EncodedVideo, encode_chunk_jit, first_token_jit, prefill_chunk_jit,
-                                    prefill_inputs_jit, reads_fused_text)
+                                    prefill_chunking, prefill_inputs_jit, reads_fused_text)
     from mmlm.infer.generate import decode_step_jit, decoding_layout, sampling_params
     from mmlm.kernels.compression import compile_platform
     from mmlm.models.config import model_config_from_dict
@@ -207,7 +207,7 @@ def compile_long_video(config: ml_collections.ConfigDict, s: Slice, frames: int,
     per_frame = m if cfg.mode == "llava_mini" else cfg.vision.num_patches
     text_len = int(config.get("text_len", 64))
     chunks = -(-frames // chunk)
-    vision_len = chunks * chunk * per_frame
+    vision_len = frames * per_frame  # the last chunk's padded frames are dropped after encoding
     abstract = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=one_chip)
     shapes = batch_shapes(cfg, 1, text_len, chunk)
     chunk_batch = {k: abstract(shape, dt) for k, (shape, dt) in shapes.items()}
@@ -235,7 +235,7 @@ def compile_long_video(config: ml_collections.ConfigDict, s: Slice, frames: int,
         pre = dict(max_new_tokens=new_tokens, prefill_chunk=prefill_chunk)
         embeds, positions, key_valid, cache = _abstract(jax.eval_shape(
             lambda p, t, v: prefill_inputs_jit(serve_cfg, p, t, v, **pre), params, text, video), one_chip)
-        size = min(prefill_chunk, int(embeds.shape[1]))
+        size, _ = prefill_chunking(int(embeds.shape[1]), prefill_chunk)
         start = abstract((), jnp.int32)
         last = _abstract(jax.eval_shape(lambda *a: prefill_chunk_jit(serve_cfg, *a, size=size)[0], params, embeds,
                                         positions, key_valid, cache, start), one_chip)

@@ -18,9 +18,9 @@ chunks of C frames, and
 2. **prefill** (`prefill_video`): the vision tokens replace the prompt's
    `<image>` placeholder (`merge_vision_into_text`, left-aligned as in
    `generate.prefill`), and the LLM runs over the prompt in chunks of
-   `prefill_chunk` tokens (one compiled program, the cache donated and
-   written in place) into a KV cache sized to the prompt (rounded up to the
-   chunk) + the answer, so attention scores are `chunk x prompt`, not
+   at most `prefill_chunk` tokens (equal chunks; one compiled program, the
+   cache donated and written in place) into a KV cache sized to the prompt
+   (plus fewer padding slots than chunks) + the answer, so attention scores are `chunk x prompt`, not
    `prompt x prompt`. Samples answer token 0.
 3. **decode**: `generate.decode_step`, as for any prompt.
 
@@ -137,7 +137,10 @@ def encode_video(cfg: ModelConfig, params: Params, text: Batch, chunks: Iterable
         frames += count
     if not tokens:
         raise ValueError("the video has no frames")
-    return EncodedVideo(vision=jnp.concatenate(tokens, axis=1), vision_valid=jnp.concatenate(valids, axis=1),
+    # The last chunk's padded frames are dropped: the cache holds real frames only.
+    keep = frames * (tokens[0].shape[1] // pixels.shape[0])  # real frames x tokens per frame
+    return EncodedVideo(vision=jnp.concatenate(tokens, axis=1)[:, :keep],
+                        vision_valid=jnp.concatenate(valids, axis=1)[:, :keep],
                         text_sum=text_sum if reads_fused_text(cfg) else None, frames=np.full((b,), frames))
 
 
@@ -157,7 +160,7 @@ def stack_videos(videos: Sequence[EncodedVideo]) -> EncodedVideo:
 def _prefill_inputs(cfg: ModelConfig, params: Params, text: Batch, video: EncodedVideo, *, max_new_tokens: int,
                     prefill_chunk: int) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
     """The LLM's prompt and an empty cache: embeds (B, P, D), positions (B, P), key_valid (B, P + max_new_tokens),
-    the zeroed KV cache; P = T - 1 + V left-aligned tokens, padded in front to a multiple of the chunk."""
+    the zeroed KV cache; P = T - 1 + V left-aligned tokens, padded in front to equal chunks (`prefill_chunking`)."""
     model = LlavaMini(cfg)
     variables = {"params": params}
     ids, attn = text["input_ids"], text["attention_mask"]
@@ -172,7 +175,8 @@ def _prefill_inputs(cfg: ModelConfig, params: Params, text: Batch, video: Encode
                                     align="left")
     embeds, valid, positions = inputs["embeds"], inputs["valid"], inputs["positions"]
     b, p = valid.shape
-    front = -p % min(prefill_chunk, p)  # left padding: the last chunk ends at the last prompt token
+    size, n = prefill_chunking(p, prefill_chunk)
+    front = size * n - p  # left padding (< n slots): the last chunk ends at the last prompt token
     embeds = jnp.pad(embeds, ((0, 0), (front, 0), (0, 0)))
     valid = jnp.pad(valid, ((0, 0), (front, 0)))
     positions = jnp.pad(positions, ((0, 0), (front, 0)))
@@ -182,6 +186,13 @@ def _prefill_inputs(cfg: ModelConfig, params: Params, text: Batch, video: Encode
 
 
 prefill_inputs_jit = jax.jit(_prefill_inputs, static_argnames=("cfg", "max_new_tokens", "prefill_chunk"))
+
+
+def prefill_chunking(prompt: int, prefill_chunk: int) -> tuple[int, int]:
+    """(chunk size, chunks) for a prompt of `prompt` tokens: the fewest chunks of at most `prefill_chunk`
+    tokens, of equal size, so that padding the prompt to size x chunks adds fewer slots than there are chunks."""
+    n = -(-prompt // prefill_chunk)
+    return -(-prompt // n), n
 
 
 def _llm_chunk(model: LlavaMini, embeds, positions, key_valid, cache, start):
@@ -225,16 +236,16 @@ def prefill_video(cfg: ModelConfig, params: Params, text: Batch, video: EncodedV
                   ) -> tuple[DecodeState, jax.Array]:
     """Prompt + encoded video -> the decoding state after answer token 0, and its logits (B, V) fp32.
 
-    The prompt P = T - 1 + V tokens is left-aligned (as `generate.prefill`), padded in front to a multiple
-    of `prefill_chunk` and run through the LLM chunk by chunk from a host loop (`prefill_chunk_jit`, one
+    The prompt P = T - 1 + V tokens is left-aligned (as `generate.prefill`), padded in front to n equal
+    chunks of at most `prefill_chunk` tokens (`prefill_chunking`) and run through the LLM chunk by chunk from a host loop (`prefill_chunk_jit`, one
     compiled program, the cache donated and updated in place): each chunk's queries attend to the cache so
     far, causally, over the valid slots. The cache holds P (rounded up) + max_new_tokens slots.
     """
     params = nn.unbox(params)
     embeds, positions, key_valid, cache = prefill_inputs_jit(cfg, params, text, video, max_new_tokens=max_new_tokens,
                                                              prefill_chunk=prefill_chunk)
-    p = embeds.shape[1]
-    size = min(prefill_chunk, p)
+    p = embeds.shape[1]  # already a multiple of the chunk size
+    size, _ = prefill_chunking(p, prefill_chunk)
     last = None
     for start in range(0, p, size):
         last, cache = prefill_chunk_jit(cfg, params, embeds, positions, key_valid, cache,
