@@ -103,6 +103,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     frames = [int(x) for x in args.frames.split(",")]
     sys.path.insert(0, REPO)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # saving the checkpoint needs no accelerator
     from mmlm.checkpoint import save_model
     from mmlm.config_utils import load_config
     from mmlm.infer.random_model import random_params
@@ -146,7 +147,7 @@ def main(argv: list[str]) -> int:
     for r in rows:
         c = r["chat"]
         one = r.get("one")
-        one_cells = ("| | " if one is None else
+        one_cells = ("| – | – |" if one is None else
                      f"| {one['wall']:.1f} s | {one['rss_mib']:.0f} MiB |" if one["rc"] == 0 else
                      f"| failed (rc {one['rc']}) | {one['rss_mib']:.0f} MiB |")
         tokens = r["frames"] * args.num_vision_tokens
