@@ -200,3 +200,14 @@ def test_compile_infer_frames_for_a_tpu_chip(capsys):
     assert row["prefill_chunk"]["per_chip_bytes"]["aliased"] >= row["kv_cache_bytes"]  # TPU tiles pad tiny dims
     for name in ("encode_chunk", "prefill_inputs", "prefill_chunk", "decode_step"):
         assert row[name]["per_chip_bytes"]["total"] > 0
+
+
+@pytest.mark.parametrize("flag,value", [("--video_chunk_frames", "0"), ("--fps", "0"), ("--max_frames", "0")])
+def test_eval_video_flags_are_checked(tiny, tmp_path, capsys, flag, value):
+    from mmlm.eval import cli
+
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question_id": "a", "video": "v1fps.mp4", "text": "Q?"}\n')
+    assert cli.main(["--checkpoint", str(tiny / "ckpt"), "--data", str(data), "--images", str(tiny),
+                     "--out", str(tmp_path / "out"), flag, value]) == 2
+    assert flag in capsys.readouterr().err
