@@ -211,3 +211,13 @@ def test_eval_video_flags_are_checked(tiny, tmp_path, capsys, flag, value):
     assert cli.main(["--checkpoint", str(tiny / "ckpt"), "--data", str(data), "--images", str(tiny),
                      "--out", str(tmp_path / "out"), flag, value]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_chat_video_multi_turn_streams_the_video_per_question(tiny):
+    """Interactive chat about a video: each question re-reads the video (pre-fusion fuses it with that
+    question) and is answered; an empty line ends the chat."""
+    out, err = io.StringIO(), io.StringIO()
+    args = chat._parser().parse_args(["--checkpoint", str(tiny / "ckpt"), "--video", str(tiny / "v1fps.mp4"),
+                                      "--max_new_tokens", "3", "--video_chunk_frames", "4"])
+    assert chat.run(args, stdin=io.StringIO("What is shown?\nAnd then?\n\n"), out=out, err=err) == 0
+    assert len(out.getvalue().splitlines()) == 2
