@@ -233,10 +233,9 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
     m = im.budget(args.num_vision_tokens)
     kind = "image" if args.image is not None else "video"
     if kind == "video":  # decoded as a stream at each question, never held whole
-        from mmlm.infer.video_stream import VideoStream
+        from mmlm.infer.chunked import open_video
 
-        pixels = VideoStream(args.video, image_size=im.image_size, fps=args.fps or im.video_fps,
-                             max_frames=args.max_frames, hd_grid=im.hd_grid, mean=im.image_mean, std=im.image_std)
+        pixels = open_video(im, args.video, fps=args.fps, max_frames=args.max_frames)
         frames = len(pixels)
     else:
         pixels = load_media(im, args.image, kind)
