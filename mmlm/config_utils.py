@@ -476,6 +476,9 @@ def _check_data(config: ml_collections.ConfigDict, sizes: dict[str, int] | None,
         _num(config, "data.num_epochs", low=1, hint="None repeats forever")
     if "worker_buffer_size" in d:
         _num(config, "data.worker_buffer_size", low=1)
+    for key in ("video_chunk_frames", "prefill_chunk_tokens"):
+        if key in d:
+            _num(config, f"data.{key}", low=1)
     for key in ("worker_count", "prefetch_buffer_size"):
         if key in d:
             _num(config, f"data.{key}", low=0)

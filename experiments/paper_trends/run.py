@@ -79,7 +79,8 @@ QUICK_EVAL_IMAGES = 8  # a val split this small is a --quick one: score one ques
 MATCH_TOLERANCE = 0.02  # "matches": within max(2 points, the combined seed spread)
 # Config keys added after runs were recorded, at the value every earlier run had implicitly: left out of the
 # fingerprint at that value, so adding a knob does not mark the finished runs stale.
-LATER_KEYS = {("train", "matryoshka_loss"): "sample"}
+LATER_KEYS = {("train", "matryoshka_loss"): "sample", ("data", "video_chunk_frames"): 16,
+              ("data", "prefill_chunk_tokens"): 512}  # the last two: inference knobs of video files
 
 
 # ----------------------------------------------------------------------------- the paper's orderings

@@ -398,8 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--topology", required=True,
                         help="Cloud TPU slice name: v4-N / v5p-N (N TensorCores = 2 x chips), v5litepod-N (alias "
                              "v5e-N) / v6e-N (N chips); e.g. v5p-64 = 32 v5p chips")
-    parser.add_argument("--frames", type=number(int, 1), default=1,
-                        help="images / video frames per sample (the pipeline's max_frames for a video dataset)")
+    parser.add_argument("--frames", type=number(int, 1), default=None,
+                        help="train: images / video frames per sample (the pipeline's max_frames for a video "
+                             "dataset; default 1). infer: compile the chunked long-video path of mmlm chat --video "
+                             "for this many frames instead of one image (the config's data.video_chunk_frames per "
+                             "vision chunk, data.prefill_chunk_tokens per LLM prefill chunk), with the KV cache size")
     parser.add_argument("--what", default="train", choices=("train", "infer"),
                         help="train: the train step on the whole slice (default); infer: prefill and one decode "
                              "step of mmlm chat on one chip, for the model and its LLaVA-1.5 baseline")
@@ -428,12 +431,19 @@ def _run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise UserError(str(e)) from e
     if args.what == "infer":
-        from mmlm.bench.compile_infer import compile_inference, format_inference_report
+        from mmlm.bench import compile_infer as CI
 
-        report = compile_inference(config, s, new_tokens=args.new_tokens, dtype=args.dtype, weights=args.weights)
-        formatter = format_inference_report
+        if args.frames is not None:
+            report = CI.compile_long_video(config, s, args.frames, new_tokens=args.new_tokens, dtype=args.dtype,
+                                           weights=args.weights)
+            formatter = CI.format_long_video_report
+        else:
+            report = CI.compile_inference(config, s, new_tokens=args.new_tokens, dtype=args.dtype,
+                                          weights=args.weights)
+            formatter = CI.format_inference_report
     else:
-        report = compile_train_step(config, s, frames=args.frames, dump_hlo=args.dump_hlo)
+        report = compile_train_step(config, s, frames=1 if args.frames is None else args.frames,
+                                    dump_hlo=args.dump_hlo)
         formatter = format_report
     report["config"] = args.config
     if args.overrides:

@@ -71,6 +71,14 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Video sampling rate in frames per second (LLaVA-Mini: 1 fps). Used to
     # re-sample the frames stored by `mmlm data build` (also at 1 fps by default).
     c.video_fps = 1.0
+    # Inference on videos (`mmlm chat --video`, `mmlm eval`, `mmlm.infer.chunked`): frames are decoded as a
+    # stream and the vision tower, compressor and pre-fusion run over chunks of this many frames (one compiled
+    # program per chunk size; the last chunk is padded and masked), so memory grows with the LLM's cache (m
+    # tokens per frame), not with the video's pixels or patch features.
+    c.video_chunk_frames = 16
+    # Inference: the LLM prefill runs over the prompt in chunks of this many tokens (each attends to the
+    # cache so far), so its attention scores hold chunk x prompt values instead of prompt x prompt.
+    c.prefill_chunk_tokens = 512
     # CLIP normalisation mean and std (RGB, on 0..1 pixels); the mean is also
     # the padding colour of the pad-to-square step. Training configs built by
     # `mmlm.config_defaults.add_training` make these references to

@@ -52,7 +52,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated budgets, e.g. 1,4,16,64 (default: the model's default budget)")
     p.add_argument("--batch_size", type=number(int, 1), default=16, help="questions per generation batch (default 16)")
     p.add_argument("--max_new_tokens", type=number(int, 1), default=16, help="answer length limit (default 16)")
-    p.add_argument("--max_frames", type=number(int, 1), default=None, help="video frame cap (default: the model's)")
+    p.add_argument("--max_frames", type=number(int, 1), default=None,
+                   help="video frame cap (default: the model's data.max_frames)")
+    p.add_argument("--fps", type=number(float, 0, low_open=True), default=None,
+                   help="video sampling rate in frames per second (default: the model's data.video_fps)")
+    p.add_argument("--video_chunk_frames", type=number(int, 1), default=None,
+                   help="video frames encoded at once (default: the model's data.video_chunk_frames)")
     p.add_argument("--limit", type=number(int, 1), default=None, help="only the first N questions")
     p.add_argument("--no_option_prompt", action="store_true",
                    help="do not append lettered options to multiple-choice questions")
@@ -80,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    for flag, value in (("--max_frames", args.max_frames), ("--video_chunk_frames", args.video_chunk_frames)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.fps is not None and not args.fps > 0:
+        raise UserError(f"--fps must be > 0 frames per second, got {args.fps}")
     rows = read_jsonl(args.data)[: args.limit]
     media_root = args.images or os.path.dirname(os.path.abspath(args.data))
     if not os.path.isdir(media_root):
@@ -109,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         result = evaluate(im, questions, budgets, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          max_frames=args.max_frames, progress=not args.no_progress, on_answers=writer)
+                          max_frames=args.max_frames, progress=not args.no_progress, on_answers=writer,
+                          fps=args.fps, video_chunk_frames=args.video_chunk_frames)
     finally:
         writer.close()  # answers computed so far stay on disk, flushed
     seconds = time.perf_counter() - start

@@ -165,16 +165,20 @@ def plan_batches(questions: Sequence[EvalQuestion], batch_size: int) -> list[lis
     return batches
 
 
-def _load_batch(im: InferenceModel, batch: Sequence[EvalQuestion], max_frames: int | None
-                ) -> list[np.ndarray | None | UserError]:
-    """Each question's pixels (None for text only), or the `UserError` that says why its media is unreadable."""
-    pixels: list[np.ndarray | None | UserError] = []
+def _load_batch(im: InferenceModel, batch: Sequence[EvalQuestion], max_frames: int | None,
+                fps: float | None = None) -> list[Any]:
+    """Each question's pixels (None for text only; a video file as an opened `VideoStream`, encoded in chunks
+    later), or the `UserError` that says why its media is unreadable."""
+    from mmlm.infer.chunked import open_video
+
+    pixels: list[Any] = []
     for q in batch:
         if q.pixels is not None or q.media is None:
             pixels.append(q.pixels)
             continue
         try:
-            pixels.append(load_media(im, q.media, q.kind, max_frames))
+            pixels.append(open_video(im, q.media, fps=fps, max_frames=max_frames) if q.kind == "video"
+                          else load_media(im, q.media, q.kind, max_frames))
         except UserError as e:
             pixels.append(UserError(f"question {q.record['question_id']!r}: {e}"))
     return pixels
@@ -200,8 +204,8 @@ def answer_line(q: EvalQuestion, prediction: str, m: int) -> dict[str, Any]:
 
 def evaluate(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Sequence[int | None], *,
              batch_size: int = 16, max_new_tokens: int = 16, max_frames: int | None = None,
-             progress: bool = True, on_answers: Callable[[int, list[dict[str, Any]]], None] | None = None
-             ) -> EvalResult:
+             progress: bool = True, on_answers: Callable[[int, list[dict[str, Any]]], None] | None = None,
+             fps: float | None = None, video_chunk_frames: int | None = None) -> EvalResult:
     """Answers every question at every budget in one pass over the media; returns metric rows and answer lines.
 
     This is the project's one evaluator: `mmlm eval` calls it on a question
@@ -212,6 +216,8 @@ def evaluate(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Seq
     media cannot be decoded is skipped and reported in `EvalResult.skipped`
     instead of ending the run. `on_answers(m, lines)` receives each batch's
     scored answer lines as soon as they exist (for incremental writing).
+    Video files are sampled at `fps` (default: the model's), capped at `max_frames` (default: the model's
+    data.max_frames), and encoded `video_chunk_frames` at a time (`mmlm.infer.chunked.generate_videos`).
     """
     from tqdm import tqdm
 
@@ -227,11 +233,11 @@ def evaluate(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Seq
     skipped: list[dict[str, Any]] = []
     bar = tqdm(total=len(questions) * len(ms), desc="eval", unit="q", disable=not progress)
     with cf.ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(_load_batch, im, batches[0], max_frames) if batches else None
+        future = pool.submit(_load_batch, im, batches[0], frames, fps) if batches else None
         for bi, chunk in enumerate(batches):
             loaded = future.result()
             if bi + 1 < len(batches):  # decode the next batch's media while this one runs
-                future = pool.submit(_load_batch, im, batches[bi + 1], max_frames)
+                future = pool.submit(_load_batch, im, batches[bi + 1], frames, fps)
             for q, px in zip(chunk, loaded):
                 if isinstance(px, UserError):
                     skipped.append({"question_id": q.record["question_id"], "reason": str(px)})
@@ -240,6 +246,21 @@ def evaluate(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Seq
             if not keep:
                 continue
             video = chunk[0].kind == "video"
+            if video and not isinstance(keep[0][1], np.ndarray):  # video files: chunked encoding per video
+                from mmlm.infer.chunked import generate_videos
+
+                for m in ms:
+                    tokens, lengths = generate_videos(im, [q.prompt for q, _ in keep], [v for _, v in keep],
+                                                      num_vision_tokens=m, max_new_tokens=max_new_tokens,
+                                                      chunk_frames=video_chunk_frames)
+                    new = [answer_line(q, im.tokenizer.decode(trim_answer(tokens[j], lengths[j])).strip(), m)
+                           for j, (q, _) in enumerate(keep)]
+                    for line, (q, _) in zip(new, keep):
+                        lines[m][q.index] = line
+                    if on_answers is not None:
+                        on_answers(m, new)
+                    bar.update(len(keep))
+                continue
             batch = make_batch(im.cfg, [q.prompt for q, _ in keep], [px for _, px in keep],
                                pad_id=im.tokenizer.pad_id, pad_len_to=16, frames=frames if video else None,
                                batch_size=batch_size)

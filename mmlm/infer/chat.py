@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=number(int, 0), default=None, help="with --workdir: checkpoint step (default: latest)")
     media = p.add_mutually_exclusive_group(required=True)
     media.add_argument("--image", help="image file (any format PIL reads)")
-    media.add_argument("--video", help="video file (sampled at the model's fps, default 1 frame/s)")
+    media.add_argument("--video", help="video file, any length: frames sampled at --fps are decoded as a stream and "
+                                       "encoded --video_chunk_frames at a time")
     p.add_argument("--prompt", default=None, help="question; without it, questions are read interactively")
     p.add_argument("--num_vision_tokens", type=number(int, 1), default=None,
                    help="vision tokens per image/frame (a budget the model supports; default: the model's)")
@@ -42,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=number(int, 1), default=128, help="answer length limit (default 128)")
     p.add_argument("--seed", type=SEED, default=0, help="sampling seed (default 0)")
     p.add_argument("--max_frames", type=number(int, 1), default=None,
-                   help="video frame cap (default: the model's data.max_frames)")
+                   help="optional cap on the sampled video frames (default: none, the whole video)")
+    p.add_argument("--fps", type=number(float, 0, low_open=True), default=None,
+                   help="video sampling rate in frames per second (default: the model's data.video_fps, 1)")
+    p.add_argument("--video_chunk_frames", type=number(int, 1), default=None,
+                   help="frames the vision tower, compressor and pre-fusion encode at once (one compiled program "
+                        "per size; default: the model's data.video_chunk_frames, 16)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the one in the model's config)")
     p.add_argument("--template", default=None, help="conversation template (default: the model's)")
     p.add_argument("--weights", default="float", choices=("float", "int8"),
@@ -68,6 +74,10 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.max_frames is not None and args.max_frames < 1:
         raise UserError(f"--max_frames must be >= 1, got {args.max_frames}")
+    if args.fps is not None and not args.fps > 0:
+        raise UserError(f"--fps must be > 0 frames per second, got {args.fps}")
+    if args.video_chunk_frames is not None and args.video_chunk_frames < 1:
+        raise UserError(f"--video_chunk_frames must be >= 1, got {args.video_chunk_frames}")
     if args.map_panel_size < 16:
         raise UserError(f"--map_panel_size must be >= 16 pixels, got {args.map_panel_size}")
     if args.image is not None:
@@ -148,10 +158,14 @@ class TextStreamer:
         return self.printed
 
 
-def answer(im: InferenceModel, pixels: np.ndarray, question: str, history: list[tuple[str, str]], *,
+def answer(im: InferenceModel, pixels, question: str, history: list[tuple[str, str]], *,
            num_vision_tokens: int | None, max_new_tokens: int, temperature: float, top_p: float,
-           rng: jax.Array, out: TextIO) -> str:
-    """Streams the answer to `question` to `out`; returns its text."""
+           rng: jax.Array, out: TextIO, chunk_frames: int | None = None) -> str:
+    """Streams the answer to `question` to `out`; returns its text.
+
+    `pixels`: an image's (1, K, H, W, 3), or a `VideoStream` (encoded in chunks of `chunk_frames`,
+    `mmlm.infer.chunked`).
+    """
     from mmlm.infer.batching import make_batch
     from mmlm.infer.generate import stream
     from mmlm.infer.loading import encode_question
@@ -162,9 +176,17 @@ def answer(im: InferenceModel, pixels: np.ndarray, question: str, history: list[
         raise UserError(f"the prompt is {len(prompt)} tokens{' with the earlier turns' if history else ''}, "
                         f"more than the model's text length of {limit} tokens (data.max_text_len); "
                         "ask a shorter question" + (" or start a new chat" if history else ""))
+    streamer = TextStreamer(im.tokenizer, out)
+    if not isinstance(pixels, np.ndarray):  # a video stream: chunked encoding
+        from mmlm.infer.chunked import stream_video_answer
+
+        for token in stream_video_answer(im, pixels, prompt, fuse, num_vision_tokens=num_vision_tokens,
+                                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                         rng=rng, chunk_frames=chunk_frames):
+            streamer.put(token)
+        return streamer.end()
     # Prompt lengths rounded to 32 so that a multi-turn chat reuses compiled programs.
     batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=32, fuse_masks=[fuse])
-    streamer = TextStreamer(im.tokenizer, out)
     stops = set(im.stop_ids)
     for tokens in stream(im.cfg, im.params, batch, max_new_tokens=max_new_tokens, eos_id=im.stop_ids,
                          num_vision_tokens=num_vision_tokens, temperature=temperature, top_p=top_p, rng=rng):
@@ -208,8 +230,14 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
                               tokenizer=args.tokenizer, template=args.template)
     m = im.budget(args.num_vision_tokens)
     kind = "image" if args.image is not None else "video"
-    pixels = load_media(im, args.image or args.video, kind, args.max_frames)
-    frames = pixels.shape[0]
+    if kind == "video":  # decoded as a stream at each question, never held whole
+        from mmlm.infer.chunked import open_video
+
+        pixels = open_video(im, args.video, fps=args.fps, max_frames=args.max_frames)
+        frames = len(pixels)
+    else:
+        pixels = load_media(im, args.image, kind)
+        frames = 1
     tokens_note = f"{m} vision token(s) per {'frame' if kind == 'video' else 'image'}"
     print(f"[mmlm chat] {im.source}: {im.cfg.mode}, {tokens_note}"
           + (f", {frames} frames" if kind == "video" else ""), file=err)
@@ -220,7 +248,8 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
             raise UserError("--save_compression_map needs a llava_mini model; the llava15 baseline has "
                             "no compressor")
         try:
-            size = save_compression_map(args.save_compression_map, im.cfg, im.params, pixels, num_tokens=m,
+            shown = pixels if kind == "image" else load_media(im, args.video, kind, args.max_frames or im.max_frames)
+            size = save_compression_map(args.save_compression_map, im.cfg, im.params, shown, num_tokens=m,
                                         mean=im.image_mean, std=im.image_std, panel_size=args.map_panel_size)
         except OSError as e:
             raise UserError(f"--save_compression_map {args.save_compression_map!r}: cannot write it "
@@ -238,7 +267,8 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
                 out.write("ASSISTANT: ")
             rng, sub = jax.random.split(rng)
             text = answer(im, pixels, question, history, num_vision_tokens=m, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, rng=sub, out=out)
+                          temperature=args.temperature, top_p=args.top_p, rng=sub, out=out,
+                          chunk_frames=args.video_chunk_frames)
         except UserError as e:
             if args.prompt is not None:
                 raise

@@ -127,13 +127,25 @@ def prefill(cfg: ModelConfig, params: Params, batch: Batch, sp: SamplingParams, 
     cache = init_cache(cfg.llm, b, slots, cfg.compute_dtype, per_layer=not cfg.scan_layers)
     key_valid = jnp.concatenate([valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
     logits, cache = model.apply(variables, embeds, positions, key_valid, cache, method=_prefill_llm)
+    return start_decoding(logits, cache, key_valid, valid.sum(axis=1), sp, rng, max_new_tokens=max_new_tokens,
+                          greedy=greedy)
+
+
+def start_decoding(logits: jax.Array, cache: KVCache, key_valid: jax.Array, prompt_valid: jax.Array,
+                   sp: SamplingParams, rng: jax.Array, *, max_new_tokens: int, greedy: bool) -> DecodeState:
+    """The decoding state after a prefill: samples answer token 0 from the last prompt position's logits (B, V).
+
+    key_valid: (B, P + max_new_tokens) the prompt's valid slots then the answer's (not yet valid);
+    prompt_valid: (B,) valid prompt tokens per row.
+    """
+    b = logits.shape[0]
     rng, sub = jax.random.split(rng)
     first = sample_tokens(logits, sub, sp, greedy)
     done = _is_stop(first, sp.stop_ids)
     tokens = jnp.full((b, max_new_tokens), sp.pad_id, jnp.int32).at[:, 0].set(first)
     return DecodeState(step=jnp.asarray(1, jnp.int32), tokens=tokens, done=done,
                        lengths=(~done).astype(jnp.int32), cache=cache, key_valid=key_valid,
-                       prompt_valid=valid.sum(axis=1).astype(jnp.int32), rng=rng)
+                       prompt_valid=prompt_valid.astype(jnp.int32), rng=rng)
 
 
 def decode_step(cfg: ModelConfig, params: Params, state: DecodeState, sp: SamplingParams, *,

@@ -41,6 +41,8 @@ class InferenceModel:
     max_frames: int
     max_text_len: int  # prompt tokens the model was trained for (data.max_text_len); longer prompts are refused
     video_fps: float
+    video_chunk_frames: int  # frames per chunk of the chunked video encoder (data.video_chunk_frames)
+    prefill_chunk_tokens: int  # LLM prefill chunk of the chunked path (data.prefill_chunk_tokens)
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
     source: str  # where the weights came from (for messages)
@@ -173,6 +175,7 @@ def inference_model(config: ml_collections.ConfigDict, params: Any, source: str,
         system_prompt=data.get("system_prompt"), stop_ids=templates.stop_token_ids(tok, tmpl),
         image_size=int(data.get("image_size") or cfg.image_size), hd_grid=hd,
         max_frames=int(data.max_frames), max_text_len=int(data.max_text_len), video_fps=float(data.video_fps),
+        video_chunk_frames=int(data.video_chunk_frames), prefill_chunk_tokens=int(data.prefill_chunk_tokens),
         image_mean=tuple(data.image_mean), image_std=tuple(data.image_std), source=source)
 
 
