@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import ImageFile
 
 try:
     import lmms_eval.api.model  # noqa: F401
@@ -37,6 +38,18 @@ from mmlm.infer.loading import encode_question, load_media  # noqa: E402
 from mmlm.infer.random_model import random_params  # noqa: E402
 from mmlm.models.config import model_config_from_dict  # noqa: E402
 from mmlm.models.llava_mini import LlavaMini  # noqa: E402
+
+# Importing lmms-eval's task module sets PIL's ImageFile.LOAD_TRUNCATED_IMAGES for the whole process, and
+# pytest collects every test module into each worker: put PIL's default back, so that the other modules'
+# checks that a truncated image is refused do not depend on which modules share the worker.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@pytest.fixture(autouse=True)
+def _pil_refuses_truncated_images():
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # lmms-eval modules imported lazily during a test set it again
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "mmlm_questions"

@@ -360,16 +360,22 @@ def test_ctrl_c_during_data_build_exits_130_and_leaves_nothing(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "mmlm.cli", "data", "build", "--json", str(tmp_path / "d.json"),
                              "--images", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "1"],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    out = tmp_path / "out"
+
+    def started() -> bool:  # TFDS makes the dataset directory (in the build's staging folder) when it takes records
+        return any(out.glob("llava_data")) or any(out.glob(".llava_data.mmlm-build/llava_data"))
+
     deadline = time.time() + 240
-    while not (tmp_path / "out" / "llava_data").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)  # TFDS makes the dataset directory when it starts taking records
+    while not started() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert started(), "the build never started taking records"
     time.sleep(1.0)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "mmlm data build: interrupted" in err, err[-3000:]
-    assert not (tmp_path / "out" / "llava_data").exists()
+    assert not (out / "llava_data").exists() and not (out / "mmlm_dataset.json").exists()
 
 
 # ------------------------------------------------------------------------------ workdirs, chat, eval
