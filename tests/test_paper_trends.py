@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "experiments" / "paper_trends" / "run.py"
-STUDIES = ("matryoshka", "prefusion", "resolution", "pooling")
+STUDIES = ("matryoshka", "prefusion", "resolution", "pooling", "budget")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -49,10 +49,11 @@ def test_every_study_has_its_table_orderings_and_plots(quick):
     for study in STUDIES:
         st = report["studies"][study]
         rows = {p["row"] for p in st["points"]}
-        expected = set(_rows(study)) | ({"oracle"} if study == "matryoshka" else set())
+        expected = set(_rows(study)) | ({"oracle"} if study in ("matryoshka", "budget") else set())
         assert rows == expected, study
         for p in st["points"]:
             assert 0.0 <= p["mean"] <= 1.0 and p["std"] == 0.0 and p["n"] == 1  # one seed in quick mode
+            assert p["train_flops"] > 0
             assert p["llm_vision_tokens"] >= 1 and p["flops"] > 0
         assert st["claims"] and all(c["verdict"].startswith(("holds", "does not hold")) for c in st["claims"])
         assert st["plots"] == [f"{study}_tokens.png", f"{study}_flops.png"]
@@ -163,3 +164,19 @@ def _rows(study: str) -> list[str]:
     from mmlm.config_utils import load_config_module
 
     return list(load_config_module(str(REPO / "configs" / "experiments" / f"{study}.py")).ROWS)
+
+
+def test_every_recorded_run_has_its_training_flops_and_the_budget_rows_cost_at_most_1_5x_fixed16():
+    sys.path.insert(0, str(RUN.parent))
+    import run as runner
+    from mmlm.train.recipe import train_run_flops
+
+    runs = json.loads((REPO / "experiments" / "paper_trends" / "results.json").read_text())["runs"]
+    assert all(rec["train_flops"] > 0 for rec in runs.values())
+    spec = lambda s, r: runner.load_spec(f"{runner.CONFIG_DIR}/{s}.py:{r}", 0, Path("data"), False, None)
+    fixed16 = train_run_flops(spec("matryoshka", "fixed16"))
+    assert runs["matryoshka-fixed16-s0"]["train_flops"] == pytest.approx(fixed16)
+    assert runs["matryoshka-matryoshka_all-s0"]["train_flops"] > 2.5 * fixed16  # M3: every budget each step
+    for row in _rows("budget"):
+        config = spec("budget", row)
+        assert int(config.train.steps) == 1200 and train_run_flops(config) <= 1.5 * fixed16, row

@@ -7,7 +7,7 @@
 
 The studies are the config files of `configs/experiments/` (one per study,
 its rows as `FILE.py:ROW`): `matryoshka`, `prefusion`, `resolution`,
-`pooling`. First the shared foundation (`foundation.py`, the analogue of the
+`pooling`, `budget`. First the shared foundation (`foundation.py`, the analogue of the
 paper's pretrained CLIP and LLM) is trained once and its vision tower and
 LLM exported to OUT/foundation/model. Then, for each row and seed, the
 runner trains the row's config from that start with the trainer
@@ -32,8 +32,11 @@ Outputs (under --out, default experiments/paper_trends/):
   same config (e.g. `pooling.py:query_t1` and `matryoshka.py:fixed1`) share
   one run.
 * `results.json`: every point (row, budget: mean, std and values over
-  seeds, per category, LLM vision tokens, FLOPs per example), the paper's
-  orderings with verdicts, wall times, and every finished run's record. A
+  seeds, per category, LLM vision tokens, FLOPs per example, training FLOPs),
+  the paper's orderings with verdicts, wall times, and every finished run's
+  record (with `train_flops`: the analytic model FLOPs of all its training
+  steps, forward and backward of every budget and teacher pass, computed from
+  its config by `mmlm.train.recipe.train_run_flops`, as the trainer's MFU). A
   run recorded there with the same config counts as finished even when its
   `runs/` directory is gone (a fresh checkout of the repository's results):
   a new row trains alone, and `--report_only` rebuilds the same report. The
@@ -67,7 +70,7 @@ from typing import Any, Iterable, Sequence
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "configs" / "experiments"
 DEFAULT_OUT = Path(__file__).resolve().parent
-STUDIES = ("matryoshka", "prefusion", "resolution", "pooling")
+STUDIES = ("matryoshka", "prefusion", "resolution", "pooling", "budget")
 CATEGORIES = ("cell_color", "cell_shape", "count_color", "exist")
 RESULTS_JSON, RESULTS_MD, RUN_FILE = "results.json", "results.md", "run.json"
 FOUNDATION = "foundation"  # the shared start of every row (configs/experiments/foundation.py)
@@ -79,7 +82,8 @@ QUICK_EVAL_IMAGES = 8  # a val split this small is a --quick one: score one ques
 MATCH_TOLERANCE = 0.02  # "matches": within max(2 points, the combined seed spread)
 # Config keys added after runs were recorded, at the value every earlier run had implicitly: left out of the
 # fingerprint at that value, so adding a knob does not mark the finished runs stale.
-LATER_KEYS = {("train", "matryoshka_loss"): "sample"}
+LATER_KEYS = {("train", "matryoshka_loss"): "sample", ("train", "matryoshka_probs"): (),
+              ("train", "matryoshka_weights"): (), ("train", "distill_weight"): 1.0}
 
 
 # ----------------------------------------------------------------------------- the paper's orderings
@@ -135,6 +139,15 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
         Claim("MQT beats square-budget training at 8 tokens (never trained there)", "(MQT's motivation)",
               ("mqt_any_m", 8), ("matryoshka", 8)),
     ),
+    "budget": tuple(
+        Claim(f"{row} matches the fixed-budget model at {m} token{'s' if m > 1 else ''}",
+              "equal training cost (1,200 steps, <= 1.5x fixed16's FLOPs): MatFormer / MRL self-distillation, "
+              "weighted budget draws" if m == 1 else "(as above)", (row, m), (f"fixed{m}", m), "~")
+        for row in ("weighted_distill", "heavy_distill", "weighted", "distill") for m in (1, 4, 16)
+    ) + (
+        Claim("the oracle (best of 1/4/16 per question) beats the uniform-draw model at 16 tokens",
+              "an upper bound for choosing the budget per question", (ORACLE, 0), ("matryoshka", 16), ">="),
+    ),
     "prefusion": (
         Claim("1 pre-fusion layer beats 0 at 1 token", "VQAv2/GQA/MMB 74.8/55.5/60.4 vs 72.4/54.2/57.7",
               ("pf1_t1", 1), ("pf0_t1", 1)),
@@ -180,6 +193,7 @@ STUDY_TITLES = {
     "prefusion": "Pre-fusion depth at 1 token, tokens without pre-fusion, and LLaVA-1.5",
     "resolution": "Resolution: HD grid 1 vs 2 at the same budgets",
     "pooling": "Query compressor vs average pooling",
+    "budget": "Token budget: one Matryoshka {1, 4, 16} model for the training cost of one fixed model",
 }
 
 # What each study's rows share, printed under its heading (the configs' docstrings have the details).
@@ -197,6 +211,10 @@ STUDY_SETUP = {
                   "`configs/experiments/resolution.py`.",
     "pooling": "Task `grid_shapes`, no pre-fusion (as in the Matryoshka study); average pooling of the 4x4 "
                "patch grid to 1x1 / 2x2 has no parameters. Rows: `configs/experiments/pooling.py`.",
+    "budget": "The Matryoshka study's setting. Every recipe row trains 1,200 steps at no more than 1.5x the "
+              "fixed16 row's training FLOPs (the `train TFLOP` column: analytic model FLOPs of all its steps, "
+              "forward and backward of every budget, teacher forwards included). Rows: "
+              "`configs/experiments/budget.py`.",
 }
 
 # ----------------------------------------------------------------------------- the plan
@@ -357,6 +375,7 @@ def execute(run: Run, out: Path) -> dict[str, Any]:
     """Trains (or resumes) and scores one run; writes RUN/run.json last; returns its content."""
     from mmlm.eval.evaluate import ResultsWriter, evaluate, prepare_questions, read_jsonl
     from mmlm.infer.loading import load_inference_model
+    from mmlm.train.recipe import train_run_flops
     from mmlm.train.trainer import train
 
     workdir = out / "runs" / run.name
@@ -395,6 +414,7 @@ def execute(run: Run, out: Path) -> dict[str, Any]:
         "fingerprint": run.fingerprint, "steps": result["steps"], "final_train_loss": result["train"].get("loss"),
         "params": result["params"], "train_s": round(t_train, 1), "eval_s": round(t_eval, 1),
         "wall_s": round(t_train + t_eval, 1), "text_tokens": text_tokens, "questions": str(qfile),
+        "train_flops": train_run_flops(config),
         "points": points,
         "command": (f"mmlm train --config {run.spec} --workdir RUN --config.seed={run.seed} "
                     f"--config.synthetic.cache_dir=DATA --config.eval.every=-1"
@@ -452,8 +472,19 @@ def finished_records(plan: Sequence[Run], out: Path) -> dict[str, dict[str, Any]
         if rec is None and reported.get(run.name, {}).get("fingerprint") == run.fingerprint:
             rec = reported[run.name]
         if rec is not None:
-            records[run.name] = rec
+            records[run.name] = with_plan_fields(rec, run)
     return records
+
+
+def with_plan_fields(record: dict[str, Any], run: Run) -> dict[str, Any]:
+    """The record with the plan's rows (a study added since shares the run) and its `train_flops`
+    (computed from the config when the run was recorded before the field existed)."""
+    from mmlm.train.recipe import train_run_flops
+
+    out = {**record, "rows": [list(r) for r in run.rows]}
+    if "train_flops" not in out and run.config is not None:
+        out["train_flops"] = train_run_flops(run.config)
+    return out
 
 
 def foundation_available(out: Path) -> bool:
@@ -482,9 +513,11 @@ def study_points(study: str, records: Iterable[dict[str, Any]]) -> list[dict[str
             if s != study:
                 continue
             for m, p in rec["points"].items():
-                grouped.setdefault((row, int(m)), []).append({**p, "seed": rec["seed"], "wall_s": rec["wall_s"]})
-            if "oracle" in rec and (s, row) == ORACLE_OF:
-                grouped.setdefault((ORACLE, 0), []).append({**rec["oracle"], "seed": rec["seed"], "wall_s": 0.0})
+                grouped.setdefault((row, int(m)), []).append({**p, "seed": rec["seed"], "wall_s": rec["wall_s"],
+                                                               "train_flops": rec.get("train_flops", 0.0)})
+            if "oracle" in rec and row == ORACLE_OF[1]:  # the uniform-draw Matryoshka row of any study
+                grouped.setdefault((ORACLE, 0), []).append({**rec["oracle"], "seed": rec["seed"], "wall_s": 0.0,
+                                                            "train_flops": rec.get("train_flops", 0.0)})
     order = {r: i for i, r in enumerate(list(rows) + [ORACLE])}
     out = []
     for (row, m), ps in sorted(grouped.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
@@ -497,6 +530,7 @@ def study_points(study: str, records: Iterable[dict[str, Any]]) -> list[dict[str
                     "seeds": [p["seed"] for p in ps], "by_category": cats,
                     "llm_vision_tokens": sum(p["llm_vision_tokens"] for p in ps) / len(ps),
                     "flops": sum(p["flops"] for p in ps) / len(ps),
+                    "train_flops": sum(p["train_flops"] for p in ps) / len(ps),
                     "wall_s_per_run": sum(p["wall_s"] for p in ps) / len(ps)})
     return out
 
@@ -619,7 +653,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "Reproduce this section (table and plots):", "", "```", st["command"], "```", "",
                   f"Wall time of its runs: {st['wall_time_s']:.0f} s ({st['runs']} runs; runs shared with another "
                   "study count in both).", ""]
-        head = "| row | method | LLM vision tokens | MFLOPs / example | accuracy (%) | n | " + \
+        head = "| row | method | LLM vision tokens | MFLOPs / example | train TFLOP | accuracy (%) | n | " + \
             " | ".join(CATEGORIES) + " | s / run |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for p in st["points"]:
@@ -627,7 +661,7 @@ def markdown(report: dict[str, Any]) -> str:
                               for c in CATEGORIES)
             budget = "" if p["row"] == ORACLE else f"@{p['budget']}"
             lines.append(f"| {p['row']}{budget} | {p['method']} | {p['llm_vision_tokens']:.3g} | "
-                         f"{_fmt_flops(p['flops'])} | {100 * p['mean']:.1f} ± {100 * p['std']:.1f} | {p['n']} | "
+                         f"{_fmt_flops(p['flops'])} | {p['train_flops'] / 1e12:.2f} | {100 * p['mean']:.1f} ± {100 * p['std']:.1f} | {p['n']} | "
                          f"{cats} | {p['wall_s_per_run']:.0f} |")
         lines += ["", "The paper's orderings, row by row:", "",
                   "| ordering | the paper | ours | verdict |", "|---|---|---|---|"]
@@ -741,13 +775,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         wanted = {(s, r) for s in studies for r in study_module(s).ROWS}
         records = finished_records(plan, out)
         todo = [r for r in plan if r.name not in records and (r.name == FOUNDATION or set(r.rows) & wanted)]
-        if todo and todo[0].name != FOUNDATION and not foundation_available(out):
+        if not args.report_only and todo and todo[0].name != FOUNDATION and not foundation_available(out):
             # Its record came from results.json, its weights are gone (a fresh checkout): train it again.
             del records[FOUNDATION]
             todo.insert(0, plan[0])
         print(f"paper trends: {len(todo)} runs to do for {', '.join(studies)}, {seeds} seed(s)"
               f"{' (quick)' if args.quick else ''}; {len(records)} of all {len(plan)} runs finished -> {out}",
               flush=True)
+        # One seed of every row first: a study cut short has every row, with fewer seeds.
+        todo.sort(key=lambda r: (r.name != FOUNDATION, r.seed))
         if not args.report_only:
             run_all(todo, records, out, len(records), len(records) + len(todo))
         report = build_report(STUDIES, plan, records, out, seeds, args.quick)
