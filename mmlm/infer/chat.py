@@ -19,6 +19,7 @@ import numpy as np
 
 from mmlm.cli_common import run_command
 from mmlm.errors import UserError
+from mmlm.infer.cascade import DEFAULT_THRESHOLD, budget_arg
 from mmlm.infer.loading import InferenceModel
 
 
@@ -35,8 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     media.add_argument("--image", help="image file (any format PIL reads)")
     media.add_argument("--video", help="video file (sampled at the model's fps, default 1 frame/s)")
     p.add_argument("--prompt", default=None, help="question; without it, questions are read interactively")
-    p.add_argument("--num_vision_tokens", type=int, default=None,
-                   help="vision tokens per image/frame (a budget the model supports; default: the model's)")
+    p.add_argument("--num_vision_tokens", type=budget_arg, default=None,
+                   help="vision tokens per image/frame (a budget the model supports; default: the model's), or "
+                        "'auto': a Matryoshka model answers at its smallest budget and escalates while the first "
+                        "answer token's probability is below --auto_threshold (it says which budget it used)")
+    p.add_argument("--auto_threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"with --num_vision_tokens auto: the probability in (0, 1) below which it escalates "
+                        f"(default {DEFAULT_THRESHOLD}; `mmlm eval --calibration_data` calibrates one)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     p.add_argument("--max_new_tokens", type=int, default=128, help="answer length limit (default 128)")
@@ -65,6 +71,10 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.max_frames is not None and args.max_frames < 1:
         raise UserError(f"--max_frames must be >= 1, got {args.max_frames}")
+    if args.num_vision_tokens == "auto":
+        from mmlm.infer.cascade import check_threshold
+
+        check_threshold(args.auto_threshold)
     if args.map_panel_size < 16:
         raise UserError(f"--map_panel_size must be >= 16 pixels, got {args.map_panel_size}")
     if args.image is not None:
@@ -114,7 +124,12 @@ def _check_budget_early(args: argparse.Namespace) -> None:
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     try:
-        cfg.check_budget(args.num_vision_tokens)
+        if args.num_vision_tokens == "auto":
+            from mmlm.infer.cascade import cascade_budgets
+
+            cascade_budgets(cfg)
+        else:
+            cfg.check_budget(args.num_vision_tokens)
     except ValueError as e:
         raise UserError(f"--num_vision_tokens {args.num_vision_tokens}: {e}. "
                         f"Supported budgets: {list(cfg.supported_budgets)}") from None
@@ -208,11 +223,17 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
     _check_budget_early(args)
     im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step, weights=args.weights,
                               tokenizer=args.tokenizer, template=args.template)
-    m = im.budget(args.num_vision_tokens)
+    auto = args.num_vision_tokens == "auto"
+    m = im.budget(None if auto else args.num_vision_tokens)
     kind = "image" if args.image is not None else "video"
     pixels = load_media(im, args.image or args.video, kind, args.max_frames)
     frames = pixels.shape[0]
     tokens_note = f"{m} vision token(s) per {'frame' if kind == 'video' else 'image'}"
+    if auto:
+        from mmlm.infer.cascade import cascade_budgets, chat_budget
+
+        tokens_note = (f"auto vision tokens (cascade over {list(cascade_budgets(im.cfg))}, threshold "
+                       f"{args.auto_threshold:g})")
     print(f"[mmlm chat] {im.source}: {im.cfg.mode}, {tokens_note}"
           + (f", {frames} frames" if kind == "video" else ""), file=err)
     if args.save_compression_map:
@@ -237,6 +258,11 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
         if args.prompt is None and stdin.isatty():
             out.write("ASSISTANT: ")
         rng, sub = jax.random.split(rng)
+        if auto:
+            m, seen = chat_budget(im, pixels, question, history, args.auto_threshold)
+            probs = ", ".join(f"{p:.2f}" for p in seen)
+            print(f"[mmlm chat] auto: answered with {m} vision token(s) (first-token probability {probs})",
+                  file=err)
         text = answer(im, pixels, question, history, num_vision_tokens=m, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, rng=sub, out=out)
         history.append((question, text))
