@@ -56,7 +56,8 @@ def test_every_study_has_its_table_orderings_and_plots(quick):
             assert p["train_flops"] > 0
             assert p["llm_vision_tokens"] >= 1 and p["flops"] > 0
         assert st["claims"] and all(c["verdict"].startswith(("holds", "does not hold")) for c in st["claims"])
-        assert st["plots"] == [f"{study}_tokens.png", f"{study}_flops.png"]
+        assert st["plots"] == [f"{study}_tokens.png", f"{study}_flops.png"] + (
+            ["budget_auto.png"] if study == "budget" else [])
         for name in st["plots"]:
             assert (out / name).read_bytes()[:8] == PNG_MAGIC
             assert f"({name})" in md
@@ -67,6 +68,15 @@ def test_every_study_has_its_table_orderings_and_plots(quick):
     mat = {(p["row"], p["budget"]) for p in report["studies"]["matryoshka"]["points"]}
     assert {("matryoshka", m) for m in (1, 2, 4, 8, 16)} <= mat and ("fixed4", 4) in mat
     assert report["runs"]["foundation"]["points"]["16"]["count"] > 0
+    # The budget study's Matryoshka recipes are also scored with the calibrated cascade (num_vision_tokens=auto).
+    budget = report["studies"]["budget"]
+    auto = {p["row"]: p for p in budget["points"] if p["budget"] == "auto"}
+    assert set(auto) == {"weighted_distill", "heavy_distill", "weighted", "distill"}
+    assert all(1 <= p["llm_vision_tokens"] <= 16 for p in auto.values())
+    assert set(budget["auto"]) == set(auto) and "| fixed16's accuracy at <= 4 tokens |" in md
+    for name, rec in report["runs"].items():
+        if "auto" in rec:  # calibrated on training questions, never the scored ones
+            assert rec["auto"]["calibration"] == "train_questions.jsonl" and 0 < rec["auto"]["threshold"] < 1
 
 
 def test_shared_rows_train_once_and_a_rerun_skips_finished_runs(quick):

@@ -79,6 +79,9 @@ ORACLE_OF, ORACLE_BUDGETS = ("matryoshka", "matryoshka"), (1, 4, 16)  # (study, 
 # --quick compiles fast (see _configure_jax): its programs run for seconds
 QUICK_XLA_FLAGS = {"--xla_backend_optimization_level": "0", "--xla_cpu_use_fusion_emitters": "false"}
 QUICK_EVAL_IMAGES = 8  # a val split this small is a --quick one: score one question per image (one batch)
+AUTO = "auto"  # the budget of an adaptive point: the calibrated cascade (`num_vision_tokens=auto`)
+AUTO_STUDY = "budget"  # the study whose Matryoshka runs are also scored with the cascade
+AUTO_CALIBRATION_QUESTIONS = 600  # the first questions of the training split (200 images) calibrate its threshold
 MATCH_TOLERANCE = 0.02  # "matches": within max(2 points, the combined seed spread)
 # Config keys added after runs were recorded, at the value every earlier run had implicitly: left out of the
 # fingerprint at that value, so adding a knob does not mark the finished runs stale.
@@ -144,6 +147,11 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
               "equal training cost (1,200 steps, <= 1.5x fixed16's FLOPs): MatFormer / MRL self-distillation, "
               "weighted budget draws" if m == 1 else "(as above)", (row, m), (f"fixed{m}", m), "~")
         for row in ("weighted_distill", "heavy_distill", "weighted", "distill") for m in (1, 4, 16)
+    ) + tuple(
+        Claim(f"{row}'s calibrated cascade (auto) is at least as accurate as fixed16 (mean tokens: the auto table)",
+              "adaptive budget per image and question: no released system (LLaVA-Mini, MQT, M3) chooses one",
+              (row, AUTO), ("fixed16", 16), ">=")
+        for row in ("weighted_distill", "heavy_distill", "weighted", "distill")
     ) + (
         Claim("the oracle (best of 1/4/16 per question) beats the uniform-draw model at 16 tokens",
               "an upper bound for choosing the budget per question", (ORACLE, 0), ("matryoshka", 16), ">="),
@@ -422,6 +430,8 @@ def execute(run: Run, out: Path) -> dict[str, Any]:
                     + f" && mmlm eval --workdir RUN --data {qfile.name} "
                     f"--num_vision_tokens {','.join(str(b) for b in run.budgets)} --out RUN/eval"),
     }
+    if any(s == AUTO_STUDY for s, _ in run.rows) and len(run.budgets) > 1:
+        record["auto"] = auto_scores(im, config, ev, questions, lines, text_tokens)
     if (ORACLE_OF[0], ORACLE_OF[1]) in run.rows:
         o = oracle(ev.answers, ORACLE_BUDGETS)
         chosen = {int(b): n for b, n in o["chosen"].items()}
@@ -431,6 +441,33 @@ def execute(run: Run, out: Path) -> dict[str, Any]:
         record["oracle"] = o
     _write_json_atomic(workdir / RUN_FILE, record)
     return record
+
+
+def auto_scores(im: Any, config: Any, ev: Any, questions: Sequence[Any], lines: Sequence[dict[str, Any]],
+                text_tokens: int) -> dict[str, Any]:
+    """The cascade (`mmlm eval --num_vision_tokens auto`) of a Matryoshka run: its threshold calibrated on the
+    first AUTO_CALIBRATION_QUESTIONS questions of the training split (checked disjoint from the val
+    questions), its point on the val questions, and the sweep over thresholds (accuracy vs mean tokens)."""
+    from mmlm.eval.auto import cascade_row, score_budgets, sweep
+    from mmlm.eval.evaluate import prepare_questions, read_jsonl
+    from mmlm.infer.cascade import calibrate_threshold, cascade_budgets, check_disjoint
+
+    budgets = cascade_budgets(im.cfg)
+    kw = {"batch_size": int(config.data.eval_batch_size), "max_new_tokens": int(config.eval.max_new_tokens)}
+    raw = questions_file(config).parent
+    cal_file = raw / f"{config.data.train_split}_questions.jsonl"
+    cal_lines = read_jsonl(str(cal_file))[:AUTO_CALIBRATION_QUESTIONS]
+    check_disjoint(cal_lines, lines)
+    cal = score_budgets(im, prepare_questions(im, cal_lines, raw), budgets, **kw)
+    threshold = calibrate_threshold(cal.conf, cal.correct, budgets)
+    scored = score_budgets(im, questions, budgets, answered=ev, **kw)
+    row, _ = cascade_row(scored, threshold)
+    return {"budgets": list(budgets), "threshold": threshold, "calibration": cal_file.name,
+            "calibration_questions": len(cal.questions),
+            "point": {"accuracy": row["accuracy"], "by_category": row.get("by_category", {}), "count": row["count"],
+                      "llm_vision_tokens": row["mean_vision_tokens"], "flops": row["flops_per_question"],
+                      "histogram": row["budget_histogram"]},
+            "sweep": sweep(scored), "text_tokens": text_tokens}
 
 
 def load_finished(run: Run, out: Path) -> dict[str, Any] | None:
@@ -515,17 +552,23 @@ def study_points(study: str, records: Iterable[dict[str, Any]]) -> list[dict[str
             for m, p in rec["points"].items():
                 grouped.setdefault((row, int(m)), []).append({**p, "seed": rec["seed"], "wall_s": rec["wall_s"],
                                                                "train_flops": rec.get("train_flops", 0.0)})
+            if "auto" in rec and s == AUTO_STUDY:
+                grouped.setdefault((row, AUTO), []).append({**rec["auto"]["point"], "seed": rec["seed"],
+                                                            "wall_s": rec["wall_s"],
+                                                            "train_flops": rec.get("train_flops", 0.0)})
             if "oracle" in rec and row == ORACLE_OF[1]:  # the uniform-draw Matryoshka row of any study
                 grouped.setdefault((ORACLE, 0), []).append({**rec["oracle"], "seed": rec["seed"], "wall_s": 0.0,
                                                             "train_flops": rec.get("train_flops", 0.0)})
     order = {r: i for i, r in enumerate(list(rows) + [ORACLE])}
     out = []
-    for (row, m), ps in sorted(grouped.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+    for (row, m), ps in sorted(grouped.items(),
+                               key=lambda kv: (order[kv[0][0]], kv[0][1] if kv[0][1] != AUTO else math.inf)):
         acc = [p["accuracy"] for p in ps]
         mean, std = mean_std(acc)
         cats = {c: mean_std([p["by_category"][c] for p in ps if c in p["by_category"]])[0]
                 for c in CATEGORIES if any(c in p["by_category"] for p in ps)}
-        out.append({"row": row, "budget": m, "method": rows.get(row, "oracle (best budget per question)"),
+        method = rows.get(row, "oracle (best budget per question)")
+        out.append({"row": row, "budget": m, "method": method + (", auto (calibrated cascade)" if m == AUTO else ""),
                     "mean": mean, "std": std, "n": len(acc), "values": acc,
                     "seeds": [p["seed"] for p in ps], "by_category": cats,
                     "llm_vision_tokens": sum(p["llm_vision_tokens"] for p in ps) / len(ps),
@@ -533,6 +576,67 @@ def study_points(study: str, records: Iterable[dict[str, Any]]) -> list[dict[str
                     "train_flops": sum(p["train_flops"] for p in ps) / len(ps),
                     "wall_s_per_run": sum(p["wall_s"] for p in ps) / len(ps)})
     return out
+
+
+def auto_summary(study: str, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Per row of the study with cascade scores: the calibrated points over seeds (threshold, accuracy,
+    mean tokens, budget histogram, FLOPs) and the sweep over thresholds averaged over seeds."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        for s, row in rec["rows"]:
+            if s == study and "auto" in rec:
+                rows.setdefault(row, []).append(rec["auto"])
+    out = {}
+    for row, autos in rows.items():
+        acc = [a["point"]["accuracy"] for a in autos]
+        mean, std = mean_std(acc)
+        hist: dict[str, int] = {}
+        for a in autos:
+            for m, k in a["point"]["histogram"].items():
+                hist[m] = hist.get(m, 0) + k
+        by_t: dict[float, list[dict[str, Any]]] = {}
+        for a in autos:
+            for p in a["sweep"]:
+                by_t.setdefault(p["threshold"], []).append(p)
+        out[row] = {"n": len(autos), "thresholds": [a["threshold"] for a in autos], "mean": mean, "std": std,
+                    "llm_vision_tokens": sum(a["point"]["llm_vision_tokens"] for a in autos) / len(autos),
+                    "flops": sum(a["point"]["flops"] for a in autos) / len(autos), "histogram": hist,
+                    "sweep": [{"threshold": t, "accuracy": sum(p["accuracy"] for p in ps) / len(ps),
+                               "mean_vision_tokens": sum(p["mean_vision_tokens"] for p in ps) / len(ps),
+                               "n": len(ps)} for t, ps in sorted(by_t.items())]}
+    return out
+
+
+def plot_auto(study: str, points: Sequence[dict[str, Any]], auto: dict[str, Any], out: Path) -> str:
+    """`<study>_auto.png`: accuracy vs mean LLM vision tokens of each row's cascade as the threshold varies
+    (seed means), its calibrated point, the fixed-budget models and the oracle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for row, a in auto.items():
+        line, = ax.plot([p["mean_vision_tokens"] for p in a["sweep"]], [100 * p["accuracy"] for p in a["sweep"]],
+                        marker=".", label=f"{row}: cascade, threshold swept")
+        ax.errorbar([a["llm_vision_tokens"]], [100 * a["mean"]], yerr=[100 * a["std"]], marker="*", markersize=12,
+                    color=line.get_color(), capsize=3, linestyle="none")
+    for p in points:
+        if p["row"].startswith("fixed") or p["row"] == ORACLE:
+            ax.errorbar([p["llm_vision_tokens"]], [100 * p["mean"]], yerr=[100 * p["std"]], capsize=3,
+                        marker="s" if p["row"] != ORACLE else "D", linestyle="none", color="black" if
+                        p["row"] != ORACLE else "gray", label=p["row"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("mean LLM vision tokens per question")
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_title("num_vision_tokens=auto: accuracy vs mean tokens (stars: calibrated thresholds)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = f"{study}_auto.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
 
 
 def verdict(claim: Claim, points: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -668,7 +772,31 @@ def markdown(report: dict[str, Any]) -> str:
         for c in st["claims"]:
             lines.append(f"| {c['text']} | {c['paper']} | {c['ours']} | {c['verdict']} |")
         lines += ["", f"![accuracy vs tokens]({study}_tokens.png) ![accuracy vs FLOPs]({study}_flops.png)", ""]
+        if st.get("auto"):
+            lines += auto_markdown(study, st)
     return "\n".join(lines) + "\n"
+
+
+def auto_markdown(study: str, st: dict[str, Any]) -> list[str]:
+    """The cascade's table: per row the calibrated thresholds, accuracy, mean tokens, budgets used, and
+    whether it reaches fixed16's accuracy at no more than 4 vision tokens on average."""
+    f16 = next((p for p in st["points"] if (p["row"], p["budget"]) == ("fixed16", 16)), None)
+    lines = ["`num_vision_tokens=auto` (`mmlm.infer.cascade`): each question is answered at the smallest "
+             "budget whose first answer token has a probability at or above the threshold (else at 16 tokens); "
+             f"the threshold is calibrated per run on the first {AUTO_CALIBRATION_QUESTIONS} questions of the "
+             "training split (disjoint from the scored val questions), as the one with the fewest mean tokens "
+             "within 1 point of the best calibration accuracy. FLOPs: prefill of every budget tried, the vision "
+             "tower once.", "",
+             "| row | thresholds (per seed) | accuracy (%) | n | mean LLM vision tokens | questions at 1 / 4 / 16 "
+             "| MFLOPs / question | fixed16's accuracy at <= 4 tokens |", "|---|---|---|---|---|---|---|---|"]
+    for row, a in st["auto"].items():
+        hist = " / ".join(str(a["histogram"].get(str(m), 0)) for m in ORACLE_BUDGETS)
+        ok = "missing" if f16 is None else (
+            "holds" if a["mean"] >= f16["mean"] and a["llm_vision_tokens"] <= 4 else "does not hold")
+        lines.append(f"| {row} | {', '.join(f'{t:g}' for t in a['thresholds'])} | {100 * a['mean']:.1f} ± "
+                     f"{100 * a['std']:.1f} | {a['n']} | {a['llm_vision_tokens']:.2f} | {hist} | "
+                     f"{_fmt_flops(a['flops'])} | {ok} |")
+    return lines + ["", f"![accuracy vs mean tokens]({study}_auto.png)", ""]
 
 
 def _relative_paths(record: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -703,6 +831,11 @@ def build_report(studies: Sequence[str], plan: Sequence[Run], records: dict[str,
             "command": study_command(study, seeds, quick, out), "points": points, "claims": claims,
             "runs": len(recs), "wall_time_s": sum(r["wall_s"] for r in recs),
             "plots": plot_study(study, points, out) if points else []}
+        if study == AUTO_STUDY:
+            auto = auto_summary(study, recs)
+            report["studies"][study]["auto"] = auto
+            if auto:
+                report["studies"][study]["plots"].append(plot_auto(study, points, auto, out))
     _write_json_atomic(out / RESULTS_JSON, report)
     (out / RESULTS_MD).write_text(markdown(report), encoding="utf-8")
     return report

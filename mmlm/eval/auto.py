@@ -36,14 +36,15 @@ class Scored:
 
 def score_budgets(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Sequence[int], *,
                   batch_size: int, max_new_tokens: int, max_frames: int | None = None,
-                  progress: bool = False) -> Scored:
-    """Answers and first-token confidences of every question at every budget."""
+                  progress: bool = False, answered: EvalResult | None = None) -> Scored:
+    """Answers and first-token confidences of every question at every budget (`answered`: an
+    `evaluate` result of these questions at these budgets, reused instead of answering again)."""
     from mmlm.infer.batching import make_batch
     from mmlm.infer.generate import with_vision_features
 
     budgets = tuple(int(m) for m in budgets)
-    ev = evaluate(im, questions, budgets, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                  max_frames=max_frames, progress=progress)
+    ev = answered or evaluate(im, questions, budgets, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              max_frames=max_frames, progress=progress)
     skipped = {s["question_id"] for s in ev.skipped}
     answered = [q for q in sorted(questions, key=lambda q: q.index) if q.record["question_id"] not in skipped]
     conf_of: dict[int, np.ndarray] = {}
