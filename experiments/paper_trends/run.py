@@ -757,6 +757,9 @@ def markdown(report: dict[str, Any]) -> str:
                   "Reproduce this section (table and plots):", "", "```", st["command"], "```", "",
                   f"Wall time of its runs: {st['wall_time_s']:.0f} s ({st['runs']} runs; runs shared with another "
                   "study count in both).", ""]
+        if "runs_planned" in st:
+            lines += [f"**{st['runs']} of its {st['runs_planned']} planned runs have finished** (the column `n` "
+                      "gives the seeds behind each point; a row with fewer than 3 did not get all its runs).", ""]
         head = "| row | method | LLM vision tokens | MFLOPs / example | train TFLOP | accuracy (%) | n | " + \
             " | ".join(CATEGORIES) + " | s / run |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -834,6 +837,7 @@ def build_report(studies: Sequence[str], plan: Sequence[Run], records: dict[str,
         if study == AUTO_STUDY:
             auto = auto_summary(study, recs)
             report["studies"][study]["auto"] = auto
+            report["studies"][study]["runs_planned"] = sum(any(s == study for s, _ in r.rows) for r in plan)
             if auto:
                 report["studies"][study]["plots"].append(plot_auto(study, points, auto, out))
     _write_json_atomic(out / RESULTS_JSON, report)
