@@ -218,7 +218,7 @@ def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------------------- validation
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
-MATRYOSHKA_LOSSES = ("sample", "all", "distill")  # train.matryoshka_loss (mmlm.train.recipe)
+MATRYOSHKA_LOSSES = ("sample", "all", "distill", "largest")  # train.matryoshka_loss (mmlm.train.recipe)
 
 
 def _check_matryoshka_recipe(config: ml_collections.ConfigDict, cfg: Any) -> None:
@@ -392,7 +392,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         if config.train.get("matryoshka_loss", "sample") not in MATRYOSHKA_LOSSES:
             raise ConfigError(f"config.train.matryoshka_loss={config.train.matryoshka_loss!r}: choose "
                               f"{' or '.join(repr(k) for k in MATRYOSHKA_LOSSES)} (one budget drawn per step, "
-                              "every budget each step, or a drawn budget taught by the largest)")
+                              "every budget each step, a drawn budget taught by the largest, or the largest plus a drawn one)")
         _check_matryoshka_recipe(config, cfg)
         trainable = config.train.trainable
         if isinstance(trainable, str) or not isinstance(trainable, (tuple, list)):

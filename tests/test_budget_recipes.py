@@ -156,3 +156,33 @@ def test_bad_recipe_knobs_are_clear_errors(key, value, match):
     config.train[key] = value
     with pytest.raises(ConfigError, match=match):
         validate_config(config)
+
+
+def test_largest_trains_the_largest_budget_every_step_beside_the_drawn_one(tiny_state):
+    config, setup, state = tiny_state
+    batch = batch_for(setup.cfg)
+    train, frozen = _split(setup, state)
+    ev = make_eval_step(setup.model)
+
+    def loss_at(tp, m):
+        r = ev({**tp, **frozen}, batch, m)
+        return r["loss_sum"] / r["num_tokens"]
+
+    (l1, g1), (l4, g4) = (jax.value_and_grad(loss_at)(train, m) for m in (1, 4))
+    step = _step(setup, MatryoshkaRecipe(loss="largest"))
+    rng = state["rng"]
+    for s in range(4):
+        drawn = int(budget_index(rng, jnp.int32(s), 2))
+        _, m = step(dict(state, step=jnp.asarray(s, jnp.int32)), batch)
+        if drawn == 0:  # 1 token drawn: 4 tokens train beside it, the loss and gradient their mean
+            want, grads = (float(l1) + float(l4)) / 2, jax.tree.map(lambda a, b: (a + b) / 2, g1, g4)
+        else:
+            want, grads = float(l4), g4
+        assert float(m["loss"]) == pytest.approx(want, rel=1e-5)
+        assert float(m["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)
+        assert int(m["supervised_tokens"]) == 8 * 3
+    cfg = setup.cfg
+    kw = dict(batch_size=8, text_len=T, trainable=config.train.trainable)
+    one, four = (train_step_flops(cfg, budgets=(m,), **kw)["total"] for m in (1, 4))
+    assert train_step_flops(cfg, budgets=(1, 4), with_largest=True, **kw)["total"] == pytest.approx(
+        (one + four) / 2 + four / 2)

@@ -146,12 +146,12 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
         Claim(f"{row} matches the fixed-budget model at {m} token{'s' if m > 1 else ''}",
               "equal training cost (1,200 steps, <= 1.5x fixed16's FLOPs): MatFormer / MRL self-distillation, "
               "weighted budget draws" if m == 1 else "(as above)", (row, m), (f"fixed{m}", m), "~")
-        for row in ("weighted_distill", "heavy_distill", "weighted", "distill") for m in (1, 4, 16)
+        for row in ("largest", "weighted_distill", "heavy_distill", "weighted", "distill") for m in (1, 4, 16)
     ) + tuple(
         Claim(f"{row}'s calibrated cascade (auto) is at least as accurate as fixed16 (mean tokens: the auto table)",
               "adaptive budget per image and question: no released system (LLaVA-Mini, MQT, M3) chooses one",
               (row, AUTO), ("fixed16", 16), ">=")
-        for row in ("weighted_distill", "heavy_distill", "weighted", "distill")
+        for row in ("largest", "weighted_distill", "heavy_distill", "weighted", "distill")
     ) + (
         Claim("the oracle (best of 1/4/16 per question) beats the uniform-draw model at 16 tokens",
               "an upper bound for choosing the budget per question", (ORACLE, 0), ("matryoshka", 16), ">="),

@@ -210,7 +210,7 @@ def _sample_step_flops(cfg: ModelConfig, text_len: int, frames: int, m: int,
 def train_step_flops(cfg: ModelConfig, *, batch_size: int, text_len: int, frames: int = 1,
                      trainable: Sequence[str] = PARTS, budgets: Sequence[int] | None = None,
                      all_budgets: bool = False, budget_probs: Sequence[float] | None = None,
-                     distill: bool = False) -> dict[str, float]:
+                     distill: bool = False, with_largest: bool = False) -> dict[str, float]:
     """Model FLOPs of one optimizer step over a global batch of `batch_size` samples.
 
     text_len: T of `input_ids` (the `<image>` placeholder included); frames: F
@@ -228,6 +228,9 @@ def train_step_flops(cfg: ModelConfig, *, batch_size: int, text_len: int, frames
     if distill and len(budgets) > 1:
         teacher = _sample_step_flops(cfg, text_len, frames, max(budgets), frozenset())  # forward only
         per = [r if m == max(budgets) else {p: r[p] + teacher[p] for p in PARTS} for m, r in zip(budgets, per)]
+    if with_largest and len(budgets) > 1:
+        top = per[budgets.index(max(budgets))]
+        per = [r if m == max(budgets) else {p: r[p] + top[p] for p in PARTS} for m, r in zip(budgets, per)]
     if all_budgets:
         weights = [1.0] * len(per)
     elif budget_probs:

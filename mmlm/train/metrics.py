@@ -81,7 +81,8 @@ def model_flops_per_step(cfg: Any, batch: Mapping[str, Any], parts: Sequence[str
                                   trainable=tuple(parts), budgets=tuple(budgets),
                                   all_budgets=all_budgets or bool(recipe and recipe.all_budgets),
                                   budget_probs=(recipe.probs or None) if recipe else None,
-                                  distill=bool(recipe and recipe.distill))["total"])
+                                  distill=bool(recipe and recipe.distill),
+                                  with_largest=bool(recipe and recipe.with_largest))["total"])
 
 
 def compiled_flops(compiled: Any) -> float:

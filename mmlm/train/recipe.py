@@ -11,6 +11,11 @@
   nested budgets' self-distillation of MatFormer and Matryoshka representation learning). A step that
   draws the largest budget is a plain `"sample"` step. The teacher costs one forward of the largest
   budget, no backward.
+* `"largest"`: every step trains the largest budget and, beside it, one budget drawn as `"sample"` draws
+  it (with `train.matryoshka_probs`); the loss is the mean of the two (the largest alone when it is
+  drawn). The largest budget, the one that needs the most steps, trains on every batch, as a
+  fixed-budget model does, and the smaller ones ride along on a share of the steps: a step costs the
+  largest budget's step plus the drawn one's.
 
 `train_run_flops` is the analytic model-FLOPs count of a whole training run from its config.
 """
@@ -40,6 +45,10 @@ class MatryoshkaRecipe:
     @property
     def distill(self) -> bool:
         return self.loss == "distill"
+
+    @property
+    def with_largest(self) -> bool:
+        return self.loss == "largest"
 
 
 def recipe_from_config(config: Any) -> MatryoshkaRecipe:
@@ -92,7 +101,7 @@ def train_run_flops(config: Any, steps: int | None = None) -> float:
     per_step = train_step_flops(cfg, batch_size=int(config.data.batch_size), text_len=int(config.data.max_text_len),
                                 frames=1, trainable=tuple(config.train.trainable), budgets=budgets,
                                 all_budgets=recipe.all_budgets, budget_probs=recipe.probs or None,
-                                distill=recipe.distill)["total"]
+                                distill=recipe.distill, with_largest=recipe.with_largest)["total"]
     total = steps * per_step
     vp = config.train.get("vision_pretrain")
     if vp is not None and int(vp.steps) > 0:

@@ -151,6 +151,9 @@ def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: S
         if recipe.distill and len(budgets) > 1:  # every budget but the largest learns from the largest too
             branches = [functools.partial(_distill_sums, model, budget=m, teacher=budgets[-1],
                                           weight=recipe.distill_weight) for m in budgets[:-1]] + branches[-1:]
+        if recipe.with_largest and len(budgets) > 1:  # the largest budget's sums added to the drawn one's
+            top = branches[-1]
+            branches = [lambda p, b, f=f: jax.tree.map(jnp.add, f(p, b), top(p, b)) for f in branches[:-1]] + [top]
         if all_budgets:  # summed sums: / (budgets x supervised tokens) below is the mean of the budgets' losses
             sums = [f(params, mb) for f in branches]
             if scales:
@@ -207,7 +210,8 @@ def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: S
             "loss": loss,
             "token_accuracy": ncorrect.astype(jnp.float32) / denom,
             "grad_norm": grad_norm,
-            "supervised_tokens": ntok // per_step,
+            "supervised_tokens": ntok // (jnp.where(idx == len(budgets) - 1, 1, 2) if recipe.with_largest and
+                                          len(budgets) > 1 else per_step),
             "tokens": nseq,  # LLM input tokens processed (every budget's, with all_budgets)
             "budget": jnp.zeros((), jnp.int32) if all_budgets else jnp.asarray(budgets, jnp.int32)[idx],  # 0: all
             "finite": finite.astype(jnp.int32),
