@@ -23,6 +23,9 @@ the analytic model FLOPs of all its steps, teacher forwards included):
   beside it on the same batch, 1 token on 30% of the steps and 4 tokens on
   another 30% (`train.matryoshka_loss="largest"`, draws 0.3 / 0.3 / 0.4;
   the loss the mean of the two budgets'): 1.49x fixed16's FLOPs.
+* `largest_b`: the same with 1 token beside 16 on 45% of the steps and 4
+  tokens on 15% (draws 0.45 / 0.15 / 0.4; 1.49x fixed16's FLOPs): more
+  steps for the 1-token budget, which `largest` trains on 360.
 * `heavy_distill`: draws 0.1 / 0.1 / 0.8 (16 tokens on 960 steps) with the
   self-distillation keeping the rarely drawn small budgets close to it.
 * `fixed1`, `fixed4`, `fixed16`: the fixed-budget models (shared with the
@@ -42,10 +45,12 @@ _matryoshka = load_config_module(os.path.join(_here, "matryoshka.py"))
 WEIGHTED_PROBS = (0.2, 0.2, 0.6)  # draw probabilities of budgets 1 / 4 / 16 in the weighted rows
 HEAVY_PROBS = (0.1, 0.1, 0.8)     # ... in the heavy row
 LARGEST_PROBS = (0.3, 0.3, 0.4)   # the largest row: the budget trained beside 16 (0.4: 16 alone), 1.49x fixed16
+LARGEST_B_PROBS = (0.45, 0.15, 0.4)  # the largest_b row: more 1-token steps, 1.49x fixed16
 
 # Row -> method (one line per method in the plots). The runner trains one seed of every row first, in this order.
 ROWS = {
     "largest": "Matryoshka, 16 every step + 1 or 4 on 30% of steps each",
+    "largest_b": "Matryoshka, 16 every step + 1 on 45% / 4 on 15% of steps",
     "weighted_distill": "Matryoshka, draws 0.2/0.2/0.6 + self-distillation",
     "heavy_distill": "Matryoshka, draws 0.1/0.1/0.8 + self-distillation",
     "weighted": "Matryoshka, draws 0.2/0.2/0.6",
@@ -65,9 +70,9 @@ def get_config(row: str):
     config = _matryoshka.get_config("matryoshka")
     if "weighted" in row:
         config.train.matryoshka_probs = WEIGHTED_PROBS
-    if row == "largest":
+    if row.startswith("largest"):
         config.train.matryoshka_loss = "largest"
-        config.train.matryoshka_probs = LARGEST_PROBS
+        config.train.matryoshka_probs = LARGEST_PROBS if row == "largest" else LARGEST_B_PROBS
     if row.startswith("heavy"):
         config.train.matryoshka_probs = HEAVY_PROBS
     if "distill" in row:
