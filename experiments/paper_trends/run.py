@@ -4,6 +4,7 @@
     python experiments/paper_trends/run.py --study prefusion --seeds 3  # one study
     python experiments/paper_trends/run.py --quick --out /tmp/trends    # the pipeline in minutes (no real accuracies)
     python experiments/paper_trends/run.py --report_only                # tables and plots from finished runs
+    python experiments/paper_trends/run.py --study budget --rows largest  # some rows of a study
 
 The studies are the config files of `configs/experiments/` (one per study,
 its rows as `FILE.py:ROW`): `matryoshka`, `prefusion`, `resolution`,
