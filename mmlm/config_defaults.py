@@ -194,7 +194,14 @@ def train_config(*, steps: int = 1000, trainable: tuple[str, ...] = STAGE2_TRAIN
         grad_accum_steps=1,       # micro-batches per step (activations held for data.batch_size/this sequences)
         matryoshka_loss="sample",  # how a step trains model.compressor.budgets: "sample" one budget drawn
                                   # uniformly per step (MQT); "all" every budget on the batch, the loss the
-                                  # mean of their losses (M3; a step costs the sum of the budgets' steps)
+                                  # mean of their losses (M3; a step costs the sum of the budgets' steps);
+                                  # "distill" as "sample", and a draw below the largest budget also learns
+                                  # the largest budget's answer distribution; "largest" the largest budget
+                                  # every step plus one drawn budget, the loss their mean (mmlm.train.recipe)
+        matryoshka_probs=(),      # "sample"/"distill"/"largest": draw probability per budget, smallest first (normalised);
+                                  # () = uniform. Weighting the largest budget up trains it more often
+        matryoshka_weights=(),    # "all": loss weight per budget, smallest first (normalised); () = plain mean
+        distill_weight=1.0,       # "distill": weight of KL(largest budget || drawn budget) beside the cross-entropy
         trainable=tuple(trainable),  # parts updated by the optimizer (subset of PARTS); the rest is frozen
         checkpoint_every=1000,    # steps between (asynchronous) checkpoints; the last step is always saved
         keep_checkpoints=3,       # most recent checkpoints kept in WORKDIR/checkpoints

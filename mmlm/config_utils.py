@@ -218,8 +218,29 @@ def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------------------- validation
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
-MATRYOSHKA_LOSSES = ("sample", "all")  # train.matryoshka_loss
+MATRYOSHKA_LOSSES = ("sample", "all", "distill", "largest")  # train.matryoshka_loss (mmlm.train.recipe)
 MAX_SEED = 2**32 - 1  # seeds: what numpy and jax.random accept
+
+
+def _check_matryoshka_recipe(config: ml_collections.ConfigDict, cfg: Any) -> None:
+    """train.matryoshka_probs / matryoshka_weights (one non-negative number per budget, not all 0) and
+    train.distill_weight (>= 0)."""
+    t = config.train
+    budgets = sorted(set(int(b) for b in cfg.compressor.budgets)) if cfg is not None and \
+        cfg.mode == "llava_mini" and cfg.compressor.matryoshka else []
+    for key in ("matryoshka_probs", "matryoshka_weights"):
+        values = tuple(t.get(key, ()) or ())
+        if not values:
+            continue
+        if len(values) != len(budgets) or any(float(v) < 0 for v in values) or not sum(float(v) for v in values) > 0:
+            raise ConfigError(f"config.train.{key}={values!r}: give one non-negative number per Matryoshka budget "
+                              f"{budgets} (smallest first, not all 0), or () for "
+                              f"{'uniform draws' if key == 'matryoshka_probs' else 'the plain mean'}")
+    if float(t.get("distill_weight", 1.0)) < 0:
+        raise ConfigError(f"config.train.distill_weight={t.distill_weight!r}: must be >= 0")
+    if t.get("matryoshka_loss", "sample") == "distill" and cfg is not None and cfg.loss_positions > 0:
+        raise ConfigError("config.train.matryoshka_loss='distill' needs the logits of every position: set "
+                          "config.model.loss_positions=0")
 
 
 def _num(config: ml_collections.ConfigDict, key: str, *, kind: type = int, low: float | None = None,
@@ -382,8 +403,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
         _num(config, "train.keep_checkpoints", low=0, hint="0 keeps every checkpoint")
         if config.train.get("matryoshka_loss", "sample") not in MATRYOSHKA_LOSSES:
             raise ConfigError(f"config.train.matryoshka_loss={config.train.matryoshka_loss!r}: choose "
-                              f"{' or '.join(repr(k) for k in MATRYOSHKA_LOSSES)} (one budget drawn per step, or "
-                              "every budget each step)")
+                              f"{' or '.join(repr(k) for k in MATRYOSHKA_LOSSES)} (one budget drawn per step, "
+                              "every budget each step, a drawn budget taught by the largest, or the largest plus a drawn one)")
+        _check_matryoshka_recipe(config, cfg)
         trainable = config.train.trainable
         if isinstance(trainable, str) or not isinstance(trainable, (tuple, list)):
             raise ConfigError(f"config.train.trainable must be a tuple of parts such as {PARTS[1:]}, "

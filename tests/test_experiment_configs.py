@@ -10,7 +10,7 @@ from mmlm.config_utils import ConfigError, load_config, load_config_module, spli
 from mmlm.models.config import model_config_from_dict
 
 STUDY_DIR = Path(__file__).resolve().parents[1] / "configs" / "experiments"
-STUDIES = ("matryoshka", "prefusion", "resolution", "pooling")
+STUDIES = ("matryoshka", "prefusion", "resolution", "pooling", "budget")
 
 
 def _rows(study: str) -> list[str]:
@@ -43,6 +43,11 @@ def test_rows_set_what_they_name():
     a = load_config(f"{STUDY_DIR}/pooling.py:query_t4").to_dict()
     b = load_config(f"{STUDY_DIR}/matryoshka.py:fixed4").to_dict()
     assert a == b
+    for row in ("fixed16", "matryoshka"):  # the budget study's baselines are the Matryoshka study's runs
+        assert load_config(f"{STUDY_DIR}/budget.py:{row}").to_dict() == \
+            load_config(f"{STUDY_DIR}/matryoshka.py:{row}").to_dict()
+    heavy = load_config(f"{STUDY_DIR}/budget.py:heavy_distill").train
+    assert heavy.matryoshka_loss == "distill" and tuple(heavy.matryoshka_probs) == (0.1, 0.1, 0.8)
 
 
 def test_split_row():

@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "experiments" / "paper_trends" / "run.py"
-STUDIES = ("matryoshka", "prefusion", "resolution", "pooling")
+STUDIES = ("matryoshka", "prefusion", "resolution", "pooling", "budget")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -49,13 +49,15 @@ def test_every_study_has_its_table_orderings_and_plots(quick):
     for study in STUDIES:
         st = report["studies"][study]
         rows = {p["row"] for p in st["points"]}
-        expected = set(_rows(study)) | ({"oracle"} if study == "matryoshka" else set())
+        expected = set(_rows(study)) | ({"oracle"} if study in ("matryoshka", "budget") else set())
         assert rows == expected, study
         for p in st["points"]:
             assert 0.0 <= p["mean"] <= 1.0 and p["std"] == 0.0 and p["n"] == 1  # one seed in quick mode
+            assert p["train_flops"] > 0
             assert p["llm_vision_tokens"] >= 1 and p["flops"] > 0
         assert st["claims"] and all(c["verdict"].startswith(("holds", "does not hold")) for c in st["claims"])
-        assert st["plots"] == [f"{study}_tokens.png", f"{study}_flops.png"]
+        assert st["plots"] == [f"{study}_tokens.png", f"{study}_flops.png"] + (
+            ["budget_auto.png"] if study == "budget" else [])
         for name in st["plots"]:
             assert (out / name).read_bytes()[:8] == PNG_MAGIC
             assert f"({name})" in md
@@ -66,6 +68,16 @@ def test_every_study_has_its_table_orderings_and_plots(quick):
     mat = {(p["row"], p["budget"]) for p in report["studies"]["matryoshka"]["points"]}
     assert {("matryoshka", m) for m in (1, 2, 4, 8, 16)} <= mat and ("fixed4", 4) in mat
     assert report["runs"]["foundation"]["points"]["16"]["count"] > 0
+    # The budget study's Matryoshka recipes are also scored with the calibrated cascade (num_vision_tokens=auto).
+    budget = report["studies"]["budget"]
+    auto = {p["row"]: p for p in budget["points"] if p["budget"] == "auto"}
+    assert set(auto) == {"largest", "largest_b", "weighted_distill", "heavy_distill", "weighted", "distill",
+                         "matryoshka"}
+    assert all(1 <= p["llm_vision_tokens"] <= 16 for p in auto.values())
+    assert set(budget["auto"]) == set(auto) and "| fixed16's accuracy at <= 4 tokens |" in md
+    for name, rec in report["runs"].items():
+        if "auto" in rec:  # calibrated on training questions, never the scored ones
+            assert rec["auto"]["calibration"] == "train_questions.jsonl" and 0 < rec["auto"]["threshold"] < 1
 
 
 def test_shared_rows_train_once_and_a_rerun_skips_finished_runs(quick):
@@ -119,7 +131,9 @@ def test_the_committed_results_stand_for_every_run_in_any_checkout(tmp_path):
     proc = _run(tmp_path, "--report_only", timeout=300, quick=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     old, new = (json.loads(p.read_text()) for p in (committed, tmp_path / "results.json"))
-    assert "0 runs to do" in proc.stdout and new["settings"]["runs_finished"] == old["settings"]["runs_planned"]
+    # Every recorded run counts (a study cut short by its deadline leaves runs to do; results.md says so).
+    done, planned = old["settings"]["runs_finished"], old["settings"]["runs_planned"]
+    assert f"{planned - done} runs to do" in proc.stdout and new["settings"]["runs_finished"] == done
     for study, st in old["studies"].items():  # all but the printed command, which names the other --out
         assert {**new["studies"][study], "command": st["command"]} == st, study
 
@@ -163,3 +177,19 @@ def _rows(study: str) -> list[str]:
     from mmlm.config_utils import load_config_module
 
     return list(load_config_module(str(REPO / "configs" / "experiments" / f"{study}.py")).ROWS)
+
+
+def test_every_recorded_run_has_its_training_flops_and_the_budget_rows_cost_at_most_1_5x_fixed16():
+    sys.path.insert(0, str(RUN.parent))
+    import run as runner
+    from mmlm.train.recipe import train_run_flops
+
+    runs = json.loads((REPO / "experiments" / "paper_trends" / "results.json").read_text())["runs"]
+    assert all(rec["train_flops"] > 0 for rec in runs.values())
+    spec = lambda s, r: runner.load_spec(f"{runner.CONFIG_DIR}/{s}.py:{r}", 0, Path("data"), False, None)
+    fixed16 = train_run_flops(spec("matryoshka", "fixed16"))
+    assert runs["matryoshka-fixed16-s0"]["train_flops"] == pytest.approx(fixed16)
+    assert runs["matryoshka-matryoshka_all-s0"]["train_flops"] > 2.5 * fixed16  # M3: every budget each step
+    for row in _rows("budget"):
+        config = spec("budget", row)
+        assert int(config.train.steps) == 1200 and train_run_flops(config) <= 1.5 * fixed16, row

@@ -4,10 +4,11 @@
     python experiments/paper_trends/run.py --study prefusion --seeds 3  # one study
     python experiments/paper_trends/run.py --quick --out /tmp/trends    # the pipeline in minutes (no real accuracies)
     python experiments/paper_trends/run.py --report_only                # tables and plots from finished runs
+    python experiments/paper_trends/run.py --study budget --rows largest  # some rows of a study
 
 The studies are the config files of `configs/experiments/` (one per study,
 its rows as `FILE.py:ROW`): `matryoshka`, `prefusion`, `resolution`,
-`pooling`. First the shared foundation (`foundation.py`, the analogue of the
+`pooling`, `budget`. First the shared foundation (`foundation.py`, the analogue of the
 paper's pretrained CLIP and LLM) is trained once and its vision tower and
 LLM exported to OUT/foundation/model. Then, for each row and seed, the
 runner trains the row's config from that start with the trainer
@@ -32,8 +33,11 @@ Outputs (under --out, default experiments/paper_trends/):
   same config (e.g. `pooling.py:query_t1` and `matryoshka.py:fixed1`) share
   one run.
 * `results.json`: every point (row, budget: mean, std and values over
-  seeds, per category, LLM vision tokens, FLOPs per example), the paper's
-  orderings with verdicts, wall times, and every finished run's record. A
+  seeds, per category, LLM vision tokens, FLOPs per example, training FLOPs),
+  the paper's orderings with verdicts, wall times, and every finished run's
+  record (with `train_flops`: the analytic model FLOPs of all its training
+  steps, forward and backward of every budget and teacher pass, computed from
+  its config by `mmlm.train.recipe.train_run_flops`, as the trainer's MFU). A
   run recorded there with the same config counts as finished even when its
   `runs/` directory is gone (a fresh checkout of the repository's results):
   a new row trains alone, and `--report_only` rebuilds the same report. The
@@ -67,7 +71,7 @@ from typing import Any, Iterable, Sequence
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "configs" / "experiments"
 DEFAULT_OUT = Path(__file__).resolve().parent
-STUDIES = ("matryoshka", "prefusion", "resolution", "pooling")
+STUDIES = ("matryoshka", "prefusion", "resolution", "pooling", "budget")
 CATEGORIES = ("cell_color", "cell_shape", "count_color", "exist")
 RESULTS_JSON, RESULTS_MD, RUN_FILE = "results.json", "results.md", "run.json"
 FOUNDATION = "foundation"  # the shared start of every row (configs/experiments/foundation.py)
@@ -76,11 +80,15 @@ ORACLE_OF, ORACLE_BUDGETS = ("matryoshka", "matryoshka"), (1, 4, 16)  # (study, 
 # --quick compiles fast (see _configure_jax): its programs run for seconds
 QUICK_XLA_FLAGS = {"--xla_backend_optimization_level": "0", "--xla_cpu_use_fusion_emitters": "false"}
 QUICK_EVAL_IMAGES = 8  # a val split this small is a --quick one: score one question per image (one batch)
+AUTO = "auto"  # the budget of an adaptive point: the calibrated cascade (`num_vision_tokens=auto`)
+AUTO_STUDY = "budget"  # the study whose Matryoshka runs are also scored with the cascade
+AUTO_CALIBRATION_QUESTIONS = 600  # the first questions of the training split (200 images) calibrate its threshold
 MATCH_TOLERANCE = 0.02  # "matches": within max(2 points, the combined seed spread)
 # Config keys added after runs were recorded, at the value every earlier run had implicitly: left out of the
 # fingerprint at that value, so adding a knob does not mark the finished runs stale.
-LATER_KEYS = {("train", "matryoshka_loss"): "sample", ("data", "video_chunk_frames"): 16,
-              ("data", "prefill_chunk_tokens"): 512}  # the last two: inference knobs of video files
+LATER_KEYS = {("train", "matryoshka_loss"): "sample", ("train", "matryoshka_probs"): (),
+              ("train", "matryoshka_weights"): (), ("train", "distill_weight"): 1.0,
+              ("data", "video_chunk_frames"): 16, ("data", "prefill_chunk_tokens"): 512}  # the last two: inference knobs of video files
 
 
 # ----------------------------------------------------------------------------- the paper's orderings
@@ -136,6 +144,21 @@ CLAIMS: dict[str, tuple[Claim, ...]] = {
         Claim("MQT beats square-budget training at 8 tokens (never trained there)", "(MQT's motivation)",
               ("mqt_any_m", 8), ("matryoshka", 8)),
     ),
+    "budget": tuple(
+        Claim(f"{row} matches the fixed-budget model at {m} token{'s' if m > 1 else ''}",
+              "equal training cost (1,200 steps, <= 1.5x fixed16's FLOPs): MatFormer / MRL self-distillation, "
+              "weighted budget draws" if m == 1 else "(as above)", (row, m), (f"fixed{m}", m), "~")
+        for row in ("largest", "largest_b", "weighted_distill", "heavy_distill", "weighted", "distill")
+        for m in (1, 4, 16)
+    ) + tuple(
+        Claim(f"{row}'s calibrated cascade (auto) is at least as accurate as fixed16 (mean tokens: the auto table)",
+              "adaptive budget per image and question: no released system (LLaVA-Mini, MQT, M3) chooses one",
+              (row, AUTO), ("fixed16", 16), ">=")
+        for row in ("largest", "largest_b", "weighted_distill", "heavy_distill", "weighted", "distill")
+    ) + (
+        Claim("the oracle (best of 1/4/16 per question) beats the uniform-draw model at 16 tokens",
+              "an upper bound for choosing the budget per question", (ORACLE, 0), ("matryoshka", 16), ">="),
+    ),
     "prefusion": (
         Claim("1 pre-fusion layer beats 0 at 1 token", "VQAv2/GQA/MMB 74.8/55.5/60.4 vs 72.4/54.2/57.7",
               ("pf1_t1", 1), ("pf0_t1", 1)),
@@ -181,6 +204,7 @@ STUDY_TITLES = {
     "prefusion": "Pre-fusion depth at 1 token, tokens without pre-fusion, and LLaVA-1.5",
     "resolution": "Resolution: HD grid 1 vs 2 at the same budgets",
     "pooling": "Query compressor vs average pooling",
+    "budget": "Token budget: one Matryoshka {1, 4, 16} model for the training cost of one fixed model",
 }
 
 # What each study's rows share, printed under its heading (the configs' docstrings have the details).
@@ -198,6 +222,10 @@ STUDY_SETUP = {
                   "`configs/experiments/resolution.py`.",
     "pooling": "Task `grid_shapes`, no pre-fusion (as in the Matryoshka study); average pooling of the 4x4 "
                "patch grid to 1x1 / 2x2 has no parameters. Rows: `configs/experiments/pooling.py`.",
+    "budget": "The Matryoshka study's setting. Every recipe row trains 1,200 steps at no more than 1.5x the "
+              "fixed16 row's training FLOPs (the `train TFLOP` column: analytic model FLOPs of all its steps, "
+              "forward and backward of every budget, teacher forwards included). Rows: "
+              "`configs/experiments/budget.py`.",
 }
 
 # ----------------------------------------------------------------------------- the plan
@@ -358,6 +386,7 @@ def execute(run: Run, out: Path) -> dict[str, Any]:
     """Trains (or resumes) and scores one run; writes RUN/run.json last; returns its content."""
     from mmlm.eval.evaluate import ResultsWriter, evaluate, prepare_questions, read_jsonl
     from mmlm.infer.loading import load_inference_model
+    from mmlm.train.recipe import train_run_flops
     from mmlm.train.trainer import train
 
     workdir = out / "runs" / run.name
@@ -396,6 +425,7 @@ def execute(run: Run, out: Path) -> dict[str, Any]:
         "fingerprint": run.fingerprint, "steps": result["steps"], "final_train_loss": result["train"].get("loss"),
         "params": result["params"], "train_s": round(t_train, 1), "eval_s": round(t_eval, 1),
         "wall_s": round(t_train + t_eval, 1), "text_tokens": text_tokens, "questions": str(qfile),
+        "train_flops": train_run_flops(config),
         "points": points,
         "command": (f"mmlm train --config {run.spec} --workdir RUN --config.seed={run.seed} "
                     f"--config.synthetic.cache_dir=DATA --config.eval.every=-1"
@@ -403,6 +433,8 @@ def execute(run: Run, out: Path) -> dict[str, Any]:
                     + f" && mmlm eval --workdir RUN --data {qfile.name} "
                     f"--num_vision_tokens {','.join(str(b) for b in run.budgets)} --out RUN/eval"),
     }
+    if any(s == AUTO_STUDY for s, _ in run.rows) and len(run.budgets) > 1:
+        record["auto"] = auto_scores(im, config, ev, questions, lines, text_tokens)
     if (ORACLE_OF[0], ORACLE_OF[1]) in run.rows:
         o = oracle(ev.answers, ORACLE_BUDGETS)
         chosen = {int(b): n for b, n in o["chosen"].items()}
@@ -412,6 +444,33 @@ def execute(run: Run, out: Path) -> dict[str, Any]:
         record["oracle"] = o
     _write_json_atomic(workdir / RUN_FILE, record)
     return record
+
+
+def auto_scores(im: Any, config: Any, ev: Any, questions: Sequence[Any], lines: Sequence[dict[str, Any]],
+                text_tokens: int) -> dict[str, Any]:
+    """The cascade (`mmlm eval --num_vision_tokens auto`) of a Matryoshka run: its threshold calibrated on the
+    first AUTO_CALIBRATION_QUESTIONS questions of the training split (checked disjoint from the val
+    questions), its point on the val questions, and the sweep over thresholds (accuracy vs mean tokens)."""
+    from mmlm.eval.auto import cascade_row, score_budgets, sweep
+    from mmlm.eval.evaluate import prepare_questions, read_jsonl
+    from mmlm.infer.cascade import calibrate_threshold, cascade_budgets, check_disjoint
+
+    budgets = cascade_budgets(im.cfg)
+    kw = {"batch_size": int(config.data.eval_batch_size), "max_new_tokens": int(config.eval.max_new_tokens)}
+    raw = questions_file(config).parent
+    cal_file = raw / f"{config.data.train_split}_questions.jsonl"
+    cal_lines = read_jsonl(str(cal_file))[:AUTO_CALIBRATION_QUESTIONS]
+    check_disjoint(cal_lines, lines)
+    cal = score_budgets(im, prepare_questions(im, cal_lines, raw), budgets, **kw)
+    threshold = calibrate_threshold(cal.conf, cal.correct, budgets)
+    scored = score_budgets(im, questions, budgets, answered=ev, **kw)
+    row, _ = cascade_row(scored, threshold)
+    return {"budgets": list(budgets), "threshold": threshold, "calibration": cal_file.name,
+            "calibration_questions": len(cal.questions),
+            "point": {"accuracy": row["accuracy"], "by_category": row.get("by_category", {}), "count": row["count"],
+                      "llm_vision_tokens": row["mean_vision_tokens"], "flops": row["flops_per_question"],
+                      "histogram": row["budget_histogram"]},
+            "sweep": sweep(scored), "text_tokens": text_tokens}
 
 
 def load_finished(run: Run, out: Path) -> dict[str, Any] | None:
@@ -453,8 +512,19 @@ def finished_records(plan: Sequence[Run], out: Path) -> dict[str, dict[str, Any]
         if rec is None and reported.get(run.name, {}).get("fingerprint") == run.fingerprint:
             rec = reported[run.name]
         if rec is not None:
-            records[run.name] = rec
+            records[run.name] = with_plan_fields(rec, run)
     return records
+
+
+def with_plan_fields(record: dict[str, Any], run: Run) -> dict[str, Any]:
+    """The record with the plan's rows (a study added since shares the run) and its `train_flops`
+    (computed from the config when the run was recorded before the field existed)."""
+    from mmlm.train.recipe import train_run_flops
+
+    out = {**record, "rows": [list(r) for r in run.rows]}
+    if "train_flops" not in out and run.config is not None:
+        out["train_flops"] = train_run_flops(run.config)
+    return out
 
 
 def foundation_available(out: Path) -> bool:
@@ -483,23 +553,93 @@ def study_points(study: str, records: Iterable[dict[str, Any]]) -> list[dict[str
             if s != study:
                 continue
             for m, p in rec["points"].items():
-                grouped.setdefault((row, int(m)), []).append({**p, "seed": rec["seed"], "wall_s": rec["wall_s"]})
-            if "oracle" in rec and (s, row) == ORACLE_OF:
-                grouped.setdefault((ORACLE, 0), []).append({**rec["oracle"], "seed": rec["seed"], "wall_s": 0.0})
+                grouped.setdefault((row, int(m)), []).append({**p, "seed": rec["seed"], "wall_s": rec["wall_s"],
+                                                               "train_flops": rec.get("train_flops", 0.0)})
+            if "auto" in rec and s == AUTO_STUDY:
+                grouped.setdefault((row, AUTO), []).append({**rec["auto"]["point"], "seed": rec["seed"],
+                                                            "wall_s": rec["wall_s"],
+                                                            "train_flops": rec.get("train_flops", 0.0)})
+            if "oracle" in rec and row == ORACLE_OF[1]:  # the uniform-draw Matryoshka row of any study
+                grouped.setdefault((ORACLE, 0), []).append({**rec["oracle"], "seed": rec["seed"], "wall_s": 0.0,
+                                                            "train_flops": rec.get("train_flops", 0.0)})
     order = {r: i for i, r in enumerate(list(rows) + [ORACLE])}
     out = []
-    for (row, m), ps in sorted(grouped.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+    for (row, m), ps in sorted(grouped.items(),
+                               key=lambda kv: (order[kv[0][0]], kv[0][1] if kv[0][1] != AUTO else math.inf)):
         acc = [p["accuracy"] for p in ps]
         mean, std = mean_std(acc)
         cats = {c: mean_std([p["by_category"][c] for p in ps if c in p["by_category"]])[0]
                 for c in CATEGORIES if any(c in p["by_category"] for p in ps)}
-        out.append({"row": row, "budget": m, "method": rows.get(row, "oracle (best budget per question)"),
+        method = rows.get(row, "oracle (best budget per question)")
+        out.append({"row": row, "budget": m, "method": method + (", auto (calibrated cascade)" if m == AUTO else ""),
                     "mean": mean, "std": std, "n": len(acc), "values": acc,
                     "seeds": [p["seed"] for p in ps], "by_category": cats,
                     "llm_vision_tokens": sum(p["llm_vision_tokens"] for p in ps) / len(ps),
                     "flops": sum(p["flops"] for p in ps) / len(ps),
+                    "train_flops": sum(p["train_flops"] for p in ps) / len(ps),
                     "wall_s_per_run": sum(p["wall_s"] for p in ps) / len(ps)})
     return out
+
+
+def auto_summary(study: str, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Per row of the study with cascade scores: the calibrated points over seeds (threshold, accuracy,
+    mean tokens, budget histogram, FLOPs) and the sweep over thresholds averaged over seeds."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        for s, row in rec["rows"]:
+            if s == study and "auto" in rec:
+                rows.setdefault(row, []).append(rec["auto"])
+    out = {}
+    for row, autos in rows.items():
+        acc = [a["point"]["accuracy"] for a in autos]
+        mean, std = mean_std(acc)
+        hist: dict[str, int] = {}
+        for a in autos:
+            for m, k in a["point"]["histogram"].items():
+                hist[m] = hist.get(m, 0) + k
+        by_t: dict[float, list[dict[str, Any]]] = {}
+        for a in autos:
+            for p in a["sweep"]:
+                by_t.setdefault(p["threshold"], []).append(p)
+        out[row] = {"n": len(autos), "thresholds": [a["threshold"] for a in autos], "mean": mean, "std": std,
+                    "llm_vision_tokens": sum(a["point"]["llm_vision_tokens"] for a in autos) / len(autos),
+                    "flops": sum(a["point"]["flops"] for a in autos) / len(autos), "histogram": hist,
+                    "sweep": [{"threshold": t, "accuracy": sum(p["accuracy"] for p in ps) / len(ps),
+                               "mean_vision_tokens": sum(p["mean_vision_tokens"] for p in ps) / len(ps),
+                               "n": len(ps)} for t, ps in sorted(by_t.items())]}
+    return out
+
+
+def plot_auto(study: str, points: Sequence[dict[str, Any]], auto: dict[str, Any], out: Path) -> str:
+    """`<study>_auto.png`: accuracy vs mean LLM vision tokens of each row's cascade as the threshold varies
+    (seed means), its calibrated point, the fixed-budget models and the oracle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for row, a in auto.items():
+        line, = ax.plot([p["mean_vision_tokens"] for p in a["sweep"]], [100 * p["accuracy"] for p in a["sweep"]],
+                        marker=".", label=f"{row}: cascade, threshold swept")
+        ax.errorbar([a["llm_vision_tokens"]], [100 * a["mean"]], yerr=[100 * a["std"]], marker="*", markersize=12,
+                    color=line.get_color(), capsize=3, linestyle="none")
+    for p in points:
+        if p["row"].startswith("fixed") or p["row"] == ORACLE:
+            ax.errorbar([p["llm_vision_tokens"]], [100 * p["mean"]], yerr=[100 * p["std"]], capsize=3,
+                        marker="s" if p["row"] != ORACLE else "D", linestyle="none", color="black" if
+                        p["row"] != ORACLE else "gray", label=p["row"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("mean LLM vision tokens per question")
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_title("num_vision_tokens=auto: accuracy vs mean tokens (stars: calibrated thresholds)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    name = f"{study}_auto.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
 
 
 def verdict(claim: Claim, points: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -620,7 +760,10 @@ def markdown(report: dict[str, Any]) -> str:
                   "Reproduce this section (table and plots):", "", "```", st["command"], "```", "",
                   f"Wall time of its runs: {st['wall_time_s']:.0f} s ({st['runs']} runs; runs shared with another "
                   "study count in both).", ""]
-        head = "| row | method | LLM vision tokens | MFLOPs / example | accuracy (%) | n | " + \
+        if "runs_planned" in st:
+            lines += [f"**{st['runs']} of its {st['runs_planned']} planned runs have finished** (the column `n` "
+                      "gives the seeds behind each point; a row with fewer than 3 did not get all its runs).", ""]
+        head = "| row | method | LLM vision tokens | MFLOPs / example | train TFLOP | accuracy (%) | n | " + \
             " | ".join(CATEGORIES) + " | s / run |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for p in st["points"]:
@@ -628,14 +771,73 @@ def markdown(report: dict[str, Any]) -> str:
                               for c in CATEGORIES)
             budget = "" if p["row"] == ORACLE else f"@{p['budget']}"
             lines.append(f"| {p['row']}{budget} | {p['method']} | {p['llm_vision_tokens']:.3g} | "
-                         f"{_fmt_flops(p['flops'])} | {100 * p['mean']:.1f} ± {100 * p['std']:.1f} | {p['n']} | "
+                         f"{_fmt_flops(p['flops'])} | {p['train_flops'] / 1e12:.2f} | {100 * p['mean']:.1f} ± {100 * p['std']:.1f} | {p['n']} | "
                          f"{cats} | {p['wall_s_per_run']:.0f} |")
-        lines += ["", "The paper's orderings, row by row:", "",
+        lines += ["", "The paper's orderings, row by row:" if "runs_planned" not in st else "The goal, row by row:", "",
                   "| ordering | the paper | ours | verdict |", "|---|---|---|---|"]
         for c in st["claims"]:
             lines.append(f"| {c['text']} | {c['paper']} | {c['ours']} | {c['verdict']} |")
         lines += ["", f"![accuracy vs tokens]({study}_tokens.png) ![accuracy vs FLOPs]({study}_flops.png)", ""]
+        if "runs_planned" in st:
+            lines += acceptance_markdown(st)
+        if st.get("auto"):
+            lines += auto_markdown(study, st)
     return "\n".join(lines) + "\n"
+
+
+def acceptance_markdown(st: dict[str, Any]) -> list[str]:
+    """The budget study's goal, computed: per recipe row its gaps to fixed1 at 1 token and fixed16 at 16
+    tokens (within 2 points is the goal), seeds behind them and its training FLOPs over fixed16's."""
+    table = {(p["row"], p["budget"]): p for p in st["points"]}
+    if ("fixed1", 1) not in table or ("fixed16", 16) not in table:
+        return []
+    f1, f16 = table[("fixed1", 1)], table[("fixed16", 16)]
+    lines = ["The goal: one model within 2 points of fixed1 at 1 token and of fixed16 at 16 tokens, at the "
+             "fixed rows' 1,200 steps and at most 1.5x fixed16's training FLOPs, over 3 seeds.", "",
+             "| row | seeds | 1 token vs fixed1 (points) | 4 tokens vs fixed4 | 16 tokens vs fixed16 | train FLOPs / "
+             "fixed16's | goal |", "|---|---|---|---|---|---|---|"]
+    f4 = table.get(("fixed4", 4))
+    for row in dict.fromkeys(p["row"] for p in st["points"]):
+        a, b = table.get((row, 1)), table.get((row, 16))
+        if row.startswith("fixed") or row == ORACLE or a is None or b is None:
+            continue
+        c = table.get((row, 4))
+        d1, d16 = 100 * (a["mean"] - f1["mean"]), 100 * (b["mean"] - f16["mean"])
+        d4 = f"{100 * (c['mean'] - f4['mean']):+.1f}" if c and f4 else ""
+        ratio = a["train_flops"] / f16["train_flops"] if f16["train_flops"] else float("nan")
+        met = d1 >= -2 and d16 >= -2 and ratio <= 1.5
+        goal = ("met" if met else "not met") + ("" if a["n"] >= 3 else f" ({a['n']} seed{'s' if a['n'] > 1 else ''})")
+        lines.append(f"| {row} | {a['n']} | {d1:+.1f} | {d4} | {d16:+.1f} | {ratio:.2f} | {goal} |")
+    return lines + [""]
+
+
+def auto_markdown(study: str, st: dict[str, Any]) -> list[str]:
+    """The cascade's table: per row the calibrated thresholds, accuracy, mean tokens, budgets used, and
+    whether it reaches fixed16's accuracy at no more than 4 vision tokens on average."""
+    f16 = next((p for p in st["points"] if (p["row"], p["budget"]) == ("fixed16", 16)), None)
+    lines = ["`num_vision_tokens=auto` (`mmlm.infer.cascade`): each question is answered at the smallest "
+             "budget whose first answer token has a probability at or above the threshold (else at 16 tokens); "
+             f"the threshold is calibrated per run on the first {AUTO_CALIBRATION_QUESTIONS} questions of the "
+             "training split (disjoint from the scored val questions), as the one with the fewest mean tokens "
+             "within 1 point of the best calibration accuracy. FLOPs: prefill of every budget tried, the vision "
+             "tower once.", "",
+             "| row | thresholds (per seed) | accuracy (%) | n | mean LLM vision tokens | questions at 1 / 4 / 16 "
+             "| MFLOPs / question | fixed16's accuracy at <= 4 tokens | best swept threshold at <= 4 tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row, a in st["auto"].items():
+        hist = " / ".join(str(a["histogram"].get(str(m), 0)) for m in ORACLE_BUDGETS)
+        ok = "missing" if f16 is None else (
+            "holds" if a["mean"] >= f16["mean"] and a["llm_vision_tokens"] <= 4 else "does not hold")
+        cheap = [p for p in a["sweep"] if p["mean_vision_tokens"] <= 4]
+        best = max(cheap, key=lambda p: p["accuracy"]) if cheap else None
+        best_text = (f"{100 * best['accuracy']:.1f}% at {best['mean_vision_tokens']:.2f} tokens (threshold "
+                     f"{best['threshold']:g})") if best else "none"
+        lines.append(f"| {row} | {', '.join(f'{t:g}' for t in a['thresholds'])} | {100 * a['mean']:.1f} ± "
+                     f"{100 * a['std']:.1f} | {a['n']} | {a['llm_vision_tokens']:.2f} | {hist} | "
+                     f"{_fmt_flops(a['flops'])} | {ok} | {best_text} |")
+    return lines + ["", "The last column picks the threshold on the scored questions themselves (seed means of the "
+                    "sweep): an upper bound for this confidence signal, not a calibrated result.", "",
+                    f"![accuracy vs mean tokens]({study}_auto.png)", ""]
 
 
 def _relative_paths(record: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -670,6 +872,12 @@ def build_report(studies: Sequence[str], plan: Sequence[Run], records: dict[str,
             "command": study_command(study, seeds, quick, out), "points": points, "claims": claims,
             "runs": len(recs), "wall_time_s": sum(r["wall_s"] for r in recs),
             "plots": plot_study(study, points, out) if points else []}
+        if study == AUTO_STUDY:
+            auto = auto_summary(study, recs)
+            report["studies"][study]["auto"] = auto
+            report["studies"][study]["runs_planned"] = sum(any(s == study for s, _ in r.rows) for r in plan)
+            if auto:
+                report["studies"][study]["plots"].append(plot_auto(study, points, auto, out))
     _write_json_atomic(out / RESULTS_JSON, report)
     (out / RESULTS_MD).write_text(markdown(report), encoding="utf-8")
     return report
@@ -681,6 +889,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", default="all",
                    help=f"a study, a comma-separated list, or 'all' (default); studies: {', '.join(STUDIES)}")
+    p.add_argument("--rows", default="",
+                   help="only these rows of the studies (comma-separated, e.g. largest,fixed16); default: every row")
     p.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3; 1 with --quick)")
     p.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}; with --quick a new "
                                                "temporary directory)")
@@ -740,15 +950,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The report covers every study whose runs are in OUT (a run of one study does not drop the others).
         plan = make_plan(STUDIES, seeds, out, args.quick)
         wanted = {(s, r) for s in studies for r in study_module(s).ROWS}
+        if args.rows:
+            names = {r.strip() for r in args.rows.split(",") if r.strip()}
+            unknown = sorted(names - {r for _, r in wanted})
+            if unknown:
+                raise UserError(f"--rows {args.rows!r}: {unknown} are not rows of {', '.join(studies)}; rows: "
+                                f"{', '.join(sorted({r for _, r in wanted}))}")
+            wanted = {(s, r) for s, r in wanted if r in names}
         records = finished_records(plan, out)
         todo = [r for r in plan if r.name not in records and (r.name == FOUNDATION or set(r.rows) & wanted)]
-        if todo and todo[0].name != FOUNDATION and not foundation_available(out):
+        if not args.report_only and todo and todo[0].name != FOUNDATION and not foundation_available(out):
             # Its record came from results.json, its weights are gone (a fresh checkout): train it again.
             del records[FOUNDATION]
             todo.insert(0, plan[0])
         print(f"paper trends: {len(todo)} runs to do for {', '.join(studies)}, {seeds} seed(s)"
               f"{' (quick)' if args.quick else ''}; {len(records)} of all {len(plan)} runs finished -> {out}",
               flush=True)
+        # One seed of every row first: a study cut short has every row, with fewer seeds.
+        todo.sort(key=lambda r: (r.name != FOUNDATION, r.seed))
         if not args.report_only:
             run_all(todo, records, out, len(records), len(records) + len(todo))
         report = build_report(STUDIES, plan, records, out, seeds, args.quick)

@@ -2,6 +2,7 @@
 
     mmlm eval --workdir /tmp/demo --data val_questions.jsonl --images DIR --out /tmp/eval
     mmlm eval --checkpoint ckpt/ --data q.jsonl --images DIR --num_vision_tokens 1,4,16,64 --out OUT
+    mmlm eval --workdir W --data val.jsonl --num_vision_tokens 1,16,auto --calibration_data train.jsonl --out OUT
 
 Writes OUT/answers.jsonl (first budget), OUT/answers_m{m}.jsonl (each
 budget) and OUT/metrics.json (`accuracy` of the first budget plus one row
@@ -18,13 +19,15 @@ from mmlm.cli_common import number, run_command
 from mmlm.errors import UserError
 
 
-def _budgets(text: str) -> list[int]:
+def _budgets(text: str) -> list[int | str]:
+    from mmlm.infer.cascade import AUTO, is_auto
+
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [AUTO if is_auto(v) else int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--num_vision_tokens must be comma-separated integers such as 1,4,16; got {text!r}") from None
-    if not values or any(v < 1 for v in values):
+            f"--num_vision_tokens must be comma-separated integers such as 1,4,16, or auto; got {text!r}") from None
+    if not values or any(v != AUTO and v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"--num_vision_tokens needs positive integers; got {text!r}")
     return list(dict.fromkeys(values))
 
@@ -49,7 +52,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace the results of an earlier evaluation in --out (without it, they make the command "
                         "refuse); they stay whole until the new results are complete")
     p.add_argument("--num_vision_tokens", type=_budgets, default=None,
-                   help="comma-separated budgets, e.g. 1,4,16,64 (default: the model's default budget)")
+                   help="comma-separated budgets, e.g. 1,4,16,64 (default: the model's default budget); 'auto' "
+                        "(alone or in the list) answers each question with a confidence cascade over a "
+                        "Matryoshka model's budgets and reports its accuracy, mean vision tokens, budget "
+                        "histogram and FLOPs")
+    p.add_argument("--auto_threshold", type=float, default=None,
+                   help="auto: first-answer-token probability in (0, 1) below which the cascade escalates to the "
+                        "next budget (default 0.5, or calibrated with --calibration_data)")
+    p.add_argument("--calibration_data", default=None,
+                   help="auto: question JSONL drawn from the training data (never the evaluated questions; "
+                        "checked) on which the threshold is calibrated")
+    p.add_argument("--calibration_images", default=None,
+                   help="root of the calibration questions' media (default: their JSONL's directory)")
     p.add_argument("--batch_size", type=number(int, 1), default=16, help="questions per generation batch (default 16)")
     p.add_argument("--max_new_tokens", type=number(int, 1), default=16, help="answer length limit (default 16)")
     p.add_argument("--max_frames", type=number(int, 1), default=None,
@@ -104,11 +118,18 @@ def run(args: argparse.Namespace) -> int:
     # Neither a file this run writes nor an earlier result it may remove can be an input.
     for name in {*RESULT_FILES, *earlier, *(f"answers_m{b}.jsonl" for b in args.num_vision_tokens or [])}:
         check_not_input(os.path.join(args.out, name), "--out", inputs)
+    from mmlm.eval.auto import check_auto_args, run_auto
+
+    auto = check_auto_args(args, rows)
     im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step, weights=args.weights,
                               tokenizer=args.tokenizer, template=args.template)
-    budgets = args.num_vision_tokens or [None]
+    budgets = [b for b in args.num_vision_tokens or [None] if b != "auto"]
     for b in budgets:
         im.budget(b)  # every budget is checked before any compute
+    if auto is not None:
+        from mmlm.infer.cascade import cascade_budgets
+
+        cascade_budgets(im.cfg)  # a model without Matryoshka budgets: a clear error before any compute
     escaped: list[dict] = []  # media paths outside --images / --videos: skipped and reported, never opened
     questions = prepare_questions(im, rows, media_root, args.videos, append_options=not args.no_option_prompt,
                                   skipped=escaped)
@@ -120,14 +141,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = evaluate(im, questions, budgets, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                           max_frames=args.max_frames, progress=not args.no_progress, on_answers=writer,
-                          fps=args.fps, video_chunk_frames=args.video_chunk_frames)
+                          fps=args.fps, video_chunk_frames=args.video_chunk_frames) if budgets else None
     finally:
         writer.close()  # answers computed so far stay on disk, flushed
+    if auto is not None:
+        result = run_auto(args, im, questions, auto, result)
     seconds = time.perf_counter() - start
     result.skipped[:0] = escaped
     path = writer.finish(result, {"source": im.source, "data": os.path.abspath(args.data),
                                   "mode": im.cfg.mode, "seconds": round(seconds, 2)})
     print(format_table(result.rows))
+    for row in result.rows:
+        if row["num_vision_tokens"] == "auto":
+            print(f"auto (threshold {row['threshold']:g}, budgets {row['cascade_budgets']}): mean vision tokens "
+                  f"{row['mean_vision_tokens']:.2f}, questions per budget {row['budget_histogram']}, prefill "
+                  f"{row['flops_per_question'] / 1e6:.2f} MFLOPs per question (escalations included)")
     for s in result.skipped:
         print(f"[mmlm eval] skipped: {s['reason']}", file=sys.stderr)
     answered = len(questions) + len(escaped) - len(result.skipped)

@@ -19,6 +19,7 @@ import numpy as np
 
 from mmlm.cli_common import SEED, check_output_file, number, run_command
 from mmlm.errors import UserError
+from mmlm.infer.cascade import DEFAULT_THRESHOLD, budget_arg
 from mmlm.infer.loading import InferenceModel
 
 
@@ -36,8 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     media.add_argument("--video", help="video file, any length: frames sampled at --fps are decoded as a stream and "
                                        "encoded --video_chunk_frames at a time")
     p.add_argument("--prompt", default=None, help="question; without it, questions are read interactively")
-    p.add_argument("--num_vision_tokens", type=number(int, 1), default=None,
-                   help="vision tokens per image/frame (a budget the model supports; default: the model's)")
+    p.add_argument("--num_vision_tokens", type=budget_arg, default=None,
+                   help="vision tokens per image/frame (a budget the model supports; default: the model's), or "
+                        "'auto': a Matryoshka model answers at its smallest budget and escalates while the first "
+                        "answer token's probability is below --auto_threshold (it says which budget it used)")
+    p.add_argument("--auto_threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"with --num_vision_tokens auto: the probability in (0, 1) below which it escalates "
+                        f"(default {DEFAULT_THRESHOLD}; `mmlm eval --calibration_data` calibrates one)")
     p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy (default), > 0 samples")
     p.add_argument("--top_p", type=number(float, 0, 1, low_open=True), default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     p.add_argument("--max_new_tokens", type=number(int, 1), default=128, help="answer length limit (default 128)")
@@ -78,6 +84,13 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--fps must be > 0 frames per second, got {args.fps}")
     if args.video_chunk_frames is not None and args.video_chunk_frames < 1:
         raise UserError(f"--video_chunk_frames must be >= 1, got {args.video_chunk_frames}")
+    if args.num_vision_tokens == "auto":
+        from mmlm.infer.cascade import check_threshold
+
+        check_threshold(args.auto_threshold)
+        if args.video is not None:
+            raise UserError("--num_vision_tokens auto answers questions about an --image; for a --video give a "
+                            "budget (or leave --num_vision_tokens out for the model's default)")
     if args.map_panel_size < 16:
         raise UserError(f"--map_panel_size must be >= 16 pixels, got {args.map_panel_size}")
     if args.image is not None:
@@ -122,7 +135,12 @@ def _check_budget_early(args: argparse.Namespace) -> None:
             raise
         raise UserError(f"{source}/config.json: its model section is not a valid model config ({e})") from None
     try:
-        cfg.check_budget(args.num_vision_tokens)
+        if args.num_vision_tokens == "auto":
+            from mmlm.infer.cascade import cascade_budgets
+
+            cascade_budgets(cfg)
+        else:
+            cfg.check_budget(args.num_vision_tokens)
     except ValueError as e:
         raise UserError(f"--num_vision_tokens {args.num_vision_tokens}: {e}. "
                         f"Supported budgets: {list(cfg.supported_budgets)}") from None
@@ -228,7 +246,8 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
     _check_budget_early(args)
     im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step, weights=args.weights,
                               tokenizer=args.tokenizer, template=args.template)
-    m = im.budget(args.num_vision_tokens)
+    auto = args.num_vision_tokens == "auto"
+    m = im.budget(None if auto else args.num_vision_tokens)
     kind = "image" if args.image is not None else "video"
     if kind == "video":  # decoded as a stream at each question, never held whole
         from mmlm.infer.chunked import open_video
@@ -239,6 +258,11 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
         pixels = load_media(im, args.image, kind)
         frames = 1
     tokens_note = f"{m} vision token(s) per {'frame' if kind == 'video' else 'image'}"
+    if auto:
+        from mmlm.infer.cascade import cascade_budgets, chat_budget
+
+        tokens_note = (f"auto vision tokens (cascade over {list(cascade_budgets(im.cfg))}, threshold "
+                       f"{args.auto_threshold:g})")
     print(f"[mmlm chat] {im.source}: {im.cfg.mode}, {tokens_note}"
           + (f", {frames} frames" if kind == "video" else ""), file=err)
     if args.save_compression_map:
@@ -266,6 +290,11 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
             if args.prompt is None and stdin.isatty():
                 out.write("ASSISTANT: ")
             rng, sub = jax.random.split(rng)
+            if auto:
+                m, seen = chat_budget(im, pixels, question, history, args.auto_threshold)
+                probs = ", ".join(f"{p:.2f}" for p in seen)
+                print(f"[mmlm chat] auto: answered with {m} vision token(s) (first-token probability {probs})",
+                      file=err)
             text = answer(im, pixels, question, history, num_vision_tokens=m, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, rng=sub, out=out,
                           chunk_frames=args.video_chunk_frames)

@@ -209,20 +209,46 @@ def _sample_step_flops(cfg: ModelConfig, text_len: int, frames: int, m: int,
 
 def train_step_flops(cfg: ModelConfig, *, batch_size: int, text_len: int, frames: int = 1,
                      trainable: Sequence[str] = PARTS, budgets: Sequence[int] | None = None,
-                     all_budgets: bool = False) -> dict[str, float]:
+                     all_budgets: bool = False, budget_probs: Sequence[float] | None = None,
+                     distill: bool = False, with_largest: bool = False) -> dict[str, float]:
     """Model FLOPs of one optimizer step over a global batch of `batch_size` samples.
 
     text_len: T of `input_ids` (the `<image>` placeholder included); frames: F
     images / video frames per sample (0: a text-only batch). budgets: the Matryoshka budgets the step
-    samples uniformly (the mean is returned; with `all_budgets`, every budget trains each step: the sum);
-    None = the default budget.
+    samples (the expectation over the draw is returned: uniform, or `budget_probs`, one weight per budget;
+    with `all_budgets`, every budget trains each step: the sum); None = the default budget.
+    distill: a step that draws a budget below the largest also runs the largest budget forward (the
+    self-distillation teacher: forward matmuls only, no backward).
     Returns the FLOPs per part and their `total`.
     """
     if text_len < 2 or frames < 0 or batch_size < 1:
         raise ValueError(f"need text_len >= 2, frames >= 0, batch_size >= 1; got {text_len}, {frames}, {batch_size}")
     budgets = [cfg.check_budget(None)] if not budgets or cfg.mode == "llava15" else [int(b) for b in budgets]
     per = [_sample_step_flops(cfg, text_len, frames, m, frozenset(trainable)) for m in budgets]
-    share = 1 if all_budgets else len(per)
-    out = {p: batch_size * sum(r[p] for r in per) / share for p in PARTS}
+    if distill and len(budgets) > 1:
+        teacher = _sample_step_flops(cfg, text_len, frames, max(budgets), frozenset())  # forward only
+        per = [r if m == max(budgets) else {p: r[p] + teacher[p] for p in PARTS} for m, r in zip(budgets, per)]
+    if with_largest and len(budgets) > 1:
+        top = per[budgets.index(max(budgets))]
+        per = [r if m == max(budgets) else {p: r[p] + top[p] for p in PARTS} for m, r in zip(budgets, per)]
+    if all_budgets:
+        weights = [1.0] * len(per)
+    elif budget_probs:
+        if len(budget_probs) != len(per):
+            raise ValueError(f"budget_probs has {len(budget_probs)} weights for the budgets {budgets}")
+        weights = [float(w) / sum(budget_probs) for w in budget_probs]
+    else:
+        weights = [1.0 / len(per)] * len(per)
+    out = {p: batch_size * sum(w * r[p] for w, r in zip(weights, per)) for p in PARTS}
     out["total"] = sum(out[p] for p in PARTS)
     return out
+
+
+def vision_pretrain_step_flops(cfg: ModelConfig, *, batch_size: int, num_classes: int) -> float:
+    """Model FLOPs of one ViT pretraining step (`train.vision_pretrain`): the whole ViT forward and
+    backward on `batch_size` images, and linear heads with `num_classes` outputs in all on every patch."""
+    v = cfg.vision
+    units = ([dense_flops(v.num_patches, v.patch_size**2 * 3, v.width)]
+             + [vit_block_flops(v, v.num_patches + 1)] * v.blocks_used
+             + [dense_flops(v.num_patches, v.width, num_classes)])
+    return float(batch_size * (sum(units) + _backward(units, False, True)))

@@ -70,15 +70,19 @@ def peak_tflops_per_device(configured: float = 0.0) -> float:
 
 
 def model_flops_per_step(cfg: Any, batch: Mapping[str, Any], parts: Sequence[str],
-                         budgets: Sequence[int], all_budgets: bool = False) -> float:
-    """Analytic model FLOPs of one train step on the global `batch` (see the module docstring)."""
+                         budgets: Sequence[int], all_budgets: bool = False, recipe: Any = None) -> float:
+    """Analytic model FLOPs of one train step on the global `batch` (see the module docstring); `recipe`:
+    the run's `mmlm.train.recipe.MatryoshkaRecipe` (weighted draws and distillation teachers count)."""
     from mmlm.models.flops import train_step_flops
 
     b, t = batch["input_ids"].shape
     frames = batch["images"].shape[1] if "images" in batch else 0
     return float(train_step_flops(cfg, batch_size=int(b), text_len=int(t), frames=int(frames),
                                   trainable=tuple(parts), budgets=tuple(budgets),
-                                  all_budgets=all_budgets)["total"])
+                                  all_budgets=all_budgets or bool(recipe and recipe.all_budgets),
+                                  budget_probs=(recipe.probs or None) if recipe else None,
+                                  distill=bool(recipe and recipe.distill),
+                                  with_largest=bool(recipe and recipe.with_largest))["total"])
 
 
 def compiled_flops(compiled: Any) -> float:

@@ -13,7 +13,9 @@ One `train_step` = one optimizer update over the global batch:
    program, only the chosen branch runs, and resuming at any step replays
    the same budgets. With `all_budgets` (`train.matryoshka_loss="all"`, M3's
    training) every budget runs on the batch instead and the loss is the mean
-   of the budgets' losses (the supervised tokens are the same at every budget).
+   of the budgets' losses (the supervised tokens are the same at every budget). The other recipes
+   (weighted draws, per-budget loss weights, self-distillation from the largest budget) are
+   `mmlm.train.recipe`'s.
 2. The batch (B, ...) is split into `grad_accum` micro-batches; a `lax.scan`
    sums per-token loss and gradients over them (activations for only B/k
    sequences are live). Gradients are taken w.r.t. the trainable parts only.
@@ -39,9 +41,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmlm import IGNORE_INDEX
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.models.loss import chunked_token_loss, first_supervised, targets_from_labels, token_loss
 from mmlm.sharding import BATCH_AXES, rules_tuple
+from mmlm.train import recipe as recipe_lib
+from mmlm.train.recipe import MatryoshkaRecipe
 from mmlm.train.optimizer import Schedule, split_trainable, zeros_for
 
 State = dict[str, Any]
@@ -98,32 +103,62 @@ def split_microbatches(batch: Batch, k: int, mesh: Mesh | None) -> Batch:
     return jax.tree.map(one, batch)
 
 
-def budget_index(rng: jax.Array, step: jax.Array, num_budgets: int) -> jax.Array:
-    """The step's Matryoshka budget (index), a pure function of (run key, step)."""
-    if num_budgets == 1:
-        return jnp.zeros((), jnp.int32)
-    key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
-    return jax.random.randint(key, (), 0, num_budgets, dtype=jnp.int32)
+def budget_index(rng: jax.Array, step: jax.Array, num_budgets: int, probs: Sequence[float] = ()) -> jax.Array:
+    """The step's Matryoshka budget (index), a pure function of (run key, step): uniform, or by `probs`."""
+    return recipe_lib.budget_index(rng, step, num_budgets, probs)
+
+
+def _distill_sums(model: LlavaMini, params: dict, batch: Batch, budget: int, teacher: int,
+                  weight: float) -> tuple[jax.Array, tuple]:
+    """`_loss_sums` at `budget` plus `weight` x the summed KL from the `teacher` budget's answer
+    distribution (stop-gradient) on the supervised positions. Full logits (B, L, V) of both: the two
+    sequences differ in length by the vision tokens, and the supervised positions of each, gathered in
+    order, are the same text tokens."""
+    student = model.apply({"params": params}, batch, budget)
+    t_out = model.apply({"params": params}, batch, teacher)
+    s_targets = targets_from_labels(batch["labels"], student["text_index"])
+    t_targets = targets_from_labels(batch["labels"], t_out["text_index"])
+    k = s_targets.shape[1]
+    s_logits, s_t = first_supervised(student["logits"], s_targets, k)
+    t_logits, _ = first_supervised(jax.lax.stop_gradient(t_out["logits"]), t_targets, k)
+    sums = token_loss(student["logits"], s_targets)
+    kl = recipe_lib.distill_kl_sum(s_logits, t_logits, s_t != IGNORE_INDEX)
+    return sums["loss_sum"] + weight * kl, (sums["num_tokens"], sums["num_correct"], jnp.sum(student["valid"]))
 
 
 def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: Sequence[str],
                     budgets: Sequence[int], grad_accum: int, schedules: dict[str, Schedule],
                     mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] = (),
-                    all_budgets: bool = False) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+                    all_budgets: bool = False,
+                    recipe: MatryoshkaRecipe | None = None) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
     """Builds `train_step(state, batch) -> (new_state, metrics)` (not jitted).
 
     tx: the `make_optimizer` transformation (its state must be an `optax.ApplyIfFiniteState`).
     all_budgets: train every budget each step (loss = mean over budgets) instead of sampling one.
+    recipe: how the budgets train (`mmlm.train.recipe`; overrides `all_budgets`); None = uniform draws.
     """
     budgets = tuple(int(b) for b in budgets)
-    all_budgets = all_budgets and len(budgets) > 1
+    recipe = recipe or MatryoshkaRecipe(loss="all" if all_budgets else "sample")
+    all_budgets = recipe.all_budgets and len(budgets) > 1
     per_step = len(budgets) if all_budgets else 1  # budgets whose sums add up in one step
+    probs = recipe.probs if len(budgets) > 1 else ()
+    # "all" with weights: budget i's sums scaled by n x w_i, so / (n x supervised tokens) is the weighted mean.
+    scales = [len(budgets) * w for w in recipe.weights] if all_budgets and recipe.weights else None
 
     def loss_for(train_params, frozen, mb, idx):
         params = {**train_params, **frozen}  # gradients are taken w.r.t. train_params only
         branches = [functools.partial(_loss_sums, model, budget=m) for m in budgets]
+        if recipe.distill and len(budgets) > 1:  # every budget but the largest learns from the largest too
+            branches = [functools.partial(_distill_sums, model, budget=m, teacher=budgets[-1],
+                                          weight=recipe.distill_weight) for m in budgets[:-1]] + branches[-1:]
+        if recipe.with_largest and len(budgets) > 1:  # the largest budget's sums added to the drawn one's
+            top = branches[-1]
+            branches = [lambda p, b, f=f: jax.tree.map(jnp.add, f(p, b), top(p, b)) for f in branches[:-1]] + [top]
         if all_budgets:  # summed sums: / (budgets x supervised tokens) below is the mean of the budgets' losses
-            return jax.tree.map(lambda *xs: sum(xs), *(f(params, mb) for f in branches))
+            sums = [f(params, mb) for f in branches]
+            if scales:
+                sums = [(s * l, aux) for (l, aux), s in zip(sums, scales)]
+            return jax.tree.map(lambda *xs: sum(xs), *sums)
         if len(branches) == 1:
             return branches[0](params, mb)
         return jax.lax.switch(idx, [lambda p, b, f=f: f(p, b) for f in branches], params, mb)
@@ -141,7 +176,7 @@ def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: S
     def _step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         params = state["params"]
         train_params, frozen = split_trainable(params, parts)
-        idx = budget_index(state["rng"], state["step"], len(budgets))
+        idx = budget_index(state["rng"], state["step"], len(budgets), probs)
         if grad_accum == 1:
             (loss_sum, (ntok, ncorrect, nseq)), grads = grad_fn(train_params, frozen, batch, idx)
         else:
@@ -175,7 +210,8 @@ def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: S
             "loss": loss,
             "token_accuracy": ncorrect.astype(jnp.float32) / denom,
             "grad_norm": grad_norm,
-            "supervised_tokens": ntok // per_step,
+            "supervised_tokens": ntok // (jnp.where(idx == len(budgets) - 1, 1, 2) if recipe.with_largest and
+                                          len(budgets) > 1 else per_step),
             "tokens": nseq,  # LLM input tokens processed (every budget's, with all_budgets)
             "budget": jnp.zeros((), jnp.int32) if all_budgets else jnp.asarray(budgets, jnp.int32)[idx],  # 0: all
             "finite": finite.astype(jnp.int32),

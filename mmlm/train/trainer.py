@@ -56,6 +56,7 @@ from mmlm.train.evaluate import Evaluator
 from mmlm.train.lock import WorkdirLock
 from mmlm.train.metrics import MetricWriter, model_flops_per_step, peak_tflops_per_device
 from mmlm.train.optimizer import count_state, make_optimizer, part_schedule, trainable_parts
+from mmlm.train.recipe import MatryoshkaRecipe, recipe_from_config
 from mmlm.train.step import make_train_step, model_inputs
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Setup:
     abstract_state: dict[str, Any]     # ShapeDtypeStructs carrying the target shardings
     state_shardings: dict[str, Any]
     param_logical_specs: Any
+    recipe: MatryoshkaRecipe = MatryoshkaRecipe()  # how the budgets train (train.matryoshka_loss and its knobs)
 
 
 def training_budgets(cfg: ModelConfig) -> tuple[int, ...]:
@@ -145,7 +147,7 @@ def build_setup(config: ml_collections.ConfigDict, total_steps: int, mesh: Mesh 
     return Setup(config=config, cfg=cfg, model=model, mesh=mesh, parts=parts, budgets=training_budgets(cfg),
                  all_budgets=config.train.get("matryoshka_loss", "sample") == "all", total_steps=total_steps,
                  tx=tx, schedules=schedules, abstract_state=abstract, state_shardings=state_sh,
-                 param_logical_specs=logical)
+                 param_logical_specs=logical, recipe=recipe_from_config(config))
 
 
 def init_state(setup: Setup, seed: int) -> dict[str, Any]:
@@ -380,7 +382,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, t_start: floa
     n_opt = count_state(setup.abstract_state["opt_state"])
     step_fn = jax.jit(
         make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, int(config.train.grad_accum_steps),
-                        setup.schedules, setup.mesh, config.sharding_rules, all_budgets=setup.all_budgets),
+                        setup.schedules, setup.mesh, config.sharding_rules, all_budgets=setup.all_budgets,
+                        recipe=setup.recipe),
         in_shardings=(setup.state_shardings, None), out_shardings=(setup.state_shardings, None),
         donate_argnums=(0,),
         compiler_options=dict(config.get("tpu_compiler_options") or {}) if jax.default_backend() == "tpu" else None)
@@ -420,7 +423,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, t_start: floa
                 t0 = time.time()
                 programs[shape] = step_fn.lower(state, batch).compile()
                 flops_of[shape] = model_flops_per_step(setup.cfg, batch, setup.parts, setup.budgets,
-                                                         setup.all_budgets)
+                                                         setup.all_budgets, setup.recipe)
                 frames = f", {batch['images'].shape[1]}-frame" if "images" in batch else ""
                 writer.message(f"compiled the train step for {batch['input_ids'].shape[1]}-token{frames} batches "
                                f"in {time.time() - t0:.1f}s ({flops_of[shape] / 1e9:.2f} model GFLOP/step)")

@@ -1,0 +1,81 @@
+"""Study: one Matryoshka {1, 4, 16} model at every budget for the training cost of one fixed model.
+
+    mmlm train --config configs/experiments/budget.py:weighted --workdir W --config.seed=0
+    python experiments/paper_trends/run.py --study budget     # every row x 3 seeds, tables, plots
+
+The Matryoshka study's setting (`matryoshka.py`: grid_shapes, no pre-fusion,
+1,200 steps from the shared foundation). There one uniform-draw Matryoshka
+model matches the fixed-budget models at 1 and 4 tokens but not at 16; M3's
+every-budget loss costs about 2.9x a fixed-16 training and 3x the steps
+cost 3x. Every recipe row here takes the same 1,200 optimizer steps and at
+most 1.5x the fixed-16 row's training FLOPs (`train_flops` in results.json:
+the analytic model FLOPs of all its steps, teacher forwards included):
+
+* `matryoshka`: the uniform draw (the Matryoshka study's row, shared).
+* `weighted`: draws weighted toward the largest budget, probabilities
+  0.2 / 0.2 / 0.6 for 1 / 4 / 16 tokens (`train.matryoshka_probs`): 16
+  tokens trains on 720 steps instead of 400, 1 and 4 on 240.
+* `distill`: uniform draws; a draw of 1 or 4 tokens also runs the 16-token
+  answer distribution forward (stop-gradient) and learns it beside the
+  labels (`train.matryoshka_loss="distill"`, KL weight 1).
+* `weighted_distill`: both.
+* `largest`: 16 tokens on every step (as the fixed16 model trains) and,
+  beside it on the same batch, 1 token on 30% of the steps and 4 tokens on
+  another 30% (`train.matryoshka_loss="largest"`, draws 0.3 / 0.3 / 0.4;
+  the loss the mean of the two budgets'): 1.49x fixed16's FLOPs.
+* `largest_b`: the same with 1 token beside 16 on 45% of the steps and 4
+  tokens on 15% (draws 0.45 / 0.15 / 0.4; 1.49x fixed16's FLOPs): more
+  steps for the 1-token budget, which `largest` trains on 360.
+* `heavy_distill`: draws 0.1 / 0.1 / 0.8 (16 tokens on 960 steps) with the
+  self-distillation keeping the rarely drawn small budgets close to it.
+* `fixed1`, `fixed4`, `fixed16`: the fixed-budget models (shared with the
+  Matryoshka study).
+
+The runner adds the oracle (best of 1 / 4 / 16 tokens per question of the
+`matryoshka` row).
+"""
+
+import os
+
+from mmlm.config_utils import load_config_module
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_matryoshka = load_config_module(os.path.join(_here, "matryoshka.py"))
+
+WEIGHTED_PROBS = (0.2, 0.2, 0.6)  # draw probabilities of budgets 1 / 4 / 16 in the weighted rows
+HEAVY_PROBS = (0.1, 0.1, 0.8)     # ... in the heavy row
+LARGEST_PROBS = (0.3, 0.3, 0.4)   # the largest row: the budget trained beside 16 (0.4: 16 alone), 1.49x fixed16
+LARGEST_B_PROBS = (0.45, 0.15, 0.4)  # the largest_b row: more 1-token steps, 1.49x fixed16
+
+# Row -> method (one line per method in the plots). The runner trains one seed of every row first, in this order.
+ROWS = {
+    "largest": "Matryoshka, 16 every step + 1 or 4 on 30% of steps each",
+    "largest_b": "Matryoshka, 16 every step + 1 on 45% / 4 on 15% of steps",
+    "weighted_distill": "Matryoshka, draws 0.2/0.2/0.6 + self-distillation",
+    "heavy_distill": "Matryoshka, draws 0.1/0.1/0.8 + self-distillation",
+    "weighted": "Matryoshka, draws 0.2/0.2/0.6",
+    "distill": "Matryoshka, self-distillation from 16",
+    "matryoshka": "Matryoshka {1,4,16}, uniform draws",
+    "fixed1": "fixed budget",
+    "fixed4": "fixed budget",
+    "fixed16": "fixed budget",
+}
+
+
+def get_config(row: str):
+    if row in ("matryoshka", "fixed1", "fixed4", "fixed16"):
+        return _matryoshka.get_config(row)
+    if row not in ROWS:
+        raise ValueError(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
+    config = _matryoshka.get_config("matryoshka")
+    if "weighted" in row:
+        config.train.matryoshka_probs = WEIGHTED_PROBS
+    if row.startswith("largest"):
+        config.train.matryoshka_loss = "largest"
+        config.train.matryoshka_probs = LARGEST_PROBS if row == "largest" else LARGEST_B_PROBS
+    if row.startswith("heavy"):
+        config.train.matryoshka_probs = HEAVY_PROBS
+    if "distill" in row:
+        config.train.matryoshka_loss = "distill"
+        config.train.distill_weight = 1.0
+    return config

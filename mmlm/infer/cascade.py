@@ -1,0 +1,202 @@
+"""`num_vision_tokens=auto`: a per-image-and-question budget chosen by a confidence cascade.
+
+A Matryoshka model's budgets are nested (budget m uses the first m compressor queries), so one model
+can answer at any of them. The cascade answers at the smallest trained budget and escalates to the next
+one while the probability of the first answer token (greedy: the largest softmax probability after the
+prompt) is below a threshold; the largest budget answers whatever is left. The vision tower runs once
+per image (`with_vision_features`): an escalation costs the LLM's prefill at the next budget (and the
+compressor's m query rows, the nested slice of the largest budget's output).
+
+The answer at the budget the cascade stops at is the fixed-budget answer at that budget: the same
+greedy generation (`mmlm.infer.generate.generate`) on the same batch.
+
+`calibrate_threshold` picks the threshold on calibration questions (drawn from the training data,
+never the evaluation questions: `check_disjoint`), from the per-budget confidences and scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmlm.errors import UserError
+from mmlm.models.config import ModelConfig
+from mmlm.models.llama import init_cache
+from mmlm.models.llava_mini import LlavaMini
+
+AUTO = "auto"  # the --num_vision_tokens value that selects the cascade
+DEFAULT_THRESHOLD = 0.5  # first-token probability below which the cascade escalates (uncalibrated default)
+THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (0.97, 0.99)  # calibration candidates
+
+
+def check_threshold(threshold: float, flag: str = "--auto_threshold") -> float:
+    """The threshold, or a `UserError` when it is not strictly between 0 and 1."""
+    t = float(threshold)
+    if not (0.0 < t < 1.0):  # NaN fails too
+        raise UserError(f"{flag} {threshold}: must be strictly between 0 and 1 (the first answer token's "
+                        "probability below which the cascade escalates to the next budget), e.g. 0.5")
+    return t
+
+
+def cascade_budgets(cfg: ModelConfig) -> tuple[int, ...]:
+    """The budgets the cascade steps through: the model's trained Matryoshka budgets, smallest first."""
+    if cfg.mode == "llava_mini" and cfg.compressor.matryoshka and len(set(cfg.compressor.budgets)) > 1:
+        return tuple(sorted(set(int(b) for b in cfg.compressor.budgets)))
+    raise UserError(f"num_vision_tokens=auto needs a Matryoshka model (several nested budgets in "
+                    f"model.compressor.budgets); this {cfg.mode} model supports only "
+                    f"{list(cfg.supported_budgets)}: give one of those instead")
+
+
+def _first_token_logits(model: LlavaMini, embeds: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
+    cache = init_cache(model.cfg.llm, embeds.shape[0], embeds.shape[1], model.cfg.compute_dtype,
+                       per_layer=not model.cfg.scan_layers)
+    hidden, _ = model.llm(embeds, positions, valid, cache=cache, cache_index=0, return_hidden=True)
+    return model.llm.logits(hidden[:, -1]).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_vision_tokens"))
+def first_token_confidence(cfg: ModelConfig, params: Any, batch: dict[str, Any], num_vision_tokens: int) -> jax.Array:
+    """(B,) probability of the greedy first answer token at `num_vision_tokens` (the prefill of generation:
+    prompts left-aligned, the next-token distribution after the last prompt token)."""
+    model = LlavaMini(cfg)
+    variables = {"params": params}
+    inputs = model.apply(variables, batch, num_vision_tokens, "left", method=LlavaMini.build_llm_inputs)
+    logits = model.apply(variables, inputs["embeds"], inputs["positions"], inputs["valid"],
+                         method=_first_token_logits)
+    return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+
+
+def confidences(cfg: ModelConfig, params: Any, batch: dict[str, Any], budgets: Sequence[int]) -> np.ndarray:
+    """(B, K) first-token probabilities at each budget (the batch should carry `vision_features`)."""
+    params = nn.unbox(params)
+    return np.stack([np.asarray(first_token_confidence(cfg, params, batch, int(m))) for m in budgets], axis=1)
+
+
+def stop_index(conf: np.ndarray, threshold: float) -> np.ndarray:
+    """Per row of `conf` (n, K): the first budget whose confidence reaches `threshold`, else the last (K-1)."""
+    conf = np.asarray(conf)
+    ok = conf >= threshold
+    ok[:, -1] = True
+    return np.argmax(ok, axis=1)
+
+
+def prefill_flops(cfg: ModelConfig, text_tokens: int, budgets: Sequence[int], stop: int) -> float:
+    """Analytic matmul FLOPs of a cascade that stopped at budgets[stop]: the vision tower once, then for
+    every budget tried the rest of the prefill (compressor rows, projector, pre-fusion, LLM, LM head)."""
+    from mmlm.models.flops import analytic_flops, make_workload
+
+    total = 0.0
+    for k, m in enumerate(budgets[: stop + 1]):
+        f = analytic_flops(cfg, make_workload(cfg, text_tokens, int(m)))
+        total += f["total"] - (f["vision"] if k else 0)
+    return float(total)
+
+
+@dataclasses.dataclass
+class CascadeSummary:
+    """The cascade's outcome over questions (one threshold)."""
+
+    threshold: float
+    accuracy: float
+    mean_vision_tokens: float
+    histogram: dict[int, int]  # budget -> questions answered there
+    mean_flops: float  # analytic prefill FLOPs per question, repeated prefills included
+
+
+def summarize(conf: np.ndarray, correct: np.ndarray, budgets: Sequence[int], threshold: float,
+              flops_at_stop: Sequence[float]) -> CascadeSummary:
+    """The cascade at `threshold` from per-budget confidences and scores, both (n, K); `flops_at_stop[k]`:
+    a question's FLOPs when the cascade stops at budget k."""
+    stop = stop_index(conf, threshold)
+    n = max(len(stop), 1)
+    chosen = np.asarray(budgets)[stop]
+    return CascadeSummary(
+        threshold=float(threshold),
+        accuracy=float(np.asarray(correct, float)[np.arange(len(stop)), stop].sum() / n),
+        mean_vision_tokens=float(chosen.sum() / n),
+        histogram={int(m): int((chosen == m).sum()) for m in budgets},
+        mean_flops=float(np.asarray(flops_at_stop, float)[stop].sum() / n))
+
+
+def calibrate_threshold(conf: np.ndarray, correct: np.ndarray, budgets: Sequence[int], tolerance: float = 0.01,
+                        grid: Sequence[float] = THRESHOLD_GRID) -> float:
+    """The threshold for calibration questions with confidences and scores (n, K): the one with the fewest
+    mean vision tokens among those whose accuracy is within `tolerance` of the best on `grid`."""
+    if len(conf) == 0:
+        raise UserError("no calibration questions: give a non-empty --calibration_data file")
+    zero = [0.0] * len(budgets)
+    runs = [summarize(conf, correct, budgets, t, zero) for t in grid]
+    best = max(r.accuracy for r in runs)
+    return min((r for r in runs if r.accuracy >= best - tolerance), key=lambda r: (r.mean_vision_tokens, r.threshold)
+               ).threshold
+
+
+def check_disjoint(calibration: Sequence[dict[str, Any]], evaluation: Sequence[dict[str, Any]]) -> None:
+    """A `UserError` when a calibration question is also an evaluation question (same question_id, or the
+    same image with the same text): the threshold must not be fitted on the questions it is scored on."""
+    def keys(rows):
+        ids = {str(r["question_id"]) for r in rows}
+        pairs = {(str(r.get("image", r.get("video", ""))), str(r["text"])) for r in rows}
+        return ids, pairs
+
+    (ci, cp), (ei, ep) = keys(calibration), keys(evaluation)
+    both = sorted(ci & ei)[:3] or [f"{img} / {text!r}" for img, text in sorted(cp & ep)[:3]]
+    if both:
+        raise UserError(f"the calibration questions overlap the evaluation questions ({', '.join(both)}, ...): "
+                        "calibrate on questions drawn from the training data (e.g. a synthetic build's "
+                        "raw/train_questions.jsonl), never on the questions being scored")
+
+
+def choose_budget(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshold: float,
+                  budgets: Sequence[int] | None = None) -> tuple[int, list[float]]:
+    """For a one-row batch (a chat turn): the budget the cascade answers at and the confidences it saw
+    (it stops computing at the first budget that reaches the threshold)."""
+    from mmlm.infer.generate import with_vision_features
+
+    budgets = tuple(budgets or cascade_budgets(cfg))
+    batch = with_vision_features(cfg, params, batch)
+    seen: list[float] = []
+    for m in budgets:
+        seen.append(float(np.asarray(first_token_confidence(cfg, nn.unbox(params), batch, int(m)))[0]))
+        if seen[-1] >= threshold:
+            return int(m), seen
+    return int(budgets[-1]), seen
+
+
+def chat_budget(im: Any, pixels: np.ndarray, question: str, history: Sequence[tuple[str, str]],
+                threshold: float) -> tuple[int, list[float]]:
+    """`choose_budget` for a chat turn: the prompt and batch `mmlm.infer.chat.answer` builds for it."""
+    from mmlm.infer.batching import make_batch
+    from mmlm.infer.loading import encode_question
+
+    budgets = cascade_budgets(im.cfg)
+    prompt, fuse = encode_question(im, question, True, history, return_fuse_mask=True)
+    if len(prompt) > int(im.max_text_len):  # `answer` refuses it with the reason
+        return budgets[-1], []
+    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=32, fuse_masks=[fuse])
+    return choose_budget(im.cfg, im.params, batch, threshold, budgets)
+
+
+def is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
+def budget_arg(text: str) -> int | str:
+    """argparse type of --num_vision_tokens where `auto` is allowed: a positive integer or "auto"."""
+    import argparse
+
+    if is_auto(text):
+        return AUTO
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}")
+    return value

@@ -1,0 +1,188 @@
+"""Matryoshka training recipes (`mmlm.train.recipe`) on the tiny model: weighted draws, per-budget loss weights,
+self-distillation from the largest budget, and the FLOPs each one costs (`train_flops` of the paper-trends runs)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mmlm.config_utils import ConfigError, load_config, validate_config
+from mmlm.models.flops import train_step_flops
+from mmlm.train import trainer
+from mmlm.train.recipe import MatryoshkaRecipe, distill_kl_sum, recipe_from_config, train_run_flops
+from mmlm.train.step import budget_index, make_eval_step, make_train_step
+from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+
+T = 16
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # numbers, not speed: skip LLVM's optimisation passes
+
+
+def batch_for(cfg, b=8, seed=0):
+    """Random conversations: placeholder at 1, answer tokens at 10..12, right padding from 14."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, cfg.llm.vocab_size, (b, T)).astype(np.int32)
+    ids[:, 1] = IMAGE_TOKEN_ID
+    labels = np.full((b, T), IGNORE_INDEX, np.int32)
+    labels[:, 10:13] = ids[:, 10:13]
+    mask = np.ones((b, T), bool)
+    mask[:, 14:] = False
+    s = cfg.image_size
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "fuse_mask": labels == IGNORE_INDEX,
+            "images": rng.standard_normal((b, 1, 1, s, s, 3)).astype(np.float32),
+            "frame_mask": np.ones((b, 1), bool)}
+
+
+def tiny(*overrides: str):
+    return load_config("configs/tiny.py", list(overrides))
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    config = tiny()
+    setup = trainer.build_setup(config, 10)
+    return config, setup, trainer.init_state(setup, 0)
+
+
+def _split(setup, state):
+    train = {p: state["params"][p] for p in setup.parts}
+    frozen = {p: v for p, v in state["params"].items() if p not in setup.parts}
+    return train, frozen
+
+
+def _step(setup, recipe):
+    return jax.jit(make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, 1, setup.schedules,
+                                   setup.mesh, recipe=recipe), compiler_options=FAST_COMPILE)
+
+
+def test_weighted_draws_follow_the_probabilities():
+    rng = jnp.asarray([0, 7], jnp.uint32)
+    picks = np.array([int(budget_index(rng, jnp.int32(s), 3, (0.1, 0.1, 0.8))) for s in range(300)])
+    assert set(picks) == {0, 1, 2} and 0.7 < np.mean(picks == 2) < 0.9
+    assert {int(budget_index(rng, jnp.int32(s), 2, (0.0, 1.0))) for s in range(50)} == {1}
+    # No probabilities: the uniform draw every run recorded so far used (same budgets at the same steps).
+    uniform = [int(budget_index(rng, jnp.int32(s), 3)) for s in range(20)]
+    key = jax.random.wrap_key_data(rng)
+    assert uniform == [int(jax.random.randint(jax.random.fold_in(key, s), (), 0, 3)) for s in range(20)]
+
+
+def test_all_with_weights_trains_the_weighted_mean(tiny_state):
+    config, setup, state = tiny_state
+    batch = batch_for(setup.cfg)
+    ev = make_eval_step(setup.model)
+    loss = {m: float(ev(state["params"], batch, m)["loss_sum"] / ev(state["params"], batch, m)["num_tokens"])
+            for m in setup.budgets}
+    _, m = _step(setup, MatryoshkaRecipe(loss="all", weights=(0.25, 0.75)))(state, batch)
+    assert float(m["loss"]) == pytest.approx(0.25 * loss[1] + 0.75 * loss[4], rel=1e-5)
+    assert int(m["supervised_tokens"]) == 8 * 3
+
+
+def test_distill_adds_the_kl_from_the_largest_budget_and_only_the_student_learns(tiny_state):
+    config, setup, state = tiny_state
+    batch = batch_for(setup.cfg)
+    train, frozen = _split(setup, state)
+    model = setup.model
+    from mmlm.models.loss import first_supervised, targets_from_labels, token_loss
+
+    teacher = model.apply({"params": state["params"]}, batch, 4)  # a constant: computed outside the gradient
+    t_targets = targets_from_labels(batch["labels"], teacher["text_index"])
+
+    def reference(tp, w):
+        out = model.apply({"params": {**tp, **frozen}}, batch, 1)
+        targets = targets_from_labels(batch["labels"], out["text_index"])
+        ce = token_loss(out["logits"], targets)
+        s, st = first_supervised(out["logits"], targets, targets.shape[1])
+        t, tt = first_supervised(teacher["logits"], t_targets, targets.shape[1])
+        np.testing.assert_array_equal(np.asarray(st), np.asarray(tt))  # the same answer tokens, in order
+        return (ce["loss_sum"] + w * distill_kl_sum(s, t, st != IGNORE_INDEX)) / ce["num_tokens"]
+
+    rng = state["rng"]
+    s1 = next(s for s in range(50) if int(budget_index(rng, jnp.int32(s), 2)) == 0)  # a step that draws 1 token
+    s4 = next(s for s in range(50) if int(budget_index(rng, jnp.int32(s), 2)) == 1)
+    step = _step(setup, MatryoshkaRecipe(loss="distill", distill_weight=0.5))
+    for w, fn in ((0.5, step),):
+        want, grads = jax.value_and_grad(reference)(train, w)
+        _, m = fn(dict(state, step=jnp.asarray(s1, jnp.int32)), batch)
+        assert int(m["budget"]) == 1
+        assert float(m["loss"]) == pytest.approx(float(want), rel=1e-5)
+        assert float(m["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)
+    kl = float(reference(train, 1.0) - reference(train, 0.0))
+    assert kl > 0  # the random model's 1- and 4-token answers differ
+    # A step that draws the largest budget is a plain cross-entropy step (no teacher).
+    ev = make_eval_step(model)(state["params"], batch, 4)
+    _, m = step(dict(state, step=jnp.asarray(s4, jnp.int32)), batch)
+    assert int(m["budget"]) == 4 and float(m["loss"]) == pytest.approx(float(ev["loss_sum"] / ev["num_tokens"]),
+                                                                       rel=1e-5)
+
+
+def test_recipes_are_config_knobs_and_their_flops_are_counted():
+    config = tiny("--config.train.matryoshka_loss=distill")
+    config.train.matryoshka_probs = (1, 3)
+    recipe = recipe_from_config(config)
+    assert recipe == MatryoshkaRecipe(loss="distill", probs=(0.25, 0.75), weights=(), distill_weight=1.0)
+    assert trainer.build_setup(config, 10).recipe == recipe
+    cfg = trainer.build_setup(config, 10).cfg
+    kw = dict(batch_size=8, text_len=T, trainable=config.train.trainable)
+    one, four = (train_step_flops(cfg, budgets=(m,), **kw)["total"] for m in (1, 4))
+    fwd4 = train_step_flops(cfg, budgets=(4,), **{**kw, "trainable": ()})["total"]  # forward only
+    assert 0 < fwd4 < four / 2
+    assert train_step_flops(cfg, budgets=(1, 4), **kw)["total"] == pytest.approx((one + four) / 2)
+    assert train_step_flops(cfg, budgets=(1, 4), budget_probs=(1, 3), **kw)["total"] == pytest.approx(
+        0.25 * one + 0.75 * four)
+    assert train_step_flops(cfg, budgets=(1, 4), budget_probs=(1, 3), distill=True, **kw)["total"] == \
+        pytest.approx(0.25 * (one + fwd4) + 0.75 * four)
+    # A run's train_flops: every step at the batch shape the trainer uses (no length buckets: max_text_len).
+    per = train_step_flops(cfg, batch_size=8, text_len=32, trainable=config.train.trainable, budgets=(1, 4),
+                           budget_probs=(1, 3), distill=True)["total"]
+    assert train_run_flops(config) == pytest.approx(10 * per)
+    from mmlm.train.metrics import model_flops_per_step  # the trainer's MFU numerator agrees
+    batch = {"input_ids": np.zeros((8, 32), np.int32), "images": np.zeros((8, 1, 1, 32, 32, 3), np.uint8)}
+    assert model_flops_per_step(cfg, batch, config.train.trainable, (1, 4), recipe=recipe) == pytest.approx(per)
+    vp = tiny()
+    vp.train.vision_pretrain.steps = 5
+    assert train_run_flops(vp) > train_run_flops(tiny())  # the ViT pretraining steps count too
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("matryoshka_probs", (1.0,), "one non-negative number per Matryoshka budget"),
+    ("matryoshka_weights", (0.0, 0.0), "not all 0"),
+    ("matryoshka_probs", (-1.0, 2.0), "non-negative"),
+    ("distill_weight", -0.5, "must be >= 0"),
+])
+def test_bad_recipe_knobs_are_clear_errors(key, value, match):
+    config = tiny()
+    config.train[key] = value
+    with pytest.raises(ConfigError, match=match):
+        validate_config(config)
+
+
+def test_largest_trains_the_largest_budget_every_step_beside_the_drawn_one(tiny_state):
+    config, setup, state = tiny_state
+    batch = batch_for(setup.cfg)
+    train, frozen = _split(setup, state)
+    ev = make_eval_step(setup.model)
+
+    def loss_at(tp, m):
+        r = ev({**tp, **frozen}, batch, m)
+        return r["loss_sum"] / r["num_tokens"]
+
+    (l1, g1), (l4, g4) = (jax.value_and_grad(loss_at)(train, m) for m in (1, 4))
+    step = _step(setup, MatryoshkaRecipe(loss="largest"))
+    rng = state["rng"]
+    for s in range(4):
+        drawn = int(budget_index(rng, jnp.int32(s), 2))
+        _, m = step(dict(state, step=jnp.asarray(s, jnp.int32)), batch)
+        if drawn == 0:  # 1 token drawn: 4 tokens train beside it, the loss and gradient their mean
+            want, grads = (float(l1) + float(l4)) / 2, jax.tree.map(lambda a, b: (a + b) / 2, g1, g4)
+        else:
+            want, grads = float(l4), g4
+        assert float(m["loss"]) == pytest.approx(want, rel=1e-5)
+        assert float(m["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)
+        assert int(m["supervised_tokens"]) == 8 * 3
+    cfg = setup.cfg
+    kw = dict(batch_size=8, text_len=T, trainable=config.train.trainable)
+    one, four = (train_step_flops(cfg, budgets=(m,), **kw)["total"] for m in (1, 4))
+    assert train_step_flops(cfg, budgets=(1, 4), with_largest=True, **kw)["total"] == pytest.approx(
+        (one + four) / 2 + four / 2)

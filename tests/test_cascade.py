@@ -1,0 +1,126 @@
+"""`num_vision_tokens=auto` (`mmlm.infer.cascade`, `mmlm.eval.auto`) on tiny random models: the cascade's answer
+is the fixed-budget answer where it stops, the user's mistakes are clear errors (exit 2), and calibration
+questions never overlap the evaluated ones."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmlm.checkpoint import save_model
+from mmlm.config_utils import load_config
+from mmlm.data.synth import synthesize
+from mmlm.errors import UserError
+from mmlm.eval import cli as eval_cli
+from mmlm.eval.auto import cascade_row, score_budgets
+from mmlm.eval.evaluate import evaluate, prepare_questions, read_jsonl
+from mmlm.infer import cascade, chat
+from mmlm.infer.loading import load_inference_model
+from mmlm.infer.random_model import random_params
+from mmlm.models.config import model_config_from_dict
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny random checkpoints, Matryoshka (budgets 1, 4) and fixed (4 tokens); shapes questions (two splits)."""
+    root = tmp_path_factory.mktemp("cascade")
+    config = load_config("configs/tiny.py")
+    save_model(str(root / "mat"), random_params(model_config_from_dict(config.model), seed=3), config)
+    fixed = load_config("configs/tiny.py")
+    fixed.model.compressor.budgets = ()
+    save_model(str(root / "fixed"), random_params(model_config_from_dict(fixed.model), seed=3), fixed)
+    synthesize("shapes", root / "data", 4, seed=5, split="train", progress=False)
+    synthesize("shapes", root / "data", 4, seed=5, split="val", progress=False)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "img.png")
+    return root
+
+
+def test_the_cascade_answers_as_the_fixed_budget_it_stops_at(models):
+    im = load_inference_model(checkpoint=str(models / "mat"))
+    rows = read_jsonl(models / "data" / "val_questions.jsonl")
+    questions = prepare_questions(im, rows, models / "data")
+    kw = dict(batch_size=8, max_new_tokens=3)
+    scored = score_budgets(im, questions, (1, 4), **kw)
+    assert scored.conf.shape == (len(rows), 2) and np.all((scored.conf > 0) & (scored.conf <= 1))
+    threshold = float(np.median(scored.conf[:, 0]))  # some questions stop at 1 token, the others go on to 4
+    row, lines = cascade_row(scored, threshold)
+    chosen = [line["num_vision_tokens"] for line in lines]
+    assert set(chosen) == {1, 4}
+    # Each fixed budget alone, through the evaluator's own path (the vision tower inside generation).
+    fixed = {m: evaluate(im, questions, [m], progress=False, **kw).answers[m] for m in (1, 4)}
+    for i, (line, m) in enumerate(zip(lines, chosen)):
+        assert line["text"] == fixed[m][i]["text"] and line["question_id"] == rows[i]["question_id"]
+        conf = scored.conf[i]
+        assert (conf[0] >= threshold) == (m == 1)  # escalated exactly when 1 token was not confident enough
+    assert row["mean_vision_tokens"] == pytest.approx(np.mean(chosen))
+    assert row["budget_histogram"] == {"1": chosen.count(1), "4": chosen.count(4)}
+    assert row["accuracy"] == pytest.approx(np.mean([fixed[m][i]["accuracy"] for i, m in enumerate(chosen)]))
+    # FLOPs: the vision tower once, a prefill per budget tried (an escalation costs the 1-token prefill too).
+    t = len(questions[0].prompt) - 1
+    one, both = (cascade.prefill_flops(im.cfg, t, (1, 4), k) for k in (0, 1))
+    from mmlm.models.flops import analytic_flops, make_workload
+    f1, f4 = (analytic_flops(im.cfg, make_workload(im.cfg, t, m)) for m in (1, 4))
+    assert one == f1["total"] and both == pytest.approx(f1["total"] + f4["total"] - f4["vision"])
+    assert cascade.stop_index(np.array([[0.2, 0.1], [0.9, 0.1]]), 0.5).tolist() == [1, 0]
+
+
+def test_eval_auto_row_and_chat_says_which_budget(models, capsys):
+    out = models / "out"
+    rc = eval_cli.main(["--checkpoint", str(models / "mat"), "--data", str(models / "data" / "val_questions.jsonl"),
+                        "--num_vision_tokens", "4,auto", "--calibration_data",
+                        str(models / "data" / "train_questions.jsonl"), "--out", str(out), "--batch_size", "8",
+                        "--max_new_tokens", "3", "--no_progress"])
+    assert rc == 0
+    printed = capsys.readouterr()
+    assert "mean vision tokens" in printed.out and "calibrated on" in printed.err
+    summary = json.loads((out / "metrics.json").read_text())
+    auto = summary["rows"][1]
+    assert auto["num_vision_tokens"] == "auto" and auto["cascade_budgets"] == [1, 4]
+    assert 0 < auto["calibration"]["threshold"] < 1 and 1 <= auto["mean_vision_tokens"] <= 4
+    assert sum(auto["budget_histogram"].values()) == auto["count"] and auto["flops_per_question"] > 0
+    assert len((out / "answers_mauto.jsonl").read_text().splitlines()) == auto["count"]
+    err = io.StringIO()
+    args = chat._parser().parse_args(["--checkpoint", str(models / "mat"), "--image", str(models / "img.png"),
+                                      "--prompt", "What color is it?", "--max_new_tokens", "3",
+                                      "--num_vision_tokens", "auto", "--auto_threshold", "0.5"])
+    assert chat.run(args, stdin=io.StringIO(), out=io.StringIO(), err=err) == 0
+    assert "auto: answered with 4 vision token(s)" in err.getvalue()  # a random model is never 50% sure
+
+
+@pytest.mark.parametrize("which, extra, message", [
+    ("fixed", [], "needs a Matryoshka model"),
+    ("mat", ["--auto_threshold", "1.5"], "strictly between 0 and 1"),
+    ("mat", ["--auto_threshold", "0"], "strictly between 0 and 1"),
+])
+def test_auto_mistakes_exit_2(models, capsys, which, extra, message):
+    rc = eval_cli.main(["--checkpoint", str(models / which), "--data", str(models / "data" / "val_questions.jsonl"),
+                        "--num_vision_tokens", "auto", "--out", str(models / "bad"), *extra])
+    assert rc == 2 and message in capsys.readouterr().err
+    rc = chat.main(["--checkpoint", str(models / which), "--image", str(models / "img.png"), "--prompt", "q",
+                    "--num_vision_tokens", "auto", *extra])
+    assert rc == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        chat._parser().parse_args(["--checkpoint", "x", "--image", "y", "--num_vision_tokens", "most"])
+
+
+def test_calibration_questions_are_disjoint_from_the_evaluated_ones(models, capsys):
+    train = read_jsonl(models / "data" / "train_questions.jsonl")
+    val = read_jsonl(models / "data" / "val_questions.jsonl")
+    cascade.check_disjoint(train, val)  # the training split's questions: different images and ids
+    assert not {q["image"] for q in train} & {q["image"] for q in val}
+    with pytest.raises(UserError, match="overlap"):
+        cascade.check_disjoint(train + val[:1], val)
+    renamed = [{**q, "question_id": f"x-{q['question_id']}"} for q in val[:1]]  # same image and text
+    with pytest.raises(UserError, match="overlap"):
+        cascade.check_disjoint(renamed, val)
+    rc = eval_cli.main(["--checkpoint", str(models / "mat"), "--data", str(models / "data" / "val_questions.jsonl"),
+                        "--num_vision_tokens", "auto", "--calibration_data",
+                        str(models / "data" / "val_questions.jsonl"), "--out", str(models / "bad")])
+    assert rc == 2 and "overlap the evaluation questions" in capsys.readouterr().err
+    conf = np.array([[0.9, 0.9], [0.2, 0.8], [0.3, 0.9]])
+    correct = np.array([[True, True], [False, True], [False, True]])
+    assert cascade.calibrate_threshold(conf, correct, (1, 4)) > 0.3  # escalates the two unsure wrong answers
