@@ -14,25 +14,10 @@ from mmlm.models.flops import train_step_flops
 from mmlm.train import trainer
 from mmlm.train.recipe import MatryoshkaRecipe, distill_kl_sum, recipe_from_config, train_run_flops
 from mmlm.train.step import budget_index, make_eval_step, make_train_step
-from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mmlm import IGNORE_INDEX
+from test_train_unit import T, batch_for  # the same random conversations as the train-step tests
 
-T = 16
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # numbers, not speed: skip LLVM's optimisation passes
-
-
-def batch_for(cfg, b=8, seed=0):
-    """Random conversations: placeholder at 1, answer tokens at 10..12, right padding from 14."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(4, cfg.llm.vocab_size, (b, T)).astype(np.int32)
-    ids[:, 1] = IMAGE_TOKEN_ID
-    labels = np.full((b, T), IGNORE_INDEX, np.int32)
-    labels[:, 10:13] = ids[:, 10:13]
-    mask = np.ones((b, T), bool)
-    mask[:, 14:] = False
-    s = cfg.image_size
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "fuse_mask": labels == IGNORE_INDEX,
-            "images": rng.standard_normal((b, 1, 1, s, s, 3)).astype(np.float32),
-            "frame_mask": np.ones((b, 1), bool)}
 
 
 def tiny(*overrides: str):

@@ -47,7 +47,7 @@ import numpy as np
 from mmlm import IMAGE_TOKEN_ID
 from mmlm.errors import UserError
 from mmlm.infer.video_stream import VideoStream
-from mmlm.infer.generate import DecodeState, SamplingParams, decode_step_jit, sampling_params, start_decoding
+from mmlm.infer.generate import DecodeState, SamplingParams, sampling_params, start_decoding, stream_decoding
 from mmlm.models.config import ModelConfig
 from mmlm.models.llama import init_cache
 from mmlm.models.llava_mini import LlavaMini, merge_vision_into_text
@@ -272,12 +272,7 @@ def stream_encoded(cfg: ModelConfig, params: Params, text: Batch, video: Encoded
     rng = jax.random.PRNGKey(0) if rng is None else rng
     state, _ = prefill_video(cfg, params, text, video, sp, rng, max_new_tokens=max_new_tokens,
                                  prefill_chunk=prefill_chunk, greedy=greedy)
-    yield np.asarray(state.tokens[:, 0])
-    for i in range(1, max_new_tokens):
-        if bool(np.all(np.asarray(state.done))):
-            return
-        state = decode_step_jit(cfg, params, state, sp, greedy=greedy)
-        yield np.asarray(state.tokens[:, i])
+    yield from stream_decoding(cfg, params, state, sp, greedy=greedy)
 
 
 def generate_encoded(cfg: ModelConfig, params: Params, text: Batch, video: EncodedVideo, *, max_new_tokens: int,

@@ -316,8 +316,15 @@ def stream(model: LlavaMini | ModelConfig, params: Params, batch: Batch, *, max_
     rng = jax.random.PRNGKey(0) if rng is None else rng
     state = prefill_jit(cfg, params, batch, sp, rng, max_new_tokens=max_new_tokens, num_vision_tokens=m,
                          greedy=greedy)
+    yield from stream_decoding(cfg, params, state, sp, greedy=greedy)
+
+
+def stream_decoding(cfg: ModelConfig, params: Params, state: DecodeState, sp: SamplingParams, *,
+                    greedy: bool) -> Iterator[np.ndarray]:
+    """Yields each step's tokens (B,) from a prefilled state: token 0, then one jitted decode step per token
+    until every row has stopped or the answers are full."""
     yield np.asarray(state.tokens[:, 0])
-    for i in range(1, max_new_tokens):
+    for i in range(1, state.tokens.shape[1]):
         if bool(np.all(np.asarray(state.done))):
             return
         state = decode_step_jit(cfg, params, state, sp, greedy=greedy)
