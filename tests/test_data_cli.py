@@ -58,6 +58,15 @@ def test_inspect_prints_supervised_spans_and_saves_images(data_cli_dataset, tmp_
 
     with Image.open(save / "val_000000.png") as sheet:
         assert sheet.size == (5 * 16 + 4 * 2, 16)  # one frame, 5 views
+    # Earlier sheets are replaced only with --overwrite (refused before anything is shown).
+    sheet_bytes = (save / "val_000000.png").read_bytes()
+    args = ["inspect", str(data_cli_dataset / "ds"), "--split", "val", "--num", "2", "--image-size", "16",
+            "--hd-grid", "2", "--save-dir", str(save)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "val_000000.png" in err and "--overwrite" in err and "Traceback" not in err
+    assert (save / "val_000000.png").read_bytes() == sheet_bytes
+    assert cli.main(args + ["--overwrite"]) == 0
 
 
 def test_contact_sheet_shows_uint8_and_normalised_images_alike():
@@ -98,6 +107,12 @@ def test_tokenizer_command_is_deterministic(tmp_path, capsys):
 
     out = tmp_path / "tok.model"
     assert cli.main(["tokenizer", "--out", str(out)]) == 0
+    assert out.read_bytes() == TINY_TOKENIZER_PATH.read_bytes()
+    # An existing tokenizer (by default the shipped one) is replaced only with --overwrite.
+    out.write_bytes(b"earlier")
+    assert cli.main(["tokenizer", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"earlier"
+    assert cli.main(["tokenizer", "--out", str(out), "--overwrite"]) == 0
     assert out.read_bytes() == TINY_TOKENIZER_PATH.read_bytes()
 
 

@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=_positive_int, default=8, help="F for videos (default: %(default)s)")
     p.add_argument("--save-dir", default="mmlm_inspect",
                    help="where to save each example's image sheet; '' to skip (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace image sheets already in --save-dir")
     p.add_argument("--show", action="store_true", help="also open the images in a viewer (PIL show)")
     p.add_argument("--color", action="store_true", help="mark supervised tokens with ANSI green")
 
@@ -170,7 +171,8 @@ def _inspect(args) -> int:
         d.tokenizer = args.tokenizer
     try:
         return inspect(args.dataset_dir, args.split, config, num=args.num, start=args.start,
-                       save_dir=args.save_dir or None, show=args.show, color=args.color)
+                       save_dir=args.save_dir or None, show=args.show, color=args.color,
+                       overwrite=args.overwrite)
     except (BuildError, ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
 

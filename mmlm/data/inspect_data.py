@@ -17,7 +17,7 @@ import numpy as np
 from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mmlm.data import preprocess
 from mmlm.data.tokenizer import Tokenizer
-from mmlm.safe_io import atomic_file
+from mmlm.safe_io import atomic_file, refuse_existing
 
 _SPECIAL_RE = re.compile(r"^<\|.*\|>$|^<s>$|^</s>$|^<pad>$|^<unk>$")
 _GREEN, _RESET = "\033[32m", "\033[0m"
@@ -117,9 +117,17 @@ def describe(example: Mapping[str, Any], record: Mapping[str, Any], tok: Tokeniz
     return head + "\n" + text
 
 
+def sheet_name(split: str, index: int) -> str:
+    """The file name of example `index`'s image sheet."""
+    return f"{split}_{index:06d}.png"
+
+
 def inspect(dataset_dir: str, split: str, config, *, num: int, start: int, save_dir: str | None,
-            show: bool, color: bool, out=None) -> int:
-    """Prints `num` examples of `split` from `start` (to `out`, default stdout); saves/shows images."""
+            show: bool, color: bool, out=None, overwrite: bool = False) -> int:
+    """Prints `num` examples of `split` from `start` (to `out`, default stdout); saves/shows images.
+
+    An image sheet already in `save_dir` is replaced only with `overwrite` (refused before anything is shown).
+    """
     out = sys.stdout if out is None else out
     from mmlm.data import build as build_lib
     from mmlm.data import pipeline
@@ -147,6 +155,9 @@ def inspect(dataset_dir: str, split: str, config, *, num: int, start: int, save_
         raise ValueError(f"--start {start} is outside split {split!r} of {len(source)} examples")
     truncated = 0
     stop = min(len(source), start + num)
+    if save_dir:
+        for k in range(start, stop):
+            refuse_existing(Path(save_dir) / sheet_name(split, k), "--save-dir", overwrite, "an earlier image sheet")
     for i in range(start, stop):
         record = source[i]
         example = {k: v[0] for k, v in collate([processor(record)]).items()}
@@ -157,7 +168,7 @@ def inspect(dataset_dir: str, split: str, config, *, num: int, start: int, save_
         if sheet is not None and (save_dir or show):
             if save_dir:
                 Path(save_dir).mkdir(parents=True, exist_ok=True)
-                path = Path(save_dir) / f"{split}_{i:06d}.png"
+                path = Path(save_dir) / sheet_name(split, i)
                 with atomic_file(path, fsync=False) as tmp:
                     sheet.save(tmp)
                 print(f"image: {path} ({sheet.size[0]}x{sheet.size[1]}, rows = frames, "

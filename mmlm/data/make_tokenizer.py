@@ -27,7 +27,8 @@ from typing import Iterator
 from mmlm.cli_common import number
 from mmlm.data import synth, templates
 from mmlm.data.tokenizer import TINY_TOKENIZER_PATH
-from mmlm.safe_io import write_bytes_atomic
+from mmlm.errors import UserError
+from mmlm.safe_io import refuse_existing, write_bytes_atomic
 
 DEFAULT_VOCAB_SIZE = 512
 
@@ -116,9 +117,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="output .model path (default: %(default)s)")
     parser.add_argument("--vocab-size", type=number(int, 64), default=DEFAULT_VOCAB_SIZE,
                         help="number of pieces (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (the default path is the shipped tokenizer, which this "
+                             "command regenerates byte for byte)")
     args = parser.parse_args(argv)
     if args.vocab_size < 64:
         parser.error(f"--vocab-size must be >= 64, got {args.vocab_size}")
+    try:
+        refuse_existing(args.out, "--out", args.overwrite)
+    except UserError as e:
+        print(f"mmlm data tokenizer: error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out, train_tokenizer(args.vocab_size))
