@@ -352,6 +352,39 @@ def test_compression_map(server):
         assert bad.status_code == 400 and bad.json()["error"]["message"]
 
 
+def test_auto_budget_answers_as_mmlm_chat_auto_and_as_the_fixed_budget_it_names(server):
+    """`"num_vision_tokens": "auto"`: the cascade picks a budget per request; the answer names it, equals the
+    answer asked at that fixed budget and `mmlm chat --num_vision_tokens auto`'s; a video with auto is refused."""
+    image = server.root / "media" / "img1.png"
+    card = server.client().models.list().data[0]
+    assert card.model_extra["auto"] is True and card.model_extra["auto_threshold"] == 0.5
+    resp = server.client().chat.completions.create(model="tiny", messages=_messages(QUESTIONS[4], _data_url(image)),
+                                                   temperature=0, max_tokens=6,
+                                                   extra_body={"num_vision_tokens": "auto"})
+    used = resp.model_extra["num_vision_tokens"]
+    assert used in (1, 4)
+    text = resp.choices[0].message.content
+    assert text == _ask(server, QUESTIONS[4], image, max_tokens=6, num_vision_tokens=used)[0]
+    assert text == _chat_answer(server, QUESTIONS[4], image, 6, "auto")
+    fixed = server.client().chat.completions.create(model="tiny", messages=_messages(QUESTIONS[4], _data_url(image)),
+                                                    temperature=0, max_tokens=2, extra_body={"num_vision_tokens": 1})
+    assert fixed.model_extra["num_vision_tokens"] == 1
+    stream = server.client().chat.completions.create(model="tiny", messages=_messages(QUESTIONS[4], _data_url(image)),
+                                                     temperature=0, max_tokens=6, stream=True,
+                                                     extra_body={"num_vision_tokens": "auto"})
+    chunks = list(stream)
+    assert chunks[0].model_extra["num_vision_tokens"] == used
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    video = server.root / "clip.mp4"
+    _write_video(video)
+    r = _post(server, "/v1/chat/completions", {"messages": _messages("What happens?", _data_url(video, "video/mp4"),
+                                                                      "video_url"), "num_vision_tokens": "auto"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_budget"
+    bad = _post(server, "/v1/chat/completions", {"messages": _messages("Hi?", _data_url(image)),
+                                                  "num_vision_tokens": "most"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_type"
+
+
 def _long_stream(server, first_chunk: threading.Event | None = None, close_after_first: bool = False) -> dict:
     """A streamed answer that runs to max_tokens (the random model emits no stop token for this question)."""
     body = {"model": "tiny", "messages": _messages(QUESTIONS[5], _data_url(server.root / "media" / "img2.png")),
@@ -430,6 +463,11 @@ def test_health_is_503_until_compiled_and_a_llava15_model_has_no_compression_map
     assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
     card = client.get("/v1/models").json()["data"][0]
     assert card["budgets"] == [im.cfg.vision.num_patches] and card["default_budget"] == im.cfg.vision.num_patches
+    assert card["auto"] is False
+    body = {"messages": [{"role": "user", "content": "Hi?"}], "num_vision_tokens": "auto"}
+    r = client.post("/v1/chat/completions", json=body)  # no Matryoshka budgets: auto is refused, listing them
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_budget"
+    assert str(im.cfg.vision.num_patches) in r.json()["error"]["message"]
 
 
 def test_media_refuses_file_urls_without_a_media_root(tmp_path):
@@ -439,3 +477,55 @@ def test_media_refuses_file_urls_without_a_media_root(tmp_path):
     with pytest.raises(MediaError, match="--media_root"):
         url_bytes((tmp_path / "a.png").as_uri(), "image", None)
     assert url_bytes((tmp_path / "a.png").as_uri(), "image", str(tmp_path)) == b"x"
+
+
+def _engine_with_tiny_model(admit_wait_s: float):
+    from mmlm.infer.loading import encode_question, inference_model
+    from mmlm.serve.engine import Engine, Request
+
+    config = load_config(str(REPO / "configs/tiny.py"))
+    im = inference_model(config, random_params(model_config_from_dict(config.model), seed=0), "tiny")
+    engine = Engine(im, max_batch=2, max_new_tokens=4, admit_wait_s=admit_wait_s)
+    engine.start()
+    assert engine.ready.wait(300)
+    pixels = np.zeros((1, 1, im.image_size, im.image_size, 3), np.float32)
+    prompt, fuse = encode_question(im, "What is it?", True, return_fuse_mask=True)
+
+    def request(done: threading.Event) -> Request:
+        return Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None, max_tokens=4,
+                       temperature=0.0, top_p=1.0, seed=0, ignore_eos=True,
+                       emit=lambda kind, value: done.set() if kind in ("done", "error") else None)
+
+    return engine, request
+
+
+def test_a_decode_step_waits_for_expected_requests_so_a_burst_shares_its_steps():
+    """Two requests announced (`expect`): the first waits for the second before decoding, then both decode in
+    the same steps; an announcement withdrawn (`unexpect`) releases the wait; an unannounced request alone
+    waits for nothing (the generous admit_wait_s would make this test hang otherwise)."""
+    engine, request = _engine_with_tiny_model(admit_wait_s=600.0)
+    try:
+        first, second = threading.Event(), threading.Event()
+        engine.expect()
+        engine.expect()
+        engine.submit(request(first), expected=True)
+        time.sleep(0.3)
+        assert engine.status()["steps"] == 0 and not first.is_set()  # waiting for the announced request
+        engine.submit(request(second), expected=True)
+        assert first.wait(120) and second.wait(120)
+        assert engine.status()["steps"] == 3  # 4 tokens each: one from the prefill, three shared steps
+
+        third = threading.Event()
+        engine.expect()
+        engine.submit(request(third))  # an unannounced submit: the announcement above still stands
+        time.sleep(0.3)
+        assert not third.is_set()
+        engine.unexpect()
+        assert third.wait(120)
+
+        alone = threading.Event()
+        engine.submit(request(alone))
+        assert alone.wait(120)
+        assert engine.status()["steps"] == 9
+    finally:
+        engine.stop()

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="answer length limit of the natural-answers workload (default 16)")
     p.add_argument("--fixed_tokens", type=int, default=32,
                    help="answer length of the fixed-length workload (ignore_eos; default 32)")
+    p.add_argument("--admit_wait_ms", type=float, default=10.0,
+                   help="the server's --admit_wait_ms: how long a decode step waits for requests still being "
+                        "read (default 10, the server's default; 0 turns the wait off)")
     p.add_argument("--seed", type=int, default=7, help="seed of the synthetic questions (default 7)")
     p.add_argument("--out", default=str(HERE / "results.md"), help="report file (default: results.md here)")
     return p
@@ -87,11 +90,19 @@ def _cpu() -> str:
     return f"{name}, {os.cpu_count()} cores, {isa}"
 
 
+def _engine_steps(port: int) -> int:
+    """The server's decode steps so far (its status endpoint)."""
+    import httpx
+
+    return int(httpx.get(f"http://127.0.0.1:{port}/v1/mmlm/status", timeout=30).json()["steps"])
+
+
 def _summary(runs: list[dict], requests: int) -> dict:
     tokens, wall = sum(r["tokens"] for r in runs), sum(r["wall"] for r in runs)
     lat = np.concatenate([r["latency"] for r in runs]) * 1000
     return {"tok_s": tokens / wall, "req_s": requests * len(runs) / wall, "p50": float(np.percentile(lat, 50)),
             "p99": float(np.percentile(lat, 99)), "tokens": tokens / len(runs),
+            "steps": sum(r["steps"] for r in runs) / len(runs),
             "per_round": [r["tokens"] / r["wall"] for r in runs]}
 
 
@@ -108,7 +119,7 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "mmlm.cli", "serve", "--workdir", args.workdir, "--port", str(port),
            "--max_batch", str(args.max_batch), "--max_new_tokens", str(max(args.max_tokens, args.fixed_tokens)),
-           "--model_name", "bench"]
+           "--admit_wait_ms", str(args.admit_wait_ms), "--model_name", "bench"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     ready = threading.Event()
     threading.Thread(target=lambda: [ready.set() for line in proc.stdout if "ready at" in line], daemon=True).start()
@@ -146,15 +157,18 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
             for rnd in range(args.rounds):
                 order = ("sequential", "concurrent") if rnd % 2 == 0 else ("concurrent", "sequential")
                 for mode in order:
+                    steps = _engine_steps(port)
                     start = time.perf_counter()
                     run_mode = sequential if mode == "sequential" else concurrent
                     res = loop.run_until_complete(run_mode(max_tokens, ignore_eos))
                     wall = time.perf_counter() - start
+                    steps = _engine_steps(port) - steps
                     if [r[0] for r in res] != reference:
                         raise SystemExit(f"{name}, {mode}: the answers differ from the first pass's")
-                    modes[mode].append({"wall": wall, "tokens": sum(r[1] for r in res), "latency": [r[2] for r in res]})
-                    print(f"{name}, round {rnd}, {mode}: {wall:.3f} s, {modes[mode][-1]['tokens']} tokens",
-                          flush=True)
+                    modes[mode].append({"wall": wall, "tokens": sum(r[1] for r in res), "steps": steps,
+                                        "latency": [r[2] for r in res]})
+                    print(f"{name}, round {rnd}, {mode}: {wall:.3f} s, {modes[mode][-1]['tokens']} tokens, "
+                          f"{steps} decode steps", flush=True)
             out["workloads"][name] = modes
         loop.run_until_complete(client.close())
         loop.close()
@@ -178,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python experiments/serving/run.py --workdir {args.workdir} --requests {args.requests} "
         f"--rounds {args.rounds} --max_batch {args.max_batch} --max_tokens {args.max_tokens} "
-        f"--fixed_tokens {args.fixed_tokens}`",
+        f"--fixed_tokens {args.fixed_tokens} --admit_wait_ms {args.admit_wait_ms:g}`",
         "",
         f"CPU: {_cpu()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '(none)')!r}; load average before the run "
         f"{LOAD_BEFORE}. The server and the client share the machine (which other work shares too), so the two "
@@ -186,19 +200,21 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{args.requests} held-out synthetic `shapes` questions (one 48 px image each, greedy; "
         f"{run['correct']}/{len(rows)} answered correctly), sent through the `openai` client to "
-        f"`mmlm serve --max_batch {args.max_batch}`; {args.rounds} rounds per mode and workload. Sequential: each "
+        f"`mmlm serve --max_batch {args.max_batch} --admit_wait_ms {args.admit_wait_ms:g}`; {args.rounds} rounds per mode and workload. Sequential: each "
         f"request sent when the previous answer arrived; concurrent: all {args.requests} at once (`asyncio.gather`). Both "
         f"modes gave the same answers in every round. Server start (load + compile) {run['startup']:.1f} s; exit "
         f"status after SIGTERM {run['rc']}.",
         "",
-        "| workload | mode | tokens / round | aggregate tokens/s | requests/s | p50 latency | p99 latency |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| workload | mode | tokens / round | decode steps / round | aggregate tokens/s | requests/s | p50 latency "
+        "| p99 latency |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     ratios = []
     for name, modes in run["workloads"].items():
         summary = {mode: _summary(r, args.requests) for mode, r in modes.items()}
         for mode, s in summary.items():
-            lines.append(f"| {name} | {mode} | {s['tokens']:.0f} | {s['tok_s']:.1f} | {s['req_s']:.1f} | "
+            lines.append(f"| {name} | {mode} | {s['tokens']:.0f} | {s['steps']:.1f} | {s['tok_s']:.1f} | "
+                         f"{s['req_s']:.1f} | "
                          f"{s['p50']:.0f} ms | {s['p99']:.0f} ms |")
         ratio = summary["concurrent"]["tok_s"] / summary["sequential"]["tok_s"]
         per_round = [c / q for c, q in zip(summary["concurrent"]["per_round"], summary["sequential"]["per_round"])]

@@ -5,8 +5,10 @@ Routes:
   GET  /health                    200 once the programs are compiled, 503 before (and while stopping)
   GET  /v1/models                 OpenAI list; each model also carries budgets / default_budget / media
   POST /v1/chat/completions       OpenAI format, streamed (SSE) or not; extensions `num_vision_tokens` (the
-                                  Matryoshka budget) and `ignore_eos` (answers of exactly max_tokens
-                                  tokens, for throughput benchmarks, as vLLM's)
+                                  Matryoshka budget, or "auto": the confidence cascade picks it per
+                                  request) and `ignore_eos` (answers of exactly max_tokens tokens, for
+                                  throughput benchmarks, as vLLM's); the answer (and the first streamed
+                                  chunk) carries the budget it used as `num_vision_tokens`
   POST /v1/mmlm/compression_map   {"image": data URL, "num_vision_tokens": int|null} -> {"image": PNG data URL}
   GET  /v1/mmlm/status            slots in use, waiting requests, counters
 
@@ -34,8 +36,11 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mmlm.errors import UserError
+from mmlm.infer import cascade
+from mmlm.infer.batching import make_batch
 from mmlm.infer.loading import InferenceModel, encode_question
-from mmlm.serve.engine import Engine, Request
+from mmlm.serve.engine import PROMPT_BUCKET, Engine, Request
 from mmlm.serve.media import MediaError, image_pixels, url_bytes, video_pixels
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -48,6 +53,7 @@ class ServerSettings:
     max_new_tokens: int  # longest answer a request may ask for (the default max_tokens too)
     max_body_bytes: int
     media_root: str | None
+    auto_threshold: float = cascade.DEFAULT_THRESHOLD  # `num_vision_tokens: "auto"`: escalate below this
 
 
 class ApiError(Exception):
@@ -76,7 +82,7 @@ class ChatRequest:
     fuse_mask: list[bool]
     pixels: Any  # np.ndarray (F, K, H, W, 3) or None
     media_kind: str | None
-    num_vision_tokens: int | None
+    num_vision_tokens: int | None  # the budget to answer at (chosen by the cascade for "auto")
     max_tokens: int
     temperature: float
     top_p: float
@@ -85,6 +91,26 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     ignore_eos: bool = False
+    auto_confidences: list[float] | None = None  # "auto": first-token probabilities at the budgets tried
+
+
+def _budget(body: dict, im: InferenceModel) -> int | str | None:
+    """The request's `num_vision_tokens`: a budget the model has, None (its default) or "auto"."""
+    budget = body.get("num_vision_tokens")
+    if cascade.is_auto(budget):
+        try:
+            cascade.cascade_budgets(im.cfg)
+        except UserError as e:
+            raise ApiError(400, str(e), "num_vision_tokens", "unsupported_budget") from None
+        return cascade.AUTO
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+        raise ApiError(400, "'num_vision_tokens' must be an integer or \"auto\"", "num_vision_tokens",
+                       "invalid_type")
+    try:
+        return im.cfg.check_budget(budget)
+    except ValueError as e:
+        raise ApiError(400, f"{e}. Supported budgets: {list(im.cfg.supported_budgets)}", "num_vision_tokens",
+                       "unsupported_budget") from None
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
@@ -212,15 +238,11 @@ def parse_chat_request(body: Any, im: InferenceModel, settings: ServerSettings) 
     if not question.strip() and media is None:
         raise ApiError(400, "the question is empty", "messages", "invalid_value")
 
-    budget = body.get("num_vision_tokens")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
-        raise ApiError(400, "'num_vision_tokens' must be an integer", "num_vision_tokens", "invalid_type")
-    try:
-        budget = im.cfg.check_budget(budget)
-    except ValueError as e:
-        raise ApiError(400, f"{e}. Supported budgets: {list(im.cfg.supported_budgets)}", "num_vision_tokens",
-                       "unsupported_budget") from None
-
+    budget = _budget(body, im)
+    if budget == cascade.AUTO and media is not None and media[0] == "video":
+        raise ApiError(400, "'num_vision_tokens': \"auto\" answers questions about an image (as `mmlm chat`); "
+                            f"for a video give one of the budgets {list(im.cfg.supported_budgets)}",
+                       "num_vision_tokens", "unsupported_budget")
     pixels = None
     if media is not None:
         kind, url, where = media
@@ -239,9 +261,23 @@ def parse_chat_request(body: Any, im: InferenceModel, settings: ServerSettings) 
         raise ApiError(400, f"the prompt is {len(prompt)} tokens, more than the model's text length of "
                             f"{im.max_text_len} tokens; shorten the question or the conversation", "messages",
                        "context_length_exceeded")
+    seen = None
+    if budget == cascade.AUTO:
+        budget, seen = _auto_budget(im, prompt, fuse, pixels, settings.auto_threshold)
     return ChatRequest(prompt=prompt, fuse_mask=fuse, pixels=pixels, media_kind=media[0] if media else None,
                        num_vision_tokens=budget, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                       seed=seed, stop=stop, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos)
+                       seed=seed, stop=stop, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos,
+                       auto_confidences=seen)
+
+
+def _auto_budget(im: InferenceModel, prompt: list[int], fuse: list[bool], pixels: Any, threshold: float
+                 ) -> tuple[int | None, list[float] | None]:
+    """The cascade's budget for this prompt (the batch the engine's prefill builds); None without media."""
+    if pixels is None:  # text only: no vision tokens, the budget changes nothing
+        return None, None
+    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET,
+                       fuse_masks=[fuse])
+    return cascade.choose_budget(im.cfg, im.params, batch, threshold)
 
 
 # ---------------------------------------------------------------------- text output
@@ -391,8 +427,15 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         cfg = im.cfg
         return {"id": settings.model_name, "object": "model", "created": int(time.time()), "owned_by": "mmlm",
                 "budgets": list(cfg.supported_budgets), "default_budget": cfg.check_budget(None),
+                "auto": _supports_auto(cfg), "auto_threshold": settings.auto_threshold,
                 "media": ["image", "video"], "mode": cfg.mode, "max_tokens": settings.max_new_tokens,
                 "max_text_len": im.max_text_len, "max_frames": im.max_frames}
+
+    def _supports_auto(cfg) -> bool:
+        try:
+            return bool(cascade.cascade_budgets(cfg))
+        except UserError:
+            return False
 
     @app.get("/v1/mmlm/status")
     async def status():
@@ -435,8 +478,17 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(request: HttpRequest):
         if state["stopping"]:
             raise ApiError(503, "the server is shutting down", None, "shutting_down", "server_error")
-        body = await _json(request)
-        parsed = await run_in_threadpool(parse_chat_request, body, im, settings)
+        engine.expect()  # a decode step about to run may wait for this request to join it
+        try:
+            body = await _json(request)
+            parsed = await run_in_threadpool(parse_chat_request, body, im, settings)
+        except BaseException:  # a bad request, or the client gone: nothing to wait for
+            engine.unexpect()
+            raise
+        return await _answer(request, parsed)
+
+    async def _answer(request: HttpRequest, parsed: ChatRequest):
+        """Submits a parsed request (ending its `expect`) and answers it, streamed or not."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         req = Request(prompt=parsed.prompt, fuse_mask=parsed.fuse_mask, pixels=parsed.pixels,
@@ -445,7 +497,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                       ignore_eos=parsed.ignore_eos,
                       emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
         try:
-            engine.submit(req)
+            engine.submit(req, expected=True)
         except RuntimeError as e:
             raise ApiError(503, str(e), None, "shutting_down", "server_error") from None
         rid = f"chatcmpl-{id_prefix}{next(counter):08x}"
@@ -455,6 +507,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             return StreamingResponse(_stream(request, req, events, detok, parsed, rid, created),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await _complete(request, req, events, detok, rid, created)
+
+    def _used_budget(req: Request) -> int | None:
+        """The budget the answer was given at (None for a text-only prompt)."""
+        return im.cfg.check_budget(req.num_vision_tokens) if req.pixels is not None else None
 
     def _usage(req: Request) -> dict:
         return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.generated,
@@ -502,19 +558,20 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return {"id": rid, "object": "chat.completion", "created": created, "model": settings.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": detok.text},
                              "finish_reason": finish, "logprobs": None}],
-                "usage": _usage(req)}
+                "usage": _usage(req), "num_vision_tokens": _used_budget(req)}
 
     async def _stream(request, req, events, detok, parsed: ChatRequest, rid, created):
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
+        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True,
+                  **extra) -> str:
             data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": settings.model_name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-                    if choices else []}
+                    if choices else [], **extra}
             if usage is not None:
                 data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n"
 
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            yield chunk({"role": "assistant", "content": ""}, num_vision_tokens=_used_budget(req))
             async for kind, value in _events(None, req, events, detok):
                 if kind == "text":
                     if value:

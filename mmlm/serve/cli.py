@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="decoding slots: requests answered at once; more wait in arrival order (default 16)")
     p.add_argument("--max_new_tokens", type=int, default=256,
                    help="longest answer a request may ask for (max_tokens), and its default (default 256)")
+    p.add_argument("--admit_wait_ms", type=float, default=10.0,
+                   help="longest time a decode step waits for requests still being read, so that a burst of "
+                        "requests shares its decode steps (default 10 ms; 0: never wait)")
+    p.add_argument("--auto_threshold", type=float, default=None,
+                   help="for requests with \"num_vision_tokens\": \"auto\" (Matryoshka models): the first answer "
+                        "token's probability below which the cascade escalates to the next budget (default: "
+                        "`mmlm chat`'s, 0.5; `mmlm eval --calibration_data` calibrates one)")
     p.add_argument("--model_name", default=None,
                    help="model id in the API (default: the workdir's or checkpoint's directory name)")
     p.add_argument("--media_root", default=None,
@@ -67,6 +74,12 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if not args.max_body_mb > 0:
         raise UserError(f"--max_body_mb must be > 0, got {args.max_body_mb}")
+    if not 0 <= args.admit_wait_ms <= 10_000:
+        raise UserError(f"--admit_wait_ms must be in [0, 10000], got {args.admit_wait_ms}")
+    if args.auto_threshold is not None:
+        from mmlm.infer.cascade import check_threshold  # imports jax: not at --help time
+
+        check_threshold(args.auto_threshold)
     if not args.grace_s >= 0:
         raise UserError(f"--grace_s must be >= 0, got {args.grace_s}")
     if args.media_root is not None and not os.path.isdir(args.media_root):
@@ -90,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or os.path.basename(source.rstrip(os.sep)) or "mmlm"
     settings = ServerSettings(model_name=name, max_new_tokens=args.max_new_tokens,
                               max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                              media_root=os.path.abspath(args.media_root) if args.media_root else None)
-    engine = Engine(im, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens)
+                              media_root=os.path.abspath(args.media_root) if args.media_root else None,
+                              **({} if args.auto_threshold is None else {"auto_threshold": args.auto_threshold}))
+    engine = Engine(im, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
+                    admit_wait_s=args.admit_wait_ms / 1000)
     app = create_app(engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.grace_s, access_log=args.log_level in ("info", "debug"))
