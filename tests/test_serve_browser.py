@@ -120,8 +120,8 @@ def page(server):
 
 
 def test_page_lists_the_model_and_its_budgets(server, page):
-    sync_api.expect(page.locator("#model-name")).to_contain_text("budgets 1, 4", timeout=30_000)
-    assert page.locator("#budget").get_attribute("max") == "1"  # two budgets: slider positions 0 and 1
+    sync_api.expect(page.locator("#model-name")).to_contain_text("budgets 1, 4 or auto", timeout=30_000)
+    assert page.locator("#budget").get_attribute("max") == "2"  # budgets 1 and 4, then auto: positions 0-2
     assert page.locator("#ask").is_disabled()  # no media, no question yet
 
 
@@ -153,7 +153,31 @@ def test_asking_streams_the_api_answer_and_draws_the_compression_map(server, pag
                                                   {"type": "text", "text": "What color is the circle?"}]}]})
     assert shown == reply["choices"][0]["message"]["content"]
     assert page.locator("#history li").count() == 1
+    assert "4 vision tokens" in page.inner_text("#stats")
     page.screenshot(path=str(root / "page.png"), full_page=True)
+
+
+def test_the_auto_position_asks_with_auto_and_names_the_budget_the_cascade_chose(server, page):
+    base, root = server
+    page.set_input_files("#media-input", str(root / "photo.png"))
+    page.fill("#question", "What shape is left of the circle?")
+    page.locator("#budget").fill("2")
+    page.locator("#budget").dispatch_event("input")
+    page.locator("#budget").dispatch_event("change")
+    sync_api.expect(page.locator("#budget-value")).to_have_text("auto")
+    page.click("#ask")
+    sync_api.expect(page.locator("#answer")).to_have_attribute("data-done", "true", timeout=ANSWER_TIMEOUT_MS)
+    assert page.inner_text("#error") == ""
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode((root / "photo.png").read_bytes()).decode()
+    reply = _post_json(base + "/v1/chat/completions", {
+        "max_tokens": 128, "temperature": 0, "num_vision_tokens": "auto",
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                  {"type": "text", "text": "What shape is left of the circle?"}]}]})
+    used = reply["num_vision_tokens"]
+    assert page.locator("#answer").text_content() == reply["choices"][0]["message"]["content"]
+    assert f"{used} vision token" in page.inner_text("#stats") and "chosen by auto" in page.inner_text("#stats")
 
 
 def test_a_broken_upload_shows_the_server_error_and_the_page_keeps_working(server, page):
