@@ -68,6 +68,21 @@ def test_the_cascade_answers_as_the_fixed_budget_it_stops_at(models):
     assert cascade.stop_index(np.array([[0.2, 0.1], [0.9, 0.1]]), 0.5).tolist() == [1, 0]
 
 
+def test_the_cascade_scores_a_video_file(models):
+    """Video files: `evaluate` answers them by chunked encoding, the confidences take the whole video."""
+    synthesize("moving_shapes", models / "vdata", 1, seed=5, split="val", progress=False)
+    im = load_inference_model(checkpoint=str(models / "mat"))
+    questions = prepare_questions(im, read_jsonl(models / "vdata" / "val_questions.jsonl"), models / "vdata")
+    assert [q.kind for q in questions] == ["video"]
+    kw = dict(batch_size=1, max_new_tokens=3, max_frames=2)
+    scored = score_budgets(im, questions, (1, 4), **kw)
+    assert scored.conf.shape == (1, 2) and np.all((scored.conf > 0) & (scored.conf <= 1))
+    for threshold, m in ((float(scored.conf[0, 0]), 1), (float(np.nextafter(scored.conf[0, 0], 1)), 4)):
+        _, lines = cascade_row(scored, threshold)
+        assert lines[0]["num_vision_tokens"] == m
+        assert lines[0]["text"] == evaluate(im, questions, [m], progress=False, **kw).answers[m][0]["text"]
+
+
 def test_eval_auto_row_and_chat_says_which_budget(models, capsys):
     out = models / "out"
     rc = eval_cli.main(["--checkpoint", str(models / "mat"), "--data", str(models / "data" / "val_questions.jsonl"),

@@ -289,3 +289,106 @@ def test_cli_offline_exact_match_equals_mmlm_eval(setup, tmp_path, capsys):
     results = json.loads(Path(found[0]).read_text())
     assert results["results"][TASK]["exact_match,none"] == pytest.approx(ours, abs=1e-9)
     assert results["n-samples"][TASK]["effective"] == len(rows)
+
+
+# ------------------------------------------------------------------ num_vision_tokens=auto (the cascade)
+
+def _auto_model(root: Path, extra: str = "") -> MMLM:
+    return MMLM.create_from_arg_string(f"checkpoint={root / 'ckpt'},num_vision_tokens=auto,max_frames=2{extra}",
+                                       {"batch_size": 3, "max_batch_size": None, "device": None})
+
+
+def _split_threshold(conf: np.ndarray) -> float:
+    """A threshold that sends some questions on to the next budget and stops the others, midway in the widest
+    gap between their first-budget confidences (far from every one: batch shapes cannot tip a question over)."""
+    c = np.sort(np.unique(conf))
+    i = int(np.argmax(np.diff(c)))
+    return float((c[i] + c[i + 1]) / 2)
+
+
+def test_auto_generate_until_answers_as_mmlm_eval_auto(setup, model, docs, capsys):
+    from mmlm.eval.auto import cascade_row, score_budgets
+
+    root, qfile, data = setup
+    im = model.im
+    # `mmlm eval --num_vision_tokens auto --auto_threshold T --batch_size 3 --max_frames 2`'s answers (`run_auto`).
+    scored = score_budgets(im, prepare_questions(im, read_jsonl(qfile), data), (1, 4), batch_size=3,
+                           max_new_tokens=GREEDY["max_new_tokens"], max_frames=2)
+    media = [i for i, d in enumerate(docs) if d["kind"]]
+    threshold = _split_threshold(scored.conf[media, 0])
+    _, lines = cascade_row(scored, threshold)
+    chosen = {line["question_id"]: line["num_vision_tokens"] for line in lines}
+    assert {chosen[docs[i]["question_id"]] for i in media} == {1, 4}  # both budgets answer some questions
+
+    auto = _auto_model(root, f",auto_threshold={threshold}")
+    auto.task_dict = model.task_dict
+    assert (auto.auto_budgets, auto.auto_threshold, auto.num_vision_tokens) == ((1, 4), threshold, None)
+    out = auto.generate_until(_generate_requests(docs, GREEDY))
+    assert [o.strip() for o in out] == [line["text"] for line in lines]
+    # The same histogram over the requests with media (one without media: no vision tokens, counted as 0).
+    want = {m: sum(chosen[docs[i]["question_id"]] == m for i in media) for m in (1, 4)}
+    assert auto.budgets_used["generate_until"] == {**want, 0: len(docs) - len(media)}
+    assert "num_vision_tokens=auto (threshold" in capsys.readouterr().err
+
+    # loglikelihood: each continuation scored at the budget the cascade stops at for its context (the question as
+    # generate_until answers it), exactly the fixed-budget score there; the options of one context share it.
+    cases = [(i, cont) for i in media if docs[i]["kind"] == "image" for cont in (" red", " blue")]
+    requests = [_request("loglikelihood", (questions.doc_to_text(docs[i]), cont, questions.doc_to_visual, i, TASK,
+                                           "test"), i) for i, cont in cases]
+    requests.append(_request("loglikelihood", ("Say yes.", " yes"), 0))  # no media
+    scores = auto.loglikelihood(requests)
+    try:
+        for m in (1, 4):
+            model.num_vision_tokens = m
+            fixed = model.loglikelihood(requests)
+            for (i, _), got, ref in zip(cases, scores, fixed):
+                if chosen[docs[i]["question_id"]] == m:
+                    assert got[0] == pytest.approx(ref[0], abs=1e-5) and got[1] == ref[1]
+            assert scores[-1][0] == pytest.approx(fixed[-1][0], abs=1e-5)
+    finally:
+        model.num_vision_tokens = 1
+    images = sorted({i for i, _ in cases})
+    assert sum(auto.budgets_used["loglikelihood"].values()) == len(images)  # one cascade per context
+    assert auto.budgets_used["loglikelihood"] == {m: sum(chosen[docs[i]["question_id"]] == m for i in images)
+                                                  for m in (1, 4) if any(chosen[docs[i]["question_id"]] == m
+                                                                         for i in images)}
+
+
+def test_auto_calibrates_its_threshold_as_mmlm_eval(setup, model, tmp_path, capsys, monkeypatch):
+    from mmlm.eval.auto import calibrate
+
+    root, qfile, _ = setup
+    synthesize("shapes", tmp_path / "cal", 4, seed=21, split="train", progress=False)
+    cal = tmp_path / "cal" / "train_questions.jsonl"
+    # What `mmlm eval --calibration_data` fits (`run_auto`), with the lmms-eval model's batch size and answer length.
+    want = calibrate(model.im, prepare_questions(model.im, read_jsonl(cal), cal.parent), (1, 4), batch_size=3,
+                     max_new_tokens=GREEDY["max_new_tokens"])
+    monkeypatch.setenv(questions.QUESTIONS_ENV, str(qfile))  # the evaluated questions: checked disjoint
+    auto = _auto_model(root, f",calibration_data={cal},max_new_tokens={GREEDY['max_new_tokens']}")
+    assert auto.auto_threshold == want["threshold"] and 0 < want["threshold"] < 1
+    assert auto.calibration["questions"] == want["questions"] == 4
+    assert "calibrated on 4 questions" in capsys.readouterr().err
+
+
+def test_auto_mistakes_are_clear(setup, tmp_path, monkeypatch):
+    root, qfile, _ = setup
+    config = load_config(str(ROOT / "configs" / "tiny.py"))
+    config.model.compressor.budgets = ()  # one fixed budget: nothing to cascade over
+    save_model(str(tmp_path / "fixed"), random_params(model_config_from_dict(config.model), seed=5), config)
+    with pytest.raises(UserError, match="num_vision_tokens=auto needs a Matryoshka model"):
+        MMLM.create_from_arg_string(f"checkpoint={tmp_path / 'fixed'},num_vision_tokens=auto", {"batch_size": 1})
+    for bad in ("1.5", "0", "1", "-0.2", "nan"):
+        with pytest.raises(UserError, match="auto_threshold .*strictly between 0 and 1"):
+            _auto_model(root, f",auto_threshold={bad}")
+    with pytest.raises(UserError, match="auto_threshold='most' must be a number strictly between 0 and 1"):
+        _auto_model(root, ",auto_threshold=most")
+    with pytest.raises(UserError, match="go with num_vision_tokens=auto"):
+        MMLM.create_from_arg_string(f"checkpoint={root / 'ckpt'},num_vision_tokens=1,auto_threshold=0.5",
+                                    {"batch_size": 1})
+    with pytest.raises(UserError, match="not both"):
+        _auto_model(root, f",auto_threshold=0.5,calibration_data={qfile}")
+    with pytest.raises(UserError, match="does not exist"):
+        _auto_model(root, f",calibration_data={tmp_path / 'none.jsonl'}")
+    monkeypatch.setenv(questions.QUESTIONS_ENV, str(qfile))
+    with pytest.raises(UserError, match="overlap the evaluation questions"):
+        _auto_model(root, f",calibration_data={qfile}")  # calibrating on the questions being scored

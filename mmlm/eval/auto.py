@@ -16,8 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mmlm.errors import UserError
-from mmlm.eval.evaluate import (EvalQuestion, EvalResult, _load_batch, evaluate, plan_batches, prepare_questions,
-                                 read_jsonl)
+from mmlm.eval.evaluate import EvalQuestion, EvalResult, evaluate, plan_batches, prepare_questions, read_jsonl
 from mmlm.infer import cascade
 from mmlm.infer.loading import InferenceModel
 
@@ -41,6 +40,7 @@ def score_budgets(im: InferenceModel, questions: Sequence[EvalQuestion], budgets
     `evaluate` result of these questions at these budgets, reused instead of answering again)."""
     from mmlm.infer.batching import make_batch
     from mmlm.infer.generate import with_vision_features
+    from mmlm.infer.loading import load_media
 
     budgets = tuple(int(m) for m in budgets)
     ev = answered or evaluate(im, questions, budgets, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -50,7 +50,10 @@ def score_budgets(im: InferenceModel, questions: Sequence[EvalQuestion], budgets
     conf_of: dict[int, np.ndarray] = {}
     frames = max_frames or im.max_frames
     for chunk in plan_batches([q for q in answered], batch_size):  # the evaluator's batches and shapes
-        pixels = _load_batch(im, chunk, max_frames)
+        # Video files whole (not `_load_batch`'s streams, which the chunked generation reads): the confidence
+        # prefill takes every frame's tokens at once.
+        pixels = [q.pixels if q.pixels is not None or q.media is None else load_media(im, q.media, q.kind, max_frames)
+                  for q in chunk]
         video = chunk[0].kind == "video"
         batch = make_batch(im.cfg, [q.prompt for q in chunk], pixels, pad_id=im.tokenizer.pad_id, pad_len_to=16,
                            frames=frames if video else None, batch_size=batch_size)

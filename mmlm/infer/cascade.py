@@ -8,7 +8,8 @@ per image (`with_vision_features`): an escalation costs the LLM's prefill at the
 compressor's m query rows, the nested slice of the largest budget's output).
 
 The answer at the budget the cascade stops at is the fixed-budget answer at that budget: the same
-greedy generation (`mmlm.infer.generate.generate`) on the same batch.
+greedy generation (`mmlm.infer.generate.generate`) on the same batch. `cascade_stops` runs the cascade on
+a batch, `generate_cascade` answers a batch with it (`mmlm chat`, lmms-eval's `num_vision_tokens=auto`).
 
 `calibrate_threshold` picks the threshold on calibration questions (drawn from the training data,
 never the evaluation questions: `check_disjoint`), from the per-budget confidences and scores.
@@ -80,8 +81,8 @@ def confidences(cfg: ModelConfig, params: Any, batch: dict[str, Any], budgets: S
 
 def stop_index(conf: np.ndarray, threshold: float) -> np.ndarray:
     """Per row of `conf` (n, K): the first budget whose confidence reaches `threshold`, else the last (K-1)."""
-    conf = np.asarray(conf)
-    ok = conf >= threshold
+    conf = np.asarray(conf, np.float64)  # compared in float64 wherever the cascade runs (`cascade_stops`)
+    ok = conf >= float(threshold)
     ok[:, -1] = True
     return np.argmax(ok, axis=1)
 
@@ -153,6 +154,69 @@ def check_disjoint(calibration: Sequence[dict[str, Any]], evaluation: Sequence[d
                         "raw/train_questions.jsonl), never on the questions being scored")
 
 
+def cascade_stops(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshold: float,
+                  budgets: Sequence[int], rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The cascade on a batch: per row the index into `budgets` it stops at (B,), and the confidences it
+    saw (B, K) float64, NaN past each row's stop.
+
+    The batch should carry `vision_features` (`with_vision_features`: the vision tower once). The next
+    budget's prefill runs only while one of the first `rows` rows (default: all; the rest are padding)
+    is still below `threshold`; a row's stop is `stop_index` of its confidences.
+    """
+    params = nn.unbox(params)
+    b = int(np.asarray(batch["input_ids"]).shape[0])
+    n = b if rows is None else int(rows)
+    conf = np.full((b, len(budgets)), np.nan)
+    stop = np.full(b, len(budgets) - 1)
+    going = np.ones(b, bool)
+    for k, m in enumerate(budgets):
+        c = np.asarray(first_token_confidence(cfg, params, batch, int(m)), np.float64)
+        conf[going, k] = c[going]
+        done = going & (c >= float(threshold))
+        stop[done] = k
+        going &= ~done
+        if not going[:n].any():
+            break
+    return stop, conf
+
+
+def generate_cascade(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshold: float, *,
+                     budgets: Sequence[int] | None = None, rows: int | None = None, **generate_kwargs: Any
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Batched generation at the budget the cascade chooses per row.
+
+    Args:
+      batch: as `mmlm.infer.generate.generate` takes it (B rows, the first `rows` real).
+      threshold: first-token probability below which a row escalates to the next budget.
+      budgets: the cascade's budgets, smallest first (default `cascade_budgets(cfg)`).
+      generate_kwargs: `generate`'s other arguments (max_new_tokens, eos_id, temperature, rng, ...).
+
+    Returns:
+      tokens (B, max_new_tokens) and lengths (B,) as `generate` returns them, the budget each row
+      answered at (B,) (0 for a batch without media: the budget changes nothing, no cascade runs), and
+      the confidences seen (B, K), NaN past each row's stop.
+
+    The vision tower runs once; the batch is generated once per budget that one of its rows stops at, and
+    each row keeps the generation at its own budget: exactly the fixed-budget answer there.
+    """
+    from mmlm.infer.generate import generate, with_vision_features
+
+    budgets = tuple(int(m) for m in (budgets or cascade_budgets(cfg)))
+    b = int(np.asarray(batch["input_ids"]).shape[0])
+    if "images" not in batch:
+        tokens, lengths = generate(cfg, params, batch, **generate_kwargs)
+        return tokens, lengths, np.zeros(b, int), np.full((b, len(budgets)), np.nan)
+    batch = with_vision_features(cfg, params, batch)
+    stop, conf = cascade_stops(cfg, params, batch, threshold, budgets, rows)
+    tokens = lengths = None
+    for k in sorted(set(stop[: b if rows is None else int(rows)].tolist())):  # padding rows: any answer
+        t, n = generate(cfg, params, batch, num_vision_tokens=budgets[k], **generate_kwargs)
+        if tokens is None:
+            tokens, lengths = t.copy(), n.copy()
+        tokens[stop == k], lengths[stop == k] = t[stop == k], n[stop == k]
+    return tokens, lengths, np.asarray(budgets)[stop], conf
+
+
 def choose_budget(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshold: float,
                   budgets: Sequence[int] | None = None) -> tuple[int, list[float]]:
     """For a one-row batch (a chat turn): the budget the cascade answers at and the confidences it saw
@@ -161,12 +225,9 @@ def choose_budget(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshol
 
     budgets = tuple(budgets or cascade_budgets(cfg))
     batch = with_vision_features(cfg, params, batch)
-    seen: list[float] = []
-    for m in budgets:
-        seen.append(float(np.asarray(first_token_confidence(cfg, nn.unbox(params), batch, int(m)))[0]))
-        if seen[-1] >= threshold:
-            return int(m), seen
-    return int(budgets[-1]), seen
+    stop, conf = cascade_stops(cfg, params, batch, threshold, budgets)
+    k = int(stop[0])
+    return int(budgets[k]), [float(c) for c in conf[0, : k + 1]]
 
 
 def chat_budget(im: Any, pixels: np.ndarray, question: str, history: Sequence[tuple[str, str]],

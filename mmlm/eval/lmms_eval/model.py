@@ -1,4 +1,4 @@
-"""The `mmlm` model for lmms-eval: any mmlm checkpoint at one vision-token budget.
+"""The `mmlm` model for lmms-eval: any mmlm checkpoint at one vision-token budget, or `auto`.
 
     python -m lmms_eval --model mmlm --model_args workdir=W,num_vision_tokens=4 --tasks gqa,pope --batch_size 16
 
@@ -10,8 +10,9 @@ as `mmlm chat --weights`), `max_frames=N` (video frame cap; default: the
 model's), `batch_size=N` (or lmms-eval's `--batch_size`), `max_new_tokens=N`
 (when a task sets none; default 128), `seed=N` (sampling), `tokenizer=`,
 `template=` (for checkpoints without data settings), `multi_image=frames` (see
-below). A mistake raises
-`mmlm.errors.UserError` naming the argument before any weights load.
+below), `num_vision_tokens=auto` with `auto_threshold=T` or
+`calibration_data=FILE` (`calibration_images=DIR`) (see below). A mistake
+raises `mmlm.errors.UserError` naming the argument before any weights load.
 
 Requests are answered in batches of `batch_size`, grouped by media kind and
 prompt length and padded to fixed shapes (prompt length to a multiple of 16,
@@ -34,6 +35,28 @@ the continuation's leading whitespace is dropped): one forward pass over
 prompt + continuation, the summed log-probabilities of the continuation's
 tokens and whether each is the argmax.
 
+`num_vision_tokens=auto` (a Matryoshka model only): the confidence cascade of
+`mmlm chat` / `mmlm eval --num_vision_tokens auto` (`mmlm.infer.cascade`)
+chooses the budget per request: the smallest budget answers unless the
+probability of its greedy first answer token is below the threshold, then the
+next one. The threshold is `auto_threshold=T` (strictly between 0 and 1;
+default 0.5), or calibrated at start-up on `calibration_data=FILE` (questions
+drawn from the training data, in `mmlm eval`'s JSONL format, media under
+`calibration_images=DIR`, default the file's directory) exactly as `mmlm eval
+--calibration_data` calibrates it (`mmlm.eval.auto.calibrate`); calibration
+questions that overlap the shipped `mmlm_questions` task's file
+(`MMLM_QUESTIONS`) are refused. `generate_until` runs
+`mmlm.infer.cascade.generate_cascade`: the vision tower once per batch, one
+first-token prefill per budget tried, and each answer is the fixed-budget
+answer at the budget its request stopped at (a sampled request chooses its
+budget by the greedy first token's probability, then samples there).
+`loglikelihood` scores a continuation at the budget the cascade stops at for
+its context (the same prompt and image `generate_until` would answer): the
+budget depends on the question, not on the continuation being scored, so the
+options of a multiple-choice question are compared at one budget. Requests
+without media have no vision tokens and no cascade. The budgets used are
+counted per request type in `MMLM.budgets_used` and logged after each call.
+
 Several processes (lmms-eval's `accelerate launch` / `torchrun`, one per host
 or per accelerator): lmms-eval gives each rank its share of the documents;
 each process answers its share on one local JAX device (`LOCAL_RANK` picks
@@ -42,9 +65,11 @@ it), on whatever backend JAX has (CPU, GPU, TPU).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -59,7 +84,8 @@ from mmlm.errors import UserError
 DEFAULT_MAX_NEW_TOKENS = 128
 PAD_LEN_TO = 16  # prompt lengths are rounded up to a multiple of this (fewer compiled shapes)
 MODEL_ARGS = ("workdir", "checkpoint", "step", "num_vision_tokens", "weights", "max_frames", "batch_size",
-              "max_new_tokens", "seed", "tokenizer", "template", "multi_image")
+              "max_new_tokens", "seed", "tokenizer", "template", "multi_image", "auto_threshold", "calibration_data",
+              "calibration_images")
 MULTI_IMAGE = ("error", "frames")  # several images in one request: refuse, or read them as a video's frames
 _HARNESS_ARGS = ("max_batch_size", "device")  # lmms-eval passes these to every model; mmlm does not need them
 
@@ -76,21 +102,63 @@ def _positive_int(name: str, value: Any, allow_none: bool = True) -> int | None:
     return n
 
 
-def check_budget_early(source: str, num_vision_tokens: Any) -> int | None:
-    """The budget from config.json alone (before the weights load): the model's default for None."""
+def _config_early(source: str) -> Any:
+    """The model config from config.json alone (before the weights load)."""
     from mmlm.checkpoint import load_config_json
     from mmlm.models.config import model_config_from_dict
 
-    m = _positive_int("num_vision_tokens", num_vision_tokens)
     try:
-        cfg = model_config_from_dict(load_config_json(source).model)
+        return model_config_from_dict(load_config_json(source).model)
     except FileNotFoundError as e:
         raise UserError(f"mmlm model args: {e}") from None
+
+
+def check_budget_early(source: str, num_vision_tokens: Any) -> int | None:
+    """The budget from config.json alone (before the weights load): the model's default for None."""
+    m = _positive_int("num_vision_tokens", num_vision_tokens)
+    cfg = _config_early(source)
     try:
         return cfg.check_budget(m)
     except ValueError as e:
         raise UserError(f"mmlm model args: num_vision_tokens={num_vision_tokens}: {e}. "
                         f"Supported budgets: {list(cfg.supported_budgets)}") from None
+
+
+def check_auto_early(source: str, auto_threshold: Any, calibration_data: Any, calibration_images: Any
+                     ) -> tuple[tuple[int, ...], float | None, list[dict[str, Any]] | None]:
+    """`num_vision_tokens=auto`'s arguments, checked before the weights load, as `mmlm eval` checks them:
+    (the cascade's budgets, the threshold given or None, the calibration questions or None)."""
+    from mmlm.eval.evaluate import read_jsonl
+    from mmlm.eval.lmms_eval.questions import QUESTIONS_ENV
+    from mmlm.infer import cascade
+
+    try:
+        budgets = cascade.cascade_budgets(_config_early(source))
+    except UserError as e:
+        raise UserError(f"mmlm model args: {e}") from None
+    if auto_threshold is not None and calibration_data is not None:
+        raise UserError("mmlm model args: give auto_threshold= or calibration_data= (which calibrates the "
+                        "threshold), not both")
+    if calibration_images is not None and calibration_data is None:
+        raise UserError("mmlm model args: calibration_images= is the media root of calibration_data=; "
+                        "give calibration_data= too")
+    threshold = None
+    if auto_threshold is not None:
+        try:
+            value = float(auto_threshold)
+        except (TypeError, ValueError):
+            raise UserError(f"mmlm model args: auto_threshold={auto_threshold!r} must be a number strictly between "
+                            "0 and 1, e.g. 0.5") from None
+        threshold = cascade.check_threshold(value, flag="mmlm model args: auto_threshold")
+    calibration = None
+    if calibration_data is not None:
+        calibration = read_jsonl(str(calibration_data))
+        if calibration_images is not None and not os.path.isdir(str(calibration_images)):
+            raise UserError(f"mmlm model args: calibration_images={str(calibration_images)!r} is not a directory")
+        evaluated = os.environ.get(QUESTIONS_ENV)  # the mmlm_questions task's questions, when it is the task
+        if evaluated and os.path.isfile(evaluated):
+            cascade.check_disjoint(calibration, read_jsonl(evaluated))
+    return budgets, threshold, calibration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +255,8 @@ class _Row:
     labels: list[int] | None = None  # loglikelihood: continuation ids at their positions, else IGNORE_INDEX
     settings: GenerationSettings | None = None  # generate_until
     until: tuple[str, ...] = ()
+    prompt: list[int] | None = None  # loglikelihood with num_vision_tokens=auto: the context as a question
+    context: Any = None  # loglikelihood with auto: what identifies the context and its visual (its cascade)
 
 
 class MMLM(lmms):
@@ -209,8 +279,10 @@ class MMLM(lmms):
                  num_vision_tokens: int | None = None, weights: str = "float", max_frames: int | None = None,
                  batch_size: int | str = 1, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, seed: int = 0,
                  tokenizer: str | None = None, template: str | None = None, multi_image: str = "error",
-                 **harness: Any) -> None:
+                 auto_threshold: float | None = None, calibration_data: str | None = None,
+                 calibration_images: str | None = None, **harness: Any) -> None:
         super().__init__()
+        from mmlm.infer import cascade
         from mmlm.infer.loading import load_inference_model
         from mmlm.models.quant import WEIGHT_FORMATS
 
@@ -242,7 +314,18 @@ class MMLM(lmms):
             raise UserError(f"mmlm model args: step={step!r} must be a checkpoint step (an integer >= 0)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise UserError(f"mmlm model args: seed={seed!r} must be an integer")
-        self.num_vision_tokens = check_budget_early(source, num_vision_tokens)
+        # num_vision_tokens=auto: the cascade's budgets (None: one fixed budget, `num_vision_tokens`).
+        self.auto_budgets: tuple[int, ...] | None = None
+        calibration = None
+        if cascade.is_auto(num_vision_tokens):
+            self.auto_budgets, threshold, calibration = check_auto_early(source, auto_threshold, calibration_data,
+                                                                         calibration_images)
+            self.num_vision_tokens = None
+        else:
+            if auto_threshold is not None or calibration_data is not None or calibration_images is not None:
+                raise UserError("mmlm model args: auto_threshold=, calibration_data= and calibration_images= go "
+                                "with num_vision_tokens=auto")
+            self.num_vision_tokens = check_budget_early(source, num_vision_tokens)
         im = load_inference_model(workdir=None if workdir is None else source,
                                   checkpoint=None if checkpoint is None else source, step=step,
                                   tokenizer=tokenizer, template=template, weights=weights)
@@ -254,6 +337,42 @@ class MMLM(lmms):
         self.im = dataclasses.replace(im, params=jax.device_put(im.params, self.jax_device))
         self._rng = jax.random.fold_in(jax.random.PRNGKey(seed), self._rank)
         self._batches = 0
+        # Requests (generate_until) or distinct contexts (loglikelihood) per budget used; 0: no media.
+        self.budgets_used: dict[str, collections.Counter] = {}
+        self.auto_threshold: float | None = None
+        self.calibration: dict[str, Any] | None = None
+        if self.auto_budgets is not None:
+            self.auto_threshold = cascade.DEFAULT_THRESHOLD if threshold is None else threshold
+            if calibration is not None:
+                self._calibrate(calibration, str(calibration_data), calibration_images)
+
+    def _calibrate(self, rows: list[dict[str, Any]], path: str, images: str | None) -> None:
+        """The threshold calibrated on `rows` as `mmlm eval --calibration_data` does (`mmlm.eval.auto.calibrate`)."""
+        from mmlm.eval.auto import calibrate
+        from mmlm.eval.evaluate import prepare_questions
+
+        root = images or os.path.dirname(os.path.abspath(path))
+        cal = calibrate(self.im, prepare_questions(self.im, rows, root), self.auto_budgets,
+                        batch_size=self.batch_size, max_new_tokens=self.default_max_new_tokens)
+        self.auto_threshold = float(cal["threshold"])
+        self.calibration = {**cal, "data": os.path.abspath(path)}
+        self._log(f"num_vision_tokens=auto: threshold {self.auto_threshold:g} calibrated on {cal['questions']} "
+                  f"questions of {path}")
+
+    def _log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[mmlm] {message}", file=sys.stderr)
+
+    def _count_budgets(self, request_type: str, used: Sequence[int]) -> None:
+        """Adds `used` (budgets, 0 for no media) to `budgets_used` and logs this call's histogram."""
+        counts = collections.Counter(int(m) for m in used)
+        self.budgets_used.setdefault(request_type, collections.Counter()).update(counts)
+        media = {m: c for m, c in sorted(counts.items()) if m}
+        n = sum(media.values())
+        mean = sum(m * c for m, c in media.items()) / max(n, 1)
+        self._log(f"num_vision_tokens=auto (threshold {self.auto_threshold:g}, budgets {list(self.auto_budgets)}): "
+                  f"{request_type} {'requests' if request_type == 'generate_until' else 'contexts'} per budget "
+                  f"{media}, mean {mean:.2f} vision tokens" + (f"; {counts[0]} without media" if counts[0] else ""))
 
     # ------------------------------------------------------------------ harness properties
 
@@ -393,6 +512,7 @@ class MMLM(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Answers, one per request, in request order (module docstring)."""
+        from mmlm.infer.cascade import generate_cascade
         from mmlm.infer.generate import generate, trim_answer
 
         rows = []
@@ -404,16 +524,21 @@ class MMLM(lmms):
             rows.append(_Row(i, where, kind, visual, self._prompt_ids(context, kind is not None, where),
                              settings=settings, until=until))
         results: list[str] = [""] * len(rows)
+        used: list[int] = []
         bar = self._progress(len(rows), "mmlm generate_until")
         for chunk in self._batches_of(rows, key=lambda r: (r.kind or "", r.settings)):
             s = chunk[0].settings
             batch = self._make_batch(chunk, with_fuse=False)
             self._batches += 1
-            tokens, lengths = generate(self.im.cfg, self.im.params, batch, max_new_tokens=s.max_new_tokens,
-                                       eos_id=self.im.stop_ids, num_vision_tokens=self.num_vision_tokens,
-                                       temperature=s.temperature, top_p=s.top_p,
-                                       rng=jax.random.fold_in(self._rng, self._batches),
-                                       pad_id=self.im.tokenizer.pad_id)
+            kw = dict(max_new_tokens=s.max_new_tokens, eos_id=self.im.stop_ids, temperature=s.temperature,
+                      top_p=s.top_p, rng=jax.random.fold_in(self._rng, self._batches), pad_id=self.im.tokenizer.pad_id)
+            if self.auto_budgets is None:
+                tokens, lengths = generate(self.im.cfg, self.im.params, batch, num_vision_tokens=self.num_vision_tokens,
+                                           **kw)
+            else:
+                tokens, lengths, budget, _ = generate_cascade(self.im.cfg, self.im.params, batch, self.auto_threshold,
+                                                              budgets=self.auto_budgets, rows=len(chunk), **kw)
+                used += budget[: len(chunk)].tolist()
             for j, row in enumerate(chunk):
                 text = self.im.tokenizer.decode(trim_answer(tokens[j], lengths[j]))
                 results[row.index] = cut_at_stop_strings(text, row.until)
@@ -421,6 +546,8 @@ class MMLM(lmms):
                                             results[row.index])
             bar.update(len(chunk))
         bar.close()
+        if self.auto_budgets is not None and rows:
+            self._count_budgets("generate_until", used)
         return results
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -428,6 +555,7 @@ class MMLM(lmms):
         rows = []
         for i, req in enumerate(requests):
             args = req.args
+            key = None
             if len(args) == 2:  # unconditional scoring (acc_mutual_info): no media
                 (context, continuation), kind, visual = args, None, None
                 where = f"request {i}"
@@ -436,25 +564,52 @@ class MMLM(lmms):
                 where = f"task {task!r} document {doc_id}"
                 continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
                 kind, visual = self._visual(doc_to_visual, task, split, doc_id, where)
+                key = (task, split, doc_id, context)
             ids, fuse, labels = self._scored_ids(context, str(continuation), kind is not None, where)
-            rows.append(_Row(i, where, kind, visual, ids, fuse=fuse, labels=labels))
+            prompt = None
+            if self.auto_budgets is not None and kind is not None:  # the cascade runs on the context alone
+                prompt = self._prompt_ids(context, True, where)
+            rows.append(_Row(i, where, kind, visual, ids, fuse=fuse, labels=labels, prompt=prompt, context=key))
+        budget = self._context_budgets(rows) if self.auto_budgets is not None else {}
         results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
         bar = self._progress(len(rows), "mmlm loglikelihood")
-        for chunk in self._batches_of(rows, key=lambda r: r.kind or ""):
+        for chunk in self._batches_of(rows, key=lambda r: (r.kind or "", budget.get(r.index, 0))):
             batch = self._make_batch(chunk, with_fuse=True)
             labels = np.full(batch["input_ids"].shape, IGNORE_INDEX, np.int32)
             for j, row in enumerate(chunk):
                 labels[j, : len(row.labels)] = row.labels
             longest = max(sum(1 for t in r.labels if t != IGNORE_INDEX) for r in chunk)
             k = max(8, -(-longest // 8) * 8)  # a few compiled sizes, not one per continuation length
-            total, greedy = continuation_scores(self.im.cfg, self.im.params, batch, labels,
-                                                num_vision_tokens=self.num_vision_tokens, k=k)
+            m = budget.get(chunk[0].index) or self.num_vision_tokens  # auto: the budget of the contexts' cascade
+            total, greedy = continuation_scores(self.im.cfg, self.im.params, batch, labels, num_vision_tokens=m, k=k)
             total, greedy = np.asarray(total), np.asarray(greedy)
             for j, row in enumerate(chunk):
                 results[row.index] = (float(total[j]), bool(greedy[j]))
             bar.update(len(chunk))
         bar.close()
         return results
+
+    def _context_budgets(self, rows: Sequence[_Row]) -> dict[int, int]:
+        """num_vision_tokens=auto for `loglikelihood`: row index -> the budget the cascade stops at for the
+        row's context (its prompt and visual, as `generate_until` would answer it); rows with one
+        context share its cascade. Rows without media are left out (no vision tokens)."""
+        from mmlm.infer.cascade import cascade_stops
+        from mmlm.infer.generate import with_vision_features
+
+        contexts: dict[Any, _Row] = {}  # (task, split, doc_id, context) -> the context as a question
+        for row in rows:
+            if row.kind is not None:
+                contexts.setdefault(row.context, _Row(len(contexts), row.where, row.kind, row.visual, row.prompt))
+        chosen: dict[int, int] = {}
+        for chunk in self._batches_of(list(contexts.values()), key=lambda r: r.kind):
+            batch = with_vision_features(self.im.cfg, self.im.params, self._make_batch(chunk, with_fuse=False))
+            stop, _ = cascade_stops(self.im.cfg, self.im.params, batch, self.auto_threshold, self.auto_budgets,
+                                    rows=len(chunk))
+            for j, c in enumerate(chunk):
+                chosen[c.index] = self.auto_budgets[int(stop[j])]
+        if contexts:
+            self._count_budgets("loglikelihood", list(chosen.values()))
+        return {row.index: chosen[contexts[row.context].index] for row in rows if row.kind is not None}
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise UserError("mmlm does not implement lmms-eval's multi-round generation (generate_until_multi_round); "
