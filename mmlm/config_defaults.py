@@ -1,7 +1,9 @@
 """Default config sections shared by the files in `configs/`.
 
-Every knob the code reads is defined here with its meaning and units; the
-experiment files in `configs/` start from these and override what differs.
+Every knob the code reads is defined here with its meaning and units (the
+data section's in `mmlm.data.config.default_data_config`); the experiment files
+in `configs/` start from these and override what differs. The typed sections
+that the code reads are built from them by their owners (`mmlm.train.config`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ class UserError(Exception):
     """A user-facing error: printed by the CLI without a traceback (exit status 2)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A mistake in a config file or a `--config.a.b=value` override (a `UserError`)."""
+
+
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 

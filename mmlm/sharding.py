@@ -22,6 +22,7 @@ replicated along that axis instead, logged once per parameter and axis.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any, Mapping, Sequence
@@ -33,6 +34,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmlm.config_utils import ConfigError
 from mmlm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -232,6 +234,51 @@ def mesh_config_from(config: ml_collections.ConfigDict) -> Mapping[str, int]:
 
 
 MESH_OPTIONS = ("allow_replicated_fallback",)  # keys of config.mesh that are not axes
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The typed `config.mesh` (defaults and meanings: `mmlm.config_defaults.mesh_config`).
+
+    Axis sizes are devices along `data` / `fsdp` / `tensor`; one may be -1 (the
+    remaining devices). An axis or option missing from a section (a config
+    saved before it existed) reads as 1 / False.
+    """
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    allow_replicated_fallback: bool = False
+
+    @classmethod
+    def from_config(cls, section: ml_collections.ConfigDict | Mapping[str, Any]) -> "MeshConfig":
+        """Checks the keys, the option types and the axis sizes; a `ConfigError` names the key."""
+        unknown = sorted(set(section.keys()) - set(MESH_AXES) - set(MESH_OPTIONS))
+        if unknown:
+            raise ConfigError(f"config.mesh has unknown axes {unknown}; the axes are {list(MESH_AXES)} (options: "
+                              f"{list(MESH_OPTIONS)})")
+        for option in MESH_OPTIONS:
+            if option in section and not isinstance(section[option], bool):
+                raise ConfigError(f"config.mesh.{option} must be True or False, got {section[option]!r}")
+        for axis in MESH_AXES:
+            value = section.get(axis, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+                raise ConfigError(f"config.mesh.{axis} must be a positive integer or -1 (the remaining devices), "
+                                  f"got {value!r}")
+        return cls(**{a: int(section.get(a, 1)) for a in MESH_AXES},
+                   allow_replicated_fallback=bool(section.get("allow_replicated_fallback", False)))
+
+    @property
+    def axes(self) -> dict[str, int]:
+        """{axis: size} as written (-1 unresolved), what `mesh_shape` and `make_mesh` take."""
+        return {a: getattr(self, a) for a in MESH_AXES}
+
+    def shape(self, num_devices: int) -> dict[str, int]:
+        """Axis sizes on `num_devices` devices; a `ConfigError` when they cannot multiply to it."""
+        try:
+            return mesh_shape(self.axes, num_devices)
+        except ValueError as e:
+            raise ConfigError(f"config.mesh: {e}") from None
 
 
 def allow_replicated_fallback(config: ml_collections.ConfigDict) -> bool:

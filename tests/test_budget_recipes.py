@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from mmlm.config_utils import ConfigError, load_config, validate_config
+from mmlm.config_utils import ConfigError, load_config
+from mmlm.train.config import validate_config
 from mmlm.models.flops import train_step_flops
 from mmlm.train import trainer
 from mmlm.train.recipe import MatryoshkaRecipe, distill_kl_sum, recipe_from_config, train_run_flops

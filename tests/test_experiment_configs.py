@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mmlm.config_utils import ConfigError, load_config, load_config_module, split_row, validate_config
+from mmlm.config_utils import ConfigError, load_config, load_config_module, split_row
+from mmlm.train.config import validate_config
 from mmlm.models.config import model_config_from_dict
 
 STUDY_DIR = Path(__file__).resolve().parents[1] / "configs" / "experiments"
@@ -76,7 +77,8 @@ def test_row_syntax_in_the_cli(capsys, tmp_path):
 
 def test_bench_flops_resolves_a_study_row():
     """`mmlm bench flops --config experiments/prefusion.py:pf2_t1` finds the file under configs/ and keeps the row."""
-    from mmlm.bench.flops import load_model_config, resolve_config_path
+    from mmlm.bench.flops import load_model_config
+    from mmlm.configs import resolve_config_path
 
     assert resolve_config_path("experiments/prefusion.py:pf2_t1").endswith("configs/experiments/prefusion.py:pf2_t1")
     assert load_model_config("experiments/prefusion.py:pf2_t1").prefusion_layers == 2

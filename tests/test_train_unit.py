@@ -188,7 +188,8 @@ def test_matryoshka_loss_all_trains_the_mean_of_every_budget(stage2):
 
 
 def test_matryoshka_loss_all_is_set_by_the_config_and_counted_in_flops():
-    from mmlm.config_utils import ConfigError, validate_config
+    from mmlm.config_utils import ConfigError
+    from mmlm.train.config import validate_config
     from mmlm.models.flops import train_step_flops
 
     config = tiny("--config.train.matryoshka_loss=all")

@@ -96,7 +96,8 @@ def test_data_normalisation_follows_the_model_or_is_refused():
     (e.g. a hand-edited config.json) is refused by the validator."""
     import ml_collections
 
-    from mmlm.config_utils import ConfigError, load_config, validate_config
+    from mmlm.config_utils import ConfigError, load_config
+    from mmlm.train.config import validate_config
 
     config = load_config(TINY, ["--config.data.image_std=(0.5,0.5,0.5)"])
     assert config.model.image_std == config.data.image_std == (0.5, 0.5, 0.5)
@@ -314,6 +315,7 @@ def test_data_build_reports_an_image_path_that_is_a_directory(capsys, tmp_path):
 @pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py")))
 def test_every_shipped_config_passes_validation(path):
     """Each config in configs/ is valid as shipped, on one device (so new config keys reach the validator)."""
-    from mmlm.config_utils import load_config, validate_config
+    from mmlm.config_utils import load_config
+    from mmlm.train.config import validate_config
 
     validate_config(load_config(path), num_devices=1)

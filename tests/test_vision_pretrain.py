@@ -12,7 +12,7 @@ from PIL import Image
 
 from mmlm.config_utils import load_config
 from mmlm.data import synth
-from mmlm.config_utils import validate_config
+from mmlm.train.config import validate_config
 from mmlm.errors import UserError
 from mmlm.models.config import model_config_from_dict
 from mmlm.models.llava_mini import LlavaMini

@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mmlm.bench.flops import resolve_config_path
+    from mmlm.configs import resolve_config_path
 
     s = parse_topology(args.topology)
     if args.what != "infer" and args.weights != "float":

@@ -65,7 +65,6 @@ import argparse
 import dataclasses
 import functools
 import math
-import os
 import re
 import sys
 import textwrap
@@ -77,6 +76,7 @@ import jax.numpy as jnp
 
 from mmlm.cli_common import number, print_report
 from mmlm.config_utils import load_config, split_config_overrides
+from mmlm.configs import resolve_config_path
 from mmlm.models.compressor import make_compressor
 from mmlm.models.config import ModelConfig, model_config_from_dict
 from mmlm.models.flops import (  # noqa: F401 - the analytic count, re-exported for callers of this module
@@ -90,7 +90,6 @@ from mmlm.models.summary import dummy_batch
 from mmlm.models.vit import VisionTower, VitBlock
 
 DEFAULT_TEXT_TOKENS = 43
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 
 # ----------------------------------------------------------------------------- XLA
@@ -422,27 +421,6 @@ def _print_table(name: str, r: dict[str, Any]) -> None:
     print(f"LM head: {r['assumptions']['lm_head']}")
     print(f"the paper's rule (2 x params x tokens, full tower): {r['assumptions']['paper_rule_total'] / scale:.4f} "
           f"{unit}")
-
-
-def resolve_config_path(name: str) -> str:
-    """A config file path, or a bare name looked up in the repository's configs/ directory.
-
-    A `FILE.py:ROW` (a study row, `configs/experiments/`) keeps its row: the
-    file is resolved and `:ROW` re-attached for `load_config`.
-    """
-    from mmlm.config_utils import split_row
-
-    if os.path.isfile(name):
-        return name
-    file, row = split_row(name)
-    suffix = "" if row is None else f":{row}"
-    if os.path.isfile(file):
-        return file + suffix
-    for candidate in (os.path.join("configs", file), os.path.join(CONFIG_DIR, file)):
-        for path in (candidate, candidate + ".py"):
-            if os.path.isfile(path):
-                return path + suffix
-    raise FileNotFoundError(f"no config {name!r}: pass a file (configs/tiny.py) or a name in {CONFIG_DIR}")
 
 
 def load_model_config(name: str, overrides: Sequence[str] = ()) -> ModelConfig:

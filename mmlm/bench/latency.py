@@ -152,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from mmlm.bench.video_memory import baseline_of, resolve_config_path
+    from mmlm.bench.video_memory import baseline_of
+    from mmlm.configs import resolve_config_path
     from mmlm.config_utils import load_config, split_config_overrides
     from mmlm.models.config import model_config_from_dict
 

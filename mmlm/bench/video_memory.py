@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from typing import Any, Sequence
 
@@ -40,19 +39,6 @@ from mmlm.models.config import ModelConfig
 from mmlm.models.llama import LlamaModel, init_cache
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.safe_io import write_text_atomic
-
-
-def resolve_config_path(name: str) -> str:
-    """A config file path, or a bare name under configs/ (`llava_mini_vicuna7b` -> configs/llava_mini_vicuna7b.py)."""
-    if os.path.isfile(name):
-        return name
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for candidate in (os.path.join("configs", name), os.path.join("configs", name + ".py"),
-                      os.path.join(here, "configs", name), os.path.join(here, "configs", name + ".py")):
-        if os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError(f"no config {name!r}: pass a file (configs/tiny.py) or a name under configs/ "
-                            "(e.g. llava_mini_vicuna7b)")
 
 
 def baseline_of(cfg: ModelConfig) -> ModelConfig:
@@ -179,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from mmlm.config_utils import load_config, split_config_overrides
+    from mmlm.configs import resolve_config_path
     from mmlm.models.config import model_config_from_dict
 
     rest, overrides = split_config_overrides(argv)

@@ -14,15 +14,20 @@ n >= 2 is LLaVA-Mini-HD's n x n grid of crops plus the whole image, and 1
 means no HD (a 1 x 1 grid is the whole image). Configs written before this
 convention used 0 for "no HD" in `config.data`; `hd_grid_value` reads that 0
 as 1, so their saved config.json files keep loading.
+
+`DataConfig.from_config` is the typed, validated section (the data package
+owns its checks); `check_synthetic_section` checks `config.synthetic`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
 
-from mmlm.pixels import CLIP_MEAN, CLIP_STD
+from mmlm.config_utils import MAX_SEED, ConfigError, check_number, section_with_defaults, typed_fields
+from mmlm.pixels import CLIP_MEAN, CLIP_STD, check_mean_std
 from mmlm.errors import UserError
 from mmlm.data.tokenizer import TINY_TOKENIZER_PATH
 
@@ -129,3 +134,92 @@ def hd_grid_value(value: Any, key: str = "data.hd_grid") -> int:
         raise UserError(f"{key}={value!r} is not a valid HD grid: use an integer n >= 1 "
                         "(1 = no HD, n >= 2 = n x n crops plus the whole image)")
     return max(int(value), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The typed `config.data`: one field per key of `default_data_config` (meanings and units there).
+
+    Built by `from_config`, which checks every field; the buckets are sorted.
+    """
+
+    dataset_dir: str
+    train_split: str
+    eval_split: str
+    template: str
+    system_prompt: str | None
+    tokenizer: str
+    max_text_len: int
+    length_buckets: tuple[int, ...]
+    batch_size: int
+    eval_batch_size: int
+    image_size: int | None
+    hd_grid: int | None
+    max_frames: int
+    frame_buckets: tuple[int, ...]
+    video_fps: float
+    video_chunk_frames: int
+    prefill_chunk_tokens: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    pixels_on_device: bool
+    seed: int
+    shuffle: bool
+    num_epochs: int | None
+    worker_count: int
+    worker_buffer_size: int
+    read_threads: int
+    prefetch_buffer_size: int
+    cache_examples: bool
+    with_stats: bool
+
+    @classmethod
+    def from_config(cls, section: ml_collections.ConfigDict) -> "DataConfig":
+        """Checks `config.data` (fields it lacks take their defaults); a `ConfigError` names the key.
+
+        What depends on other sections (the batch against processes, gradient
+        accumulation and the mesh; the pixel constants against the model's) is
+        checked by `mmlm.train.config.validate_config`.
+        """
+        d = section_with_defaults(section, default_data_config())
+        w = "config.data"
+        check_number(d, "batch_size", where=w, low=1)
+        check_number(d, "eval_batch_size", where=w, low=0, hint="0 means data.batch_size")
+        check_number(d, "max_text_len", where=w, low=2)
+        check_number(d, "max_frames", where=w, low=1)
+        check_number(d, "video_fps", where=w, kind=float, low=0, low_open=True)
+        check_number(d, "seed", where=w, low=0, high=MAX_SEED)
+        if d.num_epochs is not None:
+            check_number(d, "num_epochs", where=w, low=1, hint="None repeats forever")
+        for key in ("worker_buffer_size", "video_chunk_frames", "prefill_chunk_tokens", "read_threads"):
+            check_number(d, key, where=w, low=1)
+        for key in ("worker_count", "prefetch_buffer_size"):
+            check_number(d, key, where=w, low=0)
+        if d.image_size is not None:
+            check_number(d, "image_size", where=w, low=1)
+        if d.hd_grid is not None:
+            check_number(d, "hd_grid", where=w, low=0)
+        try:
+            check_mean_std(d.image_mean, d.image_std, w)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        from mmlm.data.pipeline import frame_buckets, length_buckets, pixels_on_device  # it imports this module
+        from mmlm.data.templates import TEMPLATES
+
+        fields = typed_fields(cls, d)
+        # UserErrors naming the key
+        fields.update(length_buckets=length_buckets(d), frame_buckets=frame_buckets(d),
+                      pixels_on_device=pixels_on_device(d))
+        if d.template not in TEMPLATES:
+            raise ConfigError(f"config.data.template={d.template!r} is not a template; choose one of {list(TEMPLATES)}")
+        fields.update(image_mean=tuple(map(float, d.image_mean)), image_std=tuple(map(float, d.image_std)))
+        return cls(**fields)
+
+
+def check_synthetic_section(section: ml_collections.ConfigDict) -> None:
+    """`config.synthetic` (a dataset rendered on first use, `mmlm.data.synth`): sizes and seed."""
+    w = "config.synthetic"
+    for key in ("num_train", "num_eval", "questions_per_image"):
+        check_number(section, key, where=w, low=1)
+    check_number(section, "seed", where=w, low=0, high=MAX_SEED)
+    check_number(section, "image_size", where=w, low=0, hint="0 means the synthesiser's default")

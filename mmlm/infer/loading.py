@@ -99,10 +99,10 @@ def load_inference_model(*, workdir: str | None = None, checkpoint: str | None =
 def check_model_section(config: ml_collections.ConfigDict, source: str) -> None:
     """The saved model config passes the trainer's checks (types, ranges: e.g. a hand-edited norm eps of 0,
     which would make every answer NaN); a `UserError` naming the file and the key otherwise."""
-    from mmlm.config_utils import ConfigError, validate_config
+    from mmlm.config_utils import ConfigError
 
     try:
-        validate_config(ml_collections.ConfigDict({"model": config.model.to_dict()}))
+        ModelConfig.from_config(ml_collections.ConfigDict(config.model.to_dict()))
     except ConfigError as e:
         raise UserError(f"{os.path.join(source, 'config.json')}: {e}") from None
 

@@ -3,18 +3,21 @@
 Flax modules take these frozen dataclasses (not ConfigDicts) so they can be
 hashed by `nn.scan`/`jax.jit` and read without string lookups. Field meanings
 are documented where the ConfigDict is built (`mmlm/config_defaults.py`,
-`model_config` and the sections it assembles).
+`model_config` and the sections it assembles). `ModelConfig.from_config`
+validates the section (types, ranges, divisibility) with messages naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
 
 from mmlm import IMAGE_TOKEN_ID
+from mmlm.config_utils import ConfigError, check_number
 from mmlm.pixels import CLIP_MEAN, CLIP_STD, check_mean_std
 
 MODES = ("llava_mini", "llava15")
@@ -186,6 +189,11 @@ class ModelConfig:
                     f"Matryoshka budget {b} is outside 1..{self.compressor.tokens} "
                     "(model.compressor.tokens)")
 
+    @classmethod
+    def from_config(cls, section: ml_collections.ConfigDict | dict) -> "ModelConfig":
+        """The typed `config.model`, checked: a `ConfigError` names the key, the value and what is expected."""
+        return check_model_section(section)
+
     @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
@@ -264,3 +272,67 @@ def model_config_from_dict(model: ml_collections.ConfigDict | dict) -> ModelConf
         if isinstance(d.get(key), (tuple, list)):
             d[key] = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in d[key])
     return _build(ModelConfig, dict(d, vision=vision, llm=llm, compressor=compressor))
+
+
+_WHERE = "config.model"
+_POSITIVE_FIELDS = ("vision.image_size", "vision.patch_size", "vision.width", "vision.layers", "vision.heads",
+                    "vision.mlp_dim", "llm.vocab_size", "llm.width", "llm.layers", "llm.heads", "llm.kv_heads",
+                    "llm.head_dim", "llm.mlp_dim", "compressor.tokens", "compressor.heads", "image_size", "hd_grid")
+# Zeros that make the forward non-finite: a norm eps of 0 divides a zero (e.g. padding) row by 0, a RoPE base of 0
+# gives infinite frequencies.
+_NONZERO_FLOAT_FIELDS = ("vision.layer_norm_eps", "llm.rms_eps", "compressor.ln_eps", "llm.rope_theta")
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    """Each field of the built dataclasses has the type of its default (a bool, an int, a number, a string)."""
+    for f in dataclasses.fields(obj):
+        value, default = getattr(obj, f.name), f.default
+        key = f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_types(value, key)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"config.{key} must be true or false, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"config.{key} must be an integer, got {value!r} ({type(value).__name__})")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"config.{key} must be a number, got {value!r}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"config.{key} must be a string, got {value!r}")
+
+
+def check_model_section(section: ml_collections.ConfigDict | dict) -> ModelConfig:
+    """`ModelConfig.from_config`: builds the dataclasses, then checks types, ranges and divisibility."""
+    try:
+        cfg = model_config_from_dict(section)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.model: {e}") from None
+    _check_types(cfg, "model")
+    for key in _POSITIVE_FIELDS:
+        check_number(section, key, where=_WHERE, low=1)
+    check_number(section, "prefusion_layers", where=_WHERE, low=0)
+    for key in _NONZERO_FLOAT_FIELDS:
+        check_number(section, key, where=_WHERE, kind=float, low=0, low_open=True,
+                     hint="0 makes the model's output NaN")
+    check_number(section, "init_std", where=_WHERE, kind=float, low=0, hint="0 means lecun normal")
+    for key in ("scan_unroll", "loss_chunk", "loss_positions"):
+        check_number(section, key, where=_WHERE, low=0, hint="0 means all")
+    v = cfg.vision
+    if v.width % v.heads:
+        raise ConfigError(f"config.model.vision.heads={v.heads} does not divide config.model.vision.width="
+                          f"{v.width}; choose heads that divide the width")
+    try:
+        v.grid
+        v.blocks_used
+        if cfg.mode == "llava_mini":
+            cfg.compressor.grid
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
+    if cfg.mode == "llava_mini" and cfg.compressor.kind == "query" and v.width % cfg.compressor.heads:
+        raise ConfigError(f"config.model.compressor.heads={cfg.compressor.heads} does not divide the vision "
+                          f"width config.model.vision.width={v.width}")
+    if cfg.compressor.kind not in ("query", "avgpool"):
+        raise ConfigError(f"config.model.compressor.kind must be 'query' or 'avgpool', got {cfg.compressor.kind!r}")
+    return cfg

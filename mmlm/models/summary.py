@@ -15,7 +15,7 @@ import numpy as np
 from flax import linen as nn
 
 from mmlm.cli_common import number, print_report, run_command
-from mmlm.config_utils import load_config, split_config_overrides, validate_config
+from mmlm.config_utils import load_config, split_config_overrides
 from mmlm.errors import UserError
 from mmlm.models.config import PARTS, ModelConfig, model_config_from_dict
 from mmlm.models.layers import count_params
@@ -118,6 +118,8 @@ def main(argv: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from mmlm.train.config import validate_config  # every section's owner checks it (a command, not the model)
+
     config = load_config(args.config, args.overrides)
     validate_config(config)
     if args.text_len is not None and args.text_len < 1:

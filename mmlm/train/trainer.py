@@ -40,7 +40,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mmlm.checkpoint import is_model_checkpoint, load_model_params, save_config
-from mmlm.config_utils import validate_config
 from mmlm.errors import UserError
 from mmlm.models.config import ModelConfig, model_config_from_dict
 from mmlm.models.layers import count_params, stack_layers, unstack_layers
@@ -48,8 +47,8 @@ from mmlm.models.llava_mini import LlavaMini
 from mmlm.models.loss import max_supervised_tokens
 from mmlm.models.summary import dummy_batch
 from mmlm import sharding as shd
-from mmlm.data.pipeline import frame_buckets, length_buckets
 from mmlm.train import data as data_lib
+from mmlm.train.config import validate_config
 from mmlm.train.checkpointing import Checkpointer, check_saved_model_config, check_workdir, has_checkpoints
 from mmlm.safe_io import write_text_atomic
 from mmlm.train.evaluate import Evaluator
@@ -328,9 +327,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns the final results (also in results.json)."""
     t_start = time.time()
     # Every check a user mistake can fail runs before any data is built or anything compiled.
-    validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    buckets = length_buckets(config.data)
-    fbuckets = frame_buckets(config.data)
+    run = validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    buckets, fbuckets = run.data.length_buckets, run.data.frame_buckets
     workdir = check_workdir(workdir)
     # One run per workdir: a second one would interleave its metrics and checkpoints with this one's.
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None

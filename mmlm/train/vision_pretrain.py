@@ -35,8 +35,8 @@ import optax
 
 from mmlm.data import synth
 from mmlm.data.preprocess import image_views
-from mmlm.config_utils import check_vision_pretrain
 from mmlm.models.llava_mini import LlavaMini
+from mmlm.train.config import check_vision_pretrain
 
 log = logging.getLogger(__name__)
 
