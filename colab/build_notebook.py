@@ -515,7 +515,7 @@ if "MMLM_EXPLORE_WORKDIR" not in os.environ:
 """.replace("@STEPS@", str(DEMO_STEPS)))
 
 code("""
-from mmlm.cli_common import quiet_library_logs
+from mmlm.cli.common import quiet_library_logs
 from mmlm.infer.loading import load_inference_model
 
 quiet_library_logs()  # no Orbax/absl chatter about read-only checkpoint directories

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mmlm.errors import UserError
-from mmlm.eval.evaluate import (EvalQuestion, EvalResult, _load_batch, evaluate, plan_batches, prepare_questions,
+from mmlm.eval.evaluate import (EvalQuestion, EvalResult, evaluate, load_batch, plan_batches, prepare_questions,
                                  read_jsonl)
 from mmlm.infer import cascade
 from mmlm.infer.loading import InferenceModel
@@ -50,7 +50,7 @@ def score_budgets(im: InferenceModel, questions: Sequence[EvalQuestion], budgets
     conf_of: dict[int, np.ndarray] = {}
     frames = max_frames or im.max_frames
     for chunk in plan_batches([q for q in answered], batch_size):  # the evaluator's batches and shapes
-        pixels = _load_batch(im, chunk, max_frames)
+        pixels = load_batch(im, chunk, max_frames)
         video = chunk[0].kind == "video"
         batch = make_batch(im.cfg, [q.prompt for q in chunk], pixels, pad_id=im.tokenizer.pad_id, pad_len_to=16,
                            frames=frames if video else None, batch_size=batch_size)
