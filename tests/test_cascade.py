@@ -12,13 +12,14 @@ import pytest
 from PIL import Image
 
 from mmlm.checkpoint import save_model
+from mmlm.cli import chat
+from mmlm.cli import eval as eval_cli
 from mmlm.config_utils import load_config
 from mmlm.data.synth import synthesize
 from mmlm.errors import UserError
-from mmlm.cli import eval as eval_cli
 from mmlm.eval.auto import cascade_row, score_budgets
 from mmlm.eval.evaluate import evaluate, prepare_questions, read_jsonl
-from mmlm.infer import cascade, chat
+from mmlm.infer import cascade
 from mmlm.infer.loading import load_inference_model
 from mmlm.infer.random_model import random_params
 from mmlm.models.config import model_config_from_dict
