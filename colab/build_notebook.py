@@ -26,14 +26,36 @@ OUT = os.path.join(HERE, QUICKSTART)
 
 
 
+# Where the repository is: MMLM_REPO if set, else the mmlm checkout holding the kernel's working directory
+# (local Jupyter starts the kernel in the notebook's directory, colab/), else Colab's /content/mmlm. Outputs go
+# to /content/mmlm_runs on Colab, else to ~/mmlm_runs (not into the checkout).
+FIND_REPO = """\
+
+def find_checkout(start):
+    \"\"\"The mmlm checkout (a directory with mmlm's pyproject.toml) holding `start`, or None.\"\"\"
+    here = os.path.abspath(start)
+    while True:
+        pyproject = os.path.join(here, "pyproject.toml")
+        if os.path.isfile(pyproject):
+            with open(pyproject) as f:
+                if re.search(r'^name = "mmlm"$', f.read(), re.M):
+                    return here
+        if os.path.dirname(here) == here:
+            return None
+        here = os.path.dirname(here)
+
+
+REPO = os.environ.get("MMLM_REPO") or find_checkout(os.getcwd()) or "/content/mmlm"
+"""
+RUN_DIR_DEFAULT = '(\n    "/content/mmlm_runs" if os.path.isdir("/content") else os.path.expanduser("~/mmlm_runs"))'
+
 # The setup cell of the notebooks that train: the repository checkout and where outputs go.
-REPO_SETUP = """\
-REPO = os.environ.get("MMLM_REPO", "/content/mmlm")
+REPO_SETUP = FIND_REPO + """\
 if not os.path.isfile(os.path.join(REPO, "pyproject.toml")):
     raise FileNotFoundError(f"no mmlm repository at {REPO}: clone or upload it there first")
 os.chdir(REPO)
 sys.path.insert(0, REPO)
-RUN_DIR = os.environ.get("MMLM_COLAB_RUN_DIR", "/content/mmlm_runs")
+RUN_DIR = os.environ.get("MMLM_COLAB_RUN_DIR") or """ + RUN_DIR_DEFAULT + """
 os.makedirs(RUN_DIR, exist_ok=True)
 print("repo:", REPO, "| outputs:", RUN_DIR)
 """
@@ -98,28 +120,32 @@ demo trains a small model on data it renders itself.
 md("""
 ## 1. Install
 
-The notebook expects the mmlm repository at **`/content/mmlm`**. Either
+Opened from a checkout in local Jupyter (`jupyter lab colab/mmlm_quickstart.ipynb`), the notebook finds
+the repository above its own directory. On Colab it expects the mmlm repository at **`/content/mmlm`**. Either
 
 * clone it: `!git clone <URL of your mmlm repository> /content/mmlm`, or
 * upload it: zip the repository, upload `mmlm.zip` with the file browser on the left, then
   `!unzip -q /content/mmlm.zip -d /content` (so that `/content/mmlm/pyproject.toml` exists).
+
+`MMLM_REPO` (an environment variable) names another checkout.
 
 Then run the two cells below: `pip install -e ".[data]"` installs mmlm, its `mmlm` command and
 TensorFlow (the `data` extra, used to build the training dataset).
 """)
 
 code("""
-# !git clone <URL of your mmlm repository> /content/mmlm    # or upload + unzip (see above)
+# !git clone <URL of your mmlm repository> /content/mmlm    # on Colab: or upload + unzip (see above)
 import os
+import re
 import sys
 
-REPO = os.environ.get("MMLM_REPO", "/content/mmlm")
+""" + FIND_REPO + """\
 if not os.path.isfile(os.path.join(REPO, "pyproject.toml")):
     raise FileNotFoundError(f"no mmlm repository at {REPO}: clone or upload it there first (see above)")
 os.chdir(REPO)
 sys.path.insert(0, REPO)  # import mmlm in this kernel without restarting it after the install
 
-RUN_DIR = os.environ.get("MMLM_COLAB_RUN_DIR", "/content/mmlm_runs")  # data, checkpoints, plots
+RUN_DIR = os.environ.get("MMLM_COLAB_RUN_DIR") or """ + RUN_DIR_DEFAULT + """  # data, checkpoints, plots
 os.makedirs(RUN_DIR, exist_ok=True)
 print("repo:", REPO, "| outputs:", RUN_DIR)
 """)
@@ -457,12 +483,13 @@ It runs on a free Colab CPU runtime; the first run trains for about 6 minutes (s
 md("""
 ## Setup
 
-As in `mmlm_quickstart.ipynb`: the repository at `/content/mmlm` (or `MMLM_REPO`), installed
-with `pip install -e .`. `RUN_DIR` receives the data, the checkpoint and the plots.
+As in `mmlm_quickstart.ipynb`: the checkout holding this notebook in local Jupyter, else
+`/content/mmlm` on Colab (or `MMLM_REPO`), installed with `pip install -e .`. `RUN_DIR` receives the data, the checkpoint and the plots.
 """)
 
 code("""
 import os
+import re
 import sys
 
 """ + REPO_SETUP)
@@ -515,7 +542,7 @@ if "MMLM_EXPLORE_WORKDIR" not in os.environ:
 """.replace("@STEPS@", str(DEMO_STEPS)))
 
 code("""
-from mmlm.cli_common import quiet_library_logs
+from mmlm.cli.common import quiet_library_logs
 from mmlm.infer.loading import load_inference_model
 
 quiet_library_logs()  # no Orbax/absl chatter about read-only checkpoint directories
@@ -761,6 +788,7 @@ code("""
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import signal

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from mmlm.bench import flops as F
+from mmlm.cli import bench_flops
 
 TINY = "tiny"  # resolved in the repository's configs/
 SCHEMA_KEYS = F.PARTS + ("total",)
@@ -20,7 +21,7 @@ SCHEMA_KEYS = F.PARTS + ("total",)
 def run_cli(*argv: str) -> dict:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert F.main(list(argv)) == 0
+        assert bench_flops.main(list(argv)) == 0
     return json.loads(out.getvalue())
 
 
@@ -55,7 +56,7 @@ def test_default_text_tokens_and_help(capsys):
     assert r["text_tokens"] == F.DEFAULT_TEXT_TOKENS
     assert "xla" not in r
     with pytest.raises(SystemExit):
-        F.main(["--help"])
+        bench_flops.main(["--help"])
     help_text = capsys.readouterr().out
     assert f"default {F.DEFAULT_TEXT_TOKENS}" in help_text and "Table 14" in help_text
 
@@ -66,8 +67,8 @@ def test_config_by_name_and_overrides():
 
 
 def test_bad_arguments_give_clean_errors(capsys):
-    assert F.main(["--config", "no_such_config"]) == 2
-    assert F.main(["--config", "llava_mini_vicuna7b", "--num_vision_tokens", "4", "--analytic_only"]) == 2
+    assert bench_flops.main(["--config", "no_such_config"]) == 2
+    assert bench_flops.main(["--config", "llava_mini_vicuna7b", "--num_vision_tokens", "4", "--analytic_only"]) == 2
     err = capsys.readouterr().err
     assert "no config" in err and "num_vision_tokens=4" in err
 

@@ -4,7 +4,7 @@ import pytest
 
 from mmlm.bench.latency import bench_model
 from mmlm.bench.latency_peer import peer_row
-from mmlm.bench.video_memory import baseline_of
+from mmlm.bench.common import baseline_of
 from mmlm.config_utils import load_config
 from mmlm.models.config import model_config_from_dict
 

@@ -12,13 +12,14 @@ import pytest
 from PIL import Image
 
 from mmlm.checkpoint import save_model
+from mmlm.cli import chat
+from mmlm.cli import eval as eval_cli
 from mmlm.config_utils import load_config
 from mmlm.data.synth import synthesize
 from mmlm.errors import UserError
-from mmlm.eval import cli as eval_cli
 from mmlm.eval.auto import cascade_row, score_budgets
 from mmlm.eval.evaluate import evaluate, prepare_questions, read_jsonl
-from mmlm.infer import cascade, chat
+from mmlm.infer import cascade
 from mmlm.infer.loading import load_inference_model
 from mmlm.infer.random_model import random_params
 from mmlm.models.config import model_config_from_dict
@@ -99,7 +100,7 @@ def test_eval_auto_row_and_chat_says_which_budget(models, capsys):
     assert sum(auto["budget_histogram"].values()) == auto["count"] and auto["flops_per_question"] > 0
     assert len((out / "answers_mauto.jsonl").read_text().splitlines()) == auto["count"]
     err = io.StringIO()
-    args = chat._parser().parse_args(["--checkpoint", str(models / "mat"), "--image", str(models / "img.png"),
+    args = chat.build_parser().parse_args(["--checkpoint", str(models / "mat"), "--image", str(models / "img.png"),
                                       "--prompt", "What color is it?", "--max_new_tokens", "3",
                                       "--num_vision_tokens", "auto", "--auto_threshold", "0.5"])
     assert chat.run(args, stdin=io.StringIO(), out=io.StringIO(), err=err) == 0
@@ -119,7 +120,7 @@ def test_auto_mistakes_exit_2(models, capsys, which, extra, message):
                     "--num_vision_tokens", "auto", *extra])
     assert rc == 2 and message in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        chat._parser().parse_args(["--checkpoint", "x", "--image", "y", "--num_vision_tokens", "most"])
+        chat.build_parser().parse_args(["--checkpoint", "x", "--image", "y", "--num_vision_tokens", "most"])
 
 
 def test_calibration_questions_are_disjoint_from_the_evaluated_ones(models, capsys):

@@ -157,7 +157,7 @@ NOTEBOOK_COMMANDS = {
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_commands_exist_with_their_options_and_configs(name):
-    from mmlm.bench.cli import BENCHES
+    from mmlm.cli.bench import BENCHES
     from mmlm.cli import COMMANDS
 
     data_help = _help_text(("data",))
@@ -175,7 +175,7 @@ def test_commands_exist_with_their_options_and_configs(name):
         assert argv[1] in COMMANDS, f"{cmd!r}: no command {argv[1]!r} in mmlm.cli.COMMANDS"
         words = tuple(argv[1:2])
         if argv[1] == "bench":
-            assert argv[2] in BENCHES, f"{cmd!r}: no benchmark {argv[2]!r} in mmlm.bench.cli.BENCHES"
+            assert argv[2] in BENCHES, f"{cmd!r}: no benchmark {argv[2]!r} in mmlm.cli.bench.BENCHES"
             words = tuple(argv[1:3])
         elif argv[1] == "data":
             assert re.search(rf"^\s+{re.escape(argv[2])}\s", data_help, re.M), f"{cmd!r}: no data subcommand"

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from mmlm.bench import compile as C
+from mmlm.cli import compile as compile_cli
 from mmlm.config_utils import load_config
 from mmlm.errors import UserError
 from mmlm.models import flops as MF
@@ -60,12 +61,12 @@ def test_missing_libtpu_is_a_user_error(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a))
     with pytest.raises(UserError, match=r"pip install 'mmlm\[tpu\]'"):
         C.require_libtpu()
-    assert C.main(["--config", "tiny", "--topology", "v5p-8"]) == 2
+    assert compile_cli.main(["--config", "tiny", "--topology", "v5p-8"]) == 2
     assert "mmlm[tpu]" in capsys.readouterr().err
 
 
 def test_unknown_topology_exits_2(capsys):
-    assert C.main(["--config", "tiny", "--topology", "v9-8"]) == 2
+    assert compile_cli.main(["--config", "tiny", "--topology", "v9-8"]) == 2
     assert "unknown TPU generation" in capsys.readouterr().err
 
 
@@ -212,7 +213,7 @@ def test_pallas_compressor_compiles_for_tpu_with_cost_estimate():
 def test_compile_tiny_train_step_json():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = C.main(["--config", "tiny", "--topology", "v5litepod-4", "--json"])
+        rc = compile_cli.main(["--config", "tiny", "--topology", "v5litepod-4", "--json"])
     assert rc == 0
     r = json.loads(out.getvalue())
     for key in REPORT_KEYS:
@@ -345,7 +346,7 @@ def test_roofline_joins_multiline_kernel_configs_and_reads_tagged_kernel_flops()
 def test_compile_inference_json_for_one_chip():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = C.main(["--config", "tiny", "--topology", "v5litepod-1", "--what", "infer", "--json", "--new_tokens", "8"])
+        rc = compile_cli.main(["--config", "tiny", "--topology", "v5litepod-1", "--what", "infer", "--json", "--new_tokens", "8"])
     assert rc == 0
     r = json.loads(out.getvalue())
     assert r["what"] == "infer" and r["chips_used"] == 1 and r["fits"] is True

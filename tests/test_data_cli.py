@@ -8,8 +8,8 @@ import ml_collections
 import pytest
 
 from mmlm import cli as mmlm_cli
-from mmlm.bench import data as bench_data
-from mmlm.data import cli
+from mmlm.cli import bench_data
+from mmlm.cli import data as cli
 from mmlm.data.config import default_data_config
 from mmlm.data.pipeline import make_dataset
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from mmlm.checkpoint import save_model
+from mmlm.cli import eval as cli
 from mmlm.config_utils import load_config
 from mmlm.data.synth import synthesize
-from mmlm.eval import cli, metrics
+from mmlm.eval import metrics
 from mmlm.infer.random_model import random_params
 from mmlm.models.config import model_config_from_dict
 
@@ -92,7 +93,7 @@ def test_eval_missing_media_names_the_question(setup, capsys):
 
 def test_eval_bad_budget_syntax():
     with pytest.raises(SystemExit):
-        cli._parser().parse_args(["--checkpoint", "x", "--data", "y", "--out", "z", "--num_vision_tokens", "1,a"])
+        cli.build_parser().parse_args(["--checkpoint", "x", "--data", "y", "--out", "z", "--num_vision_tokens", "1,a"])
 
 
 @pytest.mark.parametrize("kind", ["file", "readonly"])

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmlm.checkpoint import save_model
 from mmlm.config_utils import load_config
-from mmlm.data import cli as data_cli
+from mmlm.cli import data as data_cli
 from mmlm.data.config import hd_grid_value
 from mmlm.errors import UserError
 from mmlm.infer.loading import load_inference_model, load_media
@@ -70,7 +70,7 @@ def test_an_old_saved_config_with_data_hd_grid_zero_still_loads(tmp_path):
 
 
 def test_cli_hd_grid_uses_the_same_convention():
-    args = data_cli._parser().parse_args(["inspect", "DIR"])
+    args = data_cli.build_parser().parse_args(["inspect", "DIR"])
     assert args.hd_grid == 1
     with pytest.raises(SystemExit):
-        data_cli._parser().parse_args(["inspect", "DIR", "--hd-grid", "0"])
+        data_cli.build_parser().parse_args(["inspect", "DIR", "--hd-grid", "0"])

@@ -10,7 +10,7 @@ from PIL import Image
 
 from mmlm.checkpoint import save_model
 from mmlm.config_utils import load_config
-from mmlm.infer import chat
+from mmlm.cli import chat
 from mmlm.infer.batching import make_batch
 from mmlm.infer.compression_map import (compression_maps, map_grid_shape, query_attention,
                                         render_compression_map)
@@ -35,7 +35,7 @@ def ckpt(tmp_path_factory):
 
 def _run(argv, stdin=""):
     out, err = io.StringIO(), io.StringIO()
-    args = chat._parser().parse_args(argv)
+    args = chat.build_parser().parse_args(argv)
     try:
         rc = chat.run(args, stdin=io.StringIO(stdin), out=out, err=err)
     except chat.UserError as e:

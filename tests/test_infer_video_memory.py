@@ -10,6 +10,8 @@ import numpy as np
 
 from mmlm import IMAGE_TOKEN_ID
 from mmlm.bench import video_memory
+from mmlm.bench.common import baseline_of
+from mmlm.cli import bench_video_memory
 from mmlm.config_utils import load_config
 from mmlm.infer.batching import make_batch
 from mmlm.infer.generate import prefill, sampling_params
@@ -23,7 +25,7 @@ def _tiny(*overrides):
 
 def test_compiled_cache_grows_by_one_token_kv_per_frame():
     mini = _tiny("--config.model.compressor.tokens=1", "--config.model.compressor.budgets=()")
-    base = video_memory.baseline_of(mini)
+    base = baseline_of(mini)
     assert base.mode == "llava15" and mini.mode == "llava_mini"
     per_token = 2 * 2 * 8 * 2 * 4  # layers x kv_heads x head_dim x (K, V) x fp32 bytes
     assert video_memory.per_token_kv_bytes(mini) == per_token
@@ -60,7 +62,7 @@ def test_generation_cache_holds_m_slots_per_frame():
                                                         num_vision_tokens=m, greedy=True), params, batch)
             slots = state.cache["k"].shape[2]
             assert slots == (len(prompt) - 1) + frames * m + 3
-    base = dataclasses.replace(video_memory.baseline_of(cfg), compressor=cfg.compressor)
+    base = dataclasses.replace(baseline_of(cfg), compressor=cfg.compressor)
     media = np.zeros((3, 1, 32, 32, 3), np.float32)
     batch = make_batch(base, [prompt], [media], pad_id=0, pad_len_to=1)
     state = jax.eval_shape(lambda p, b: prefill(base, p, b, sp, jax.random.PRNGKey(0), max_new_tokens=3,
@@ -70,7 +72,7 @@ def test_generation_cache_holds_m_slots_per_frame():
 
 
 def test_cli_reports_ok(capsys):
-    rc = video_memory.main(["--config", "configs/tiny.py", "--frames", "1,2"])
+    rc = bench_video_memory.main(["--config", "configs/tiny.py", "--frames", "1,2"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "check: per-frame growth = layers x kv_heads x head_dim x 2 x bytes x tokens_per_frame: OK" in out

@@ -26,10 +26,10 @@ import jax  # noqa: E402
 from lmms_eval.api.instance import Instance  # noqa: E402
 
 from mmlm.checkpoint import save_model  # noqa: E402
+from mmlm.cli import eval as eval_cli  # noqa: E402
 from mmlm.config_utils import load_config  # noqa: E402
 from mmlm.data.synth import synthesize  # noqa: E402
 from mmlm.errors import UserError  # noqa: E402
-from mmlm.eval import cli as eval_cli  # noqa: E402
 from mmlm.eval.evaluate import evaluate, prepare_questions, read_jsonl  # noqa: E402
 from mmlm.eval.lmms_eval import TASKS_DIR, questions  # noqa: E402
 from mmlm.eval.lmms_eval.model import MMLM, cut_at_stop_strings, generation_settings  # noqa: E402

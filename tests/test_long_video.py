@@ -14,10 +14,10 @@ from mmlm.checkpoint import save_model
 from mmlm.config_utils import load_config
 from mmlm.data import preprocess
 from mmlm.errors import UserError
-from mmlm.infer import chat
+from mmlm.cli import chat
 from mmlm.infer.batching import make_batch
 from mmlm.infer.chunked import encode_video, generate_encoded, prefill_video, text_batch
-from mmlm.infer.generate import _prefill_llm, decoding_layout, generate, init_cache, sampling_params, trim_answer
+from mmlm.infer.generate import prefill_llm, decoding_layout, generate, init_cache, sampling_params, trim_answer
 from mmlm.infer.loading import encode_question, load_inference_model, load_media
 from mmlm.infer.random_model import random_params
 from mmlm.infer.video_stream import VideoStream
@@ -93,7 +93,7 @@ def _one_batch_logits(cfg, params, prompt, pixels, pad_id, max_new):
     b, p = inputs["valid"].shape
     cache = init_cache(cfg.llm, b, p + max_new, cfg.compute_dtype, per_layer=not cfg.scan_layers)
     key_valid = jnp.concatenate([inputs["valid"], jnp.zeros((b, max_new), bool)], axis=1)
-    logits, _ = model.apply(v, inputs["embeds"], inputs["positions"], key_valid, cache, method=_prefill_llm)
+    logits, _ = model.apply(v, inputs["embeds"], inputs["positions"], key_valid, cache, method=prefill_llm)
     return batch, logits
 
 
@@ -130,7 +130,7 @@ def test_chunked_equals_one_batch(tiny, overrides):
 
 def _chat(argv):
     out, err = io.StringIO(), io.StringIO()
-    rc = chat.run(chat._parser().parse_args(argv), stdin=io.StringIO(""), out=out, err=err)
+    rc = chat.run(chat.build_parser().parse_args(argv), stdin=io.StringIO(""), out=out, err=err)
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -184,10 +184,10 @@ def test_compile_infer_frames_for_a_tpu_chip(capsys):
     the answer."""
     import json
 
-    from mmlm.bench import compile as C
+    from mmlm.cli import compile as compile_cli
 
-    assert C.main(["--config", "tiny", "--topology", "v5litepod-1", "--what", "infer", "--frames", "50",
-                   "--new_tokens", "8", "--json", "--config.data.video_chunk_frames=16"]) == 0
+    assert compile_cli.main(["--config", "tiny", "--topology", "v5litepod-1", "--what", "infer", "--frames", "50",
+                             "--new_tokens", "8", "--json", "--config.data.video_chunk_frames=16"]) == 0
     r = json.loads(capsys.readouterr().out)
     row = r["models"][0]
     cfg = model_config_from_dict(load_config("configs/tiny.py").model)
@@ -205,7 +205,7 @@ def test_compile_infer_frames_for_a_tpu_chip(capsys):
 
 @pytest.mark.parametrize("flag,value", [("--video_chunk_frames", "0"), ("--fps", "0"), ("--max_frames", "0")])
 def test_eval_video_flags_are_checked(tiny, tmp_path, capsys, flag, value):
-    from mmlm.eval import cli
+    from mmlm.cli import eval as cli
 
     data = tmp_path / "q.jsonl"
     data.write_text('{"question_id": "a", "video": "v1fps.mp4", "text": "Q?"}\n')
@@ -220,7 +220,7 @@ def test_chat_video_multi_turn_streams_the_video_per_question(tiny):
     """Interactive chat about a video: each question re-reads the video (pre-fusion fuses it with that
     question) and is answered; an empty line ends the chat."""
     out, err = io.StringIO(), io.StringIO()
-    args = chat._parser().parse_args(["--checkpoint", str(tiny / "ckpt"), "--video", str(tiny / "v1fps.mp4"),
+    args = chat.build_parser().parse_args(["--checkpoint", str(tiny / "ckpt"), "--video", str(tiny / "v1fps.mp4"),
                                       "--max_new_tokens", "3", "--video_chunk_frames", "4"])
     assert chat.run(args, stdin=io.StringIO("What is shown?\nAnd then?\n\n"), out=out, err=err) == 0
     assert len(out.getvalue().splitlines()) == 2

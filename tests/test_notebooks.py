@@ -35,6 +35,9 @@ COMMON = {
     # These runs check that the notebooks work, not speed: conftest's fast-compile flags.
     "XLA_FLAGS": os.environ["XLA_FLAGS"],
 }
+# The quickstart runs as local Jupyter runs it from a checkout: the kernel started in colab/ and no MMLM_REPO
+# (its setup cell finds the repository above the notebook); the others are given MMLM_REPO, as on Colab.
+FROM_CHECKOUT = "mmlm_quickstart.ipynb"
 NOTEBOOKS = {
     "mmlm_quickstart.ipynb": {"MMLM_COLAB_FLOPS_ARGS": "--analytic_only"},
     "explore_compression.ipynb": {},
@@ -71,12 +74,16 @@ def test_notebook_executes(name, tmp_path, monkeypatch, compile_cache):
                        "MMLM_COLAB_RUN_DIR": str(tmp_path / "runs"),
                        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}.items():
         monkeypatch.setenv(key, value)
+    kernel_dir = tmp_path
+    if name == FROM_CHECKOUT:
+        monkeypatch.delenv("MMLM_REPO")
+        kernel_dir = REPO / "colab"
     monkeypatch.delenv("MMLM_EXPLORE_WORKDIR", raising=False)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, so figures become outputs
     monkeypatch.delenv("MMLM_TPU_NAME", raising=False)
     nb = nbformat.read(REPO / "colab" / name, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+                                     resources={"metadata": {"path": str(kernel_dir)}})
     try:
         client.execute()  # raises CellExecutionError naming the cell when one raises
     finally:
@@ -84,6 +91,8 @@ def test_notebook_executes(name, tmp_path, monkeypatch, compile_cache):
     text = _outputs_text(nb)
     failed = FAILED_COMMAND.search(text)
     assert not failed, f"{name}: a shell command failed:\n{text[max(0, failed.start() - 2000):failed.end() + 3000]}"
+    if name == FROM_CHECKOUT:
+        assert f"repo: {REPO} |" in text  # found from the kernel's directory
     if name == "cloud_tpu.ipynb":
         assert "SKIPPED: set MMLM_TPU_NAME" in text  # the TPU-only cells skip themselves with a note
         assert "SKIPPED: mmlm compile for v5p-8" in text

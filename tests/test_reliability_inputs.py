@@ -428,10 +428,10 @@ def test_missing_or_corrupt_tokenizer(capsys, tmp_path, model, kind):
 def test_image_marker_typed_into_a_chat_turn_keeps_the_session(capsys, model):
     import sys as _sys
 
-    from mmlm.cli_common import run_command
-    from mmlm.infer import chat
+    from mmlm.cli.common import run_command
+    from mmlm.cli import chat
 
-    args = chat._parser().parse_args(["--checkpoint", str(model / "ckpt"), "--image", str(model / "img.png"),
+    args = chat.build_parser().parse_args(["--checkpoint", str(model / "ckpt"), "--image", str(model / "img.png"),
                                       "--max_new_tokens", "2"])
     stdin = io.TextIOWrapper(io.BytesIO(b"what is it?\nis <image> red?\n<image> <video>\nand now?\n"),
                              encoding="utf-8")
@@ -521,7 +521,7 @@ def test_full_disk_during_a_checkpoint_save(tmp_path, when):
 
 
 def test_full_disk_anywhere_in_a_command_is_one_line(capsys, tmp_path):
-    from mmlm.cli_common import run_command
+    from mmlm.cli.common import run_command
 
     def writes(_):
         raise _enospc(str(tmp_path / "out.json"))

@@ -33,7 +33,7 @@ openai = pytest.importorskip("openai")
 
 from mmlm.checkpoint import save_model  # noqa: E402
 from mmlm.config_utils import load_config  # noqa: E402
-from mmlm.infer import chat  # noqa: E402
+from mmlm.cli import chat  # noqa: E402
 from mmlm.infer.random_model import random_params  # noqa: E402
 from mmlm.models.config import model_config_from_dict  # noqa: E402
 
@@ -119,7 +119,7 @@ def _chat_answer(srv: Server, question: str, image: Path, max_new: int, budget: 
     argv = ["--checkpoint", str(srv.root / "ckpt"), "--image", str(image), "--prompt", question,
             "--max_new_tokens", str(max_new)] + ([] if budget is None else ["--num_vision_tokens", str(budget)])
     out, err = io.StringIO(), io.StringIO()
-    assert chat.run(chat._parser().parse_args(argv), stdin=io.StringIO(), out=out, err=err) == 0
+    assert chat.run(chat.build_parser().parse_args(argv), stdin=io.StringIO(), out=out, err=err) == 0
     assert out.getvalue().endswith("\n")
     return out.getvalue()[:-1]
 
@@ -179,7 +179,7 @@ def test_multi_turn_answer_equals_the_interactive_chat(server):
     image = server.root / "media" / "img1.png"
     argv = ["--checkpoint", str(server.root / "ckpt"), "--image", str(image), "--max_new_tokens", "4"]
     out = io.StringIO()
-    rc = chat.run(chat._parser().parse_args(argv), stdin=io.StringIO("What is it?\nAnd the color?\n"), out=out,
+    rc = chat.run(chat.build_parser().parse_args(argv), stdin=io.StringIO("What is it?\nAnd the color?\n"), out=out,
                   err=io.StringIO())
     assert rc == 0
     first, second = out.getvalue().split("\n")[:2]
@@ -228,7 +228,7 @@ def test_video_answer_equals_mmlm_chat(server):
     argv = ["--checkpoint", str(server.root / "ckpt"), "--video", str(video), "--prompt", "What moves?",
             "--max_new_tokens", "5"]
     out = io.StringIO()
-    assert chat.run(chat._parser().parse_args(argv), stdin=io.StringIO(), out=out, err=io.StringIO()) == 0
+    assert chat.run(chat.build_parser().parse_args(argv), stdin=io.StringIO(), out=out, err=io.StringIO()) == 0
     assert resp.choices[0].message.content == out.getvalue()[:-1]
 
 
@@ -432,7 +432,7 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(server):
 
 
 def test_without_the_serve_extra_the_command_names_the_install(monkeypatch, capsys):
-    from mmlm.serve import cli
+    from mmlm.cli import serve as cli
 
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
     assert cli.main(["--checkpoint", "unused"]) == 2

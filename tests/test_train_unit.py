@@ -258,7 +258,7 @@ def test_first_questions_cut_at_the_first_answer():
 
 def test_eval_categories_follow_the_synthetic_question_ids(tmp_path):
     """example_id (record index) -> category of the record's first question, single- and multi-turn ids."""
-    from mmlm.train.data import _write_categories
+    from mmlm.train.data import write_categories
 
     lines = [{"question_id": "shapes-val-000000-q0", "category": "color"},
              {"question_id": "shapes-val-000000-q1", "category": "count"},
@@ -266,7 +266,7 @@ def test_eval_categories_follow_the_synthetic_question_ids(tmp_path):
              {"question_id": "moving_shapes-val-000002", "category": "direction"}]
     src = tmp_path / "val_questions.jsonl"
     src.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    _write_categories(src, tmp_path / "cats.json")
+    write_categories(src, tmp_path / "cats.json")
     assert json.loads((tmp_path / "cats.json").read_text()) == {"0": "color", "7": "shape", "2": "direction"}
 
 

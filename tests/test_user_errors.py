@@ -242,10 +242,10 @@ def _chat(capsys, model, *argv: str, stdin: bytes | None = None) -> tuple[int, s
     import io
     import sys
 
-    from mmlm.cli_common import run_command
-    from mmlm.infer import chat
+    from mmlm.cli.common import run_command
+    from mmlm.cli import chat
 
-    args = chat._parser().parse_args(["--checkpoint", str(model / "ckpt"), *argv])
+    args = chat.build_parser().parse_args(["--checkpoint", str(model / "ckpt"), *argv])
     wrapper = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
     rc = run_command("chat", lambda a: chat.run(a, stdin=wrapper, out=sys.stdout, err=sys.stderr), args)
     cap = capsys.readouterr()

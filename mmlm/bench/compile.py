@@ -1,4 +1,5 @@
-"""`mmlm compile`: compile the train step for a Cloud TPU slice on this machine, no TPU needed.
+"""`mmlm compile` (command line: `mmlm.cli.compile`): compile the train step for a Cloud TPU slice on
+this machine, no TPU needed.
 
     mmlm compile --config llava_mini_vicuna7b --topology v5p-64 [--config.a.b=v ...] [--json]
 
@@ -40,38 +41,24 @@ how fast it should run, before renting it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
-import json
 import math
-import os
 import re
-import sys
 import time
 from typing import Any
 
-# Compiling for a topology needs no TPU backend on this host: keep jax on CPU (a TPU VM's chips are not
-# touched) and let several compile processes load libtpu at once. Effective only before jax starts.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-# No Cloud TPU metadata server to ask on a workstation or CI host (the query would wait for a timeout).
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
-
-from mmlm import sharding as shd  # noqa: E402
-from mmlm.bench.roofline import Chip, roofline  # noqa: E402
-from mmlm.cli_common import number, run_command  # noqa: E402
-from mmlm.config_utils import load_config, split_config_overrides  # noqa: E402
-from mmlm.errors import UserError  # noqa: E402
-from mmlm.models.summary import batch_shapes  # noqa: E402
-from mmlm.safe_io import write_text_atomic  # noqa: E402
-
-GIB = 1 << 30
+from mmlm import sharding as shd
+from mmlm.bench.common import GIB, fmt_bytes, oom_temporaries
+from mmlm.bench.roofline import Chip, roofline
+from mmlm.errors import UserError
+from mmlm.models.summary import batch_shapes
+from mmlm.safe_io import write_text_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,22 +203,6 @@ def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
                         "--config.data.batch_size, --config.train.grad_accum_steps or --config.mesh.*")
 
 
-_SIZE_RE = r"([\d.]+)\s*([KMGT]?)"
-
-
-def _size(num: str, unit: str) -> float:
-    return float(num) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
-
-
-def _oom_temporaries(message: str) -> float | None:
-    """The temporaries figure of the compiler's "does not fit in HBM" error, if that is the error."""
-    m = re.search(r"temporaries \(" + _SIZE_RE + r"\)", message)
-    if m:
-        return _size(*m.groups())
-    m = re.search(r"Used " + _SIZE_RE + r" of " + _SIZE_RE + r" hbm", message)
-    return _size(m.group(1), m.group(2)) if m else None
-
-
 def _has_loops(hlo_text: str) -> bool:
     return re.search(r"\swhile\(", hlo_text) is not None
 
@@ -283,7 +254,7 @@ def compile_train_step(config: ml_collections.ConfigDict, s: Slice, frames: int 
         try:
             compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001 - XlaRuntimeError: the compiler's own verdict
-            temps = _oom_temporaries(str(e))
+            temps = oom_temporaries(str(e))
             if temps is None:
                 raise
             report.update({
@@ -338,17 +309,6 @@ def step_time(compiled: Any, s: Slice, model_flops: float, dump_hlo: str = "") -
     }
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def _fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
 
 def _fmt_flops(n: float) -> str:
     for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
@@ -361,13 +321,13 @@ def format_report(r: dict[str, Any]) -> str:
     pb = r["per_chip_bytes"]
     rows = [
         ("topology", f"{r['topology']} = {r['chips']} x {r['device_kind']} ({r['topology_string']}), "
-                     f"{_fmt_bytes(r['hbm_bytes_per_chip'])} HBM and {r['peak_tflops_per_chip']:.0f} TFLOP/s "
+                     f"{fmt_bytes(r['hbm_bytes_per_chip'])} HBM and {r['peak_tflops_per_chip']:.0f} TFLOP/s "
                      "per chip"),
         ("mesh", r["mesh"]),
         ("batch", f"{r['batch']['global_batch']} x {r['batch']['text_len']} tokens, {r['batch']['frames']} "
                   f"frame(s), {r['batch']['grad_accum_steps']} micro-batch(es); remat {r['remat_policy']}"),
-        ("per-chip memory", f"arguments {_fmt_bytes(pb['arguments'])} + temporaries {_fmt_bytes(pb['temporaries'])}"
-                            f" + outputs {_fmt_bytes(pb['outputs'])} = {_fmt_bytes(pb['total'])}"),
+        ("per-chip memory", f"arguments {fmt_bytes(pb['arguments'])} + temporaries {fmt_bytes(pb['temporaries'])}"
+                            f" + outputs {fmt_bytes(pb['outputs'])} = {fmt_bytes(pb['total'])}"),
         ("fits", f"{'yes' if r['fits'] else 'NO'} ({100 * r['hbm_fraction']:.1f}% of HBM)"),
         ("model FLOPs / step", _fmt_flops(r["model_flops_per_step"])),
     ]
@@ -379,85 +339,9 @@ def format_report(r: dict[str, Any]) -> str:
     else:
         rows.append(("estimated step", "none (no positive estimate)"))
     if r.get("collective_bytes"):
-        rows.append(("collectives / chip", ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in r["collective_bytes"].items())))
+        rows.append(("collectives / chip", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in r["collective_bytes"].items())))
     rows.append(("compile time", f"{r['compile_seconds']:.1f} s"))
     if r.get("compile_error"):
         rows.append(("compiler", r["compile_error"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mmlm compile",
-        description="Compile the train step of a config for a Cloud TPU slice on this machine (libtpu, no TPU): "
-                    "per-chip memory, fit, analytic model FLOPs, estimated step time and MFU, collectives; or "
-                    "(--what infer) the prefill and decode step of inference on one chip. "
-                    "Config overrides: --config.a.b=value.")
-    parser.add_argument("--config", required=True, help="config file or name in configs/ (e.g. llava_mini_vicuna7b)")
-    parser.add_argument("--topology", required=True,
-                        help="Cloud TPU slice name: v4-N / v5p-N (N TensorCores = 2 x chips), v5litepod-N (alias "
-                             "v5e-N) / v6e-N (N chips); e.g. v5p-64 = 32 v5p chips")
-    parser.add_argument("--frames", type=number(int, 1), default=None,
-                        help="train: images / video frames per sample (the pipeline's max_frames for a video "
-                             "dataset; default 1). infer: compile the chunked long-video path of mmlm chat --video "
-                             "for this many frames instead of one image (the config's data.video_chunk_frames per "
-                             "vision chunk, data.prefill_chunk_tokens per LLM prefill chunk), with the KV cache size")
-    parser.add_argument("--what", default="train", choices=("train", "infer"),
-                        help="train: the train step on the whole slice (default); infer: prefill and one decode "
-                             "step of mmlm chat on one chip, for the model and its LLaVA-1.5 baseline")
-    parser.add_argument("--new_tokens", type=number(int, 1), default=64,
-                        help="--what infer: answer tokens the KV cache holds after the prompt (default 64)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                        help="--what infer: weight and compute dtype (default bfloat16)")
-    parser.add_argument("--weights", default="float", choices=("float", "int8"),
-                        help="--what infer: 'int8' stores the LLM and pre-fusion kernels as int8 with one scale per "
-                             "output channel (weight-only; about half the bf16 bytes), as `mmlm chat --weights "
-                             "int8` serves them (default: float, every weight in --dtype)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--dump_hlo", default="", help="also write the compiled HLO text to this file")
-    return parser
-
-
-def _run(args: argparse.Namespace) -> int:
-    from mmlm.configs import resolve_config_path
-
-    s = parse_topology(args.topology)
-    if args.what != "infer" and args.weights != "float":
-        raise UserError(f"--weights {args.weights} applies to --what infer (serving); training keeps float weights")
-    require_libtpu()
-    try:
-        config = load_config(resolve_config_path(args.config), args.overrides)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        raise UserError(str(e)) from e
-    if args.what == "infer":
-        from mmlm.bench import compile_infer as CI
-
-        if args.frames is not None:
-            report = CI.compile_long_video(config, s, args.frames, new_tokens=args.new_tokens, dtype=args.dtype,
-                                           weights=args.weights)
-            formatter = CI.format_long_video_report
-        else:
-            report = CI.compile_inference(config, s, new_tokens=args.new_tokens, dtype=args.dtype,
-                                          weights=args.weights)
-            formatter = CI.format_inference_report
-    else:
-        report = compile_train_step(config, s, frames=1 if args.frames is None else args.frames,
-                                    dump_hlo=args.dump_hlo)
-        formatter = format_report
-    report["config"] = args.config
-    if args.overrides:
-        report["overrides"] = list(args.overrides)
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    else:
-        print(formatter(report))
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    argv, overrides = split_config_overrides(argv)
-    args = build_parser().parse_args(argv)
-    args.overrides = overrides
-    return run_command("compile", _run, args)

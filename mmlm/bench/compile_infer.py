@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmlm.bench.compile import Slice, _oom_temporaries, step_time, topology_devices
+from mmlm.bench.common import baseline_of, fmt_bytes, oom_temporaries
+from mmlm.bench.compile import Slice, step_time, topology_devices
 from mmlm.errors import UserError
 
 
@@ -59,7 +60,6 @@ def compile_inference(config: ml_collections.ConfigDict, s: Slice, *, new_tokens
     `weights`: "float" (every weight in `dtype`) or "int8" (LLM and pre-fusion kernels weight-only int8,
     `mmlm.models.quant`; activations in `dtype`).
     """
-    from mmlm.bench.video_memory import baseline_of
     from mmlm.infer.generate import decode_step_jit, decoding_layout, prefill_jit, sampling_params
     from mmlm.kernels.compression import compile_platform
     from mmlm.models.config import model_config_from_dict
@@ -108,7 +108,7 @@ def compile_inference(config: ml_collections.ConfigDict, s: Slice, *, new_tokens
                 prefill = prefill_jit.lower(serve_cfg, params, batch, sp, key, **static).compile()
                 decode = decode_step_jit.lower(serve_cfg, params, state, sp, greedy=greedy).compile()
             except Exception as e:  # noqa: BLE001 - XlaRuntimeError: the compiler's own verdict
-                needed = _oom_temporaries(str(e))
+                needed = oom_temporaries(str(e))
                 if needed is None:
                     raise
                 row.update(compile_seconds=time.perf_counter() - t0, fits=False, serving_bytes=None,
@@ -136,11 +136,9 @@ def compile_inference(config: ml_collections.ConfigDict, s: Slice, *, new_tokens
 
 
 def format_inference_report(r: dict[str, Any]) -> str:
-    from mmlm.bench.compile import _fmt_bytes
-
     weights = (f"{r['dtype']} weights" if r.get("weights", "float") == "float"
                else f"int8 LLM weights, {r['dtype']} compute")
-    lines = [f"{r['topology']} ({r['device_kind']}, one chip, {_fmt_bytes(r['hbm_bytes_per_chip'])} HBM), "
+    lines = [f"{r['topology']} ({r['device_kind']}, one chip, {fmt_bytes(r['hbm_bytes_per_chip'])} HBM), "
              f"{weights}, batch 1"]
     head = (f"{'model':<11} {'vision tok':>10} {'LLM prompt':>10} {'weights':>10} {'serving mem':>12} "
             f"{'fits':>10} {'prefill ms':>10} {'ms/token':>9}")
@@ -148,13 +146,13 @@ def format_inference_report(r: dict[str, Any]) -> str:
     for m in r["models"]:
         if m.get("compile_error"):
             lines.append(f"{m['mode']:<11} {m['vision_tokens_per_image']:>10} {m['llm_prompt_tokens']:>10} "
-                         f"{_fmt_bytes(m['params_bytes']):>10}  does not fit: {m['compile_error']}")
+                         f"{fmt_bytes(m['params_bytes']):>10}  does not fit: {m['compile_error']}")
             continue
         p, d = m["prefill"], m["decode_step"]
         ms = lambda x: f"{1e3 * x:.3g}" if x else "?"
         fits = f"{'yes' if m['fits'] else 'NO'} {100 * m['hbm_fraction']:.0f}%"
         lines.append(f"{m['mode']:<11} {m['vision_tokens_per_image']:>10} {m['llm_prompt_tokens']:>10} "
-                     f"{_fmt_bytes(m['params_bytes']):>10} {_fmt_bytes(m['serving_bytes']):>12} {fits:>10} "
+                     f"{fmt_bytes(m['params_bytes']):>10} {fmt_bytes(m['serving_bytes']):>12} {fits:>10} "
                      f"{ms(p['seconds']):>10} {ms(d['seconds']):>9}")
     estimators = sorted({m[k]["estimator"] or "?" for m in r["models"] if not m.get("compile_error")
                          for k in ("prefill", "decode_step")})
@@ -258,7 +256,7 @@ def compile_long_video(config: ml_collections.ConfigDict, s: Slice, frames: int,
                 "decode_step": decode_step_jit.lower(serve_cfg, params, state, sp, greedy=greedy).compile(),
             }
         except Exception as e:  # noqa: BLE001 - XlaRuntimeError: the compiler's own verdict
-            if _oom_temporaries(str(e)) is None:
+            if oom_temporaries(str(e)) is None:
                 raise
             row.update(compile_seconds=time.perf_counter() - t0, fits=False, serving_bytes=None, hbm_fraction=None,
                        compile_error=str(e).strip().splitlines()[0][:500])
@@ -284,28 +282,26 @@ def compile_long_video(config: ml_collections.ConfigDict, s: Slice, frames: int,
 
 
 def format_long_video_report(r: dict[str, Any]) -> str:
-    from mmlm.bench.compile import _fmt_bytes
-
     m = r["models"][0]
     weights = (f"{r['dtype']} weights" if r["weights"] == "float" else f"int8 LLM weights, {r['dtype']} compute")
-    lines = [f"{r['topology']} ({r['device_kind']}, one chip, {_fmt_bytes(r['hbm_bytes_per_chip'])} HBM), {weights}: "
+    lines = [f"{r['topology']} ({r['device_kind']}, one chip, {fmt_bytes(r['hbm_bytes_per_chip'])} HBM), {weights}: "
              f"{m['mode']}, {m['frames']} frames x {m['vision_tokens_per_frame']} vision tokens + {m['text_tokens']} "
              f"text = {m['llm_prompt_tokens']} LLM prompt tokens",
              f"chunks: {m['video_chunk_frames']} frames per vision chunk, {m['prefill_chunk_tokens']} tokens per "
              f"prefill chunk",
-             f"weights {_fmt_bytes(m['params_bytes'])}, KV cache {_fmt_bytes(m['kv_cache_bytes'])} "
-             f"({m['kv_cache_slots']} slots), vision tokens {_fmt_bytes(m['vision_tokens_bytes'])}, prompt "
-             f"embeddings {_fmt_bytes(m['prompt_embeds_bytes'])} ({m['prefill_chunks']} prefill chunks)"]
+             f"weights {fmt_bytes(m['params_bytes'])}, KV cache {fmt_bytes(m['kv_cache_bytes'])} "
+             f"({m['kv_cache_slots']} slots), vision tokens {fmt_bytes(m['vision_tokens_bytes'])}, prompt "
+             f"embeddings {fmt_bytes(m['prompt_embeds_bytes'])} ({m['prefill_chunks']} prefill chunks)"]
     if m.get("compile_error"):
         lines.append(f"does not fit: {m['compile_error']}")
         return "\n".join(lines)
     ms = lambda x: f"{1e3 * x:.4g}" if x else "?"
     for name in ("encode_chunk", "prefill_inputs", "prefill_chunk", "decode_step"):
         p = m[name]
-        lines.append(f"{name:<14} {_fmt_bytes(p['per_chip_bytes']['total']):>10} per chip, "
-                     f"temporaries {_fmt_bytes(p['per_chip_bytes']['temporaries'])}, "
+        lines.append(f"{name:<14} {fmt_bytes(p['per_chip_bytes']['total']):>10} per chip, "
+                     f"temporaries {fmt_bytes(p['per_chip_bytes']['temporaries'])}, "
                      f"~{ms(p['seconds'])} ms ({p['estimator']})")
-    lines.append(f"serving memory {_fmt_bytes(m['serving_bytes'])} of {_fmt_bytes(r['hbm_bytes_per_chip'])} "
+    lines.append(f"serving memory {fmt_bytes(m['serving_bytes'])} of {fmt_bytes(r['hbm_bytes_per_chip'])} "
                  f"({100 * m['hbm_fraction']:.0f}%): {'fits' if m['fits'] else 'does NOT fit'}; "
                  f"whole-video prefill ~{m['prefill_seconds_total']:.3g} s")
     return "\n".join(lines)

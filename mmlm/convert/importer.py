@@ -172,7 +172,7 @@ def _replace(model: ml_collections.ConfigDict, vision: ml_collections.ConfigDict
     return new
 
 
-def _find_vision_dir(src: str, hf: dict[str, Any], vision: str | None) -> str | None:
+def find_vision_dir(src: str, hf: dict[str, Any], vision: str | None) -> str | None:
     """Where the CLIP tower of a release checkpoint lives, if anywhere on disk."""
     if vision:
         return vision
@@ -374,7 +374,7 @@ def _llava_mini_sources(src, hf, reader, vision, where, base, notes, source_meta
     names = reader.names()
     # A tower inside the release is used unless --vision names one explicitly.
     in_ckpt = mapping.clip_prefix(names) == mapping.CLIP_PREFIXES[0] and not vision
-    vision_dir = None if in_ckpt else _find_vision_dir(src, hf, vision)
+    vision_dir = None if in_ckpt else find_vision_dir(src, hf, vision)
     tower = hf.get("mm_vision_tower", llava_mini.DEFAULT_VISION_TOWER)
     source_meta["mm_vision_tower"] = tower
     source_meta["hf"] = {k: hf.get(k) for k in hf_llama.HF_PASSTHROUGH}

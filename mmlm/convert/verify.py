@@ -20,42 +20,16 @@ output is within its limit, 1 otherwise, 2 on usage errors.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
-import sys
 from typing import Any
 
 import numpy as np
 
 from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
-from mmlm.cli_common import SEED, number
-from mmlm.errors import UserError
 
 # (atol, rtol) by compute dtype; the limit of an output is atol + rtol * max|reference|.
 DEFAULT_TOLERANCE = {"float32": (1e-4, 1e-4), "bfloat16": (2e-2, 5e-2)}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mmlm verify",
-        description="Compare a converted mmlm checkpoint with the transformers/PyTorch model on the same random "
-                    "inputs; prints the max absolute difference of each output and exits 1 above tolerance.",
-        epilog="Example: mmlm verify --hf Meta-Llama-3.1-8B-Instruct --mmlm ckpt/llama31 --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf", required=True, metavar="SRC", help="the HF directory that was converted (or exported)")
-    p.add_argument("--mmlm", required=True, metavar="DST", help="the mmlm model checkpoint")
-    p.add_argument("--vision", metavar="CLIP_DIR", help="LLaVA-Mini: the CLIP directory of the tower")
-    p.add_argument("--dtype", choices=tuple(DEFAULT_TOLERANCE), default="float32",
-                   help="compute dtype of both models (default float32; bfloat16 halves memory for 7-8B models)")
-    p.add_argument("--atol", type=number(float, 0), help="absolute tolerance (default by dtype: fp32 1e-4, bf16 2e-2)")
-    p.add_argument("--rtol", type=number(float, 0), help="tolerance relative to max|reference| (default fp32 1e-4, bf16 5e-2)")
-    p.add_argument("--batch", type=number(int, 1), default=2, help="samples (default 2)")
-    p.add_argument("--seq_len", type=number(int, 1), default=16, help="text tokens per sample (default 16)")
-    p.add_argument("--seed", type=SEED, default=0, help="input RNG seed (default 0)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    return p
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -209,7 +183,7 @@ def verify_llava_mini(src: str, dst: str, args, atol: float, rtol: float) -> dic
 
     from mmlm import checkpoint
     from mmlm.convert import mapping
-    from mmlm.convert.importer import _find_vision_dir
+    from mmlm.convert.importer import find_vision_dir
     from mmlm.convert.io import CheckpointReader, read_hf_config
     from mmlm.convert.reference import LlavaMiniReference, clip_tower, load_weights, to_numpy, torch_dtype
     from mmlm.models.config import model_config_from_dict
@@ -226,7 +200,7 @@ def verify_llava_mini(src: str, dst: str, args, atol: float, rtol: float) -> dic
     reader = CheckpointReader(src)
     # Same precedence as the import: --vision, else a tower inside the release, else one found on disk.
     in_ckpt = mapping.clip_prefix(reader.names()) == mapping.CLIP_PREFIXES[0] and not args.vision
-    vision_dir = None if in_ckpt else _find_vision_dir(src, hf, args.vision)
+    vision_dir = None if in_ckpt else find_vision_dir(src, hf, args.vision)
     vision = None
     if "vision" not in mmlm_parts(dst):
         vision_dir = in_ckpt = None  # compare from features: the mmlm side has no tower
@@ -341,22 +315,3 @@ def run(args) -> dict[str, Any]:
     result.update(hf=os.path.abspath(args.hf), mmlm=os.path.abspath(args.mmlm), dtype=args.dtype,
                   atol=atol, rtol=rtol, ok=all(o["ok"] for o in result["outputs"].values()))
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        result = run(args)
-    except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"mmlm verify: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{result['kind']}: {result['inputs']} ({result['dtype']})")
-        for name, o in result["outputs"].items():
-            print(f"  {name:14s} max|diff| = {o['max_abs_diff']:.3e}   limit {o['limit']:.3e}   "
-                  f"(max|ref| {o['ref_max_abs']:.3e})   {'OK' if o['ok'] else 'FAIL'}")
-        print("OK" if result["ok"] else "FAIL: outputs differ beyond tolerance")
-    return 0 if result["ok"] else 1

@@ -99,15 +99,15 @@ def contact_sheet(images: np.ndarray, frame_mask: np.ndarray, mean, std, gap: in
 def describe(example: Mapping[str, Any], record: Mapping[str, Any], tok: Tokenizer, *,
              color: bool, mean, std) -> str:
     """Header lines and the marked-up text of one example."""
-    from mmlm.data.pipeline import _text
+    from mmlm.data.pipeline import record_text
     from mmlm.data.build import MEDIA_NAMES
 
     n_tokens = int(np.sum(example["attention_mask"]))
     n_sup = int(np.sum(example["labels"] != IGNORE_INDEX))
     n_frames = int(np.sum(example["frame_mask"]))
     media = MEDIA_NAMES[int(record["media"])]
-    head = (f"example_id {int(example['example_id'])}  id {_text(record['id'])!r}  media {media}"
-            + (f" {_text(record['media_path'])!r}" if media != "none" else "")
+    head = (f"example_id {int(example['example_id'])}  id {record_text(record['id'])!r}  media {media}"
+            + (f" {record_text(record['media_path'])!r}" if media != "none" else "")
             + f"  frames {n_frames}  tokens {n_tokens}/{len(example['input_ids'])}"
             + f" (supervised {n_sup})")
     if "truncated" in example and bool(example["truncated"]):

@@ -9,26 +9,19 @@ keeps answers one token long (with the default 512 pieces every corpus word is o
 
 Special ids follow LLaMA: 0 `<unk>`, 1 `<s>`, 2 `</s>`, and 3 `<pad>`.
 
-Run: `mmlm data tokenizer [--out data/tiny_tokenizer.model] [--vocab-size 512]`
-(equivalently `python -m mmlm.data.make_tokenizer`).
+Run: `mmlm data tokenizer [--out data/tiny_tokenizer.model] [--vocab-size 512]` (`mmlm.cli.data`).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import string
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from mmlm.cli_common import number
 from mmlm.data import synth, templates
-from mmlm.data.tokenizer import TINY_TOKENIZER_PATH
-from mmlm.errors import UserError
-from mmlm.safe_io import refuse_existing, write_bytes_atomic
 
 DEFAULT_VOCAB_SIZE = 512
 
@@ -107,36 +100,3 @@ def check_tokenizer(model_path: str | Path) -> list[str]:
             problems.append(f"<unk> in {sentence!r}")
     return problems
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mmlm data tokenizer",
-        description="Train the tiny sentencepiece tokenizer for the synthetic datasets "
-                    "(deterministic: the same command always writes the same file).")
-    parser.add_argument("--out", default=str(TINY_TOKENIZER_PATH),
-                        help="output .model path (default: %(default)s)")
-    parser.add_argument("--vocab-size", type=number(int, 64), default=DEFAULT_VOCAB_SIZE,
-                        help="number of pieces (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --out (the default path is the shipped tokenizer, which this "
-                             "command regenerates byte for byte)")
-    args = parser.parse_args(argv)
-    if args.vocab_size < 64:
-        parser.error(f"--vocab-size must be >= 64, got {args.vocab_size}")
-    try:
-        refuse_existing(args.out, "--out", args.overwrite)
-    except UserError as e:
-        print(f"mmlm data tokenizer: error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out, train_tokenizer(args.vocab_size))
-    problems = check_tokenizer(out)
-    for p in problems:
-        print(f"warning: {p}", file=sys.stderr)
-    print(f"wrote {out} ({out.stat().st_size} bytes)")
-    return 1 if problems else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -111,11 +111,12 @@ def record_ids(dataset_dir: str | Path, split: str) -> dict[int, str]:
     out = {}
     for i in range(len(source)):
         rec = source[i]
-        out[int(rec["index"])] = _text(rec["id"])
+        out[int(rec["index"])] = record_text(rec["id"])
     return out
 
 
-def _text(value: Any) -> str:
+def record_text(value: Any) -> str:
+    """A text field of a dataset record (stored as bytes) as a str."""
     return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
 
 
@@ -319,7 +320,7 @@ class ExampleProcessor:
         out = self.empty()
         if record.get("_padding"):
             return out
-        conversations = json.loads(_text(record["conversations"]))
+        conversations = json.loads(record_text(record["conversations"]))
         enc = templates.encode_conversation(self.tokenizer, conversations, self.template,
                                             self.geometry.max_text_len, system=self.system_prompt)
         n = len(enc["input_ids"])
@@ -341,7 +342,7 @@ class ExampleProcessor:
                 self._views(frames[int(i)], out["pixels"][slot])
                 out["frame_mask"][slot] = True
         if media != "none" and enc["image_pos"] < 0:
-            raise ValueError(f"record {_text(record['id'])!r} has {media} but no placeholder "
+            raise ValueError(f"record {record_text(record['id'])!r} has {media} but no placeholder "
                              f"under template {self.template!r}")
         return out
 

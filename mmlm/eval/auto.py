@@ -50,7 +50,7 @@ def score_budgets(im: InferenceModel, questions: Sequence[EvalQuestion], budgets
     conf_of: dict[int, np.ndarray] = {}
     frames = max_frames or im.max_frames
     for chunk in plan_batches([q for q in answered], batch_size):  # the evaluator's batches and shapes
-        # Video files whole (not `_load_batch`'s streams, which the chunked generation reads): the confidence
+        # Video files whole (not `load_batch`'s streams, which the chunked generation reads): the confidence
         # prefill takes every frame's tokens at once.
         pixels = [q.pixels if q.pixels is not None or q.media is None else load_media(im, q.media, q.kind, max_frames)
                   for q in chunk]

@@ -165,7 +165,7 @@ def plan_batches(questions: Sequence[EvalQuestion], batch_size: int) -> list[lis
     return batches
 
 
-def _load_batch(im: InferenceModel, batch: Sequence[EvalQuestion], max_frames: int | None,
+def load_batch(im: InferenceModel, batch: Sequence[EvalQuestion], max_frames: int | None,
                 fps: float | None = None) -> list[Any]:
     """Each question's pixels (None for text only; a video file as an opened `VideoStream`, encoded in chunks
     later), or the `UserError` that says why its media is unreadable."""
@@ -233,11 +233,11 @@ def evaluate(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Seq
     skipped: list[dict[str, Any]] = []
     bar = tqdm(total=len(questions) * len(ms), desc="eval", unit="q", disable=not progress)
     with cf.ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(_load_batch, im, batches[0], frames, fps) if batches else None
+        future = pool.submit(load_batch, im, batches[0], frames, fps) if batches else None
         for bi, chunk in enumerate(batches):
             loaded = future.result()
             if bi + 1 < len(batches):  # decode the next batch's media while this one runs
-                future = pool.submit(_load_batch, im, batches[bi + 1], frames, fps)
+                future = pool.submit(load_batch, im, batches[bi + 1], frames, fps)
             for q, px in zip(chunk, loaded):
                 if isinstance(px, UserError):
                     skipped.append({"question_id": q.record["question_id"], "reason": str(px)})

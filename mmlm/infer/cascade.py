@@ -246,18 +246,3 @@ def chat_budget(im: Any, pixels: np.ndarray, question: str, history: Sequence[tu
 
 def is_auto(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() == AUTO
-
-
-def budget_arg(text: str) -> int | str:
-    """argparse type of --num_vision_tokens where `auto` is allowed: a positive integer or "auto"."""
-    import argparse
-
-    if is_auto(text):
-        return AUTO
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}")
-    return value

@@ -98,7 +98,7 @@ def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------- the phases
 
-def _prefill_llm(model: LlavaMini, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array,
+def prefill_llm(model: LlavaMini, embeds: jax.Array, positions: jax.Array, key_valid: jax.Array,
                  cache: KVCache) -> tuple[jax.Array, KVCache]:
     """`LlavaMini.decode` over the whole prompt, projecting only the last position to the vocabulary.
 
@@ -126,7 +126,7 @@ def prefill(cfg: ModelConfig, params: Params, batch: Batch, sp: SamplingParams, 
     slots = p + max_new_tokens
     cache = init_cache(cfg.llm, b, slots, cfg.compute_dtype, per_layer=not cfg.scan_layers)
     key_valid = jnp.concatenate([valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
-    logits, cache = model.apply(variables, embeds, positions, key_valid, cache, method=_prefill_llm)
+    logits, cache = model.apply(variables, embeds, positions, key_valid, cache, method=prefill_llm)
     return start_decoding(logits, cache, key_valid, valid.sum(axis=1), sp, rng, max_new_tokens=max_new_tokens,
                           greedy=greedy)
 

@@ -128,7 +128,7 @@ def _build_synthetic(config: ml_collections.ConfigDict, key: Mapping[str, Any], 
                                             category_weights=weights, overwrite=True, progress=False))
     media = raw if s.kind != "moving_shapes" else None
     videos = raw if s.kind == "moving_shapes" else None
-    _write_categories(raw / f"{key['eval_split']}_questions.jsonl", out / CATEGORIES_FILE)
+    write_categories(raw / f"{key['eval_split']}_questions.jsonl", out / CATEGORIES_FILE)
     # TFDS prints its own "Downloading and preparing ..." lines; keep the console for the trainer.
     with contextlib.redirect_stdout(io.StringIO()):
         build.build_dataset(jsons, media, out / "built", videos_dir=videos, name=f"synthetic_{s.kind}",
@@ -195,7 +195,7 @@ def resolve_data_config(config: ml_collections.ConfigDict) -> None:
         config.data.image_size = int(config.model.image_size)
 
 
-def _write_categories(questions: Path, out: Path) -> None:
+def write_categories(questions: Path, out: Path) -> None:
     """example_id (the record's index in the split JSON) -> category of its first question.
 
     Question ids are `KIND-SPLIT-INDEX` (one question per record) or

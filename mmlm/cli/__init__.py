@@ -1,9 +1,10 @@
 """`mmlm` console script: dispatches `mmlm COMMAND ...` to the command's module.
 
-Each command lives in its own module with a `main(argv: list[str]) -> int`
-function and its own argparse parser, imported only when the command runs so
-that `mmlm --help` stays instant and one command's heavy imports never slow
-another.
+The command layer: each command lives in its own module `mmlm.cli.COMMAND` with a
+`main(argv: list[str]) -> int` function and its own argparse parser, which calls the
+library's functions. A command's module is imported only when the command runs so that
+`mmlm --help` stays instant and one command's heavy imports never slow another. No
+module outside `mmlm.cli` parses arguments.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import sys
 
 # command -> (module, one-line help). Modules define `main(argv) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "summary": ("mmlm.models.summary", "parameter counts, vision tokens and sequence lengths of a config"),
-    "train": ("mmlm.train.cli", "train a model from a config (the demo: --config configs/demo.py)"),
-    "eval": ("mmlm.eval.cli", "evaluate a checkpoint on a question JSONL across token budgets"),
-    "chat": ("mmlm.infer.chat", "ask a model about an image or a video"),
-    "serve": ("mmlm.serve.cli", "OpenAI-compatible HTTP API with batched decoding, and a web page"),
-    "convert": ("mmlm.convert.cli", "import HF CLIP / LLaMA / LLaVA-Mini weights, or export to HF"),
-    "verify": ("mmlm.convert.verify", "compare a converted checkpoint against transformers"),
-    "data": ("mmlm.data.cli", "synthesise, build, inspect and benchmark datasets"),
-    "compile": ("mmlm.bench.compile", "compile the train step for a Cloud TPU slice (no TPU): memory, fit, MFU"),
-    "bench": ("mmlm.bench.cli", "benchmarks: flops, compress, latency, video-memory, data"),
+    "summary": ("mmlm.cli.summary", "parameter counts, vision tokens and sequence lengths of a config"),
+    "train": ("mmlm.cli.train", "train a model from a config (the demo: --config configs/demo.py)"),
+    "eval": ("mmlm.cli.eval", "evaluate a checkpoint on a question JSONL across token budgets"),
+    "chat": ("mmlm.cli.chat", "ask a model about an image or a video"),
+    "serve": ("mmlm.cli.serve", "OpenAI-compatible HTTP API with batched decoding, and a web page"),
+    "convert": ("mmlm.cli.convert", "import HF CLIP / LLaMA / LLaVA-Mini weights, or export to HF"),
+    "verify": ("mmlm.cli.verify", "compare a converted checkpoint against transformers"),
+    "data": ("mmlm.cli.data", "synthesise, build, inspect and benchmark datasets"),
+    "compile": ("mmlm.cli.compile", "compile the train step for a Cloud TPU slice (no TPU): memory, fit, MFU"),
+    "bench": ("mmlm.cli.bench", "benchmarks: flops, compress, latency, video-memory, data"),
 }
 # Commands that run compiled steps on this host: glibc keeps XLA's freed step buffers (mmlm.host_memory).
 RUNS_STEPS = ("train", "eval", "chat", "serve", "bench")
@@ -55,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         from mmlm.host_memory import keep_freed_memory
 
         keep_freed_memory()  # before the XLA backend starts its threads
+    from mmlm.cli.platform import choose_platform, tpu_compile_environment
+
+    if name == "compile":
+        tpu_compile_environment()  # before the command's module imports jax
+    choose_platform()
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

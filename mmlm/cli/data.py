@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
-from mmlm.cli_common import SEED, number, run_command
+from mmlm.cli.common import SEED, number, run_command
 from mmlm.errors import DiskFullError, UserError, disk_full_message, is_disk_full
 
 _DESCRIPTION = """\
@@ -37,7 +38,7 @@ _nonneg_int = number(int, 0)
 _positive_float = number(float, 0, low_open=True)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     from mmlm.data import synth, templates
 
     parser = argparse.ArgumentParser(prog="mmlm data", description=_DESCRIPTION,
@@ -179,11 +180,9 @@ def _inspect(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "tokenizer":  # its own parser (also `python -m mmlm.data.make_tokenizer`)
-        from mmlm.data import make_tokenizer
-
-        return make_tokenizer.main(argv[1:])
-    parser = _parser()
+    if argv and argv[0] == "tokenizer":  # its own parser
+        return tokenizer_main(argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -204,3 +203,38 @@ def _dispatch(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def tokenizer_main(argv: list[str]) -> int:
+    """`mmlm data tokenizer`: trains the tiny tokenizer (`mmlm.data.make_tokenizer`); its own parser."""
+    from mmlm.data.make_tokenizer import DEFAULT_VOCAB_SIZE, check_tokenizer, train_tokenizer
+    from mmlm.data.tokenizer import TINY_TOKENIZER_PATH
+    from mmlm.safe_io import refuse_existing, write_bytes_atomic
+
+    parser = argparse.ArgumentParser(
+        prog="mmlm data tokenizer",
+        description="Train the tiny sentencepiece tokenizer for the synthetic datasets "
+                    "(deterministic: the same command always writes the same file).")
+    parser.add_argument("--out", default=str(TINY_TOKENIZER_PATH),
+                        help="output .model path (default: %(default)s)")
+    parser.add_argument("--vocab-size", type=number(int, 64), default=DEFAULT_VOCAB_SIZE,
+                        help="number of pieces (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (the default path is the shipped tokenizer, which this "
+                             "command regenerates byte for byte)")
+    args = parser.parse_args(argv)
+    if args.vocab_size < 64:
+        parser.error(f"--vocab-size must be >= 64, got {args.vocab_size}")
+    try:
+        refuse_existing(args.out, "--out", args.overwrite)
+    except UserError as e:
+        print(f"mmlm data tokenizer: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out, train_tokenizer(args.vocab_size))
+    problems = check_tokenizer(out)
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
+    print(f"wrote {out} ({out.stat().st_size} bytes)")
+    return 1 if problems else 0

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from mmlm.cli_common import number, run_command
+from mmlm.cli.common import number, run_command
 from mmlm.convert.io import DTYPE_CHOICES, parse_size
 from mmlm.errors import DiskFullError, UserError, disk_full_message, is_disk_full
 

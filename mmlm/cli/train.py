@@ -18,12 +18,12 @@ import logging
 import os
 import sys
 
-from mmlm.cli_common import number, run_command
+from mmlm.cli.common import number, run_command
 from mmlm.config_utils import load_config, split_config_overrides
 from mmlm.errors import UserError
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmlm train",
         description="Train a model from an ml_collections config; override any field with "
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     argv, overrides = split_config_overrides(argv)
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.overrides = overrides
     _setup_logging(args.log_level)
     # Ctrl-C inside the train loop saves a checkpoint (see PreemptionWatch); before it, or a second

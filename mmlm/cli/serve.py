@@ -16,13 +16,13 @@ import signal
 import sys
 import threading
 
-from mmlm.cli_common import run_command
+from mmlm.cli.common import run_command
 from mmlm.errors import UserError
 
 INSTALL_HINT = 'pip install -e ".[serve]"'
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmlm serve",
         description="Serve a model over HTTP: the OpenAI chat-completions API (POST /v1/chat/completions, "
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    return run_command("serve", run, _parser().parse_args(argv), interruptible=True)
+    return run_command("serve", run, build_parser().parse_args(argv), interruptible=True)
 
 
 if __name__ == "__main__":

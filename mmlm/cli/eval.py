@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from mmlm.cli_common import number, run_command
+from mmlm.cli.common import number, run_command
 from mmlm.errors import UserError
 
 
@@ -32,7 +32,7 @@ def _budgets(text: str) -> list[int | str]:
     return list(dict.fromkeys(values))
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmlm eval",
         description="Answer every question of a LLaVA-style JSONL (question_id, image|video, text, and "
@@ -175,7 +175,7 @@ def _skip_counts(skipped: list[dict]) -> dict[str, int]:
 
 
 def main(argv: list[str]) -> int:
-    return run_command("eval", run, _parser().parse_args(argv), interruptible=True)
+    return run_command("eval", run, build_parser().parse_args(argv), interruptible=True)
 
 
 if __name__ == "__main__":
