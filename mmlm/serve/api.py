@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -45,6 +45,10 @@ from mmlm.serve.media import MediaError, image_pixels, url_bytes, video_pixels
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_STOP_SEQUENCES = 4
+# Request bodies up to this size (bytes) are parsed on the event loop: decoding a small inline image takes
+# well under a millisecond, less than handing it to a worker thread and back. Larger bodies, videos, file://
+# media and "auto" budgets (which run the model) are parsed in a worker thread so the loop keeps serving.
+INLINE_PARSE_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,11 +398,19 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                               "not_found" if exc.status_code == 404 else None, kind)
 
     async def _json(request: HttpRequest) -> Any:
-        raw = await request.body()
+        return _loads(await request.body())
+
+    def _loads(raw: bytes) -> Any:
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+
+    def _parse_inline(raw: bytes, body: Any) -> bool:
+        """Whether a chat request is cheap enough to parse on the event loop (see INLINE_PARSE_BYTES)."""
+        return (len(raw) <= INLINE_PARSE_BYTES and isinstance(body, dict)
+                and not cascade.is_auto(body.get("num_vision_tokens"))
+                and b"video_url" not in raw and b"file:" not in raw)  # a file's size is not the body's
 
     # -------------------------------------------------------------- routes
     @app.get("/", include_in_schema=False)
@@ -480,8 +492,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise ApiError(503, "the server is shutting down", None, "shutting_down", "server_error")
         engine.expect()  # a decode step about to run may wait for this request to join it
         try:
-            body = await _json(request)
-            parsed = await run_in_threadpool(parse_chat_request, body, im, settings)
+            raw = await request.body()
+            body = _loads(raw)
+            if _parse_inline(raw, body):
+                parsed = parse_chat_request(body, im, settings)
+            else:
+                parsed = await run_in_threadpool(parse_chat_request, body, im, settings)
         except BaseException:  # a bad request, or the client gone: nothing to wait for
             engine.unexpect()
             raise
@@ -555,10 +571,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                     finish = value
         finally:
             req.cancel()  # no-op once finished; frees the slot if this handler was cancelled
-        return {"id": rid, "object": "chat.completion", "created": created, "model": settings.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": detok.text},
-                             "finish_reason": finish, "logprobs": None}],
-                "usage": _usage(req), "num_vision_tokens": _used_budget(req)}
+        answer = {"id": rid, "object": "chat.completion", "created": created, "model": settings.model_name,
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": detok.text},
+                               "finish_reason": finish, "logprobs": None}],
+                  "usage": _usage(req), "num_vision_tokens": _used_budget(req)}
+        # Plain JSON types only: serialised here, not through FastAPI's generic encoder.
+        return Response(json.dumps(answer), media_type="application/json")
 
     async def _stream(request, req, events, detok, parsed: ChatRequest, rid, created):
         def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True,
