@@ -1,12 +1,23 @@
-"""Standalone model checkpoints: `DIR/config.json` + `DIR/params` (Orbax).
+"""Checkpoints on disk: discovery, integrity and model checkpoints (one home for all of them).
 
-A model checkpoint is what `mmlm convert` writes and what `--checkpoint DIR`
-/ `--init_from DIR` read: the full mmlm config (so eval/chat can rebuild the
-model) and the parameter pytree (possibly partial, e.g. only `vision` after
-converting a CLIP tower). Training workdirs hold an Orbax CheckpointManager
-under `WORKDIR/checkpoints` instead (written by `mmlm.train.checkpointing`);
-`load_params_from_workdir` reads the params of one of its steps, so that
-eval and chat need nothing from the training package.
+Two kinds of directory hold weights:
+
+* a model checkpoint, `DIR/config.json` + `DIR/params` (Orbax): what `mmlm
+  convert` writes and what `--checkpoint DIR` / `--init_from DIR` read: the
+  full mmlm config (so eval/chat can rebuild the model) and the parameter
+  pytree (possibly partial, e.g. only `vision` after converting a CLIP tower);
+  `is_model_checkpoint` tells one;
+* a training workdir, `WORKDIR/config.json` + an Orbax CheckpointManager
+  under `WORKDIR/checkpoints` (saved by `mmlm.train.checkpointing`), one
+  directory per step; `has_checkpoints` tells one that saved a step.
+
+Integrity: every saved step carries `mmlm_manifest.json` (each file's size
+and CRC-32, `write_manifest`); `verify_step` checks a step against it, and
+`restore_newest_intact` is the one loop that walks a workdir's steps from the
+newest, skipping damaged ones: the trainer's resume and
+`load_params_from_workdir` (eval, chat, serve, lmms-eval: `--workdir` with an
+optional `--step`) both use it, so eval and chat need nothing from the
+training package.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import logging
 import os
 import shutil
 import zlib
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 
 import jax
 import ml_collections
@@ -27,6 +38,8 @@ from mmlm.errors import UserError
 from mmlm.safe_io import write_text_atomic
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -40,8 +53,23 @@ _JSON_REWRITTEN = ("_CHECKPOINT_METADATA",)
 DAMAGED_SUFFIX = ".damaged"  # a damaged step directory is renamed STEP.damaged (kept for inspection)
 
 
+# ------------------------------------------------------------------------- discovery
+
 def checkpoint_dir(workdir: str) -> str:
+    """`WORKDIR/checkpoints`: the root of a training workdir's step directories."""
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def is_model_checkpoint(directory: str) -> bool:
+    """A model checkpoint (`config.json` + `params/`, as `mmlm convert` writes), not a training workdir."""
+    return os.path.isdir(os.path.join(directory, PARAMS_DIR)) and os.path.isfile(
+        os.path.join(directory, CONFIG_FILE))
+
+
+def has_checkpoints(workdir: str) -> bool:
+    """A training workdir that has saved at least one step."""
+    root = checkpoint_dir(workdir)
+    return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
 
 
 # ------------------------------------------------------------------------- integrity
@@ -142,6 +170,56 @@ def _short(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+class StepMismatchError(UserError, ValueError):
+    """An intact (verified) step that does not restore: its files do not fit the restore target, which is a
+    config mismatch, not damage. `step` and `reason` let the caller say which config to use."""
+
+    def __init__(self, root: str, step: int, reason: str):
+        super().__init__(f"checkpoint step {step} in {root} does not fit the config ({reason})")
+        self.step, self.reason = step, reason
+
+
+class NoIntactCheckpointError(UserError, ValueError):
+    """Every step tried is damaged; `damaged` lists (step, detail), newest first."""
+
+    def __init__(self, root: str, damaged: list[tuple[int, str]]):
+        super().__init__(f"no intact checkpoint in {root}: " + "; ".join(f"step {s}: {d}" for s, d in damaged))
+        self.damaged = damaged
+
+
+def restore_newest_intact(root: str, steps: Sequence[int], restore: Callable[[int], T], *,
+                          items: tuple[str, ...] | None = None,
+                          on_damaged: Callable[[int, str], None] | None = None
+                          ) -> tuple[int, T, list[tuple[int, str]]]:
+    """Restores the first of `steps` (tried in order, newest first) that is not damaged.
+
+    Each `root/STEP` is checked against its manifest first (`verify_step`,
+    limited to `items`); a damaged step, or one without a manifest that fails
+    to restore, goes to `on_damaged(step, detail)` and the next is tried.
+    Returns (step, what `restore(step)` returned, the skipped damaged steps as
+    (step, detail)). Raises `StepMismatchError` when a verified step fails to
+    restore, `NoIntactCheckpointError` when every step is damaged. Nothing on
+    disk is changed (setting damaged steps aside is the caller's choice).
+    """
+    damaged: list[tuple[int, str]] = []
+    for step in steps:
+        step_dir = os.path.join(root, str(step))
+        status, detail = verify_step(step_dir, items=items)
+        if status != "damaged":
+            try:
+                restored = restore(step)
+            except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for bad files
+                if status == "ok":  # the files are intact: they do not fit the target
+                    raise StepMismatchError(root, step, _short(e)) from None
+                detail = f"{step_dir} cannot be restored ({_short(e)})"
+            else:
+                return step, restored, damaged
+        if on_damaged is not None:
+            on_damaged(step, detail)
+        damaged.append((step, detail))
+    raise NoIntactCheckpointError(root, damaged)
+
+
 def save_config(directory: str, config: ml_collections.ConfigDict) -> None:
     """Writes `directory/config.json` atomically (a complete old or new file, never a partial one)."""
     os.makedirs(directory, exist_ok=True)
@@ -207,6 +285,14 @@ def save_model_low_memory(directory: str, params: Any, config: ml_collections.Co
         ckptr.save(path, args=ocp.args.PyTreeSave(jax.tree.map(np.asarray, params)))
 
 
+def load_model_params_metadata(directory: str) -> Any:
+    """The params tree of a model checkpoint as saved (leaves carry `shape` and `dtype`; no array is read)."""
+    path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+    return getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+
+
 def load_model_params(directory: str, target: Any | None = None) -> Any:
     """Reads the params of a model checkpoint.
 
@@ -220,11 +306,6 @@ def load_model_params(directory: str, target: Any | None = None) -> Any:
         if target is None:
             return ckptr.restore(path)
         return ckptr.restore(path, target)
-
-
-def is_model_checkpoint(directory: str) -> bool:
-    return os.path.isdir(os.path.join(directory, PARAMS_DIR)) and os.path.isfile(
-        os.path.join(directory, CONFIG_FILE))
 
 
 def _abstract_params(config: ml_collections.ConfigDict, sharding: Any) -> Any:
@@ -266,28 +347,28 @@ def load_params_from_workdir(workdir: str, step: int | None = None, shardings: A
         if step is not None and step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {root!r}; available: {sorted(steps)}")
         target = _abstract_params(config, shardings or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-        damaged: list[str] = []
-        for s in ([step] if step is not None else steps):
-            step_dir = os.path.join(root, str(s))
-            status, detail = verify_step(step_dir, items=("params",))
-            if status != "damaged":
-                try:
-                    restored = manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-                except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for bad files
-                    if status == "ok":  # the files are intact: the checkpoint does not fit config.json
-                        raise UserError(f"checkpoint step {s} in {root} does not fit {workdir}/{CONFIG_FILE} "
-                                        f"({_short(e)})") from None
-                    detail = f"{step_dir} cannot be restored ({_short(e)})"
-                else:
-                    if damaged:
-                        log.warning("using checkpoint step %d; newer damaged step(s) were skipped: %s", s,
-                                    "; ".join(damaged))
-                    return nn.unbox(restored["params"]), config
-            if step is not None:
-                raise UserError(f"checkpoint step {s} is damaged: {detail}; choose another --step "
-                                f"(available: {sorted(steps)})")
+
+        def restore(s: int) -> Any:
+            return manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+
+        def skipped(s: int, detail: str) -> None:
             log.warning("checkpoint step %d is damaged and skipped: %s", s, detail)
-            damaged.append(f"step {s}: {detail}")
-        raise UserError(f"no intact checkpoint in {root}: " + "; ".join(damaged))
+
+        try:
+            found, params, damaged = restore_newest_intact(
+                root, [step] if step is not None else steps, restore, items=("params",),
+                on_damaged=None if step is not None else skipped)
+        except StepMismatchError as e:
+            raise UserError(f"checkpoint step {e.step} in {root} does not fit {workdir}/{CONFIG_FILE} "
+                            f"({e.reason})") from None
+        except NoIntactCheckpointError as e:
+            if step is not None:
+                raise UserError(f"checkpoint step {step} is damaged: {e.damaged[0][1]}; choose another --step "
+                                f"(available: {sorted(steps)})") from None
+            raise
+        if damaged:
+            log.warning("using checkpoint step %d; newer damaged step(s) were skipped: %s", found,
+                        "; ".join(f"step {s}: {d}" for s, d in damaged))
+        return nn.unbox(params), config
     finally:
         manager.close()

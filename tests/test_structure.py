@@ -22,7 +22,7 @@ PACKAGE = REPO / "mmlm"
 LAYERS: dict[str, int] = {
     # 0: basic utilities (no model, no data), including loading config files and checking their fields
     "mmlm": 0, "errors": 0, "pixels": 0, "safe_io": 0, "host_memory": 0, "sharding": 0,
-    "configs": 0, "config_utils": 0,
+    "configs": 0, "config_utils": 0, "accelerators": 0,
     # 1-2: compute kernels, then the models built on them
     "kernels": 1,
     "models": 2,

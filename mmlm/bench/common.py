@@ -6,9 +6,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from mmlm.accelerators import GIB
 from mmlm.models.config import ModelConfig
-
-GIB = 1 << 30
 
 
 def baseline_of(cfg: ModelConfig) -> ModelConfig:

@@ -10,8 +10,9 @@ how fast it should run, before renting it.
 
 * Topology: a Cloud TPU name, `<generation>-<count>`. v4 and v5p names count
   TensorCores (2 per chip: v5p-64 = 32 chips); v5litepod (alias v5e) and
-  v6e names count chips. `TPU_GENERATIONS` holds each chip's peak dense bf16
-  FLOP/s, HBM capacity, HBM bandwidth and ICI bandwidth.
+  v6e names count chips. `TPU_GENERATIONS` names each generation's chip in
+  `mmlm.accelerators`, which holds its peak dense bf16 FLOP/s, HBM capacity,
+  HBM bandwidth and ICI bandwidth.
 * The train step is the trainer's own (`build_setup` + `make_train_step`,
   `config.mesh` with -1 resolved against the chip count), lowered with
   abstract state and batch (ShapeDtypeStructs carrying NamedShardings:
@@ -54,8 +55,9 @@ import ml_collections
 from jax.sharding import Mesh
 
 from mmlm import sharding as shd
-from mmlm.bench.common import GIB, fmt_bytes, oom_temporaries
-from mmlm.bench.roofline import Chip, roofline
+from mmlm.accelerators import Accelerator, Chip, accelerator
+from mmlm.bench.common import fmt_bytes, oom_temporaries
+from mmlm.bench.roofline import roofline
 from mmlm.errors import UserError
 from mmlm.models.summary import batch_shapes
 from mmlm.safe_io import write_text_atomic
@@ -63,22 +65,40 @@ from mmlm.safe_io import write_text_atomic
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """One Cloud TPU generation (public Cloud TPU specifications, per chip)."""
+    """How Cloud TPU names and lays out one generation's slices; the chip's figures are in
+    `mmlm.accelerators` (public Cloud TPU specifications, per chip)."""
 
+    accelerator: str  # name in mmlm.accelerators
     topology_prefix: str  # generation in get_topology_desc's topology string
-    peak_tflops: float  # dense bf16 TFLOP/s
-    hbm_gib: float  # HBM capacity, GiB
-    hbm_gbps: float  # HBM bandwidth, GB/s
-    ici_gbps: float  # inter-chip interconnect bandwidth, GB/s
     cores_per_name_unit: int  # TensorCores per chip counted by the slice name (2: v4, v5p), else 1
     dims: int  # torus dimensions (3: v4, v5p; 2: v5e, v6e)
 
+    @property
+    def chip_spec(self) -> Accelerator:
+        return accelerator(self.accelerator)
+
+    @property
+    def peak_tflops(self) -> float:  # dense bf16 TFLOP/s
+        return self.chip_spec.peak_tflops
+
+    @property
+    def hbm_gib(self) -> float:  # HBM capacity, GiB
+        return float(self.chip_spec.hbm_gib)
+
+    @property
+    def hbm_gbps(self) -> float:  # HBM bandwidth, GB/s
+        return float(self.chip_spec.hbm_gbps)
+
+    @property
+    def ici_gbps(self) -> float:  # inter-chip interconnect bandwidth, GB/s
+        return float(self.chip_spec.ici_gbps)
+
 
 TPU_GENERATIONS: dict[str, Generation] = {
-    "v4": Generation("v4", 275.0, 32.0, 1228.0, 300.0, 2, 3),
-    "v5litepod": Generation("v5e", 197.0, 16.0, 819.0, 200.0, 1, 2),
-    "v5p": Generation("v5p", 459.0, 95.0, 2765.0, 600.0, 2, 3),
-    "v6e": Generation("v6e", 918.0, 32.0, 1640.0, 448.0, 1, 2),
+    "v4": Generation("v4", "v4", 2, 3),
+    "v5litepod": Generation("v5e", "v5e", 1, 2),
+    "v5p": Generation("v5p", "v5p", 2, 3),
+    "v6e": Generation("v6e", "v6e", 1, 2),
 }
 ALIASES = {"v5e": "v5litepod"}
 
@@ -96,12 +116,11 @@ class Slice:
 
     @property
     def hbm_bytes(self) -> int:
-        return int(self.spec.hbm_gib * GIB)
+        return self.spec.chip_spec.hbm_bytes
 
     @property
     def chip(self) -> Chip:
-        s = self.spec
-        return Chip(peak_flops=s.peak_tflops * 1e12, hbm_bytes_per_s=s.hbm_gbps * 1e9, ici_bytes_per_s=s.ici_gbps * 1e9)
+        return self.spec.chip_spec.chip
 
 
 def _grid(chips: int, dims: int) -> list[int]:

@@ -82,7 +82,7 @@ from mmlm.models.llama import LlamaBlock, LlamaModel
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.models.prefusion import PreFusion
 from mmlm.models.projector import Projector
-from mmlm.models.summary import dummy_batch
+from mmlm.models.summary import abstract_params, dummy_batch, split_static
 from mmlm.models.vit import VisionTower, VitBlock
 
 DEFAULT_TEXT_TOKENS = 43
@@ -118,41 +118,10 @@ def _sds(shape: Sequence[int], dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
-def _split_static(args: Sequence[Any]) -> tuple[list[int], Callable[[Sequence[Any]], list[Any]]]:
-    """Indices of the abstract args (pytrees of ShapeDtypeStructs) and a function rebuilding the full arg list.
-
-    Everything else (None, Python ints such as a token budget) stays static.
-    """
-    def abstract(a: Any) -> bool:
-        leaves = jax.tree.leaves(a)
-        return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
-
-    dynamic = [i for i, a in enumerate(args) if abstract(a)]
-
-    def rebuild(values: Sequence[Any]) -> list[Any]:
-        full = list(args)
-        for i, v in zip(dynamic, values):
-            full[i] = v
-        return full
-
-    return dynamic, rebuild
-
-
-def abstract_params(module: nn.Module, *args, method: Callable | str | None = None, **kwargs) -> Any:
-    """Unboxed parameter ShapeDtypeStructs of `module` (nothing allocated)."""
-    dynamic, rebuild = _split_static(args)
-
-    def init(*values):
-        variables = module.init(jax.random.key(0), *rebuild(values), method=method, **kwargs)
-        return nn.unbox(variables).get("params", {})  # parameter-free modules (avgpool) have none
-
-    return jax.eval_shape(init, *(args[i] for i in dynamic))
-
-
 def module_program(module: nn.Module, *args, method: Callable | str | None = None, **kwargs) -> Program:
     """`module.apply({'params': p}, *args)` as a Program with abstract params (non-array args static)."""
     params = abstract_params(module, *args, method=method, **kwargs)
-    dynamic, rebuild = _split_static(args)
+    dynamic, rebuild = split_static(args)
     fn = lambda p, *a: module.apply({"params": p}, *rebuild(a), method=method, **kwargs)
     return Program(fn, (params,) + tuple(args[i] for i in dynamic))
 

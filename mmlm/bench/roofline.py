@@ -47,6 +47,7 @@ import math
 import re
 from typing import Any
 
+from mmlm.accelerators import Chip  # noqa: F401 - the chip figures the roofline reads (re-exported)
 from mmlm.kernels.attention import FLOPS_TAG
 
 _DTYPE_BYTES = {
@@ -106,15 +107,6 @@ class Cost:
         self.collective_seconds += times * other.collective_seconds
         for k, v in other.collective_bytes.items():
             self.collective_bytes[k] += times * v
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """What the roofline needs of one chip."""
-
-    peak_flops: float  # dense bf16 FLOP/s
-    hbm_bytes_per_s: float
-    ici_bytes_per_s: float
 
 
 def _logical_lines(text: str) -> list[str]:

@@ -275,13 +275,9 @@ def _feature_model(cfg):
 
 def mmlm_parts(dst: str) -> set[str]:
     """Top-level params of an mmlm checkpoint, from the Orbax metadata (nothing loaded)."""
-    import orbax.checkpoint as ocp
+    from mmlm import checkpoint
 
-    from mmlm.checkpoint import PARAMS_DIR
-
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(os.path.join(os.path.abspath(dst), PARAMS_DIR))
-    return set(getattr(meta, "item_metadata", meta).keys())
+    return set(checkpoint.load_model_params_metadata(dst).keys())
 
 
 def detect_kind(parts: set[str]) -> str:

@@ -259,7 +259,7 @@ def stack_layers(params: dict, num_layers: int) -> dict:
     return {k: stack_layers(v, num_layers) for k, v in params.items()}
 
 
-def unstack_layers(params: dict, num_layers: int | None = None) -> dict:
+def unstack_layers(params: dict) -> dict:
     """Scanned `layers` subtrees -> unrolled `layers_{i}` subtrees (recursively)."""
     if not isinstance(params, dict):
         return params
@@ -270,7 +270,7 @@ def unstack_layers(params: dict, num_layers: int | None = None) -> dict:
             for i in range(n):
                 out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], v)
         else:
-            out[k] = unstack_layers(v, num_layers)
+            out[k] = unstack_layers(v)
     return out
 
 

@@ -6,6 +6,9 @@ part ends with the compressed tokens. Attention is causal plus a key-padding
 mask that hides text positions that are padding, the image placeholder or a
 response token (only instruction text is fused). Position ids are the running
 count of unmasked positions minus one (masked positions get 0).
+
+`prefusion_from_llm` is the parameter surgery that starts these blocks as
+copies of the LLM's (`train.init_prefusion_from_llm`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mmlm.models.config import LlamaConfig
-from mmlm.models.layers import BTD, constrain, positions_from_valid
+from mmlm.models.layers import BTD, constrain, positions_from_valid, stack_layers, unstack_layers
 from mmlm.models.llama import block_stack
 
 
@@ -49,3 +52,28 @@ class PreFusion(nn.Module):
         out, _ = stack(x, None, positions, None, valid)
         fused_text = jnp.where(fuse[..., None], out[:, p:], text.astype(self.dtype))
         return out[:, :p], fused_text
+
+
+def prefusion_from_llm(params: dict[str, Any]) -> dict[str, Any]:
+    """Params whose pre-fusion block i is a copy of LLM block i mod L (L = LLM blocks); the rest unchanged.
+
+    The pre-fusion blocks have the LLM's block structure, so a pretrained
+    LLM's blocks are a start that already knows how text reads the vision
+    tokens (`train.init_prefusion_from_llm`). Works on scanned (`layers`,
+    leading layer axis) and unrolled (`layers_{i}`) stacks alike. Raises
+    ValueError when the block shapes differ.
+    """
+    if "prefusion" not in params:
+        return params
+    llm = unstack_layers(params["llm"]["decoder"])
+    old = params["prefusion"]["blocks"]
+    prefusion = unstack_layers(old)
+    # Copies, not views: the train step donates the state, and one buffer may be donated only once.
+    new = {f"layers_{i}": jax.tree.map(jnp.copy, llm[f"layers_{i % len(llm)}"]) for i in range(len(prefusion))}
+    for name, block in new.items():
+        want = jax.tree.map(jnp.shape, prefusion[name])
+        if jax.tree.map(jnp.shape, block) != want:
+            raise ValueError(f"LLM blocks {jax.tree.map(jnp.shape, block)} do not have the pre-fusion block "
+                             f"shapes {want}")
+    blocks = stack_layers(new, len(new)) if "layers" in old else new
+    return {**params, "prefusion": {**params["prefusion"], "blocks": blocks}}

@@ -7,7 +7,7 @@ allocated: a 7B config answers in seconds on a laptop.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +58,46 @@ def dummy_batch(cfg: ModelConfig, batch: int = 1, text_len: int = 16, frames: in
     }
 
 
-def abstract_params(cfg: ModelConfig) -> dict:
-    """Parameter ShapeDtypeStructs (unboxed) without allocating anything."""
-    model = LlavaMini(cfg)
-    batch = dummy_batch(cfg)
-    variables = jax.eval_shape(lambda b: model.init(jax.random.key(0), b), batch)
-    return nn.unbox(variables)["params"]
+def split_static(args: Sequence[Any]) -> tuple[list[int], Callable[[Sequence[Any]], list[Any]]]:
+    """Indices of the abstract args (pytrees of ShapeDtypeStructs) and a function rebuilding the full arg list.
+
+    Everything else (None, Python ints such as a token budget) stays static.
+    """
+    def abstract(a: Any) -> bool:
+        leaves = jax.tree.leaves(a)
+        return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+    dynamic = [i for i, a in enumerate(args) if abstract(a)]
+
+    def rebuild(values: Sequence[Any]) -> list[Any]:
+        full = list(args)
+        for i, v in zip(dynamic, values):
+            full[i] = v
+        return full
+
+    return dynamic, rebuild
+
+
+def abstract_params(model: ModelConfig | nn.Module, *args: Any, method: Callable | str | None = None,
+                    **kwargs: Any) -> dict:
+    """Unboxed parameter ShapeDtypeStructs, without allocating anything.
+
+    `model` is a `ModelConfig` (the whole LlavaMini, initialised on a dummy
+    batch) or a module initialised on `args` (+ `method`, `kwargs`): pytrees
+    of ShapeDtypeStructs among `args` are traced, the rest (None, ints) stays
+    static. A parameter-free module (average pooling) gives {}.
+    """
+    if isinstance(model, ModelConfig):
+        if args or kwargs or method is not None:
+            raise TypeError("abstract_params(ModelConfig) takes no inputs: it initialises on a dummy batch")
+        return abstract_params(LlavaMini(model), dummy_batch(model))
+    dynamic, rebuild = split_static(args)
+
+    def init(*values):
+        variables = model.init(jax.random.key(0), *rebuild(values), method=method, **kwargs)
+        return nn.unbox(variables).get("params", {})
+
+    return jax.eval_shape(init, *(args[i] for i in dynamic))
 
 
 def summarize(cfg: ModelConfig, text_len: int = 64) -> dict[str, Any]:

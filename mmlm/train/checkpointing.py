@@ -1,4 +1,9 @@
-"""Training checkpoints: an Orbax `CheckpointManager` under `WORKDIR/checkpoints`.
+"""Saving training checkpoints: an Orbax `CheckpointManager` under `WORKDIR/checkpoints`.
+
+What is specific to training lives here (the manager that saves the train
+state asynchronously, the workdir checks before a run, setting damaged steps
+aside on resume); finding steps and checking their integrity is
+`mmlm.checkpoint`'s, shared with eval, chat and serve.
 
 Each step directory holds four items:
 
@@ -15,14 +20,15 @@ matches the step exactly.
 Integrity: once a step's files are final (Orbax's post-finalization hook,
 before the step directory is committed by its rename), `mmlm_manifest.json`
 records every file's size and CRC-32 (`mmlm.checkpoint.write_manifest`).
-`restore_latest` verifies the newest step against it before restoring; a
-damaged step (a missing, truncated or corrupted file, an unreadable
-manifest, or, for a step without a manifest, a failed restore) is reported
-by path, renamed `STEP.damaged` (kept for inspection, out of the way of the
-next save) and the next older step is tried. Interrupted saves
-(`STEP.orbax-checkpoint-tmp*` directories) are removed at startup. Restoring takes an abstract target whose leaves carry
-the *current* mesh's shardings: a checkpoint saved on one mesh restores onto
-another (Orbax reshards).
+`restore_latest` restores the newest intact step
+(`mmlm.checkpoint.restore_newest_intact`); a damaged step (a missing,
+truncated or corrupted file, an unreadable manifest, or, for a step without
+a manifest, a failed restore) is reported by path, renamed `STEP.damaged`
+(kept for inspection, out of the way of the next save) and the next older
+step is tried. Interrupted saves (`STEP.orbax-checkpoint-tmp*` directories)
+are removed at startup. Restoring takes an abstract target whose leaves
+carry the *current* mesh's shardings: a checkpoint saved on one mesh
+restores onto another (Orbax reshards).
 
 `WORKDIR/config.json` (written by the trainer) is the resolved config, so
 `mmlm.checkpoint.load_params_from_workdir(workdir)` rebuilds everything eval
@@ -43,8 +49,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mmlm.checkpoint import (CONFIG_FILE, PARAMS_DIR, checkpoint_dir, is_model_checkpoint, load_config_json,
-                             set_aside_damaged, verify_step, write_manifest)
+from mmlm.checkpoint import (CONFIG_FILE, PARAMS_DIR, NoIntactCheckpointError, StepMismatchError, checkpoint_dir,
+                             has_checkpoints, is_model_checkpoint, load_config_json, restore_newest_intact,
+                             set_aside_damaged, write_manifest)
 from mmlm.errors import DiskFullError, UserError, disk_full_message, is_disk_full
 
 log = logging.getLogger(__name__)
@@ -103,11 +110,6 @@ def _model_fields(model: ml_collections.ConfigDict) -> dict[str, Any]:
     except (ValueError, TypeError):  # a config.json from another version: compare it as written
         tree = model.to_dict() if isinstance(model, ml_collections.ConfigDict) else dict(model)
     return _flat(tree)
-
-
-def has_checkpoints(workdir: str) -> bool:
-    root = checkpoint_dir(workdir)
-    return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
 
 
 def check_saved_model_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -238,28 +240,22 @@ class Checkpointer:
         is renamed, so no work is silently discarded).
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
-        damaged: list[tuple[int, str]] = []
-        for step in steps:
-            step_dir = os.path.join(self.root, str(step))
-            status, detail = verify_step(step_dir)
-            if status != "damaged":
-                try:
-                    state = self.restore(step, abstract_state, data_iterator)
-                except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for bad files
-                    text = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-                    if status == "ok":  # intact files that do not fit: not damage, a config mismatch
-                        raise UserError(f"checkpoint step {step} in {self.root} does not fit this config "
-                                        f"({text}); use the workdir's config.json or a new --workdir") from None
-                    detail = f"{step_dir} cannot be restored ({text})"
-                else:
-                    self._set_aside(damaged)
-                    return step, state
+        if not steps:
+            return None, None
+
+        def skipped(step: int, detail: str) -> None:
             log.warning("checkpoint step %d is damaged: %s; trying an older step", step, detail)
-            damaged.append((step, detail))
-        if damaged:
-            raise UserError(f"no intact checkpoint in {self.root}: " + "; ".join(
-                f"step {s}: {d}" for s, d in damaged) + ". Move the damaged step directories away to start afresh")
-        return None, None
+
+        try:
+            step, state, damaged = restore_newest_intact(
+                self.root, steps, lambda s: self.restore(s, abstract_state, data_iterator), on_damaged=skipped)
+        except StepMismatchError as e:  # intact files that do not fit: not damage, a config mismatch
+            raise UserError(f"checkpoint step {e.step} in {self.root} does not fit this config ({e.reason}); "
+                            "use the workdir's config.json or a new --workdir") from None
+        except NoIntactCheckpointError as e:
+            raise UserError(f"{e}. Move the damaged step directories away to start afresh") from None
+        self._set_aside(damaged)
+        return step, state
 
     def _set_aside(self, damaged: list[tuple[int, str]]) -> None:
         if not damaged:

@@ -13,8 +13,8 @@ model FLOPs per step are the analytic count of `mmlm.models.flops`
 scanned stack, forward and backward of what trains; what `mmlm bench flops`
 and `mmlm compile` count). XLA's cost analysis of the compiled step is not
 used: it counts a scanned layer stack's body once and includes remat
-recomputation. The peak comes from `train.peak_tflops_per_device`, a table of
-accelerators, or (CPU) a rough cores x clock x 32 FLOP/cycle (AVX2 FMA)
+recomputation. The peak comes from `train.peak_tflops_per_device`, the table of
+accelerators (`mmlm.accelerators`), or (CPU) a rough cores x clock x 32 FLOP/cycle (AVX2 FMA)
 estimate.
 """
 
@@ -29,16 +29,10 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from mmlm.accelerators import for_device_kind
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-
-# Dense bf16 peak TFLOP/s per device (chip), by substring of `device.device_kind` (lower case).
-PEAK_TFLOPS = (
-    ("v6 lite", 918.0), ("v6e", 918.0), ("v5p", 459.0), ("v5 lite", 197.0), ("v5e", 197.0),
-    ("v4", 275.0), ("v3", 123.0), ("v2", 45.0),
-    ("h200", 989.0), ("h100", 989.0), ("a100", 312.0), ("l4", 121.0), ("a10", 125.0), ("v100", 125.0),
-    ("t4", 65.0),
-)
 
 
 def cpu_peak_tflops(num_devices: int) -> float:
@@ -60,13 +54,10 @@ def peak_tflops_per_device(configured: float = 0.0) -> float:
     if configured > 0:
         return float(configured)
     dev = jax.devices()[0]
-    kind = dev.device_kind.lower()
     if dev.platform == "cpu":
         return cpu_peak_tflops(jax.local_device_count())
-    for key, value in PEAK_TFLOPS:
-        if key in kind:
-            return value
-    return 0.0
+    acc = for_device_kind(dev.device_kind)
+    return acc.peak_tflops if acc is not None else 0.0
 
 
 def model_flops_per_step(cfg: Any, batch: Mapping[str, Any], parts: Sequence[str],
@@ -85,15 +76,38 @@ def model_flops_per_step(cfg: Any, batch: Mapping[str, Any], parts: Sequence[str
                                   with_largest=bool(recipe and recipe.with_largest))["total"])
 
 
-def compiled_flops(compiled: Any) -> float:
-    """FLOPs of a compiled XLA program (0 when the backend reports none)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements cost analysis
-        return 0.0
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
+def train_row(host: list[dict[str, Any]], elapsed: float, flops: float, peak: float,
+               parts: tuple[str, ...]) -> dict[str, Any]:
+    """The log row of the last step, with throughput averaged since the previous row (`flops`: the
+    analytic model FLOPs of those steps)."""
+    last = host[-1]
+    n = len(host)
+    tokens = float(sum(float(m["tokens"]) for m in host))
+    row = {
+        "loss": float(last["loss"]),
+        "token_accuracy": float(last["token_accuracy"]),
+        "grad_norm": float(last["grad_norm"]),
+        "lr": float(last[f"lr/{main_part(parts)}"]),
+        "budget": int(last["budget"]),
+        "supervised_tokens": int(last["supervised_tokens"]),
+        "step_time": elapsed / n,
+        "tokens_per_s": tokens / max(elapsed, 1e-9),
+    }
+    for part in parts:
+        row[f"lr/{part}"] = float(last[f"lr/{part}"])
+    if flops > 0:
+        row["tflops_per_s"] = flops / max(elapsed, 1e-9) / 1e12
+        if peak > 0:
+            row["mfu"] = flops / max(elapsed, 1e-9) / peak
+    return row
+
+
+def main_part(parts: tuple[str, ...]) -> str:
+    """The part whose learning rate is reported as `lr` (the LLM when it trains)."""
+    for p in ("llm", "prefusion", "compressor", "projector", "vision"):
+        if p in parts:
+            return p
+    return parts[0]
 
 
 def _scalar(v: Any) -> Any:

@@ -2,6 +2,11 @@
 
     result = train(config, workdir)
 
+`train` reads as its steps: check and lock the workdir, `_set_up` (data
+pipeline, `Setup`), `_restore_or_start` (checkpoint or fresh state),
+`TrainLoop.run` (steps, logging, evaluation, saving, signals), `_finish`
+(results.json, the console table of `mmlm.train.results`).
+
 1. Mesh from `config.mesh`; params and optimizer state sharded by the
    logical-axis rules (`mmlm.sharding`); the step is `jax.jit`-compiled
    ahead of time with in/out shardings and a donated state.
@@ -15,7 +20,7 @@
 4. SIGTERM (preemption) or Ctrl-C (SIGINT): the current step finishes, a
    checkpoint is saved, and the run exits with `PREEMPTED_EXIT_CODE`
    (`INTERRUPTED_EXIT_CODE` for Ctrl-C); rerunning resumes it. A second
-   Ctrl-C interrupts at once.
+   Ctrl-C interrupts at once (`mmlm.train.signals`).
 5. A non-finite loss stops the run (`NonFiniteLossError`) without saving, so
    the last checkpoint on disk is the last good state.
 """
@@ -27,7 +32,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -36,33 +40,34 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mmlm.checkpoint import is_model_checkpoint, load_model_params, save_config
+from mmlm.checkpoint import (PARAMS_DIR, has_checkpoints, is_model_checkpoint, load_model_params,
+                             load_model_params_metadata, save_config)
 from mmlm.errors import UserError
 from mmlm.models.config import ModelConfig, model_config_from_dict
-from mmlm.models.layers import count_params, stack_layers, unstack_layers
+from mmlm.models.layers import count_params
 from mmlm.models.llava_mini import LlavaMini
 from mmlm.models.loss import max_supervised_tokens
+from mmlm.models.prefusion import prefusion_from_llm
 from mmlm.models.summary import dummy_batch
 from mmlm import sharding as shd
 from mmlm.train import data as data_lib
 from mmlm.train.config import validate_config
-from mmlm.train.checkpointing import Checkpointer, check_saved_model_config, check_workdir, has_checkpoints
+from mmlm.train.checkpointing import Checkpointer, check_saved_model_config, check_workdir
 from mmlm.safe_io import write_text_atomic
 from mmlm.train.evaluate import Evaluator
 from mmlm.train.lock import WorkdirLock
-from mmlm.train.metrics import MetricWriter, model_flops_per_step, peak_tflops_per_device
+from mmlm.train.metrics import MetricWriter, model_flops_per_step, peak_tflops_per_device, train_row
 from mmlm.train.optimizer import count_state, make_optimizer, part_schedule, trainable_parts
 from mmlm.train.recipe import MatryoshkaRecipe, recipe_from_config
+from mmlm.train.results import RESULTS_FILE, format_results, write_results  # noqa: F401 - RESULTS_FILE re-exported
+from mmlm.train.signals import (  # noqa: F401 - exit codes re-exported for `mmlm train`
+    INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch)
 from mmlm.train.step import make_train_step, model_inputs
 
 log = logging.getLogger(__name__)
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a killed process reports
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT
-RESULTS_FILE = "results.json"
 VISION_PRETRAIN_FILE = "vision_pretrain.json"  # the summary of a fresh run's ViT pretraining
 
 
@@ -72,10 +77,6 @@ class TrainError(UserError, RuntimeError):
 
 class NonFiniteLossError(TrainError):
     """The loss or gradient norm became NaN/inf."""
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint was saved."""
 
 
 # ----------------------------------------------------------------------------- setup
@@ -168,7 +169,7 @@ def check_init_from(path: str) -> None:
     """Raises TrainError unless `path` is a model checkpoint (checked before any data is built)."""
     if not is_model_checkpoint(path):
         raise TrainError(f"--init_from {path!r} is not a model checkpoint (a directory with config.json and "
-                         "params/, as `mmlm convert` writes)")
+                         f"{PARAMS_DIR}/, as `mmlm convert` writes)")
 
 
 def load_init_from(setup: Setup, state: dict[str, Any], path: str) -> dict[str, Any]:
@@ -179,12 +180,7 @@ def load_init_from(setup: Setup, state: dict[str, Any], path: str) -> dict[str, 
     optimizer state stays zero (it is a fresh run).
     """
     check_init_from(path)
-    import orbax.checkpoint as ocp
-
-    params_dir = os.path.join(os.path.abspath(path), "params")
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(params_dir)
-    meta_tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+    meta_tree = load_model_params_metadata(path)
     model_flat = {jax.tree_util.keystr(p): a for p, a in
                   jax.tree_util.tree_flatten_with_path(setup.abstract_state["params"])[0]}
     ckpt_flat = jax.tree_util.tree_flatten_with_path(meta_tree)[0]
@@ -208,84 +204,21 @@ def load_init_from(setup: Setup, state: dict[str, Any], path: str) -> dict[str, 
     return {**state, "params": params}
 
 
-def prefusion_from_llm(params: dict[str, Any]) -> dict[str, Any]:
-    """Params whose pre-fusion block i is a copy of LLM block i mod L (L = LLM blocks); the rest unchanged.
-
-    The pre-fusion blocks have the LLM's block structure, so a pretrained
-    LLM's blocks are a start that already knows how text reads the vision
-    tokens (`train.init_prefusion_from_llm`). Works on scanned (`layers`,
-    leading layer axis) and unrolled (`layers_{i}`) stacks alike.
-    """
-    if "prefusion" not in params:
-        return params
-    llm = unstack_layers(params["llm"]["decoder"])
-    old = params["prefusion"]["blocks"]
-    prefusion = unstack_layers(old)
-    # Copies, not views: the train step donates the state, and one buffer may be donated only once.
-    new = {f"layers_{i}": jax.tree.map(jnp.copy, llm[f"layers_{i % len(llm)}"]) for i in range(len(prefusion))}
-    for name, block in new.items():
-        want = jax.tree.map(jnp.shape, prefusion[name])
-        if jax.tree.map(jnp.shape, block) != want:
-            raise TrainError(f"train.init_prefusion_from_llm: LLM blocks {jax.tree.map(jnp.shape, block)} do not "
-                             f"have the pre-fusion block shapes {want}")
-    blocks = stack_layers(new, len(new)) if "layers" in old else new
-    return {**params, "prefusion": {**params["prefusion"], "blocks": blocks}}
-
-
 def init_prefusion_if_configured(config: ml_collections.ConfigDict, setup: Setup,
                                  state: dict[str, Any]) -> dict[str, Any]:
     """A fresh state with the pre-fusion blocks copied from the LLM's when `train.init_prefusion_from_llm`."""
     if not config.train.get("init_prefusion_from_llm") or "prefusion" not in state["params"]:
         return state
-    params = jax.device_put(prefusion_from_llm(state["params"]), setup.state_shardings["params"])
+    try:
+        params = prefusion_from_llm(state["params"])
+    except ValueError as e:
+        raise TrainError(f"train.init_prefusion_from_llm: {e}") from None
+    params = jax.device_put(params, setup.state_shardings["params"])
     log.info("pre-fusion blocks initialised from the LLM's blocks")
     return {**state, "params": params}
 
 
-# ------------------------------------------------------------------------- preemption
-
-class PreemptionWatch:
-    """SIGTERM / first Ctrl-C -> save and stop. Multi-host: JAX's preemption sync point agrees on the step.
-
-    A second Ctrl-C raises KeyboardInterrupt at once (the default behaviour).
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.flag = False
-        self.signal_name = ""
-        self._old: dict[int, Any] = {}
-        if jax.process_count() == 1:
-            for sig in self.SIGNALS:
-                try:
-                    self._old[sig] = signal.signal(sig, self._handler)
-                except ValueError:  # not the main thread (e.g. called from a notebook worker)
-                    pass
-
-    def _handler(self, signum, frame):
-        if signum == signal.SIGINT and self.flag:
-            raise KeyboardInterrupt
-        self.flag = True
-        self.signal_name = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to stop at once)", flush=True)
-
-    def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.signal_name = self.signal_name or "SIGTERM"
-                return True
-            return False
-        return self.flag
-
-    def close(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-
-
-# ------------------------------------------------------------------------------ loop
+# ------------------------------------------------------------------------------ checks
 
 def _host(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
@@ -323,6 +256,8 @@ def check_data(config: ml_collections.ConfigDict) -> None:
                          f"{config.model.llm.vocab_size}: ids past the embedding table cannot be learned")
 
 
+# ------------------------------------------------------------------------------ a run
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns the final results (also in results.json)."""
     t_start = time.time()
@@ -341,7 +276,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, t_start: float, buckets: Any,
                   fbuckets: Any) -> dict[str, Any]:
-    """`train` once the workdir is checked and locked."""
+    """`train` once the workdir is checked and locked: set up, restore (or start), loop, finish."""
+    train_pipe, setup = _set_up(config, workdir)
+    ckpt = Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
+    data_iter = iter(train_pipe)
+    state, pretrain_summary = _restore_or_start(config, setup, ckpt, data_iter, workdir)
+    start = int(jax.device_get(state["step"]))
+    counts = _param_counts(setup)
+    writer = MetricWriter(workdir, total_steps=setup.total_steps, start_step=start,
+                          progress_bar=bool(config.train.progress_bar))
+    writer.message(f"mmlm train: {counts['params']:,} params ({counts['trainable_params']:,} trainable in "
+                   f"{', '.join(setup.parts)}; optimizer state {counts['optimizer_state_size']:,}); "
+                   f"mesh {shd.describe(setup.mesh)}; steps {start}->{setup.total_steps}; workdir {workdir}")
+    loop = TrainLoop(config, setup, ckpt, data_iter, writer, _make_evaluator(config, setup), buckets, fbuckets)
+    progress = loop.run(state, start)
+    return _finish(workdir, setup, t_start, progress, counts, pretrain_summary)
+
+
+# ------------------------------------------------------------------------- steps of a run
+
+def _set_up(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Setup]:
+    """Checks the workdir's saved config and the data, builds the training pipeline and the `Setup`."""
     check_saved_model_config(config, workdir)
     if config.train.init_from and not has_checkpoints(workdir):
         check_init_from(config.train.init_from)
@@ -355,15 +310,20 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, t_start: floa
     _check_batch(config, setup)
     log.info("mesh %s; trainable %s; budgets %s; %d steps", shd.describe(setup.mesh), setup.parts,
              setup.budgets, total_steps)
+    return train_pipe, setup
 
-    ckpt = Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
-    data_iter = iter(train_pipe)
+
+def _restore_or_start(config: ml_collections.ConfigDict, setup: Setup, ckpt: Checkpointer, data_iter: Any,
+                      workdir: str) -> tuple[dict[str, Any], dict[str, float] | None]:
+    """The newest intact checkpoint (state and data iterator), else a fresh state; then writes config.json.
+
+    Returns the state and the ViT pretraining summary (a resumed run reports its start's again)."""
     pretrain_summary = None
     latest, state = ckpt.restore_latest(setup.abstract_state, data_iter)
     pretrain_file = os.path.join(workdir, VISION_PRETRAIN_FILE)
     if latest is not None:
         log.info("resumed from step %d (%s)", latest, ckpt.manager.directory)
-        if os.path.exists(pretrain_file):  # a resumed run reports its start's ViT pretraining again
+        if os.path.exists(pretrain_file):
             with open(pretrain_file) as f:
                 pretrain_summary = json.load(f)
     else:
@@ -373,125 +333,178 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, t_start: floa
     # Written only now: the given config matched the checkpoint (or the workdir is fresh).
     if jax.process_index() == 0:
         save_config(workdir, config)
-    start = int(jax.device_get(state["step"]))
+    return state, pretrain_summary
 
-    n_params = count_params(setup.abstract_state["params"])
-    n_train = sum(count_params(setup.abstract_state["params"][p]) for p in setup.parts)
-    n_opt = count_state(setup.abstract_state["opt_state"])
-    step_fn = jax.jit(
-        make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, int(config.train.grad_accum_steps),
-                        setup.schedules, setup.mesh, config.sharding_rules, all_budgets=setup.all_budgets,
-                        recipe=setup.recipe),
-        in_shardings=(setup.state_shardings, None), out_shardings=(setup.state_shardings, None),
-        donate_argnums=(0,),
-        compiler_options=dict(config.get("tpu_compiler_options") or {}) if jax.default_backend() == "tpu" else None)
 
-    writer = MetricWriter(workdir, total_steps=total_steps, start_step=start,
-                          progress_bar=bool(config.train.progress_bar))
-    writer.message(f"mmlm train: {n_params:,} params ({n_train:,} trainable in {', '.join(setup.parts)}; "
-                   f"optimizer state {n_opt:,}); mesh {shd.describe(setup.mesh)}; "
-                   f"steps {start}->{total_steps}; workdir {workdir}")
-    evaluator = None
+def _param_counts(setup: Setup) -> dict[str, int]:
+    params = setup.abstract_state["params"]
+    return {"params": count_params(params),
+            "trainable_params": sum(count_params(params[p]) for p in setup.parts),
+            "optimizer_state_size": count_state(setup.abstract_state["opt_state"])}
+
+
+def _make_evaluator(config: ml_collections.ConfigDict, setup: Setup) -> Evaluator | None:
+    """The in-training evaluator, or None when `eval.every` < 0 or there is nothing to evaluate."""
     ev = config.eval
     if int(ev.every) >= 0 and (int(ev.num_questions) > 0 or int(ev.loss_batches) > 0):
-        evaluator = Evaluator(config, setup.cfg, setup.mesh)
-    preempt = PreemptionWatch()
-    log_every = max(int(config.train.log_every), 1)
-    ckpt_every = max(int(config.train.checkpoint_every), 1)
-    peak = peak_tflops_per_device(float(config.train.peak_tflops_per_device)) * 1e12 * jax.device_count()
-    programs: dict[tuple, Any] = {}  # batch shapes -> compiled step (one per text-length x frame bucket used)
-    flops_of: dict[tuple, float] = {}
-    last_row: dict[str, Any] = {}
-    eval_row: dict[str, Any] = {}
-    samples: list[dict[str, str]] = []
-    train_time = 0.0
-    status = "completed"
-    step = start
-    try:
-        pending: list[dict[str, Any]] = []  # device metrics since the last log row
-        pending_flops = 0.0
-        t_log = time.perf_counter()
-        prev = None
-        while step < total_steps:
-            local = model_inputs(next(data_iter))
-            _check_supervised(local, setup.cfg.loss_positions, step, ckpt)
-            batch = data_lib.global_batch(local, setup.mesh, buckets, fbuckets)
-            shape = batch_signature(batch)
-            if shape not in programs:
-                t0 = time.time()
-                programs[shape] = step_fn.lower(state, batch).compile()
-                flops_of[shape] = model_flops_per_step(setup.cfg, batch, setup.parts, setup.budgets,
-                                                         setup.all_budgets, setup.recipe)
-                frames = f", {batch['images'].shape[1]}-frame" if "images" in batch else ""
-                writer.message(f"compiled the train step for {batch['input_ids'].shape[1]}-token{frames} batches "
-                               f"in {time.time() - t0:.1f}s ({flops_of[shape] / 1e9:.2f} model GFLOP/step)")
-                t_log += time.time() - t0  # compiling is not training time
-            state, metrics = programs[shape](state, batch)
-            step += 1
-            pending.append(metrics)
-            pending_flops += flops_of[shape]
-            # Check the previous step (already finished or nearly) so the host never stalls the queue.
-            if prev is not None and not int(prev["finite"]):
-                raise NonFiniteLossError(_nan_message(step - 1, _host(prev), ckpt))
-            prev = metrics
-            is_last = step == total_steps
-            do_log = step % log_every == 0 or is_last
-            do_ckpt = step % ckpt_every == 0 or is_last
-            do_eval = evaluator is not None and ((int(ev.every) > 0 and step % int(ev.every) == 0) or is_last)
-            stop = preempt.reached(step)
-            if do_log or do_ckpt or do_eval or stop:
-                host = _host(pending)
-                if not all(int(m["finite"]) for m in host):
-                    bad = next(i for i, m in enumerate(host) if not int(m["finite"]))
-                    raise NonFiniteLossError(_nan_message(step - len(host) + 1 + bad, host[bad], ckpt))
-                now = time.perf_counter()
-                elapsed = now - t_log
-                train_time += elapsed
-                if do_log:
-                    last_row = writer.write(step, _train_row(host, elapsed, pending_flops, peak, setup.parts))
-                    writer.progress(step, {"loss": last_row["loss"], "acc": last_row["token_accuracy"]})
-                pending, pending_flops = [], 0.0
-                if do_ckpt or stop:
-                    ckpt.save(step, state, data_iter)
-                if do_eval:
-                    eval_metrics, samples = evaluator.run(state["params"],
-                                                          samples=int(ev.print_samples) if is_last else 0)
-                    eval_row = writer.write(step, eval_metrics)
-                    writer.message(f"step {step}: " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float)))
-                if stop and not is_last:
-                    raise Preempted()
-                t_log = time.perf_counter()
-    except Preempted:
-        status = "interrupted" if preempt.signal_name == "SIGINT" else "preempted"
-        writer.message(f"{preempt.signal_name}: saved a checkpoint at step {step}; rerun the same command "
-                       "to resume")
-    finally:
-        preempt.close()
-        ckpt.close()
-        writer.close()
+        return Evaluator(config, setup.cfg, setup.mesh)
+    return None
 
+
+def _finish(workdir: str, setup: Setup, t_start: float, progress: Progress, counts: dict[str, int],
+            pretrain_summary: dict[str, float] | None) -> dict[str, Any]:
+    """The run's results: written to results.json (process 0) and, for a completed run, printed."""
     results = {
-        "status": status,
-        "steps": step,
-        "total_steps": total_steps,
+        "status": progress.status,
+        "steps": progress.step,
+        "total_steps": setup.total_steps,
         "wall_time_s": time.time() - t_start,
-        "train_time_s": train_time,
-        "params": n_params,
-        "trainable_params": n_train,
-        "optimizer_state_size": n_opt,
+        "train_time_s": progress.train_time,
+        **counts,
         "mesh": shd.describe(setup.mesh),
-        "train": {k: v for k, v in last_row.items()},
-        "eval": {k: v for k, v in eval_row.items()},
-        "samples": samples,
+        "train": dict(progress.last_row),
+        "eval": dict(progress.eval_row),
+        "samples": progress.samples,
     }
     if pretrain_summary is not None:
         results["vision_pretrain"] = pretrain_summary
     if jax.process_index() == 0:
-        write_text_atomic(os.path.join(workdir, RESULTS_FILE), json.dumps(results, indent=2))
-        if status == "completed":
+        write_results(workdir, results)
+        if progress.status == "completed":
             print(format_results(results), flush=True)
     return results
+
+
+# ------------------------------------------------------------------------------ loop
+
+@dataclasses.dataclass
+class Progress:
+    """Where the loop stands, and what the results report of it."""
+
+    step: int
+    status: str = "completed"  # "preempted" (SIGTERM) or "interrupted" (Ctrl-C) when stopped early
+    train_time: float = 0.0  # seconds of stepping, compilation excluded
+    last_row: dict[str, Any] = dataclasses.field(default_factory=dict)  # the last train metrics row
+    eval_row: dict[str, Any] = dataclasses.field(default_factory=dict)  # the last evaluation row
+    samples: list[dict[str, str]] = dataclasses.field(default_factory=list)  # held-out answers of the last eval
+
+
+class TrainLoop:
+    """The step loop: one compiled program per batch shape; metrics every `train.log_every` steps,
+    evaluation every `eval.every`, a checkpoint every `train.checkpoint_every`, all three at the last
+    step; a signal saves and stops (`mmlm.train.signals`); a non-finite loss stops without saving."""
+
+    def __init__(self, config: ml_collections.ConfigDict, setup: Setup, ckpt: Checkpointer, data_iter: Any,
+                 writer: MetricWriter, evaluator: Evaluator | None, buckets: Any, fbuckets: Any):
+        self.config, self.setup, self.ckpt, self.data_iter = config, setup, ckpt, data_iter
+        self.writer, self.evaluator, self.buckets, self.fbuckets = writer, evaluator, buckets, fbuckets
+        self.step_fn = jax.jit(
+            make_train_step(setup.model, setup.tx, setup.parts, setup.budgets,
+                            int(config.train.grad_accum_steps), setup.schedules, setup.mesh,
+                            config.sharding_rules, all_budgets=setup.all_budgets, recipe=setup.recipe),
+            in_shardings=(setup.state_shardings, None), out_shardings=(setup.state_shardings, None),
+            donate_argnums=(0,),
+            compiler_options=dict(config.get("tpu_compiler_options") or {})
+            if jax.default_backend() == "tpu" else None)
+        self.log_every = max(int(config.train.log_every), 1)
+        self.ckpt_every = max(int(config.train.checkpoint_every), 1)
+        self.eval_every = int(config.eval.every)
+        self.peak = peak_tflops_per_device(float(config.train.peak_tflops_per_device)) * 1e12 * jax.device_count()
+        self.programs: dict[tuple, Any] = {}  # batch shapes -> compiled step (one per text-length x frame bucket)
+        self.flops_of: dict[tuple, float] = {}
+
+    def run(self, state: dict[str, Any], start: int) -> Progress:
+        """Steps from `start` to `setup.total_steps` (or a signal); closes the checkpointer and the writer."""
+        progress = Progress(step=start)
+        preempt = PreemptionWatch()
+        try:
+            self._steps(state, progress, preempt)
+        except Preempted:
+            progress.status = "interrupted" if preempt.signal_name == "SIGINT" else "preempted"
+            self.writer.message(f"{preempt.signal_name}: saved a checkpoint at step {progress.step}; rerun the "
+                                "same command to resume")
+        finally:
+            preempt.close()
+            self.ckpt.close()
+            self.writer.close()
+        return progress
+
+    def _steps(self, state: dict[str, Any], progress: Progress, preempt: PreemptionWatch) -> None:
+        total = self.setup.total_steps
+        pending: list[dict[str, Any]] = []  # device metrics since the last log row
+        pending_flops = 0.0
+        t_log = time.perf_counter()
+        prev = None
+        while progress.step < total:
+            batch = self._next_batch(progress.step)
+            shape = batch_signature(batch)
+            if shape not in self.programs:
+                t_log += self._compile(state, batch, shape)  # compiling is not training time
+            state, metrics = self.programs[shape](state, batch)
+            progress.step += 1
+            step = progress.step
+            pending.append(metrics)
+            pending_flops += self.flops_of[shape]
+            # Check the previous step (already finished or nearly) so the host never stalls the queue.
+            if prev is not None and not int(prev["finite"]):
+                raise NonFiniteLossError(_nan_message(step - 1, _host(prev), self.ckpt))
+            prev = metrics
+            is_last = step == total
+            do_log = step % self.log_every == 0 or is_last
+            do_ckpt = step % self.ckpt_every == 0 or is_last
+            do_eval = self.evaluator is not None and (
+                (self.eval_every > 0 and step % self.eval_every == 0) or is_last)
+            stop = preempt.reached(step)
+            if not (do_log or do_ckpt or do_eval or stop):
+                continue
+            host = _host(pending)
+            if not all(int(m["finite"]) for m in host):
+                bad = next(i for i, m in enumerate(host) if not int(m["finite"]))
+                raise NonFiniteLossError(_nan_message(step - len(host) + 1 + bad, host[bad], self.ckpt))
+            elapsed = time.perf_counter() - t_log
+            progress.train_time += elapsed
+            if do_log:
+                self._log(progress, host, elapsed, pending_flops)
+            pending, pending_flops = [], 0.0
+            if do_ckpt or stop:
+                self.ckpt.save(step, state, self.data_iter)
+            if do_eval:
+                self._evaluate(progress, state, is_last)
+            if stop and not is_last:
+                raise Preempted()
+            t_log = time.perf_counter()
+
+    def _next_batch(self, step: int) -> dict[str, Any]:
+        """The next global batch, sharded on the mesh (padded to its length and frame buckets)."""
+        local = model_inputs(next(self.data_iter))
+        _check_supervised(local, self.setup.cfg.loss_positions, step, self.ckpt)
+        return data_lib.global_batch(local, self.setup.mesh, self.buckets, self.fbuckets)
+
+    def _compile(self, state: dict[str, Any], batch: dict[str, Any], shape: tuple) -> float:
+        """Compiles the step for a new batch shape; returns the seconds it took."""
+        setup = self.setup
+        t0 = time.time()
+        self.programs[shape] = self.step_fn.lower(state, batch).compile()
+        self.flops_of[shape] = model_flops_per_step(setup.cfg, batch, setup.parts, setup.budgets,
+                                                    setup.all_budgets, setup.recipe)
+        frames = f", {batch['images'].shape[1]}-frame" if "images" in batch else ""
+        self.writer.message(f"compiled the train step for {batch['input_ids'].shape[1]}-token{frames} batches "
+                            f"in {time.time() - t0:.1f}s ({self.flops_of[shape] / 1e9:.2f} model GFLOP/step)")
+        return time.time() - t0
+
+    def _log(self, progress: Progress, host: list[dict[str, Any]], elapsed: float, flops: float) -> None:
+        progress.last_row = self.writer.write(progress.step, train_row(host, elapsed, flops, self.peak,
+                                                                       self.setup.parts))
+        self.writer.progress(progress.step, {"loss": progress.last_row["loss"],
+                                             "acc": progress.last_row["token_accuracy"]})
+
+    def _evaluate(self, progress: Progress, state: dict[str, Any], is_last: bool) -> None:
+        assert self.evaluator is not None
+        eval_metrics, progress.samples = self.evaluator.run(
+            state["params"], samples=int(self.config.eval.print_samples) if is_last else 0)
+        progress.eval_row = self.writer.write(progress.step, eval_metrics)
+        self.writer.message(f"step {progress.step}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float)))
 
 
 def fresh_state(config: ml_collections.ConfigDict,
@@ -541,77 +554,3 @@ def _nan_message(step: int, metrics: dict[str, Any], ckpt: Checkpointer) -> str:
     return (f"non-finite loss at step {step} (loss={float(metrics['loss'])}, "
             f"grad_norm={float(metrics['grad_norm'])}): stopping without saving; {where}. "
             "Lower optim.learning_rate or optim.grad_clip_norm and rerun (it resumes from that checkpoint).")
-
-
-def _train_row(host: list[dict[str, Any]], elapsed: float, flops: float, peak: float,
-               parts: tuple[str, ...]) -> dict[str, Any]:
-    """The log row of the last step, with throughput averaged since the previous row (`flops`: the
-    analytic model FLOPs of those steps)."""
-    last = host[-1]
-    n = len(host)
-    tokens = float(sum(float(m["tokens"]) for m in host))
-    row = {
-        "loss": float(last["loss"]),
-        "token_accuracy": float(last["token_accuracy"]),
-        "grad_norm": float(last["grad_norm"]),
-        "lr": float(last[f"lr/{_main_part(parts)}"]),
-        "budget": int(last["budget"]),
-        "supervised_tokens": int(last["supervised_tokens"]),
-        "step_time": elapsed / n,
-        "tokens_per_s": tokens / max(elapsed, 1e-9),
-    }
-    for part in parts:
-        row[f"lr/{part}"] = float(last[f"lr/{part}"])
-    if flops > 0:
-        row["tflops_per_s"] = flops / max(elapsed, 1e-9) / 1e12
-        if peak > 0:
-            row["mfu"] = flops / max(elapsed, 1e-9) / peak
-    return row
-
-
-def _main_part(parts: tuple[str, ...]) -> str:
-    """The part whose learning rate is reported as `lr` (the LLM when it trains)."""
-    for p in ("llm", "prefusion", "compressor", "projector", "vision"):
-        if p in parts:
-            return p
-    return parts[0]
-
-
-def format_results(results: dict[str, Any]) -> str:
-    """The end-of-run table (and sample answers) printed on the console."""
-    tr, ev = results.get("train", {}), results.get("eval", {})
-    rows = [
-        ("steps", f"{results['steps']}"),
-        ("wall time", f"{results['wall_time_s']:.1f} s (training {results['train_time_s']:.1f} s)"),
-        ("parameters", f"{results['params']:,} ({results['trainable_params']:,} trainable)"),
-        ("mesh", results["mesh"]),
-    ]
-    vp = results.get("vision_pretrain")
-    if vp:
-        position = vp.get("held_out_position_accuracy")
-        rows.append(("vision pretraining", f"{vp['steps']} steps, {vp['seconds']:.1f} s; held-out objects: colour "
-                     f"{100 * vp['held_out_color_accuracy']:.1f}%, shape {100 * vp['held_out_shape_accuracy']:.1f}%"
-                     + ("" if position is None else f"; patch row / column {100 * position:.1f}%")))
-    if tr:
-        rows += [("final train loss", f"{tr['loss']:.4f}"),
-                 ("final train token accuracy", f"{tr['token_accuracy']:.4f}"),
-                 ("throughput", f"{tr['tokens_per_s']:.0f} tokens/s, {tr['step_time'] * 1e3:.0f} ms/step")]
-        if "mfu" in tr:
-            rows.append(("MFU (estimate)", f"{100 * tr['mfu']:.1f}%"))
-    if "eval/loss" in ev:
-        rows.append(("eval loss", f"{ev['eval/loss']:.4f}"))
-    n = ev.get("eval/num_questions", "?")
-    for k, v in ev.items():
-        if k.startswith("eval/accuracy") and "/" not in k[len("eval/accuracy"):]:
-            rows.append((f"held-out exact match{k[len('eval/accuracy'):]}", f"{100 * v:.1f}% of {n} questions"))
-    for k, v in ev.items():
-        if k.startswith("eval/accuracy/"):
-            rows.append((f"  {k[len('eval/accuracy/'):]}", f"{100 * v:.1f}%"))
-    width = max(len(k) for k, _ in rows)
-    lines = ["", "results", "-" * (width + 40)] + [f"{k:<{width}}  {v}" for k, v in rows]
-    if results.get("samples"):
-        lines += ["", "sample held-out questions:"]
-        for s in results["samples"]:
-            mark = "ok" if s["correct"] == "yes" else "XX"
-            lines.append(f"  {mark}  Q: {s['question']}  model: {s['answer']!r}  reference: {s['reference']!r}")
-    return "\n".join(lines)
