@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import base64
 import json
 import os
@@ -33,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -90,11 +92,9 @@ def _cpu() -> str:
     return f"{name}, {os.cpu_count()} cores, {isa}"
 
 
-def _engine_steps(port: int) -> int:
-    """The server's decode steps so far (its status endpoint)."""
-    import httpx
-
-    return int(httpx.get(f"http://127.0.0.1:{port}/v1/mmlm/status", timeout=30).json()["steps"])
+def _engine_steps(status: Any, port: int) -> int:
+    """The server's decode steps so far (its status endpoint, through the httpx client `status`)."""
+    return int(status.get(f"http://127.0.0.1:{port}/v1/mmlm/status", timeout=30).json()["steps"])
 
 
 def _summary(runs: list[dict], requests: int) -> dict:
@@ -147,6 +147,9 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
             return list(await asyncio.gather(*(ask(row, max_tokens, ignore_eos) for row in rows)))
 
         loop = asyncio.new_event_loop()
+        import httpx
+
+        status = httpx.Client()  # one client for the status queries between rounds
         for name, max_tokens, ignore_eos in workloads:
             # warm-up: compiles every prompt bucket the rows need
             reference = [r[0] for r in loop.run_until_complete(sequential(max_tokens, ignore_eos))]
@@ -157,12 +160,13 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
             for rnd in range(args.rounds):
                 order = ("sequential", "concurrent") if rnd % 2 == 0 else ("concurrent", "sequential")
                 for mode in order:
-                    steps = _engine_steps(port)
+                    steps = _engine_steps(status, port)
+                    gc.collect()  # every round starts from the same collector state (no pause left over)
                     start = time.perf_counter()
                     run_mode = sequential if mode == "sequential" else concurrent
                     res = loop.run_until_complete(run_mode(max_tokens, ignore_eos))
                     wall = time.perf_counter() - start
-                    steps = _engine_steps(port) - steps
+                    steps = _engine_steps(status, port) - steps
                     if [r[0] for r in res] != reference:
                         raise SystemExit(f"{name}, {mode}: the answers differ from the first pass's")
                     modes[mode].append({"wall": wall, "tokens": sum(r[1] for r in res), "steps": steps,
@@ -171,6 +175,7 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
                           f"{steps} decode steps", flush=True)
             out["workloads"][name] = modes
         loop.run_until_complete(client.close())
+        status.close()
         loop.close()
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"serving needs FastAPI and uvicorn ({e.name} is missing): {INSTALL_HINT}") from None
     from mmlm.infer.loading import load_inference_model
     from mmlm.serve.api import ServerSettings, create_app
-    from mmlm.serve.engine import Engine
+    from mmlm.serve.engine import GIL_SWITCH_INTERVAL_S, Engine
 
     _validate(args)
     im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
                               max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                               media_root=os.path.abspath(args.media_root) if args.media_root else None,
                               **({} if args.auto_threshold is None else {"auto_threshold": args.auto_threshold}))
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the engine thread gets the GIL back promptly
     engine = Engine(im, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
                     admit_wait_s=args.admit_wait_ms / 1000)
     app = create_app(engine, settings)
