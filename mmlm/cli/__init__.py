@@ -10,6 +10,7 @@ module outside `mmlm.cli` parses arguments.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module, one-line help). Modules define `main(argv) -> int`.
@@ -39,7 +40,16 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     own_process = argv is None  # the console script, not an in-process call (tests, notebooks)
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv), own_process)
+    except BrokenPipeError:  # `mmlm ... | head`: the reader left early, which is not an error
+        if not own_process:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
+
+
+def _dispatch(argv: list[str], own_process: bool) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -17,7 +17,7 @@ from typing import Iterable, TextIO
 
 import jax
 
-from mmlm.cli.common import SEED, check_output_file, number, run_command
+from mmlm.cli.common import SEED, add_model_source, check_output_file, number, run_command
 from mmlm.errors import UserError
 from mmlm.infer.cascade import AUTO, DEFAULT_THRESHOLD, is_auto
 from mmlm.infer.chat import answer, check_question, check_text
@@ -41,10 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mmlm chat",
         description="Ask a model about an image or a video. One answer with --prompt, an interactive "
                     "multi-turn chat otherwise. Answers stream to stdout as they are generated.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="training workdir (latest checkpoint + config.json)")
-    src.add_argument("--checkpoint", help="model checkpoint directory (config.json + params/)")
-    p.add_argument("--step", type=number(int, 0), default=None, help="with --workdir: checkpoint step (default: latest)")
+    add_model_source(p)
     media = p.add_mutually_exclusive_group(required=True)
     media.add_argument("--image", help="image file (any format PIL reads)")
     media.add_argument("--video", help="video file, any length: frames sampled at --fps are decoded as a stream and "

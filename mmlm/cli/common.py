@@ -92,6 +92,14 @@ def number(kind: type = float, low: float | None = None, high: float | None = No
 SEED = number(int, 0, 2**32 - 1)  # seeds: what numpy and jax.random accept
 
 
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    """The model a command loads: `--workdir W [--step N]` (a training workdir) or `--checkpoint DIR`."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training workdir (latest checkpoint + config.json)")
+    src.add_argument("--checkpoint", help="model checkpoint directory (config.json + params/)")
+    p.add_argument("--step", type=number(int, 0), default=None, help="with --workdir: checkpoint step (default: latest)")
+
+
 def check_output_file(path: str, flag: str) -> None:
     """An output file path whose directory exists and is writable, and which is not a directory itself."""
     parent = os.path.dirname(os.path.abspath(path))

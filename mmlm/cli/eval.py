@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from mmlm.cli.common import number, run_command
+from mmlm.cli.common import add_model_source, number, run_command
 from mmlm.errors import UserError
 
 
@@ -39,10 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "optionally answer / answers / options) greedily and score the answers: exact match "
                     "after VQA normalisation, VQA soft accuracy, multiple-choice accuracy. One row per "
                     "vision-token budget.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="training workdir (latest checkpoint + config.json)")
-    src.add_argument("--checkpoint", help="model checkpoint directory (config.json + params/)")
-    p.add_argument("--step", type=number(int, 0), default=None, help="with --workdir: checkpoint step (default: latest)")
+    add_model_source(p)
     p.add_argument("--data", required=True, help="question JSONL")
     p.add_argument("--images", default=None,
                    help="root of the image (and video) paths in the JSONL (default: the JSONL's directory)")

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 
-from mmlm.cli.common import run_command
+from mmlm.cli.common import add_model_source, run_command
 from mmlm.errors import UserError
 
 INSTALL_HINT = 'pip install -e ".[serve]"'
@@ -29,10 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "streamed or not, images and videos as data: URLs), GET /v1/models, a compression-map "
                     "endpoint and a web page at /. Concurrent requests decode together in a fixed batch of "
                     "--max_batch slots.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="training workdir (latest checkpoint + config.json)")
-    src.add_argument("--checkpoint", help="model checkpoint directory (config.json + params/)")
-    p.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default: latest)")
+    add_model_source(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
