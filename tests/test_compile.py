@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmlm.accelerators import GIB
 from mmlm.bench import compile as C
 from mmlm.cli import compile as compile_cli
 from mmlm.config_utils import load_config
@@ -43,7 +44,7 @@ REPORT_KEYS = ("topology", "chips", "hbm_bytes_per_chip", "per_chip_bytes", "fit
 def test_slice_names(name, chips, topology):
     s = C.parse_topology(name)
     assert (s.chips, s.topology) == (chips, topology)
-    assert s.hbm_bytes == int(C.TPU_GENERATIONS[s.generation].hbm_gib * C.GIB)
+    assert s.hbm_bytes == int(C.TPU_GENERATIONS[s.generation].hbm_gib * GIB)
 
 
 @pytest.mark.parametrize("name,match", [("v7x-8", "unknown TPU generation"), ("tpu-8", "not a Cloud TPU"),
@@ -218,7 +219,7 @@ def test_compile_tiny_train_step_json():
     r = json.loads(out.getvalue())
     for key in REPORT_KEYS:
         assert key in r, key
-    assert r["topology"] == "v5litepod-4" and r["chips"] == 4 and r["hbm_bytes_per_chip"] == 16 * C.GIB
+    assert r["topology"] == "v5litepod-4" and r["chips"] == 4 and r["hbm_bytes_per_chip"] == 16 * GIB
     pb = r["per_chip_bytes"]
     assert all(pb[k] > 0 for k in ("arguments", "temporaries", "outputs", "total"))
     assert pb["total"] == pb["arguments"] + pb["temporaries"] + pb["outputs"] - pb["aliased"]
