@@ -233,15 +233,23 @@ def choose_budget(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshol
 def chat_budget(im: Any, pixels: np.ndarray, question: str, history: Sequence[tuple[str, str]],
                 threshold: float) -> tuple[int, list[float]]:
     """`choose_budget` for a chat turn: the prompt and batch `mmlm.infer.chat.answer` builds for it."""
-    from mmlm.infer.batching import make_batch
     from mmlm.infer.loading import encode_question
 
-    budgets = cascade_budgets(im.cfg)
     prompt, fuse = encode_question(im, question, True, history, return_fuse_mask=True)
     if len(prompt) > int(im.max_text_len):  # `answer` refuses it with the reason
-        return budgets[-1], []
-    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=32, fuse_masks=[fuse])
-    return choose_budget(im.cfg, im.params, batch, threshold, budgets)
+        return cascade_budgets(im.cfg)[-1], []
+    return prompt_budget(im, prompt, fuse, pixels, threshold)
+
+
+def prompt_budget(im: Any, prompt: list[int], fuse_mask: list[bool], pixels: np.ndarray, threshold: float
+                  ) -> tuple[int, list[float]]:
+    """`choose_budget` for one encoded prompt and its media (K views per frame), on the batch `mmlm chat` and
+    the server's prefill build for it (text padded to a multiple of 32 tokens)."""
+    from mmlm.infer.batching import make_batch
+
+    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=32,
+                       fuse_masks=[fuse_mask])
+    return choose_budget(im.cfg, im.params, batch, threshold, cascade_budgets(im.cfg))
 
 
 def is_auto(value: Any) -> bool:

@@ -38,9 +38,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmlm.errors import UserError
 from mmlm.infer import cascade
-from mmlm.infer.batching import make_batch
 from mmlm.infer.loading import InferenceModel, encode_question
-from mmlm.serve.engine import PROMPT_BUCKET, Engine, Request
+from mmlm.serve.engine import Engine, Request
 from mmlm.serve.media import MediaError, image_pixels, url_bytes, video_pixels
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -266,22 +265,13 @@ def parse_chat_request(body: Any, im: InferenceModel, settings: ServerSettings) 
                             f"{im.max_text_len} tokens; shorten the question or the conversation", "messages",
                        "context_length_exceeded")
     seen = None
-    if budget == cascade.AUTO:
-        budget, seen = _auto_budget(im, prompt, fuse, pixels, settings.auto_threshold)
+    if budget == cascade.AUTO:  # a text-only prompt has no vision tokens: no budget to choose
+        budget, seen = (None, None) if pixels is None else cascade.prompt_budget(im, prompt, fuse, pixels,
+                                                                                  settings.auto_threshold)
     return ChatRequest(prompt=prompt, fuse_mask=fuse, pixels=pixels, media_kind=media[0] if media else None,
                        num_vision_tokens=budget, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                        seed=seed, stop=stop, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos,
                        auto_confidences=seen)
-
-
-def _auto_budget(im: InferenceModel, prompt: list[int], fuse: list[bool], pixels: Any, threshold: float
-                 ) -> tuple[int | None, list[float] | None]:
-    """The cascade's budget for this prompt (the batch the engine's prefill builds); None without media."""
-    if pixels is None:  # text only: no vision tokens, the budget changes nothing
-        return None, None
-    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET,
-                       fuse_masks=[fuse])
-    return cascade.choose_budget(im.cfg, im.params, batch, threshold)
 
 
 # ---------------------------------------------------------------------- text output
