@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from mmlm.cli import main as mmlm_main
+from model_helpers import tiny_checkpoint_and_image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -59,15 +60,7 @@ def _record(i: int, answer: str = "a", question: str = "q", image: str | None = 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A tiny random model checkpoint, a test image and a one-question JSONL."""
-    from mmlm.checkpoint import save_model
-    from mmlm.config_utils import load_config
-    from mmlm.infer.random_model import random_params
-    from mmlm.models.config import model_config_from_dict
-
-    root = tmp_path_factory.mktemp("inputs")
-    config = load_config(TINY)
-    save_model(str(root / "ckpt"), random_params(model_config_from_dict(config.model), seed=1), config)
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "img.png")
+    root = tiny_checkpoint_and_image(tmp_path_factory.mktemp("inputs"))
     (root / "q.jsonl").write_text(json.dumps({"question_id": "q1", "image": "img.png", "text": "q?",
                                               "answer": "a"}) + "\n")
     return root

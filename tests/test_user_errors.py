@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from mmlm.cli import main as mmlm_main
+from model_helpers import tiny_checkpoint_and_image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -224,16 +224,7 @@ def test_stale_tmp_checkpoint_dirs_are_removed(tmp_path):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A tiny random model checkpoint and a test image."""
-    from mmlm.checkpoint import save_model
-    from mmlm.config_utils import load_config
-    from mmlm.infer.random_model import random_params
-    from mmlm.models.config import model_config_from_dict
-
-    root = tmp_path_factory.mktemp("chat_errors")
-    config = load_config(TINY)
-    save_model(str(root / "ckpt"), random_params(model_config_from_dict(config.model), seed=1), config)
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "img.png")
-    return root
+    return tiny_checkpoint_and_image(tmp_path_factory.mktemp("chat_errors"))
 
 
 def _chat(capsys, model, *argv: str, stdin: bytes | None = None) -> tuple[int, str]:
