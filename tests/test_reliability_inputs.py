@@ -139,6 +139,9 @@ NUMERIC_FLAGS = [
     (["bench", "latency", "--runs", "0"], "--runs"),
     (["bench", "flops", "--config", TINY, "--text_tokens", "-1"], "--text_tokens"),
     (["compile", "--config", TINY, "--topology", "v5e-8", "--frames", "0"], "--frames"),
+    (["serve", "--checkpoint", "C", "--step", "-1"], "--step: expected an integer >= 0"),
+    (["serve", "--checkpoint", "C", "--admit_wait_ms", "nan"], "--admit_wait_ms must be in [0, 10000], got nan"),
+    (["serve", "--checkpoint", "C", "--auto_threshold", "1.5"], "--auto_threshold 1.5: must be strictly between 0 and 1"),
 ]
 
 

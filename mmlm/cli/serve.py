@@ -84,6 +84,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _validate(args)  # the flags first: a mistake in them is named whatever is installed
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -93,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
     from mmlm.serve.api import ServerSettings, create_app
     from mmlm.serve.engine import GIL_SWITCH_INTERVAL_S, Engine
 
-    _validate(args)
     im = load_inference_model(workdir=args.workdir, checkpoint=args.checkpoint, step=args.step,
                               tokenizer=args.tokenizer, template=args.template, weights=args.weights)
     source = os.path.abspath(args.workdir or args.checkpoint)
