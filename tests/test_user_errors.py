@@ -276,6 +276,12 @@ def test_chat_prompt_longer_than_the_text_length(capsys, model):
     assert_user_error(rc, out, "more than the model's text length of 32 tokens", "data.max_text_len")
 
 
+def test_step_with_a_model_checkpoint_is_refused(capsys, model):
+    """A model checkpoint holds one set of weights: --step there is a mistake, not something to ignore."""
+    rc, out = _chat(capsys, model, "--step", "3", "--image", str(model / "img.png"), "--prompt", "q")
+    assert_user_error(rc, out, "--step 3", "--checkpoint", "--workdir")
+
+
 @pytest.mark.parametrize("kind", ["missing_dir", "not_a_dir", "is_a_dir"])
 def test_chat_compression_map_destination(capsys, model, kind):
     (model / "afile").write_text("x")

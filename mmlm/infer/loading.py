@@ -77,6 +77,9 @@ def load_inference_model(*, workdir: str | None = None, checkpoint: str | None =
     if (workdir is None) == (checkpoint is None):
         raise UserError("pass exactly one of --workdir DIR (a training run) or --checkpoint DIR "
                         "(a model checkpoint)")
+    if checkpoint is not None and step is not None:  # a model checkpoint holds one set of weights
+        raise UserError(f"--step {step} picks a training step of a --workdir; --checkpoint {checkpoint!r} is a "
+                        "model checkpoint with one set of weights: drop --step, or pass the run's --workdir")
     source = workdir or checkpoint
     assert source is not None
     if not os.path.isdir(source):
