@@ -491,10 +491,17 @@ def _engine_with_tiny_model(admit_wait_s: float):
     pixels = np.zeros((1, 1, im.image_size, im.image_size, 3), np.float32)
     prompt, fuse = encode_question(im, "What is it?", True, return_fuse_mask=True)
 
-    def request(done: threading.Event) -> Request:
+    def request(done: threading.Event, tokens: list | None = None, temperature: float = 0.0,
+                seed: int = 0) -> Request:
+        def emit(kind, value):
+            if kind == "token" and tokens is not None:
+                tokens.append(value)
+            if kind in ("done", "error"):
+                done.set()
+
         return Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None, max_tokens=4,
-                       temperature=0.0, top_p=1.0, seed=0, ignore_eos=True,
-                       emit=lambda kind, value: done.set() if kind in ("done", "error") else None)
+                       temperature=temperature, top_p=1.0 if temperature == 0 else 0.9, seed=seed,
+                       ignore_eos=True, emit=emit)
 
     return engine, request
 
@@ -527,5 +534,29 @@ def test_a_decode_step_waits_for_expected_requests_so_a_burst_shares_its_steps()
         engine.submit(request(alone))
         assert alone.wait(120)
         assert engine.status()["steps"] == 9
+    finally:
+        engine.stop()
+
+
+def test_a_sampled_and_a_greedy_answer_do_not_depend_on_what_shares_their_steps():
+    """A step where every request is greedy skips the sampling path; one with a sampled request runs it for
+    all rows. Either way each row's tokens are its own: a sampled answer (its seed) and a greedy answer are
+    the same alone as side by side."""
+    engine, request = _engine_with_tiny_model(admit_wait_s=0.0)
+
+    def answer(*specs: tuple[float, int]) -> list[list[int]]:
+        events = [threading.Event() for _ in specs]
+        tokens: list[list[int]] = [[] for _ in specs]
+        for done, toks, (temperature, seed) in zip(events, tokens, specs):
+            engine.submit(request(done, toks, temperature, seed))
+        assert all(e.wait(120) for e in events)
+        return tokens
+
+    try:
+        sampled, greedy = (5.0, 3), (0.0, 0)
+        alone = answer(sampled)[0] + answer(greedy)[0]
+        together = answer(sampled, greedy)
+        assert len(alone) == 8 and together[0] + together[1] == alone
+        assert answer((5.0, 4))[0] != alone[:4] or answer((5.0, 5))[0] != alone[:4]  # the seed matters
     finally:
         engine.stop()

@@ -104,8 +104,11 @@ class Request:
 
 # ----------------------------------------------------------------------- jitted steps
 
-def _slot_step(cfg: ModelConfig, params: Any, st: SlotState) -> tuple[SlotState, jax.Array]:
-    """Feeds every slot's last token at its own column; returns the new state and tokens (B,)."""
+def _slot_step(cfg: ModelConfig, params: Any, st: SlotState, all_greedy: jax.Array) -> tuple[SlotState, jax.Array]:
+    """Feeds every slot's last token at its own column; returns the new state and tokens (B,).
+
+    all_greedy: () bool, no request in a slot samples (the host knows; a freed slot keeps its old flags).
+    """
     model = LlavaMini(cfg)
     variables = {"params": params}
     s = st.key_valid.shape[1]
@@ -120,10 +123,17 @@ def _slot_step(cfg: ModelConfig, params: Any, st: SlotState) -> tuple[SlotState,
 
     logits, cache = jax.vmap(row)(embeds, st.pos, key_valid, st.cache, col)  # (B, V) fp32
     keys = jax.vmap(jax.random.split)(st.rng)  # (B, 2, 2)
-    scaled = logits / st.temperature[:, None]
-    filtered = top_p_filter(scaled, st.top_p[:, None])
-    sampled = jax.vmap(jax.random.categorical)(keys[:, 1], filtered).astype(jnp.int32)
-    tokens = jnp.where(st.greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample() -> jax.Array:
+        filtered = top_p_filter(logits / st.temperature[:, None], st.top_p[:, None])
+        sampled = jax.vmap(jax.random.categorical)(keys[:, 1], filtered).astype(jnp.int32)
+        return jnp.where(st.greedy, argmax, sampled)
+
+    # The sampling path (a sort of every row's logits, the Gumbel noise) costs more than the rest of a demo
+    # step; when no request samples, the step skips it. Each row's token is the same either way: greedy
+    # rows take the argmax, and a sampled row's draw depends only on its own key.
+    tokens = jax.lax.cond(all_greedy, lambda: argmax, sample)
     new = SlotState(cache=cache, key_valid=key_valid, write=st.write + 1, pos=st.pos + 1, last=tokens,
                     rng=keys[:, 0], temperature=st.temperature, top_p=st.top_p, greedy=st.greedy)
     return new, tokens
@@ -401,7 +411,8 @@ class Engine:
     def _step(self) -> None:
         start = time.perf_counter()
         try:
-            self._state, tokens = _slot_step_jit(self.cfg, self.params, self._state)
+            all_greedy = all(r is None or r.temperature == 0.0 for r in self._active)
+            self._state, tokens = _slot_step_jit(self.cfg, self.params, self._state, np.bool_(all_greedy))
             tokens = np.asarray(tokens)
         except Exception as e:  # an internal error: fail the decoding requests, start from clean slots
             with self._cv:
