@@ -105,7 +105,7 @@ def test_eval_loss_counts_every_supervised_position():
     labels = np.full((2, 12), 5)
     labels[:, :4] = IGNORE_INDEX
     batch = jax.tree.map(jnp.asarray, {**batch, "labels": labels})
-    params = _unbox(LlavaMini(cfg).init(jax.random.key(0), batch)["params"])
-    sums = step_lib.make_eval_step(LlavaMini(cfg))(params, batch, 4)
-    _, (ntok, _, _) = step_lib._loss_sums(LlavaMini(cfg), params, batch, 4)
+    params = _unbox(jax.jit(LlavaMini(cfg).init)(jax.random.key(0), batch)["params"])
+    sums = jax.jit(step_lib.make_eval_step(LlavaMini(cfg)), static_argnums=2)(params, batch, 4)
+    _, (ntok, _, _) = jax.jit(lambda p, b: step_lib._loss_sums(LlavaMini(cfg), p, b, 4))(params, batch)
     assert int(ntok) == 2 * 2 and int(sums["num_tokens"]) == 2 * 8
