@@ -39,6 +39,8 @@ for spec in json.loads(sys.argv[1]):
         shutil.copytree(src, dst)
         for d in drop:
             shutil.rmtree(os.path.join(dst, d))
+    namespace = {}
+    exec(spec.get("prelude", ""), namespace)  # e.g. a patch for this command alone, undone by its undo()
     sys.stdout.flush(); sys.stderr.flush()
     out, err = redirected(1, spec["stdout"]), redirected(2, spec["stderr"])
     try:
@@ -52,6 +54,8 @@ for spec in json.loads(sys.argv[1]):
         sys.stdout.flush(); sys.stderr.flush()
         restore(2, *err)
         restore(1, *out)
+        if "undo" in namespace:
+            namespace["undo"]()
     statuses.append(int(code or 0))
 with open(sys.argv[2], "w") as f:
     json.dump(statuses, f)
@@ -63,7 +67,9 @@ def run_commands(commands: list[dict], env: dict[str, str], cwd: Path, logs: Pat
     """Runs `mmlm ARGS` for each {"args": [...]} of `commands` in order, in one process started with `env`.
 
     An entry's optional "copy": [(src, dst, [subdirs of dst to delete])] is done just before its command
-    (a workdir made from an earlier command's output). Returns one CompletedProcess per command (its
+    (a workdir made from an earlier command's output), and its optional "prelude" (Python source, e.g. a
+    patch of a library function) runs just before it, in a namespace of its own whose `undo()`, if it
+    defines one, runs after the command. Returns one CompletedProcess per command (its
     args, exit status, stdout and stderr); their output files are kept under `logs` (`NAME.stdout`, ...
     with NAME the entry's "name", else its index).
     """
@@ -73,6 +79,7 @@ def run_commands(commands: list[dict], env: dict[str, str], cwd: Path, logs: Pat
         name = str(c.get("name", i))
         specs.append({"args": [str(a) for a in c["args"]], "copy": [[str(s), str(d), list(x)] for s, d, x in
                                                                    c.get("copy", ())],
+                      "prelude": c.get("prelude", ""),
                       "stdout": str(logs / f"{name}.stdout"), "stderr": str(logs / f"{name}.stderr")})
     statuses = logs / "statuses.json"
     proc = subprocess.run([sys.executable, "-c", _RUN_COMMANDS, json.dumps(specs), str(statuses)], check=False,

@@ -4,10 +4,10 @@ Every run is a subprocess (device counts are fixed when JAX starts). The runs
 share one synthetic dataset and a persistent XLA compilation cache (so a
 program compiled by one run is reused by the next), and compile with LLVM
 optimisation off: these tests check equalities between runs, not speed. Runs
-that need no process of their own (no signal, no patch, no second process) are
-`mmlm train` commands of one process per device count, one after another, each
-with its own output and exit status (`cli_helpers.run_commands`), so that JAX
-starts once for them: `single_runs` (1 device) and `mesh_runs` (8 devices).
+that need no process of their own (no signal, no second process) are `mmlm
+train` commands of one process per device count, one after another, each with
+its own output and exit status (`cli_helpers.run_commands`), so that JAX starts
+once for them: `single_runs` (1 device) and `mesh_runs` (8 devices).
 """
 
 from __future__ import annotations
@@ -174,6 +174,7 @@ def single_runs(shared, init_checkpoints, interrupted):
         # the same command with 8 steps, in a copy of the first one's workdir (which keeps its results.json)
         command("vision_pretrain_resumed", shared, root / "vision_pretrain_resumed", *VISION_PRETRAIN, steps=8,
                 copy=[(root / "vision_pretrain", root / "vision_pretrain_resumed", [])]),
+        dict(command("nan", shared, root / "nan", "--config.data.pixels_on_device=false"), prelude=POISON),
     ]
     procs = run_commands(commands, _env(shared, 1), REPO, root / "single_runs")
     return {c["name"]: p for c, p in zip(commands, procs)}
@@ -365,31 +366,32 @@ def test_two_processes_match_one_process(shared, mesh_runs):
 
 # ------------------------------------------------------------------ non-finite loss, init_from
 
-_POISONED_RUN = """
-import sys
+# NaN pixels in the 7th training batch (float images: pixels_on_device off); a prelude of `run_commands`.
+POISON = """
 import numpy as np
 import mmlm.train.data as data_lib
 
 _orig, _calls = data_lib.global_batch, [0]
 
 
-def poisoned(local, mesh, *args):  # NaN pixels in the 7th training batch (float images: pixels_on_device off)
+def poisoned(local, mesh, *args):
     _calls[0] += 1
     if _calls[0] == 7:
         local = dict(local, images=np.full_like(local["images"], np.nan))
     return _orig(local, mesh, *args)
 
 
+def undo():
+    data_lib.global_batch = _orig
+
+
 data_lib.global_batch = poisoned
-from mmlm.cli import main
-sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shared):
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shared, single_runs):
     work = shared["root"] / "nan"
-    cmd = [sys.executable, "-c", _POISONED_RUN] + _cmd(shared, work, "--config.data.pixels_on_device=false")[3:]
-    proc = subprocess.run(cmd, env=_env(shared, 1), cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = single_runs["nan"]  # NaN pixels in its 7th batch
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "non-finite loss at step 7" in proc.stderr
     assert "last good checkpoint is step 5" in proc.stderr
