@@ -24,7 +24,7 @@ for _flag, _value in FAST_COMPILE_FLAGS.items():
 # The longest modules first (their subprocess runs and module fixtures take minutes): with `pytest -n 2`
 # and `--dist loadfile` (pyproject.toml) the workers start on them and fill in with the short files, so
 # no worker starts a long file while the other has nothing left. The order inside a module is kept.
-_LONG_FIRST = ("test_paper_trends.py", "test_train_e2e.py", "test_notebooks.py", "test_checkpoint_integrity.py", "test_compile.py",
+_LONG_FIRST = ("test_train_e2e.py", "test_paper_trends.py", "test_notebooks.py", "test_checkpoint_integrity.py", "test_compile.py",
                "test_lmms_eval.py", "test_serve.py", "test_reliability_inputs.py", "test_reliability_writes.py",
                "test_eval_cli.py", "test_long_video.py", "test_loss_chunked.py")
 

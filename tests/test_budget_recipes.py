@@ -38,6 +38,12 @@ def _split(setup, state):
     return train, frozen
 
 
+def _jit(f, **kw):
+    """A reference as one compiled program: op by op, the model's hundreds of small programs take longer to
+    lower and compile than the whole (arrays are arguments, not constants folded into the program)."""
+    return jax.jit(f, compiler_options=FAST_COMPILE, **kw)
+
+
 def _step(setup, recipe):
     return jax.jit(make_train_step(setup.model, setup.tx, setup.parts, setup.budgets, 1, setup.schedules,
                                    setup.mesh, recipe=recipe), compiler_options=FAST_COMPILE)
@@ -57,9 +63,9 @@ def test_weighted_draws_follow_the_probabilities():
 def test_all_with_weights_trains_the_weighted_mean(tiny_state):
     config, setup, state = tiny_state
     batch = batch_for(setup.cfg)
-    ev = make_eval_step(setup.model)
-    loss = {m: float(ev(state["params"], batch, m)["loss_sum"] / ev(state["params"], batch, m)["num_tokens"])
-            for m in setup.budgets}
+    ev = _jit(make_eval_step(setup.model), static_argnums=2)
+    sums = {m: ev(state["params"], batch, m) for m in setup.budgets}
+    loss = {m: float(r["loss_sum"] / r["num_tokens"]) for m, r in sums.items()}
     _, m = _step(setup, MatryoshkaRecipe(loss="all", weights=(0.25, 0.75)))(state, batch)
     assert float(m["loss"]) == pytest.approx(0.25 * loss[1] + 0.75 * loss[4], rel=1e-5)
     assert int(m["supervised_tokens"]) == 8 * 3
@@ -72,32 +78,43 @@ def test_distill_adds_the_kl_from_the_largest_budget_and_only_the_student_learns
     model = setup.model
     from mmlm.models.loss import first_supervised, targets_from_labels, token_loss
 
-    teacher = model.apply({"params": state["params"]}, batch, 4)  # a constant: computed outside the gradient
-    t_targets = targets_from_labels(batch["labels"], teacher["text_index"])
+    # The teacher: a constant, computed outside the gradient.
+    teacher = _jit(lambda p, b: model.apply({"params": p}, b, 4))(state["params"], batch)
+    t_logits, t_targets = teacher["logits"], targets_from_labels(batch["labels"], teacher["text_index"])
 
-    def reference(tp, w):
+    def reference(tp, w, frozen, batch, t_logits, t_targets):
+        """The loss, and the answer tokens of student and teacher (checked equal: the same tokens, in order)."""
         out = model.apply({"params": {**tp, **frozen}}, batch, 1)
         targets = targets_from_labels(batch["labels"], out["text_index"])
         ce = token_loss(out["logits"], targets)
         s, st = first_supervised(out["logits"], targets, targets.shape[1])
-        t, tt = first_supervised(teacher["logits"], t_targets, targets.shape[1])
-        np.testing.assert_array_equal(np.asarray(st), np.asarray(tt))  # the same answer tokens, in order
-        return (ce["loss_sum"] + w * distill_kl_sum(s, t, st != IGNORE_INDEX)) / ce["num_tokens"]
+        t, tt = first_supervised(t_logits, t_targets, targets.shape[1])
+        return (ce["loss_sum"] + w * distill_kl_sum(s, t, st != IGNORE_INDEX)) / ce["num_tokens"], (st, tt)
 
+    def same_answer_tokens(aux):
+        st, tt = aux
+        np.testing.assert_array_equal(np.asarray(st), np.asarray(tt))
+
+    consts = (frozen, batch, t_logits, t_targets)
     rng = state["rng"]
     s1 = next(s for s in range(50) if int(budget_index(rng, jnp.int32(s), 2)) == 0)  # a step that draws 1 token
     s4 = next(s for s in range(50) if int(budget_index(rng, jnp.int32(s), 2)) == 1)
     step = _step(setup, MatryoshkaRecipe(loss="distill", distill_weight=0.5))
     for w, fn in ((0.5, step),):
-        want, grads = jax.value_and_grad(reference)(train, w)
+        (want, aux), grads = _jit(jax.value_and_grad(reference, has_aux=True))(train, w, *consts)
+        same_answer_tokens(aux)
         _, m = fn(dict(state, step=jnp.asarray(s1, jnp.int32)), batch)
         assert int(m["budget"]) == 1
         assert float(m["loss"]) == pytest.approx(float(want), rel=1e-5)
         assert float(m["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)
-    kl = float(reference(train, 1.0) - reference(train, 0.0))
+    ref = _jit(reference)
+    (with_kl, aux1), (without, aux0) = ref(train, 1.0, *consts), ref(train, 0.0, *consts)
+    same_answer_tokens(aux1)
+    same_answer_tokens(aux0)
+    kl = float(with_kl - without)
     assert kl > 0  # the random model's 1- and 4-token answers differ
     # A step that draws the largest budget is a plain cross-entropy step (no teacher).
-    ev = make_eval_step(model)(state["params"], batch, 4)
+    ev = _jit(make_eval_step(model), static_argnums=2)(state["params"], batch, 4)
     _, m = step(dict(state, step=jnp.asarray(s4, jnp.int32)), batch)
     assert int(m["budget"]) == 4 and float(m["loss"]) == pytest.approx(float(ev["loss_sum"] / ev["num_tokens"]),
                                                                        rel=1e-5)
@@ -150,11 +167,12 @@ def test_largest_trains_the_largest_budget_every_step_beside_the_drawn_one(tiny_
     train, frozen = _split(setup, state)
     ev = make_eval_step(setup.model)
 
-    def loss_at(tp, m):
+    def loss_at(tp, frozen, batch, m):
         r = ev({**tp, **frozen}, batch, m)
         return r["loss_sum"] / r["num_tokens"]
 
-    (l1, g1), (l4, g4) = (jax.value_and_grad(loss_at)(train, m) for m in (1, 4))
+    value_and_grad = _jit(jax.value_and_grad(loss_at), static_argnums=3)
+    (l1, g1), (l4, g4) = (value_and_grad(train, frozen, batch, m) for m in (1, 4))
     step = _step(setup, MatryoshkaRecipe(loss="largest"))
     rng = state["rng"]
     for s in range(4):

@@ -4,8 +4,10 @@ One short tiny run (10 steps, checkpoints at 5 and 10) is shared by the
 module. Each damage kind is applied to a copy of its step 10; resuming that
 copy must report the damaged file, keep it as `10.damaged`, resume from step
 5 and reach the same final loss as the undamaged run resumed from step 5.
-Runs are subprocesses with a persistent compilation cache (as in
-test_train_e2e.py).
+Runs are `mmlm train` commands in subprocesses with a persistent compilation
+cache (as in test_train_e2e.py); the reference and the damaged resumes are
+commands of one process, one after another, each with its own output and exit
+status (`cli_helpers.run_commands`): JAX starts once for all of them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_commands
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -35,10 +38,14 @@ def _env(root: Path) -> dict[str, str]:
     return env
 
 
+def _args(root: Path, workdir: Path) -> list[str]:
+    return ["train", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(workdir),
+            f"--config.synthetic.cache_dir={root / 'data'}", f"--config.train.steps={STEPS}",
+            "--config.train.checkpoint_every=5", "--config.eval.every=-1"]
+
+
 def train(root: Path, workdir: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mmlm.cli", "train", "--config", str(REPO / "configs/tiny.py"),
-           "--workdir", str(workdir), f"--config.synthetic.cache_dir={root / 'data'}",
-           f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5", "--config.eval.every=-1"]
+    cmd = [sys.executable, "-m", "mmlm.cli", *_args(root, workdir)]
     return subprocess.run(cmd, env=_env(root), cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
@@ -60,15 +67,24 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(base):
-    """`base` and the reference: its copy without step 10, resumed from step 5."""
+    """`base`, the reference (its copy without step 10, resumed from step 5) and, per damage kind, a copy
+    of `base` with that damage in its step 10, resumed: {kind: (damaged file, the resume's process)}."""
     root, base = base["root"], base["base"]
     ref = root / "ref"
     shutil.copytree(base, ref)
     shutil.rmtree(ref / "checkpoints" / "10")
-    proc = train(root, ref)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from step 5" in proc.stderr
-    return {"root": root, "base": base, "ref": ref, "ref_loss": final_loss(ref)}
+    damaged = {}
+    for kind, damage in DAMAGE.items():
+        work = root / f"damaged_{kind}"
+        shutil.copytree(base, work)
+        damaged[kind] = (work, damage(work / "checkpoints" / "10"))
+    workdirs = [ref] + [work for work, _ in damaged.values()]
+    procs = dict(zip(workdirs, run_commands([{"args": _args(root, w), "name": w.name} for w in workdirs],
+                                            _env(root), REPO, root / "logs")))
+    assert procs[ref].returncode == 0, procs[ref].stderr[-3000:]
+    assert "resumed from step 5" in procs[ref].stderr
+    return {"root": root, "base": base, "ref": ref, "ref_loss": final_loss(ref),
+            "damaged": {kind: (work, f, procs[work]) for kind, (work, f) in damaged.items()}}
 
 
 def _largest(d: Path) -> Path:
@@ -139,10 +155,7 @@ def test_every_saved_step_has_a_manifest_that_verifies(base):
 def test_resume_skips_a_damaged_latest_step(runs, kind):
     from mmlm.checkpoint import verify_step
 
-    work = runs["root"] / f"damaged_{kind}"
-    shutil.copytree(runs["base"], work)
-    damaged_file = DAMAGE[kind](work / "checkpoints" / "10")
-    proc = train(runs["root"], work)
+    work, damaged_file, proc = runs["damaged"][kind]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "checkpoint step 10 is damaged" in proc.stderr

@@ -55,31 +55,42 @@ def test_first_supervised_keeps_the_supervised_positions_in_order():
     assert max_supervised_tokens(np.asarray(targets)) == 3
 
 
-# (loss_chunk, loss_positions) against the full logits over every position
-@pytest.mark.parametrize("chunk,positions", [(7, 0), (1024, 0), (0, 16), (1024, 14), (7, 16)])
-def test_train_loss_chunked_equals_full_logits(chunk, positions):
-    """The train step's loss sums and gradients (tiny config, fp32) with and without loss chunking and
-    with the LM head on the supervised positions only (14 of 20 per row carry a target)."""
+def _unbox(params):
+    return jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                        is_leaf=lambda x: hasattr(x, "unbox"))
+
+
+def _value_and_grad(cfg, params, batch):
+    """The train step's loss sums and their gradients, compiled with XLA:CPU's default settings (the ones users
+    run: conftest's fast-compile flags sum in another order, so gradients of up to 524 then move by a few fp32
+    ulps, 1e-4)."""
+    loss = lambda p: step_lib._loss_sums(LlavaMini(cfg), p, batch, 4)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=USER_DEFAULT_COMPILER)(params)
+
+
+@pytest.fixture(scope="module")
+def full_logits():
+    """The reference every case compares with, computed once: the tiny config (fp32) without loss chunking,
+    the LM head on every position; 14 of 20 positions per row carry a target."""
     base = load_config("configs/tiny.py")
     cfg_full = model_config_from_dict({**base.model.to_dict(), "loss_chunk": 0})
-    cfg_chunk = model_config_from_dict({**base.model.to_dict(), "loss_chunk": chunk, "loss_positions": positions})
     batch = dummy_batch(cfg_full, batch=2, text_len=20, abstract=False)
     labels = np.array(batch["input_ids"]) * 0 + 5
     labels[:, :6] = IGNORE_INDEX
     batch = {**batch, "labels": labels, "input_ids": np.where(np.arange(20) == 1, batch["input_ids"], 7)}
     batch = jax.tree.map(jnp.asarray, batch)
-    params = LlavaMini(cfg_full).init(jax.random.key(0), batch)["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
+    params = _unbox(LlavaMini(cfg_full).init(jax.random.key(0), batch)["params"])
+    return base, params, batch, _value_and_grad(cfg_full, params, batch)
 
-    def loss(cfg):
-        return lambda p: step_lib._loss_sums(LlavaMini(cfg), p, batch, 4)
 
-    # Measured with XLA:CPU's default compiler settings, the ones users run (conftest's fast-compile flags sum
-    # in another order: gradients of up to 524 then move by a few fp32 ulps, 1e-4).
-    jit = lambda f: jax.jit(f, compiler_options=USER_DEFAULT_COMPILER)
-    (lf, af), gf = jit(jax.value_and_grad(loss(cfg_full), has_aux=True))(params)
-    (lc, ac), gc = jit(jax.value_and_grad(loss(cfg_chunk), has_aux=True))(params)
+# (loss_chunk, loss_positions) against the full logits over every position
+@pytest.mark.parametrize("chunk,positions", [(7, 0), (1024, 0), (0, 16), (1024, 14), (7, 16)])
+def test_train_loss_chunked_equals_full_logits(full_logits, chunk, positions):
+    """The train step's loss sums and gradients (tiny config, fp32) with and without loss chunking and
+    with the LM head on the supervised positions only (14 of 20 per row carry a target)."""
+    base, params, batch, ((lf, af), gf) = full_logits
+    cfg_chunk = model_config_from_dict({**base.model.to_dict(), "loss_chunk": chunk, "loss_positions": positions})
+    (lc, ac), gc = _value_and_grad(cfg_chunk, params, batch)
     assert [int(x) for x in af] == [int(x) for x in ac]
     np.testing.assert_allclose(float(lc), float(lf), rtol=1e-6, atol=1e-5)
     diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), gf, gc))
@@ -94,9 +105,7 @@ def test_eval_loss_counts_every_supervised_position():
     labels = np.full((2, 12), 5)
     labels[:, :4] = IGNORE_INDEX
     batch = jax.tree.map(jnp.asarray, {**batch, "labels": labels})
-    params = LlavaMini(cfg).init(jax.random.key(0), batch)["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
-    sums = step_lib.make_eval_step(LlavaMini(cfg))(params, batch, 4)
-    _, (ntok, _, _) = step_lib._loss_sums(LlavaMini(cfg), params, batch, 4)
+    params = _unbox(jax.jit(LlavaMini(cfg).init)(jax.random.key(0), batch)["params"])
+    sums = jax.jit(step_lib.make_eval_step(LlavaMini(cfg)), static_argnums=2)(params, batch, 4)
+    _, (ntok, _, _) = jax.jit(lambda p, b: step_lib._loss_sums(LlavaMini(cfg), p, b, 4))(params, batch)
     assert int(ntok) == 2 * 2 and int(sums["num_tokens"]) == 2 * 8

@@ -164,15 +164,25 @@ def num_patches() -> int:
 def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks a row to seconds (the pipeline test of `run.py --quick`): 2 steps, a few images and questions.
 
-    The model is the row's, with its layers scanned (a shorter compile). A
-    Matryoshka row that samples more than 3 budgets (MQT's any m) samples
-    its first two and its largest: the train step compiles one branch per
-    budget, and 16 branches take minutes to compile on a small CPU.
+    The model is the row's, with its layers scanned (a shorter compile). The
+    train step traces and compiles one branch per Matryoshka budget (with the
+    teacher or the largest budget beside the drawn one in the distill and
+    largest recipes), which dominates a quick row's time; so a row that samples
+    more than 3 budgets (MQT's any m) samples its first two and its largest
+    (16 branches take minutes to compile on a small CPU), and a {1, 4, 16} row
+    its smallest and largest, with the per-budget draw probabilities and loss
+    weights of the kept budgets. Every row is still scored at all its
+    `eval.budgets` (a Matryoshka model answers at any budget up to its tokens).
     """
     config.model.scan_layers = True
     budgets = tuple(config.model.compressor.budgets)
-    if len(budgets) > 3:
-        config.model.compressor.budgets = budgets[:2] + budgets[-1:]
+    if len(budgets) > 2:
+        keep = (0, 1, len(budgets) - 1) if len(budgets) > 3 else (0, len(budgets) - 1)
+        config.model.compressor.budgets = tuple(budgets[i] for i in keep)
+        for key in ("matryoshka_probs", "matryoshka_weights"):
+            values = tuple(config.train.get(key) or ())
+            if len(values) == len(budgets):
+                config.train[key] = tuple(values[i] for i in keep)
     config.train.steps = 2
     config.train.checkpoint_every = 2
     config.train.log_every = 1
