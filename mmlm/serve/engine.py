@@ -364,30 +364,45 @@ class Engine:
         return False
 
     def _admit(self, reqs: list[Request]) -> None:
-        """Prefills each request alone into a free slot; one that ends at its first token frees it again."""
+        """Prefills each request alone into a free slot; one that ends at its first token frees it again.
+
+        All the prefills are dispatched before the first result is read: XLA runs them back to back while
+        this thread prepares the next one's batch (the programs and their order are those of one at a time).
+        """
+        start = time.perf_counter()
+        dispatched = []
         for req in reqs:
             if req.cancelled:  # gone while waiting
                 self._finish(req, "cancelled")
                 continue
-            start = time.perf_counter()
             with self._cv:
                 slot = self._active.index(None)
+                self._active[slot] = req  # reserved: the next request takes another slot
+            req.slot = slot
             try:
-                first, n_valid = self._prefill(req, slot)
+                dispatched.append((req, self._prefill(req, slot)))
             except Exception as e:  # an internal error fails this request only
-                self.stats["failed"] += 1
-                req.emit("error", f"prefill failed: {type(e).__name__}: {e}")
+                self._fail_prefill(req, e)
+        for req, out in dispatched:
+            try:
+                first, n_valid = (int(x) for x in np.asarray(out))
+            except Exception as e:
+                self._fail_prefill(req, e)
                 continue
             req.prompt_tokens = n_valid
             self.stats["admitted"] += 1
-            if not self._token(req, first):
-                with self._cv:
-                    self._active[slot] = req
-                req.slot = slot
-            self.stats["prefill_seconds"] += time.perf_counter() - start
+            self._token(req, first)  # a first token that ends the answer frees the slot
+        self.stats["prefill_seconds"] += time.perf_counter() - start
 
-    def _prefill(self, req: Request, slot: int) -> tuple[int, int]:
-        """Runs the request's prefill into `slot`; returns its first token and prompt length.
+    def _fail_prefill(self, req: Request, error: Exception) -> None:
+        with self._cv:
+            if self._active[req.slot] is req:
+                self._active[req.slot] = None
+            self.stats["failed"] += 1
+        req.emit("error", f"prefill failed: {type(error).__name__}: {error}")
+
+    def _prefill(self, req: Request, slot: int) -> jax.Array:
+        """Dispatches the request's prefill into `slot`; returns (2,) [first token, prompt length] (not yet read).
 
         A batch of 1, the program `mmlm chat` runs, so that a request's arithmetic never depends on which
         requests arrive with it (a larger prefill batch rounds differently; grouping the 16 prefills of a
@@ -405,8 +420,7 @@ class Engine:
         key = np.asarray([0, req.seed], np.uint32)  # = jax.random.PRNGKey(seed) for 0 <= seed < 2**32
         self._state, out = _prefill_into_jit(self.cfg, self.params, self._state, batch, np.int32(slot), key, sp,
                                              num_vision_tokens=m, greedy=greedy)
-        first, n_valid = np.asarray(out)
-        return int(first), int(n_valid)
+        return out
 
     def _step(self) -> None:
         start = time.perf_counter()
