@@ -7,8 +7,11 @@ questions (rendered into a temporary directory, sent as data: URLs) through the 
 greedy, in rounds that alternate the two modes so that both see the same load on a shared machine:
 
 * sequential: each request is sent when the previous answer arrived;
-* concurrent: the N requests at once (`asyncio.gather` over the async client; the server decodes them
-  in one batch of slots).
+* concurrent: the N requests at once, as N users would send them: one thread per request over the
+  synchronous client (`--client threads`, the default), or `asyncio.gather` over the async client
+  (`--client asyncio`). One asyncio loop builds all N requests (about 2-3 ms of client CPU each) before
+  the first one's bytes leave it, so the server idles for the first tens of milliseconds of each round;
+  N threads send each request as soon as it is built, as N separate clients would.
 
 Two workloads: the model's natural answers (one word for the demo: the per-request prefill dominates)
 and fixed-length answers (`ignore_eos`, as serving benchmarks fix output lengths: decoding dominates).
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--admit_wait_ms", type=float, default=10.0,
                    help="the server's --admit_wait_ms: how long a decode step waits for requests still being "
                         "read (default 10, the server's default; 0 turns the wait off)")
+    p.add_argument("--client", choices=("threads", "asyncio"), default="threads",
+                   help="how the concurrent requests are sent: one thread per request (sync client, default) "
+                        "or asyncio.gather over the async client")
     p.add_argument("--seed", type=int, default=7, help="seed of the synthetic questions (default 7)")
     p.add_argument("--out", default=str(HERE / "results.md"), help="report file (default: results.md here)")
     return p
+
+
+CLIENTS = {"threads": "one thread per request, each through the synchronous client",
+           "asyncio": "`asyncio.gather` over the async client"}
 
 
 def _free_port() -> int:
@@ -126,25 +137,43 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
     out: dict = {"workloads": {}}
     try:
         t0 = time.monotonic()
-        if not ready.wait(600):
-            raise SystemExit("the server did not start in 600 s")
+        while not ready.wait(0.5):
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited with status {proc.returncode} before it was ready "
+                                 f"(its message is above): {' '.join(cmd)}")
+            if time.monotonic() - t0 > 600:
+                raise SystemExit("the server did not start in 600 s")
         out["startup"] = time.monotonic() - t0
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
-                                    timeout=300)
+        base = dict(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        client, aclient = openai.OpenAI(**base), openai.AsyncOpenAI(**base)
+        pool = ThreadPoolExecutor(len(rows))
 
-        async def ask(row: dict, max_tokens: int, ignore_eos: bool) -> tuple[str, int, float]:
+        def request(row: dict, max_tokens: int, ignore_eos: bool) -> dict:
+            return dict(model="bench", temperature=0, max_tokens=max_tokens, extra_body={"ignore_eos": ignore_eos},
+                        messages=[{"role": "user", "content": [
+                            {"type": "text", "text": row["text"]},
+                            {"type": "image_url", "image_url": {"url": row["url"]}}]}])
+
+        def ask(row: dict, max_tokens: int, ignore_eos: bool) -> tuple[str, int, float]:
             start = time.perf_counter()
-            r = await client.chat.completions.create(
-                model="bench", temperature=0, max_tokens=max_tokens, extra_body={"ignore_eos": ignore_eos},
-                messages=[{"role": "user", "content": [{"type": "text", "text": row["text"]},
-                                                       {"type": "image_url", "image_url": {"url": row["url"]}}]}])
+            r = client.chat.completions.create(**request(row, max_tokens, ignore_eos))
             return r.choices[0].message.content, r.usage.completion_tokens, time.perf_counter() - start
 
-        async def sequential(max_tokens: int, ignore_eos: bool) -> list[tuple[str, int, float]]:
-            return [await ask(row, max_tokens, ignore_eos) for row in rows]
+        async def ask_async(row: dict, max_tokens: int, ignore_eos: bool) -> tuple[str, int, float]:
+            start = time.perf_counter()
+            r = await aclient.chat.completions.create(**request(row, max_tokens, ignore_eos))
+            return r.choices[0].message.content, r.usage.completion_tokens, time.perf_counter() - start
 
-        async def concurrent(max_tokens: int, ignore_eos: bool) -> list[tuple[str, int, float]]:
-            return list(await asyncio.gather(*(ask(row, max_tokens, ignore_eos) for row in rows)))
+        async def gather(max_tokens: int, ignore_eos: bool) -> list[tuple[str, int, float]]:
+            return list(await asyncio.gather(*(ask_async(row, max_tokens, ignore_eos) for row in rows)))
+
+        def sequential(max_tokens: int, ignore_eos: bool) -> list[tuple[str, int, float]]:
+            return [ask(row, max_tokens, ignore_eos) for row in rows]
+
+        def concurrent(max_tokens: int, ignore_eos: bool) -> list[tuple[str, int, float]]:
+            if args.client == "asyncio":
+                return loop.run_until_complete(gather(max_tokens, ignore_eos))
+            return list(pool.map(lambda row: ask(row, max_tokens, ignore_eos), rows))
 
         loop = asyncio.new_event_loop()
         import httpx
@@ -152,7 +181,7 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
         status = httpx.Client()  # one client for the status queries between rounds
         for name, max_tokens, ignore_eos in workloads:
             # warm-up: compiles every prompt bucket the rows need
-            reference = [r[0] for r in loop.run_until_complete(sequential(max_tokens, ignore_eos))]
+            reference = [r[0] for r in sequential(max_tokens, ignore_eos)]
             if not ignore_eos:
                 out["correct"] = sum(a.strip().lower() == r["answer"].strip().lower() for a, r in zip(reference, rows))
                 out["answers"] = reference
@@ -164,7 +193,7 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
                     gc.collect()  # every round starts from the same collector state (no pause left over)
                     start = time.perf_counter()
                     run_mode = sequential if mode == "sequential" else concurrent
-                    res = loop.run_until_complete(run_mode(max_tokens, ignore_eos))
+                    res = run_mode(max_tokens, ignore_eos)
                     wall = time.perf_counter() - start
                     steps = _engine_steps(status, port) - steps
                     if [r[0] for r in res] != reference:
@@ -174,9 +203,11 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
                     print(f"{name}, round {rnd}, {mode}: {wall:.3f} s, {modes[mode][-1]['tokens']} tokens, "
                           f"{steps} decode steps", flush=True)
             out["workloads"][name] = modes
-        loop.run_until_complete(client.close())
+        loop.run_until_complete(aclient.close())
+        client.close()
         status.close()
         loop.close()
+        pool.shutdown()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -197,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python experiments/serving/run.py --workdir {args.workdir} --requests {args.requests} "
         f"--rounds {args.rounds} --max_batch {args.max_batch} --max_tokens {args.max_tokens} "
-        f"--fixed_tokens {args.fixed_tokens} --admit_wait_ms {args.admit_wait_ms:g}`",
+        f"--fixed_tokens {args.fixed_tokens} --admit_wait_ms {args.admit_wait_ms:g} --client {args.client}`",
         "",
         f"CPU: {_cpu()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '(none)')!r}; load average before the run "
         f"{LOAD_BEFORE}. The server and the client share the machine (which other work shares too), so the two "
@@ -206,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.requests} held-out synthetic `shapes` questions (one 48 px image each, greedy; "
         f"{run['correct']}/{len(rows)} answered correctly), sent through the `openai` client to "
         f"`mmlm serve --max_batch {args.max_batch} --admit_wait_ms {args.admit_wait_ms:g}`; {args.rounds} rounds per mode and workload. Sequential: each "
-        f"request sent when the previous answer arrived; concurrent: all {args.requests} at once (`asyncio.gather`). Both "
+        f"request sent when the previous answer arrived; concurrent: all {args.requests} at once ({CLIENTS[args.client]}). Both "
         f"modes gave the same answers in every round. Server start (load + compile) {run['startup']:.1f} s; exit "
         f"status after SIGTERM {run['rc']}.",
         "",
