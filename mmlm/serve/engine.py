@@ -26,8 +26,10 @@ row's arithmetic does not depend on what the other slots hold; an answer is
 the same whether its request decodes alone or with 15 others (tested).
 
 Policy (each iteration of the engine thread): admit waiting requests in
-arrival order into free slots (prefill them), drop cancelled ones, then one
-decode step for all active slots. Requests beyond `max_batch` wait in a FIFO.
+arrival order into free slots (their prefills dispatched back to back, then
+their first tokens read), drop cancelled ones, then one decode step for all
+active slots (its sampling path runs only when a request samples). Requests
+beyond `max_batch` wait in a FIFO.
 Before a decode step, while free slots remain and the HTTP layer is still
 reading requests that have arrived (`expect` / `unexpect`), the engine waits
 for them up to `admit_wait_s`: a burst of requests then shares its decode
