@@ -16,6 +16,11 @@ import numpy as np
 from mmlm import IMAGE_TOKEN_ID
 from mmlm.models.config import ModelConfig
 
+# Text tokens: a single prompt (`mmlm chat`, its `auto` cascade, each request of `mmlm serve`) is padded to a
+# multiple of this, so a few programs cover every prompt. One value for all three: the server's answers
+# equal chat's only when both run the same program.
+PROMPT_BUCKET = 32
+
 
 def views_per_frame(cfg: ModelConfig) -> int:
     """K: 1, or n*n crops + the whole image for LLaVA-Mini-HD."""

@@ -244,10 +244,10 @@ def chat_budget(im: Any, pixels: np.ndarray, question: str, history: Sequence[tu
 def prompt_budget(im: Any, prompt: list[int], fuse_mask: list[bool], pixels: np.ndarray, threshold: float
                   ) -> tuple[int, list[float]]:
     """`choose_budget` for one encoded prompt and its media (K views per frame), on the batch `mmlm chat` and
-    the server's prefill build for it (text padded to a multiple of 32 tokens)."""
-    from mmlm.infer.batching import make_batch
+    the server's prefill build for it (text padded to a multiple of `PROMPT_BUCKET` tokens)."""
+    from mmlm.infer.batching import PROMPT_BUCKET, make_batch
 
-    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=32,
+    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET,
                        fuse_masks=[fuse_mask])
     return choose_budget(im.cfg, im.params, batch, threshold, cascade_budgets(im.cfg))
 

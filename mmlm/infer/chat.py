@@ -60,7 +60,7 @@ def answer(im: InferenceModel, pixels, question: str, history: list[tuple[str, s
     `pixels`: an image's (1, K, H, W, 3), or a `VideoStream` (encoded in chunks of `chunk_frames`,
     `mmlm.infer.chunked`).
     """
-    from mmlm.infer.batching import make_batch
+    from mmlm.infer.batching import PROMPT_BUCKET, make_batch
     from mmlm.infer.generate import stream
     from mmlm.infer.loading import encode_question
 
@@ -79,8 +79,9 @@ def answer(im: InferenceModel, pixels, question: str, history: list[tuple[str, s
                                          rng=rng, chunk_frames=chunk_frames):
             streamer.put(token)
         return streamer.end()
-    # Prompt lengths rounded to 32 so that a multi-turn chat reuses compiled programs.
-    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=32, fuse_masks=[fuse])
+    # Prompt lengths rounded up to PROMPT_BUCKET so that a multi-turn chat reuses compiled programs.
+    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET,
+                       fuse_masks=[fuse])
     stops = set(im.stop_ids)
     for tokens in stream(im.cfg, im.params, batch, max_new_tokens=max_new_tokens, eos_id=im.stop_ids,
                          num_vision_tokens=num_vision_tokens, temperature=temperature, top_p=top_p, rng=rng):

@@ -50,14 +50,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmlm.infer.batching import make_batch, round_up, views_per_frame
+from mmlm.infer.batching import PROMPT_BUCKET, make_batch, round_up, views_per_frame
 from mmlm.infer.generate import SamplingParams, prefill, top_p_filter
 from mmlm.infer.loading import InferenceModel
 from mmlm.models.config import ModelConfig
 from mmlm.models.llama import KVCache, init_cache
 from mmlm.models.llava_mini import LlavaMini
 
-PROMPT_BUCKET = 32  # text tokens: prompts are padded to a multiple of this (as `mmlm chat` pads them)
 # Seconds a thread may hold the GIL while another waits for it (Python's default: 5 ms). The engine thread
 # releases the GIL while XLA computes and needs it back for a few microseconds between programs; with the
 # event loop busy parsing a burst of requests, the default made each prefill wait up to 5 ms for it. At
