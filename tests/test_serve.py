@@ -560,3 +560,22 @@ def test_a_sampled_and_a_greedy_answer_do_not_depend_on_what_shares_their_steps(
         assert answer((5.0, 4))[0] != alone[:4] or answer((5.0, 5))[0] != alone[:4]  # the seed matters
     finally:
         engine.stop()
+
+
+def test_the_benchmark_ratio_interval_brackets_the_ratio_and_narrows_with_agreeing_rounds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "serving_bench", Path(__file__).resolve().parents[1] / "experiments" / "serving" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    seq = [{"tokens": 16, "wall": w} for w in rng.uniform(0.20, 0.26, 40)]
+    conc = [{"tokens": 16, "wall": w} for w in rng.uniform(0.08, 0.14, 40)]
+    ratio = (16 * 40 / sum(r["wall"] for r in conc)) / (16 * 40 / sum(r["wall"] for r in seq))
+    lo, hi = bench.ratio_interval(conc, seq)
+    assert lo < ratio < hi and (lo, hi) == bench.ratio_interval(conc, seq)  # reproducible
+    same = [{"tokens": 16, "wall": 0.1}] * 40
+    assert bench.ratio_interval(same, [{"tokens": 16, "wall": 0.2}] * 40) == pytest.approx((2.0, 2.0))
+    assert hi - lo < 0.5 * (max(s["wall"] / c["wall"] for s, c in zip(seq, conc))
+                            - min(s["wall"] / c["wall"] for s, c in zip(seq, conc)))
