@@ -26,6 +26,10 @@ the analytic model FLOPs of all its steps, teacher forwards included):
 * `largest_b`: the same with 1 token beside 16 on 45% of the steps and 4
   tokens on 15% (draws 0.45 / 0.15 / 0.4; 1.49x fixed16's FLOPs): more
   steps for the 1-token budget, which `largest` trains on 360.
+* `largest_1`: 16 tokens every step and 1 token beside it on 60% of the steps, 4 tokens never drawn
+  (draws 0.6 / 0 / 0.4; 1.49x fixed16's FLOPs): from `largest` (1 token on 30% of the steps) to
+  `largest_b` (45%) the 1-token accuracy rose and the 16-token one held; this row asks whether all of
+  the budget beside 16 going to 1 token closes the 1-token gap (budget 4 then only rides on the nesting).
 * `heavy_distill`: draws 0.1 / 0.1 / 0.8 (16 tokens on 960 steps) with the
   self-distillation keeping the rarely drawn small budgets close to it.
 * `fixed1`, `fixed4`, `fixed16`: the fixed-budget models (shared with the
@@ -46,11 +50,13 @@ WEIGHTED_PROBS = (0.2, 0.2, 0.6)  # draw probabilities of budgets 1 / 4 / 16 in 
 HEAVY_PROBS = (0.1, 0.1, 0.8)     # ... in the heavy row
 LARGEST_PROBS = (0.3, 0.3, 0.4)   # the largest row: the budget trained beside 16 (0.4: 16 alone), 1.49x fixed16
 LARGEST_B_PROBS = (0.45, 0.15, 0.4)  # the largest_b row: more 1-token steps, 1.49x fixed16
+LARGEST_1_PROBS = (0.6, 0.0, 0.4)   # the largest_1 row: every drawn step trains 1 token beside 16, 1.49x fixed16
 
 # Row -> method (one line per method in the plots). The runner trains one seed of every row first, in this order.
 ROWS = {
     "largest": "Matryoshka, 16 every step + 1 or 4 on 30% of steps each",
     "largest_b": "Matryoshka, 16 every step + 1 on 45% / 4 on 15% of steps",
+    "largest_1": "Matryoshka, 16 every step + 1 on 60% of steps (4 never drawn)",
     "weighted_distill": "Matryoshka, draws 0.2/0.2/0.6 + self-distillation",
     "heavy_distill": "Matryoshka, draws 0.1/0.1/0.8 + self-distillation",
     "weighted": "Matryoshka, draws 0.2/0.2/0.6",
@@ -72,7 +78,8 @@ def get_config(row: str):
         config.train.matryoshka_probs = WEIGHTED_PROBS
     if row.startswith("largest"):
         config.train.matryoshka_loss = "largest"
-        config.train.matryoshka_probs = LARGEST_PROBS if row == "largest" else LARGEST_B_PROBS
+        config.train.matryoshka_probs = {"largest": LARGEST_PROBS, "largest_b": LARGEST_B_PROBS,
+                                         "largest_1": LARGEST_1_PROBS}[row]
     if row.startswith("heavy"):
         config.train.matryoshka_probs = HEAVY_PROBS
     if "distill" in row:

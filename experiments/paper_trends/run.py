@@ -225,7 +225,10 @@ STUDY_SETUP = {
     "budget": "The Matryoshka study's setting. Every recipe row trains 1,200 steps at no more than 1.5x the "
               "fixed16 row's training FLOPs (the `train TFLOP` column: analytic model FLOPs of all its steps, "
               "forward and backward of every budget, teacher forwards included). Rows: "
-              "`configs/experiments/budget.py`.",
+              "`configs/experiments/budget.py`. Seeds 1 and 2 of `weighted_distill`, `heavy_distill`, "
+              "`weighted` and `distill` and every `largest_1` run started from the foundation trained again "
+              "from the same config on another host (a 2-core AVX2 CPU; the first foundation's weights were not "
+              "kept), so their spread includes the foundation's; every other run started from the first one.",
 }
 
 # ----------------------------------------------------------------------------- the plan
