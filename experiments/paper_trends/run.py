@@ -882,7 +882,9 @@ def build_report(studies: Sequence[str], plan: Sequence[Run], records: dict[str,
             if auto:
                 report["studies"][study]["plots"].append(plot_auto(study, points, auto, out))
     _write_json_atomic(out / RESULTS_JSON, report)
-    (out / RESULTS_MD).write_text(markdown(report), encoding="utf-8")
+    from mmlm.safe_io import write_text_atomic
+
+    write_text_atomic(out / RESULTS_MD, markdown(report))  # an interrupted write leaves the old report whole
     return report
 
 

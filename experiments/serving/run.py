@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         ratios.append(f"* {name}: **{ratio:.2f}x**, 95% bootstrap interval over the round pairs {lo:.2f}-{hi:.2f}x "
                       "(per round pair: " + ", ".join(f"{r:.2f}x" for r in per_round) + ")")
     lines += ["", "Concurrent / sequential aggregate tokens/s:", "", *ratios, ""]
-    Path(args.out).write_text("\n".join(lines))
+    from mmlm.safe_io import write_text_atomic
+
+    write_text_atomic(args.out, "\n".join(lines))  # an interrupted run leaves the old report whole
     print("\n".join(lines))
     return 0
 
