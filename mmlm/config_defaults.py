@@ -100,6 +100,12 @@ def model_config(*, vision: ml_collections.ConfigDict, llm: ml_collections.Confi
         kind="query",        # "query" (LLaVA-Mini resampler) or "avgpool" (pooling ablation)
         tokens=tokens,       # C^2 compressed tokens per image/frame, or M max queries for Matryoshka
         budgets=tuple(budgets),  # Matryoshka token budgets sampled in training; () = off
+        # How the Matryoshka budgets nest: "prefix" (MQT) uses the first m queries, in a coarse-to-fine lattice
+        # order; "pool" (M3) always computes all M queries (raster order) and average-pools their outputs to a
+        # sqrt(m) x sqrt(m) grid, so every query trains at every budget (square budgets only); "offset" is
+        # "prefix" plus a learned offset on the queries of each trained budget below M (m vectors of the vision
+        # width each), so the first query need not be both the whole image (1 token) and one cell (M tokens).
+        nesting="prefix",
         heads=8,             # cross-attention heads
         ln_eps=1e-5,         # epsilon of LN_q and LN_kv
         impl="auto",         # cross-attention: "auto" (Pallas on GPU/TPU, XLA on CPU) | "pallas" | "xla"

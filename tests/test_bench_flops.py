@@ -176,10 +176,11 @@ def test_workload_token_counts():
     (("--config.model.hd_grid=2",), 1, "last", False),
     (("--config.model.compressor.kind=avgpool", "--config.model.prefusion_layers=0"), 4, "all", False),
     (("--config.model.scan_unroll=0",), None, "all", True),  # the demo's loop-free layers: no double count
+    (("--config.model.compressor.nesting=pool",), 1, "last", False),  # every query runs, then a pooling matmul
 ])
 def test_variants_match_exactly(overrides, budget, lm_head, whole):
     """Baseline, HD (5 views, stitched keys), average pooling without pre-fusion, LM head on the last token,
-    layers inlined (`model.scan_unroll=0`)."""
+    layers inlined (`model.scan_unroll=0`), pooled Matryoshka budgets."""
     cfg = F.load_model_config(TINY, overrides)
     r = F.flops_report(cfg, 9, budget, lm_head, whole_model=whole)
     assert r["xla_matmul"] == r["analytic"]

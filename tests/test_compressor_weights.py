@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mmlm.config_utils import load_config
 from mmlm.models.compressor import make_compressor
@@ -27,8 +28,9 @@ def test_avgpool_weights_rebuild_its_output():
     np.testing.assert_allclose(np.asarray(jnp.einsum("bmn,bnd->bmd", w[:, 0], x)), np.asarray(out), rtol=1e-5)
 
 
-def test_query_weights_rebuild_its_output():
-    cfg = compressor_cfg()
+@pytest.mark.parametrize("nesting", ["prefix", "pool"])
+def test_query_weights_rebuild_its_output(nesting):
+    cfg = compressor_cfg(f"--config.model.compressor.nesting={nesting}")
     comp = make_compressor(cfg, jnp.float32, jnp.float32)
     x = jax.random.normal(jax.random.key(1), (2, 16, 32))
     params = nn.unbox(comp.init(jax.random.key(2), x, cfg.tokens))["params"]
@@ -45,6 +47,7 @@ def test_query_weights_rebuild_its_output():
     rebuilt = mixed @ params["out_proj"]["kernel"] + params["out_proj"]["bias"]
     np.testing.assert_allclose(np.asarray(rebuilt), np.asarray(comp.apply({"params": params}, x, 4)),
                                rtol=1e-4, atol=1e-5)
-    # Matryoshka: the 1-token weights are the first row of the 4-token weights.
+    # Matryoshka: the 1-token weights are the first row of the 4-token weights (prefix), or their mean (pool).
+    one = w[:, :, 0] if nesting == "prefix" else w.mean(axis=2)
     np.testing.assert_allclose(np.asarray(comp.apply({"params": params}, x, 1, return_weights=True)[:, :, 0]),
-                               np.asarray(w[:, :, 0]), rtol=1e-5)
+                               np.asarray(one), rtol=1e-5)

@@ -12,7 +12,8 @@ from flax import linen as nn
 
 from mmlm import IGNORE_INDEX, IMAGE_TOKEN_ID
 from mmlm.config_utils import load_config
-from mmlm.models.config import model_config_from_dict
+from mmlm.errors import ConfigError
+from mmlm.models.config import ModelConfig, model_config_from_dict
 from mmlm.models.layers import stack_layers, unstack_layers
 from mmlm.models.llama import LlamaModel, init_cache
 from mmlm.models.llava_mini import LlavaMini, stitch_crops
@@ -96,6 +97,57 @@ def test_prefix_survives_prefusion(tiny):
     full, _, _ = apply(cfg, params, batch, 4, method=LlavaMini.vision_and_text)
     one, _, _ = apply(cfg, params, batch, 1, method=LlavaMini.vision_and_text)
     np.testing.assert_allclose(one, full[:, :1], atol=1e-5)
+
+
+def test_pooled_budgets_are_pools_of_every_query():
+    """nesting='pool' (M3): budget m is the sqrt(m) x sqrt(m) average pool of all M queries' outputs (raster)."""
+    cfg = make_cfg("--config.model.compressor.tokens=16", "--config.model.compressor.budgets=(1,4,16)",
+                   "--config.model.compressor.nesting=pool")
+    batch = make_batch(cfg)
+    params = init(cfg, batch)
+    feats = apply(cfg, params, batch["images"], method=LlavaMini.encode_images)
+    full = np.asarray(apply(cfg, params, feats, 16, method=LlavaMini.compress))  # (B, F, 16, Dv)
+    grid = full.reshape(full.shape[:2] + (4, 4, -1))
+    quads = grid.reshape(full.shape[:2] + (2, 2, 2, 2, -1)).mean(axis=(3, 5)).reshape(full.shape[:2] + (4, -1))
+    np.testing.assert_allclose(apply(cfg, params, feats, 4, method=LlavaMini.compress), quads, atol=1e-6)
+    np.testing.assert_allclose(apply(cfg, params, feats, 1, method=LlavaMini.compress),
+                               full.mean(axis=2, keepdims=True), atol=1e-6)
+    # The 16-token output is the plain (non-Matryoshka) compressor's with raster query codes.
+    plain = make_cfg("--config.model.compressor.tokens=16", "--config.model.compressor.budgets=()")
+    np.testing.assert_allclose(apply(plain, params, feats, 16, method=LlavaMini.compress), full, atol=1e-6)
+    with pytest.raises(ValueError, match="square budget"):
+        cfg.check_budget(2)
+
+
+def test_offset_budgets_move_only_their_own_queries(tiny):
+    """nesting='offset': budget m < M uses its first m queries plus its own learned offset (zero at init)."""
+    cfg, batch, params = tiny
+    off = make_cfg("--config.model.compressor.nesting=offset")  # tiny: M = 4, budgets (1, 4)
+    feats = apply(cfg, params, batch["images"], method=LlavaMini.encode_images)
+    table = init(off, batch)["compressor"]["budget_offset"]
+    assert table.shape == (1, feats.shape[-1]) and not np.any(table)  # one row: budget 1
+    delta = 0.5 * jax.random.normal(jax.random.key(5), table.shape)
+    moved = {**params, "compressor": {**params["compressor"], "budget_offset": delta}}
+    # The largest budget has no offset: the prefix compressor's output.
+    np.testing.assert_allclose(apply(off, moved, feats, 4, method=LlavaMini.compress),
+                               apply(cfg, params, feats, 4, method=LlavaMini.compress), atol=1e-6)
+    # Budget 1 is the prefix compressor with its query moved by the offset.
+    shifted = {**params, "compressor": {**params["compressor"],
+                                        "query": params["compressor"]["query"].at[:1].add(delta)}}
+    one = apply(off, moved, feats, 1, method=LlavaMini.compress)
+    np.testing.assert_allclose(one, apply(cfg, shifted, feats, 1, method=LlavaMini.compress), atol=1e-6)
+    assert not np.allclose(one, apply(cfg, params, feats, 1, method=LlavaMini.compress), atol=1e-3)
+
+
+def test_pooled_nesting_needs_square_budgets_and_queries():
+    with pytest.raises(ConfigError, match="square budgets"):
+        ModelConfig.from_config(load_config("configs/tiny.py", [
+            "--config.model.compressor.budgets=(1,2,4)", "--config.model.compressor.nesting=pool"]).model)
+    with pytest.raises(ConfigError, match="has none"):
+        ModelConfig.from_config(load_config("configs/tiny.py", [
+            "--config.model.compressor.kind=avgpool", "--config.model.compressor.nesting=offset"]).model)
+    with pytest.raises(ConfigError, match="nesting must be one of"):
+        ModelConfig.from_config(load_config("configs/tiny.py", ["--config.model.compressor.nesting=slice"]).model)
 
 
 def test_budget_errors():

@@ -13,6 +13,10 @@ HD crops):
     k = (LN_kv(X) + PE_k) W_k + b_k             (N, Dv)
     A = mean_heads softmax(q_h k_h^T / sqrt(dh)) (m, N)
 
+With pooled budgets (`model.compressor.nesting="pool"`) all M queries run and
+a pooled token's map is the mean of its pooled queries' maps (its output is
+the mean of theirs, which are linear in their weights).
+
 For the average-pooling compressor the map is the pooling window. The maps
 are drawn as heat overlays on the image the model saw (padded to a square,
 resized; HD crops stitched back), one panel per compressed token (per frame

@@ -1,10 +1,23 @@
 """Vision-token compressors, working in the vision width Dv before the projector.
 
 `QueryCompressor` is the LLaVA-Mini resampler made Matryoshka: M learned
-queries; a budget of m tokens uses the first m (in `matryoshka_order`). The
-queries never attend to each other, so the m-token output is exactly the
-first m rows of the M-token output. With budgets empty and M = C^2 it is the
-LLaVA-Mini compressor, parameter for parameter:
+queries, nested in one of two ways (`CompressorConfig.nesting`):
+
+* "prefix" (MQT): a budget of m tokens uses the first m queries (in
+  `matryoshka_order`). The queries never attend to each other, so the
+  m-token output is exactly the first m rows of the M-token output.
+* "pool" (M3): every budget computes all M queries (raster order) and
+  average-pools their C x C outputs to sqrt(m) x sqrt(m): the 1-token budget
+  is the mean of the 16 (M = 16) outputs, so each query trains at every budget
+  instead of one query serving both as the whole image and as one cell.
+* "offset": "prefix" plus a learned offset (zero at init) on the m queries of
+  each trained budget m < M: the same query grid, but the 1-token query may
+  move away from its cell's role. The m-token output is then not a slice of
+  the M-token output (the compressor runs per budget; the vision tower still
+  runs once).
+
+With budgets empty and M = C^2 it is the LLaVA-Mini compressor, parameter for
+parameter:
 
     q_in = LN_q(Q) + PE_q        k_in = LN_kv(X) + PE_k        v_in = LN_kv(X)
     out  = MultiheadAttention(q_in, k_in, v_in)    (packed in-proj, 8 heads)
@@ -57,14 +70,27 @@ def square_side(n: int, what: str) -> int:
 def query_position_table(cfg: CompressorConfig, dim: int) -> np.ndarray:
     """(M, dim) query position codes in query order (Matryoshka-permuted when on)."""
     table = sincos_2d(dim, cfg.grid)
-    if cfg.matryoshka:
+    if cfg.matryoshka and not cfg.pooled:
         table = table[matryoshka_order(cfg.grid, cfg.budgets)]
     return table
+
+
+def pool_queries(x: jax.Array, grid: int, num_tokens: int, axis: int) -> jax.Array:
+    """Average-pools the C x C query axis `axis` of x (raster order) to sqrt(m) x sqrt(m) (identity at m = C^2).
+
+    Used on outputs (B, M, Dv) -> (B, m, Dv) and on attention weights (B, H, M, N) -> (B, H, m, N): the
+    queries' outputs are linear in their weights, so pooled weights are the pooled tokens' weights.
+    """
+    if num_tokens == grid * grid:
+        return x
+    pool = jnp.asarray(adaptive_avg_pool_matrix(grid, square_side(num_tokens, "pooled budget")), x.dtype)
+    return jnp.moveaxis(jnp.tensordot(pool, x, axes=((1,), (axis,))), 0, axis)
 
 
 class QueryCompressor(nn.Module):
     """features (B, N, Dv), N a square key grid -> (B, m, Dv).
 
+    With pooled budgets (`cfg.pooled`) all M queries run and their outputs are pooled to m.
     With `return_weights=True` it returns the cross-attention weights instead,
     (B, heads, m, N) fp32, rows summing to 1 (the fused kernel never
     materialises them; they are recomputed from the same parameters in plain
@@ -100,6 +126,7 @@ class QueryCompressor(nn.Module):
                          kernel_init=kernel_initializer(self.init_std), **kw)
 
         key_grid = square_side(n, "compressor keys")
+        rows = cfg.query_rows(num_tokens)  # m, or all M queries when the budgets are pools of them
         if cfg.stored_position_table:
             # The release's fixed table, read from the weights; stop_gradient (and no weight decay on the
             # name) keeps it fixed in training.
@@ -107,22 +134,32 @@ class QueryCompressor(nn.Module):
             table = jax.lax.stop_gradient(self.param(
                 "pos_embed", nn.with_logical_partitioning(init, ("queries", "vision_embed")), (cfg.tokens, dv),
                 self.param_dtype))
-            pe_q = table[:num_tokens].astype(self.dtype)
+            pe_q = table[:rows].astype(self.dtype)
             pe_k = resize_position_table(table, cfg.grid, key_grid).astype(self.dtype)
         else:
-            pe_q = jnp.asarray(query_position_table(cfg, dv)[:num_tokens], self.dtype)
+            pe_q = jnp.asarray(query_position_table(cfg, dv)[:rows], self.dtype)
             pe_k = jnp.asarray(key_position_table(dv, cfg.grid, key_grid), self.dtype)
         w_in, b_in = w_in.astype(self.dtype), b_in.astype(self.dtype)
         wq, wk, wv = w_in[:, :dv], w_in[:, dv:2 * dv], w_in[:, 2 * dv:]
         bq, bk, bv = b_in[:dv], b_in[dv:2 * dv], b_in[2 * dv:]
-        # Queries are shared by the whole batch: project them once, (m, Dv).
-        q = (ln_q(query[:num_tokens].astype(self.dtype)) + pe_q) @ wq + bq
+        queries = query[:rows]
+        offsets = cfg.offset_rows()
+        if offsets:
+            table = self.param("budget_offset", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                             ("queries", "vision_embed")),
+                               (sum(offsets), dv), self.param_dtype)
+            if num_tokens in offsets:
+                queries = queries + table[offsets[num_tokens]: offsets[num_tokens] + num_tokens]
+        # Queries are shared by the whole batch: project them once, (rows, Dv).
+        q = (ln_q(queries.astype(self.dtype)) + pe_q) @ wq + bq
         if return_weights:
-            return _attention_weights(x, q, ln_kv_scale, ln_kv_bias, wk, bk, pe_k, cfg.heads, cfg.ln_eps)
+            probs = _attention_weights(x, q, ln_kv_scale, ln_kv_bias, wk, bk, pe_k, cfg.heads, cfg.ln_eps)
+            return pool_queries(probs, cfg.grid, num_tokens, axis=2) if cfg.pooled else probs
         attn = compress_attention(
             x.astype(self.dtype), q, ln_kv_scale.astype(self.dtype), ln_kv_bias.astype(self.dtype),
             wk, bk, wv, bv, pe_k, num_heads=cfg.heads, eps=cfg.ln_eps, impl=cfg.impl)
-        return out_proj(attn)
+        out = out_proj(attn)
+        return pool_queries(out, cfg.grid, num_tokens, axis=1) if cfg.pooled else out
 
 
 def _attention_weights(x: jax.Array, q: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, wk: jax.Array,

@@ -103,6 +103,9 @@ class LlamaConfig:
         return dict(self.rope_scaling)
 
 
+NESTINGS = ("prefix", "pool", "offset")  # how a Matryoshka compressor's budgets nest (CompressorConfig.nesting)
+
+
 @dataclasses.dataclass(frozen=True)
 class CompressorConfig:
     kind: str = "query"  # "query" (LLaVA-Mini resampler) or "avgpool" (ablation)
@@ -112,8 +115,20 @@ class CompressorConfig:
     ln_eps: float = 1e-5
     impl: str = "auto"  # "auto" | "pallas" | "xla" (cross-attention implementation)
     stored_position_table: bool = False  # position codes from params compressor/pos_embed, not recomputed
+    nesting: str = "prefix"  # Matryoshka budgets: "prefix" (the first m queries) | "pool" (all M, pooled to m)
+    #                          | "offset" (the first m queries plus a learned offset per trained budget below M)
 
     def __post_init__(self):
+        if self.nesting not in NESTINGS:
+            raise ValueError(f"model.compressor.nesting must be one of {NESTINGS}, got {self.nesting!r}")
+        if self.nesting != "prefix" and self.matryoshka and self.kind != "query":
+            raise ValueError(f"model.compressor.nesting={self.nesting!r} acts on the query compressor's queries; "
+                             f"kind={self.kind!r} has none (use nesting='prefix')")
+        if self.nesting == "pool" and self.matryoshka:
+            bad = [b for b in self.budgets if int(round(b**0.5)) ** 2 != b]
+            if bad:
+                raise ValueError(f"model.compressor.nesting='pool' needs square budgets (a sqrt(m) x sqrt(m) grid "
+                                 f"of pooled queries), got {bad} in budgets {self.budgets}")
         if self.stored_position_table and self.budgets:
             raise ValueError("model.compressor.stored_position_table is the release layout (a fixed C x C table); "
                              "it cannot be combined with Matryoshka budgets")
@@ -128,6 +143,22 @@ class CompressorConfig:
     @property
     def matryoshka(self) -> bool:
         return len(self.budgets) > 0
+
+    @property
+    def pooled(self) -> bool:
+        """Budgets are average pools of all M queries' outputs (M3), not prefixes of the queries (MQT)."""
+        return self.matryoshka and self.nesting == "pool"
+
+    def offset_rows(self) -> dict[int, int]:
+        """nesting="offset": trained budget m < M -> its first row in the offset table (rows m of them)."""
+        if not (self.matryoshka and self.nesting == "offset"):
+            return {}
+        small = sorted({int(b) for b in self.budgets if b < self.tokens})
+        return {m: sum(small[:i]) for i, m in enumerate(small)}
+
+    def query_rows(self, m: int) -> int:
+        """Queries the compressor computes for a budget of m tokens (M when the budgets are pools)."""
+        return self.tokens if self.pooled else m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +260,9 @@ class ModelConfig:
                 raise ValueError(
                     f"num_vision_tokens={m} is not supported: this Matryoshka model has "
                     f"{self.compressor.tokens} queries (trained budgets {self.compressor.budgets})")
-            if self.compressor.kind == "avgpool" and int(round(m**0.5)) ** 2 != m:
-                raise ValueError(f"average pooling needs a square token budget, got {m}")
+            if (self.compressor.kind == "avgpool" or self.compressor.pooled) and int(round(m**0.5)) ** 2 != m:
+                raise ValueError(f"num_vision_tokens={m}: this model pools its compressed tokens to a square grid; "
+                                 f"give a square budget (e.g. {', '.join(map(str, self.supported_budgets))})")
             return m
         if m != self.compressor.tokens:
             raise ValueError(

@@ -107,14 +107,18 @@ def projector_flops(cfg: ModelConfig, tokens: int) -> int:
 
 
 def compressor_flops(cfg: ModelConfig, m: int, keys: int) -> int:
-    """Query compressor (q/k/v/out projections, attention) or average pooling (a pooling matmul)."""
+    """Query compressor (q/k/v/out projections, attention) or average pooling (a pooling matmul).
+
+    Pooled Matryoshka budgets run all M queries, then pool their outputs to m (a pooling matmul)."""
     if not keys:
         return 0
     dv = cfg.vision.width
     if cfg.compressor.kind == "avgpool":
         return dense_flops(m, keys, dv)
-    return (dense_flops(m, dv, dv) + 2 * dense_flops(keys, dv, dv) + attention_flops(m, keys, dv)
-            + dense_flops(m, dv, dv))
+    rows = cfg.compressor.query_rows(m)
+    pool = dense_flops(m, rows, dv) if rows != m else 0
+    return (dense_flops(rows, dv, dv) + 2 * dense_flops(keys, dv, dv) + attention_flops(rows, keys, dv)
+            + dense_flops(rows, dv, dv) + pool)
 
 
 def analytic_flops(cfg: ModelConfig, w: Workload) -> dict[str, int]:
@@ -142,7 +146,7 @@ def paper_rule_flops(cfg: ModelConfig, w: Workload, vision_blocks: int | None = 
                         + blocks * (v.num_patches + 1) * vit)
     comp = compressor_flops(cfg, w.vision_tokens, w.compressor_keys)
     if comp and cfg.compressor.kind == "query":
-        comp -= attention_flops(w.vision_tokens, w.compressor_keys, v.width)
+        comp -= attention_flops(cfg.compressor.query_rows(w.vision_tokens), w.compressor_keys, v.width)
     return (vision + projector_flops(cfg, w.projected) + comp
             + cfg.prefusion_layers * w.prefusion_len * layer
             + w.llm_len * (llm.layers * layer + dense_flops(1, llm.width, llm.vocab_size)))
