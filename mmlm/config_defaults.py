@@ -208,7 +208,8 @@ def train_config(*, steps: int = 1000, trainable: tuple[str, ...] = STAGE2_TRAIN
                                   # every step plus one drawn budget, the loss their mean (mmlm.train.recipe)
         matryoshka_probs=(),      # "sample"/"distill"/"largest": draw probability per budget, smallest first (normalised);
                                   # () = uniform. Weighting the largest budget up trains it more often
-        matryoshka_weights=(),    # "all": loss weight per budget, smallest first (normalised); () = plain mean
+        matryoshka_weights=(),    # "all"/"largest": loss weight per budget, smallest first (normalised); () = plain
+                                  # mean ("largest": a step's loss is the weighted mean of the drawn and the largest)
         distill_weight=1.0,       # "distill": weight of KL(largest budget || drawn budget) beside the cross-entropy
         trainable=tuple(trainable),  # parts updated by the optimizer (subset of PARTS); the rest is frozen
         checkpoint_every=1000,    # steps between (asynchronous) checkpoints; the last step is always saved

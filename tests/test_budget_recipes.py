@@ -153,9 +153,12 @@ def test_recipes_are_config_knobs_and_their_flops_are_counted():
     ("matryoshka_weights", (0.0, 0.0), "not all 0"),
     ("matryoshka_probs", (-1.0, 2.0), "non-negative"),
     ("distill_weight", -0.5, "must be >= 0"),
+    ("largest_weights", (1.0, 0.0), "needs a weight > 0"),
 ])
 def test_bad_recipe_knobs_are_clear_errors(key, value, match):
     config = tiny()
+    if key == "largest_weights":  # "largest" trains the largest budget every step: its weight cannot be 0
+        config.train.matryoshka_loss, key = "largest", "matryoshka_weights"
     config.train[key] = value
     with pytest.raises(ConfigError, match=match):
         validate_config(config)
@@ -185,6 +188,13 @@ def test_largest_trains_the_largest_budget_every_step_beside_the_drawn_one(tiny_
         assert float(m["loss"]) == pytest.approx(want, rel=1e-5)
         assert float(m["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)
         assert int(m["supervised_tokens"]) == 8 * 3
+    # With loss weights a paired step's loss and gradient are the weighted mean (w1 = 3 w4 here).
+    step = _step(setup, MatryoshkaRecipe(loss="largest", weights=(0.75, 0.25)))
+    paired = next(s for s in range(8) if int(budget_index(rng, jnp.int32(s), 2)) == 0)
+    _, m = step(dict(state, step=jnp.asarray(paired, jnp.int32)), batch)
+    assert float(m["loss"]) == pytest.approx(0.75 * float(l1) + 0.25 * float(l4), rel=1e-5)
+    grads = jax.tree.map(lambda a, b: 0.75 * a + 0.25 * b, g1, g4)
+    assert float(m["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)
     cfg = setup.cfg
     kw = dict(batch_size=8, text_len=T, trainable=config.train.trainable)
     one, four = (train_step_flops(cfg, budgets=(m,), **kw)["total"] for m in (1, 4))

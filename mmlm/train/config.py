@@ -145,6 +145,10 @@ def _check_matryoshka_recipe(t: ml_collections.ConfigDict, model: ModelConfig | 
             raise ConfigError(f"config.train.{key}={values!r}: give one non-negative number per Matryoshka budget "
                               f"{budgets} (smallest first, not all 0), or () for "
                               f"{'uniform draws' if key == 'matryoshka_probs' else 'the plain mean'}")
+    weights = tuple(t.get("matryoshka_weights", ()) or ())
+    if t.matryoshka_loss == "largest" and weights and not float(weights[-1]) > 0:
+        raise ConfigError(f"config.train.matryoshka_weights={weights!r}: with matryoshka_loss='largest' the largest "
+                          "budget (the last weight) trains on every step and needs a weight > 0")
     if float(t.distill_weight) < 0:
         raise ConfigError(f"config.train.distill_weight={t.distill_weight!r}: must be >= 0")
     if t.matryoshka_loss == "distill" and model is not None and model.loss_positions > 0:

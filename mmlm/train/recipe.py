@@ -15,7 +15,8 @@
   it (with `train.matryoshka_probs`); the loss is the mean of the two (the largest alone when it is
   drawn). The largest budget, the one that needs the most steps, trains on every batch, as a
   fixed-budget model does, and the smaller ones ride along on a share of the steps: a step costs the
-  largest budget's step plus the drawn one's.
+  largest budget's step plus the drawn one's. With `train.matryoshka_weights` the loss of a step that
+  draws budget i is the weighted mean (w_i L_i + w_largest L_largest) / (w_i + w_largest).
 
 `train_run_flops` is the analytic model-FLOPs count of a whole training run from its config.
 """
@@ -35,7 +36,7 @@ class MatryoshkaRecipe:
 
     loss: str = "sample"
     probs: tuple[float, ...] = ()    # "sample" / "distill": draw probabilities (normalised); () = uniform
-    weights: tuple[float, ...] = ()  # "all": loss weights (normalised to sum 1); () = the plain mean
+    weights: tuple[float, ...] = ()  # "all" / "largest": loss weights (normalised to sum 1); () = the plain mean
     distill_weight: float = 1.0      # "distill": weight of the KL term next to the cross-entropy
 
     @property

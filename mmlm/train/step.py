@@ -126,6 +126,11 @@ def _distill_sums(model: LlavaMini, params: dict, batch: Batch, budget: int, tea
     return sums["loss_sum"] + weight * kl, (sums["num_tokens"], sums["num_correct"], jnp.sum(student["valid"]))
 
 
+def _scale_loss(sums: tuple[jax.Array, Any], scale: float) -> tuple[jax.Array, Any]:
+    """(loss sum, counts) with the loss sum scaled (the counts, the loss's denominator, untouched)."""
+    return (sums[0] * scale if scale != 1.0 else sums[0]), sums[1]
+
+
 def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: Sequence[str],
                     budgets: Sequence[int], grad_accum: int, schedules: dict[str, Schedule],
                     mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] = (),
@@ -153,7 +158,13 @@ def make_train_step(model: LlavaMini, tx: optax.GradientTransformation, parts: S
                                           weight=recipe.distill_weight) for m in budgets[:-1]] + branches[-1:]
         if recipe.with_largest and len(budgets) > 1:  # the largest budget's sums added to the drawn one's
             top = branches[-1]
-            branches = [lambda p, b, f=f: jax.tree.map(jnp.add, f(p, b), top(p, b)) for f in branches[:-1]] + [top]
+            pair = [(1.0, 1.0)] * (len(budgets) - 1)
+            if recipe.weights:  # loss sums scaled by 2 w / (w_drawn + w_largest): / (2 x tokens) is the weighted mean
+                wt = recipe.weights[-1]
+                pair = [(2 * w / (w + wt), 2 * wt / (w + wt)) for w in recipe.weights[:-1]]
+            branches = [lambda p, b, f=f, s=s: jax.tree.map(jnp.add, _scale_loss(f(p, b), s[0]),
+                                                            _scale_loss(top(p, b), s[1]))
+                        for f, s in zip(branches[:-1], pair)] + [top]
         if all_budgets:  # summed sums: / (budgets x supervised tokens) below is the mean of the budgets' losses
             sums = [f(params, mb) for f in branches]
             if scales:
