@@ -82,13 +82,15 @@ QUICK_XLA_FLAGS = {"--xla_backend_optimization_level": "0", "--xla_cpu_use_fusio
 QUICK_EVAL_IMAGES = 8  # a val split this small is a --quick one: score one question per image (one batch)
 AUTO = "auto"  # the budget of an adaptive point: the calibrated cascade (`num_vision_tokens=auto`)
 AUTO_STUDY = "budget"  # the study whose Matryoshka runs are also scored with the cascade
+AUTO_METHOD = ", auto (calibrated cascade)"  # appended to a row's method for its adaptive point
 AUTO_CALIBRATION_QUESTIONS = 600  # the first questions of the training split (200 images) calibrate its threshold
 MATCH_TOLERANCE = 0.02  # "matches": within max(2 points, the combined seed spread)
 # Config keys added after runs were recorded, at the value every earlier run had implicitly: left out of the
 # fingerprint at that value, so adding a knob does not mark the finished runs stale.
 LATER_KEYS = {("train", "matryoshka_loss"): "sample", ("train", "matryoshka_probs"): (),
               ("train", "matryoshka_weights"): (), ("train", "distill_weight"): 1.0,
-              ("data", "video_chunk_frames"): 16, ("data", "prefill_chunk_tokens"): 512}  # the last two: inference knobs of video files
+              ("data", "video_chunk_frames"): 16, ("data", "prefill_chunk_tokens"): 512,  # inference knobs of videos
+              ("model", "compressor", "nesting"): "prefix"}
 
 
 # ----------------------------------------------------------------------------- the paper's orderings
@@ -226,9 +228,17 @@ STUDY_SETUP = {
               "fixed16 row's training FLOPs (the `train TFLOP` column: analytic model FLOPs of all its steps, "
               "forward and backward of every budget, teacher forwards included). Rows: "
               "`configs/experiments/budget.py`. Seeds 1 and 2 of `weighted_distill`, `heavy_distill`, "
-              "`weighted` and `distill` and every `largest_1` run started from the foundation trained again "
+              "`weighted` and `distill` and every run of `largest_1`, `pooled`, `pooled_largest_b` and "
+              "`offset_largest_b` started from the foundation trained again "
               "from the same config on another host (a 2-core AVX2 CPU; the first foundation's weights were not "
-              "kept), so their spread includes the foundation's; every other run started from the first one.",
+              "kept), so their spread includes the foundation's; every other run started from the first one. "
+              "The fixed rows trained from the retrained foundation too (`run.py --study budget --rows "
+              "fixed1,fixed16 --seeds 3 --out OUT`, OUT holding that foundation; not in the table, whose fixed "
+              "rows started from the first one) score 49.3 ± 2.6 at 1 token (46.3 / 51.3 / 50.3) and 71.3 ± 10.0 "
+              "at 16 (61.6 / 70.8 / 81.6): against those, `pooled_largest_b` is 0.0 / -2.9 points at 1 / 16 "
+              "tokens, `largest_1` -1.1 / -2.5 and `offset_largest_b` -2.1 / -2.2. A seed either learns the "
+              "cell questions at 16 tokens or not (fixed16's seeds span 20 points), so 3 seeds cannot settle a "
+              "2-point goal from either foundation.",
 }
 
 # ----------------------------------------------------------------------------- the plan
@@ -263,9 +273,12 @@ def config_fingerprint(config: Any, base: str = "") -> str:
     plain["synthetic"] = {**plain["synthetic"], "cache_dir": ""}
     plain["data"] = {**plain["data"], "tokenizer": repo_relative(plain["data"]["tokenizer"])}
     plain["train"] = {**plain["train"], "init_from": bool(plain["train"]["init_from"])}
-    for (section, key), value in LATER_KEYS.items():
-        if plain.get(section, {}).get(key, value) == value:
-            plain[section].pop(key, None)
+    for (*sections, key), value in LATER_KEYS.items():
+        node = plain
+        for section in sections:
+            node = node.get(section, {})
+        if node.get(key, value) == value:
+            node.pop(key, None)
     text = json.dumps(plain, sort_keys=True, default=str) + base
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -574,7 +587,7 @@ def study_points(study: str, records: Iterable[dict[str, Any]]) -> list[dict[str
         cats = {c: mean_std([p["by_category"][c] for p in ps if c in p["by_category"]])[0]
                 for c in CATEGORIES if any(c in p["by_category"] for p in ps)}
         method = rows.get(row, "oracle (best budget per question)")
-        out.append({"row": row, "budget": m, "method": method + (", auto (calibrated cascade)" if m == AUTO else ""),
+        out.append({"row": row, "budget": m, "method": method + (AUTO_METHOD if m == AUTO else ""),
                     "mean": mean, "std": std, "n": len(acc), "values": acc,
                     "seeds": [p["seed"] for p in ps], "by_category": cats,
                     "llm_vision_tokens": sum(p["llm_vision_tokens"] for p in ps) / len(ps),
@@ -621,12 +634,13 @@ def plot_auto(study: str, points: Sequence[dict[str, Any]], auto: dict[str, Any]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=_figsize(len(auto) + 2))
+    colors = _colors(plt, list(auto))
     for row, a in auto.items():
-        line, = ax.plot([p["mean_vision_tokens"] for p in a["sweep"]], [100 * p["accuracy"] for p in a["sweep"]],
-                        marker=".", label=f"{row}: cascade, threshold swept")
+        ax.plot([p["mean_vision_tokens"] for p in a["sweep"]], [100 * p["accuracy"] for p in a["sweep"]],
+                marker=".", color=colors[row], label=f"{row}: cascade, threshold swept")
         ax.errorbar([a["llm_vision_tokens"]], [100 * a["mean"]], yerr=[100 * a["std"]], marker="*", markersize=12,
-                    color=line.get_color(), capsize=3, linestyle="none")
+                    color=colors[row], capsize=3, linestyle="none")
     for p in points:
         if p["row"].startswith("fixed") or p["row"] == ORACLE:
             ax.errorbar([p["llm_vision_tokens"]], [100 * p["mean"]], yerr=[100 * p["std"]], capsize=3,
@@ -637,10 +651,9 @@ def plot_auto(study: str, points: Sequence[dict[str, Any]], auto: dict[str, Any]
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title("num_vision_tokens=auto: accuracy vs mean tokens (stars: calibrated thresholds)", fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    _legend(ax, len(auto) + 2)
     name = f"{study}_auto.png"
-    fig.savefig(out / name, dpi=110)
+    fig.savefig(out / name, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return name
 
@@ -676,8 +689,29 @@ def _pct(p: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- report
 
+LEGEND_INSIDE = 6  # legend entries that fit inside the axes; more go beside the plot (a wider figure)
+
+
+def _figsize(entries: int) -> tuple[float, float]:
+    return (6.4, 4.2) if entries <= LEGEND_INSIDE else (11.0, 4.8)
+
+
+def _colors(plt: Any, keys: Sequence[str]) -> dict[str, Any]:
+    """A distinct colour per key: tab10, or tab20 beyond 10 keys (the default cycle repeats after 10)."""
+    cmap = plt.get_cmap("tab10" if len(keys) <= 10 else "tab20")
+    return {k: cmap(i % cmap.N) for i, k in enumerate(keys)}
+
+
+def _legend(ax: Any, entries: int) -> None:
+    if entries <= LEGEND_INSIDE:
+        ax.legend(fontsize=8)
+    else:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def plot_study(study: str, points: Sequence[dict[str, Any]], out: Path) -> list[str]:
-    """`<study>_tokens.png` and `<study>_flops.png`: accuracy vs x, one line per method, std error bars."""
+    """`<study>_tokens.png` and `<study>_flops.png`: accuracy vs x, one line per method, std error bars; a
+    row's adaptive point (`auto`) is a star in its method's colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -685,25 +719,33 @@ def plot_study(study: str, points: Sequence[dict[str, Any]], out: Path) -> list[
 
     names = []
     methods: dict[str, list[dict[str, Any]]] = {}
+    adaptive: dict[str, list[dict[str, Any]]] = {}
     for p in points:
-        methods.setdefault(p["method"], []).append(p)
+        if p["budget"] == AUTO:
+            adaptive.setdefault(p["method"].removesuffix(AUTO_METHOD), []).append(p)
+        else:
+            methods.setdefault(p["method"], []).append(p)
+    colors = _colors(plt, list(methods))
     for key, label, log_base in (("llm_vision_tokens", "LLM vision tokens per image", 2),
                                  ("flops", "FLOPs per example (analytic matmuls, one image-question)", 10)):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, ax = plt.subplots(figsize=_figsize(len(methods)))
         for method, ps in methods.items():
             ps = sorted(ps, key=lambda p: p[key])
             ax.errorbar([p[key] for p in ps], [100 * p["mean"] for p in ps], yerr=[100 * p["std"] for p in ps],
-                        marker="o" if len(ps) > 1 else "s", capsize=3, label=method,
+                        marker="o" if len(ps) > 1 else "s", capsize=3, label=method, color=colors[method],
                         linestyle="-" if len(ps) > 1 else "none")
+            for p in adaptive.get(method, []):
+                ax.errorbar([p[key]], [100 * p["mean"]], yerr=[100 * p["std"]], marker="*", markersize=11,
+                            capsize=3, color=colors[method], linestyle="none")
         ax.set_xscale("log", base=log_base)
         ax.set_xlabel(label)
         ax.set_ylabel("held-out exact match (%)")
-        ax.set_title("\n".join(textwrap.wrap(STUDY_TITLES[study], 75)), fontsize=9)  # titles outgrow the axes
+        title = STUDY_TITLES[study] + (" (stars: num_vision_tokens=auto)" if adaptive else "")
+        ax.set_title("\n".join(textwrap.wrap(title, 75)), fontsize=9)  # titles outgrow the axes
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        _legend(ax, len(methods))
         name = f"{study}_{'tokens' if key == 'llm_vision_tokens' else 'flops'}.png"
-        fig.savefig(out / name, dpi=110)
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
         names.append(name)
     return names
