@@ -16,8 +16,10 @@ import io
 import json
 import os
 import signal
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -355,20 +357,27 @@ def test_ctrl_c_during_data_build_exits_130_and_leaves_nothing(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "mmlm.cli", "data", "build", "--json", str(tmp_path / "d.json"),
                              "--images", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "1"],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     out = tmp_path / "out"
+    chunks: list[str] = []  # stderr as it comes (a thread reads it, so the pipe never fills)
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read(256), "")), daemon=True)
+    reader.start()
 
-    def started() -> bool:  # TFDS makes the dataset directory (in the build's staging folder) when it takes records
-        return any(out.glob("llava_data")) or any(out.glob(".llava_data.mmlm-build/llava_data"))
+    def started() -> bool:
+        # The build's progress bar has counted a decoded record: TFDS is taking records. (TFDS may make its
+        # dataset directory only once it writes, near the end on a loaded machine: too late to interrupt.)
+        return re.search(r"build train:.*\| [1-9]\d*/\d+", "".join(chunks)) is not None
 
     deadline = time.time() + 240
     while not started() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert started(), "the build never started taking records"
+    assert started(), "the build never started taking records: " + "".join(chunks)[-3000:]
     time.sleep(1.0)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert proc.poll() is None, "".join(chunks)[-3000:]
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    reader.join(30)
+    err = "".join(chunks)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "mmlm data build: interrupted" in err, err[-3000:]
     assert not (out / "llava_data").exists() and not (out / "mmlm_dataset.json").exists()
