@@ -1,11 +1,11 @@
 """`num_vision_tokens=auto`: a per-image-and-question budget chosen by a confidence cascade.
 
 A Matryoshka model's budgets are nested (budget m uses the first m compressor queries, or pools all M
-of them: `model.compressor.nesting`), so one model can answer at any of them. The cascade answers at the smallest trained budget and escalates to the next
-one while the probability of the first answer token (greedy: the largest softmax probability after the
-prompt) is below a threshold; the largest budget answers whatever is left. The vision tower runs once
-per image (`with_vision_features`): an escalation costs the LLM's prefill at the next budget (and the
-compressor's query rows at that budget).
+of them: `model.compressor.nesting`), so one model can answer at any of them. The cascade answers at
+the smallest trained budget and escalates to the next one while the probability of the first answer
+token (greedy: the largest softmax probability after the prompt) is below a threshold; the largest
+budget answers whatever is left. The vision tower runs once per image (`with_vision_features`): an
+escalation costs the LLM's prefill at the next budget (and the compressor's query rows at that budget).
 
 The answer at the budget the cascade stops at is the fixed-budget answer at that budget: the same
 greedy generation (`mmlm.infer.generate.generate`) on the same batch. `cascade_stops` runs the cascade on

@@ -1,7 +1,7 @@
 """Vision-token compressors, working in the vision width Dv before the projector.
 
 `QueryCompressor` is the LLaVA-Mini resampler made Matryoshka: M learned
-queries, nested in one of two ways (`CompressorConfig.nesting`):
+queries, nested in one of three ways (`CompressorConfig.nesting`):
 
 * "prefix" (MQT): a budget of m tokens uses the first m queries (in
   `matryoshka_order`). The queries never attend to each other, so the
@@ -147,7 +147,7 @@ class QueryCompressor(nn.Module):
         if offsets:
             table = self.param("budget_offset", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                              ("queries", "vision_embed")),
-                               (sum(offsets), dv), self.param_dtype)
+                               (sum(offsets.keys()), dv), self.param_dtype)  # m rows per budget m
             if num_tokens in offsets:
                 queries = queries + table[offsets[num_tokens]: offsets[num_tokens] + num_tokens]
         # Queries are shared by the whole batch: project them once, (rows, Dv).
