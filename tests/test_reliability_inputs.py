@@ -355,9 +355,15 @@ def test_ctrl_c_during_data_build_exits_130_and_leaves_nothing(tmp_path):
     Image.fromarray(big).save(tmp_path / "big.png")
     (tmp_path / "d.json").write_text(json.dumps([_record(i, image="big.png") for i in range(3000)]))
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "mmlm.cli", "data", "build", "--json", str(tmp_path / "d.json"),
-                             "--images", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "1"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    command = [sys.executable, "-m", "mmlm.cli", "data", "build", "--json", str(tmp_path / "d.json"),
+               "--images", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "1"]
+    # Started as from a terminal, with SIGINT at its default action. A test run started in the background of a
+    # non-interactive shell (`pytest ... &`) ignores SIGINT, and a command inherits that: Python then installs
+    # no KeyboardInterrupt handler and the build rightly runs on (the cause of this test's earlier failures).
+    with_default_sigint = ["import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                           "os.execv(sys.executable, sys.argv[1:])", *command]
+    proc = subprocess.Popen([sys.executable, "-c", *with_default_sigint], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env)
     out = tmp_path / "out"
     chunks: list[str] = []  # stderr as it comes (a thread reads it, so the pipe never fills)
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read(256), "")), daemon=True)
@@ -374,11 +380,15 @@ def test_ctrl_c_during_data_build_exits_130_and_leaves_nothing(tmp_path):
     assert started(), "the build never started taking records: " + "".join(chunks)[-3000:]
     time.sleep(1.0)
     assert proc.poll() is None, "".join(chunks)[-3000:]
+    # The child's signal masks (pending, blocked, ignored, caught), for a failure's message.
+    status = Path(f"/proc/{proc.pid}/status")  # Linux
+    masks = [line.strip() for line in (status.read_text().splitlines() if status.exists() else [])
+             if line.startswith(("SigPnd", "SigBlk", "SigIgn", "SigCgt"))]
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     reader.join(30)
     err = "".join(chunks)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 130, f"{masks}\n{err[-3000:]}"
     assert "Traceback" not in err and "mmlm data build: interrupted" in err, err[-3000:]
     assert not (out / "llava_data").exists() and not (out / "mmlm_dataset.json").exists()
 
