@@ -103,6 +103,11 @@ class LlamaConfig:
         return dict(self.rope_scaling)
 
 
+def is_square(n: int) -> bool:
+    """n is a perfect square (a budget that fills a sqrt(n) x sqrt(n) grid)."""
+    return n >= 0 and math.isqrt(n) ** 2 == n
+
+
 NESTINGS = ("prefix", "pool", "offset")  # how a Matryoshka compressor's budgets nest (CompressorConfig.nesting)
 
 
@@ -125,7 +130,7 @@ class CompressorConfig:
             raise ValueError(f"model.compressor.nesting={self.nesting!r} acts on the query compressor's queries; "
                              f"kind={self.kind!r} has none (use nesting='prefix')")
         if self.nesting == "pool" and self.matryoshka:
-            bad = [b for b in self.budgets if int(round(b**0.5)) ** 2 != b]
+            bad = [b for b in self.budgets if not is_square(int(b))]
             if bad:
                 raise ValueError(f"model.compressor.nesting='pool' needs square budgets (a sqrt(m) x sqrt(m) grid "
                                  f"of pooled queries), got {bad} in budgets {self.budgets}")
@@ -260,7 +265,7 @@ class ModelConfig:
                 raise ValueError(
                     f"num_vision_tokens={m} is not supported: this Matryoshka model has "
                     f"{self.compressor.tokens} queries (trained budgets {self.compressor.budgets})")
-            if (self.compressor.kind == "avgpool" or self.compressor.pooled) and int(round(m**0.5)) ** 2 != m:
+            if (self.compressor.kind == "avgpool" or self.compressor.pooled) and not is_square(m):
                 raise ValueError(f"num_vision_tokens={m}: this model pools its compressed tokens to a square grid; "
                                  f"give a square budget (e.g. {', '.join(map(str, self.supported_budgets))})")
             return m

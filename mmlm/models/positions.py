@@ -16,10 +16,13 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mmlm.models.config import is_square
 
 
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -101,7 +104,7 @@ def matryoshka_order(grid: int, budgets: tuple[int, ...]) -> np.ndarray:
     Non-square budgets still take a prefix (the queries never attend to each
     other, so any prefix is exact); it is merely not a full lattice.
     """
-    sides = sorted({int(round(b**0.5)) for b in budgets if int(round(b**0.5)) ** 2 == b} | {grid})
+    sides = sorted({math.isqrt(b) for b in budgets if is_square(b)} | {grid})
     sides = [s for s in sides if grid % s == 0]
     centre = grid // 2
     rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
