@@ -440,6 +440,18 @@ def test_without_the_serve_extra_the_command_names_the_install(monkeypatch, caps
     assert err.startswith("mmlm serve: error:") and 'pip install -e ".[serve]"' in err and "\n" not in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--prefill_group", "0"], "--prefill_group must be in [1, --max_batch=16], got 0"),
+    (["--max_batch", "4", "--prefill_group", "8"], "--prefill_group must be in [1, --max_batch=4], got 8"),
+])
+def test_a_bad_prefill_group_is_named_before_anything_loads(capsys, argv, message):
+    from mmlm.cli import serve as cli
+
+    assert cli.main(["--checkpoint", "unused"] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmlm serve: error:") and message in err and "\n" not in err
+
+
 def test_health_is_503_until_compiled_and_a_llava15_model_has_no_compression_map(tmp_path):
     """In-process app whose engine never starts: /health says not ready; llava15 refuses compression maps;
     a chunked upload over the body limit gets its 413 too."""
@@ -479,29 +491,30 @@ def test_media_refuses_file_urls_without_a_media_root(tmp_path):
     assert url_bytes((tmp_path / "a.png").as_uri(), "image", str(tmp_path)) == b"x"
 
 
-def _engine_with_tiny_model(admit_wait_s: float):
+def _engine_with_tiny_model(admit_wait_s: float, max_batch: int = 2, prefill_group: int = 1):
     from mmlm.infer.loading import encode_question, inference_model
     from mmlm.serve.engine import Engine, Request
 
     config = load_config(str(REPO / "configs/tiny.py"))
     im = inference_model(config, random_params(model_config_from_dict(config.model), seed=0), "tiny")
-    engine = Engine(im, max_batch=2, max_new_tokens=4, admit_wait_s=admit_wait_s)
+    engine = Engine(im, max_batch=max_batch, max_new_tokens=4, admit_wait_s=admit_wait_s,
+                    prefill_group=prefill_group)
     engine.start()
     assert engine.ready.wait(300)
-    pixels = np.zeros((1, 1, im.image_size, im.image_size, 3), np.float32)
-    prompt, fuse = encode_question(im, "What is it?", True, return_fuse_mask=True)
+    images = np.random.default_rng(0).random((4, 1, 1, im.image_size, im.image_size, 3), np.float32)
 
     def request(done: threading.Event, tokens: list | None = None, temperature: float = 0.0,
-                seed: int = 0) -> Request:
+                seed: int = 0, image: int = 0, question: str = "What is it?") -> Request:
         def emit(kind, value):
             if kind == "token" and tokens is not None:
                 tokens.append(value)
             if kind in ("done", "error"):
                 done.set()
 
-        return Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None, max_tokens=4,
-                       temperature=temperature, top_p=1.0 if temperature == 0 else 0.9, seed=seed,
-                       ignore_eos=True, emit=emit)
+        prompt, fuse = encode_question(im, question, True, return_fuse_mask=True)
+        return Request(prompt=prompt, fuse_mask=fuse, pixels=images[image] if image else images[0] * 0,
+                       num_vision_tokens=None, max_tokens=4, temperature=temperature,
+                       top_p=1.0 if temperature == 0 else 0.9, seed=seed, ignore_eos=True, emit=emit)
 
     return engine, request
 
@@ -558,6 +571,35 @@ def test_a_sampled_and_a_greedy_answer_do_not_depend_on_what_shares_their_steps(
         together = answer(sampled, greedy)
         assert len(alone) == 8 and together[0] + together[1] == alone
         assert answer((5.0, 4))[0] != alone[:4] or answer((5.0, 5))[0] != alone[:4]  # the seed matters
+    finally:
+        engine.stop()
+
+
+def test_grouped_prefills_give_the_answers_of_prefills_alone():
+    """--prefill_group: greedy requests admitted together share one prefill (3 padded to a batch of 4 rows),
+    a sampled one stays alone; every answer is the one it gets alone."""
+    engine, request = _engine_with_tiny_model(admit_wait_s=0.0, max_batch=4, prefill_group=4)
+    specs = [{"image": 1}, {"image": 2, "question": "How many shapes are there here?"}, {"image": 3},
+             {"image": 1, "temperature": 5.0, "seed": 3}]
+
+    def answer(group: list[dict]) -> list[list[int]]:
+        events = [threading.Event() for _ in group]
+        tokens: list[list[int]] = [[] for _ in group]
+        with engine._cv:  # the engine thread takes them all in one admission
+            for done, toks, spec in zip(events, tokens, group):
+                engine.submit(request(done, toks, **spec))
+        assert all(e.wait(120) for e in events)
+        return tokens
+
+    try:
+        alone = [answer([spec])[0] for spec in specs]
+        before = engine.status()
+        together = answer(specs)
+        after = engine.status()
+        assert after["admitted"] - before["admitted"] == 4
+        assert after["prefills"] - before["prefills"] == 2  # the three greedy requests in one
+        assert together == alone and all(len(a) == 4 for a in alone)
+        assert len({tuple(a) for a in alone}) > 1  # distinct answers: the rows did not mix
     finally:
         engine.stop()
 

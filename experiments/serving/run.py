@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--admit_wait_ms", type=float, default=10.0,
                    help="the server's --admit_wait_ms: how long a decode step waits for requests still being "
                         "read (default 10, the server's default; 0 turns the wait off)")
+    p.add_argument("--prefill_group", type=int, default=1,
+                   help="the server's --prefill_group: greedy requests sharing one prefill (default 1: alone)")
     p.add_argument("--client", choices=("threads", "asyncio"), default="threads",
                    help="how the concurrent requests are sent: one thread per request (sync client, default) "
                         "or asyncio.gather over the async client")
@@ -103,9 +105,11 @@ def _cpu() -> str:
     return f"{name}, {os.cpu_count()} cores, {isa}"
 
 
-def _engine_steps(status: Any, port: int) -> int:
-    """The server's decode steps so far (its status endpoint, through the httpx client `status`)."""
-    return int(status.get(f"http://127.0.0.1:{port}/v1/mmlm/status", timeout=30).json()["steps"])
+def _engine_counts(status: Any, port: int) -> np.ndarray:
+    """The server's decode steps and prefill programs so far (its status endpoint, through the httpx
+    client `status`)."""
+    got = status.get(f"http://127.0.0.1:{port}/v1/mmlm/status", timeout=30).json()
+    return np.asarray([got["steps"], got["prefills"]], np.int64)
 
 
 def _summary(runs: list[dict], requests: int) -> dict:
@@ -114,6 +118,7 @@ def _summary(runs: list[dict], requests: int) -> dict:
     return {"tok_s": tokens / wall, "req_s": requests * len(runs) / wall, "p50": float(np.percentile(lat, 50)),
             "p99": float(np.percentile(lat, 99)), "tokens": tokens / len(runs),
             "steps": sum(r["steps"] for r in runs) / len(runs),
+            "prefills": sum(r["prefills"] for r in runs) / len(runs),
             "per_round": [r["tokens"] / r["wall"] for r in runs]}
 
 
@@ -142,7 +147,8 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "mmlm.cli", "serve", "--workdir", args.workdir, "--port", str(port),
            "--max_batch", str(args.max_batch), "--max_new_tokens", str(max(args.max_tokens, args.fixed_tokens)),
-           "--admit_wait_ms", str(args.admit_wait_ms), "--model_name", "bench"]
+           "--admit_wait_ms", str(args.admit_wait_ms), "--prefill_group", str(args.prefill_group),
+           "--model_name", "bench"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     ready = threading.Event()
     threading.Thread(target=lambda: [ready.set() for line in proc.stdout if "ready at" in line], daemon=True).start()
@@ -201,19 +207,19 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
             for rnd in range(args.rounds):
                 order = ("sequential", "concurrent") if rnd % 2 == 0 else ("concurrent", "sequential")
                 for mode in order:
-                    steps = _engine_steps(status, port)
+                    counts = _engine_counts(status, port)
                     gc.collect()  # every round starts from the same collector state (no pause left over)
                     start = time.perf_counter()
                     run_mode = sequential if mode == "sequential" else concurrent
                     res = run_mode(max_tokens, ignore_eos)
                     wall = time.perf_counter() - start
-                    steps = _engine_steps(status, port) - steps
+                    steps, prefills = (int(c) for c in _engine_counts(status, port) - counts)
                     if [r[0] for r in res] != reference:
                         raise SystemExit(f"{name}, {mode}: the answers differ from the first pass's")
                     modes[mode].append({"wall": wall, "tokens": sum(r[1] for r in res), "steps": steps,
-                                        "latency": [r[2] for r in res]})
+                                        "prefills": prefills, "latency": [r[2] for r in res]})
                     print(f"{name}, round {rnd}, {mode}: {wall:.3f} s, {modes[mode][-1]['tokens']} tokens, "
-                          f"{steps} decode steps", flush=True)
+                          f"{steps} decode steps, {prefills} prefills", flush=True)
             out["workloads"][name] = modes
         loop.run_until_complete(aclient.close())
         client.close()
@@ -240,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python experiments/serving/run.py --workdir {args.workdir} --requests {args.requests} "
         f"--rounds {args.rounds} --max_batch {args.max_batch} --max_tokens {args.max_tokens} "
-        f"--fixed_tokens {args.fixed_tokens} --admit_wait_ms {args.admit_wait_ms:g} --client {args.client}`",
+        f"--fixed_tokens {args.fixed_tokens} --admit_wait_ms {args.admit_wait_ms:g} "
+        f"--prefill_group {args.prefill_group} --client {args.client}`",
         "",
         f"CPU: {_cpu()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '(none)')!r}; load average before the run "
         f"{LOAD_BEFORE}. The server and the client share the machine (which other work shares too), so the two "
@@ -248,20 +255,22 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{args.requests} held-out synthetic `shapes` questions (one 48 px image each, greedy; "
         f"{run['correct']}/{len(rows)} answered correctly), sent through the `openai` client to "
-        f"`mmlm serve --max_batch {args.max_batch} --admit_wait_ms {args.admit_wait_ms:g}`; {args.rounds} rounds per mode and workload. Sequential: each "
+        f"`mmlm serve --max_batch {args.max_batch} --admit_wait_ms {args.admit_wait_ms:g} "
+        f"--prefill_group {args.prefill_group}`; {args.rounds} rounds per mode and workload. Sequential: each "
         f"request sent when the previous answer arrived; concurrent: all {args.requests} at once ({CLIENTS[args.client]}). Both "
         f"modes gave the same answers in every round. Server start (load + compile) {run['startup']:.1f} s; exit "
         f"status after SIGTERM {run['rc']}.",
         "",
-        "| workload | mode | tokens / round | decode steps / round | aggregate tokens/s | requests/s | p50 latency "
-        "| p99 latency |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| workload | mode | tokens / round | decode steps / round | prefills / round | aggregate tokens/s "
+        "| requests/s | p50 latency | p99 latency |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ratios = []
     for name, modes in run["workloads"].items():
         summary = {mode: _summary(r, args.requests) for mode, r in modes.items()}
         for mode, s in summary.items():
-            lines.append(f"| {name} | {mode} | {s['tokens']:.0f} | {s['steps']:.1f} | {s['tok_s']:.1f} | "
+            lines.append(f"| {name} | {mode} | {s['tokens']:.0f} | {s['steps']:.1f} | {s['prefills']:.1f} | "
+                         f"{s['tok_s']:.1f} | "
                          f"{s['req_s']:.1f} | "
                          f"{s['p50']:.0f} ms | {s['p99']:.0f} ms |")
         ratio = summary["concurrent"]["tok_s"] / summary["sequential"]["tok_s"]

@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admit_wait_ms", type=float, default=10.0,
                    help="longest time a decode step waits for requests still being read, so that a burst of "
                         "requests shares its decode steps (default 10 ms; 0: never wait)")
+    p.add_argument("--prefill_group", type=int, default=1,
+                   help="greedy requests admitted together and of the same shape share one prefill of up to this "
+                        "many rows (default 1: every request is prefilled alone, as `mmlm chat` does, so that an "
+                        "answer never depends on the requests beside it; larger is faster under load, but a "
+                        "row's logits then differ from the batch of one's in the last bits)")
     p.add_argument("--auto_threshold", type=float, default=None,
                    help="for requests with \"num_vision_tokens\": \"auto\" (Matryoshka models): the first answer "
                         "token's probability below which the cascade escalates to the next budget (default: "
@@ -71,6 +76,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if not args.max_body_mb > 0:
         raise UserError(f"--max_body_mb must be > 0, got {args.max_body_mb}")
+    if not 1 <= args.prefill_group <= args.max_batch:
+        raise UserError(f"--prefill_group must be in [1, --max_batch={args.max_batch}], got {args.prefill_group}")
     if not 0 <= args.admit_wait_ms <= 10_000:
         raise UserError(f"--admit_wait_ms must be in [0, 10000], got {args.admit_wait_ms}")
     if args.auto_threshold is not None:
@@ -104,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
                               **({} if args.auto_threshold is None else {"auto_threshold": args.auto_threshold}))
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the engine thread gets the GIL back promptly
     engine = Engine(im, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
-                    admit_wait_s=args.admit_wait_ms / 1000)
+                    admit_wait_s=args.admit_wait_ms / 1000, prefill_group=args.prefill_group)
     app = create_app(engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.grace_s, access_log=args.log_level in ("info", "debug"))
@@ -124,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     # uvicorn handles SIGTERM (graceful shutdown), then re-raises it to the handler it found installed:
     # this one, so that a requested shutdown ends with exit status 0 instead of death by the signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    print(f"mmlm serve: {im.source}: compiling the decoding programs ({args.max_batch} slots)...",
+    groups = f", prefills of up to {args.prefill_group} requests" if args.prefill_group > 1 else ""
+    print(f"mmlm serve: {im.source}: compiling the decoding programs ({args.max_batch} slots{groups})...",
           file=sys.stderr, flush=True)
     try:
         server.run()

@@ -7,10 +7,13 @@ one jitted step of static shape: nothing recompiles when requests come and go.
 
 A request's life:
 
-1. **Prefill**, alone (batch of 1): `mmlm.infer.generate.prefill`, the
-   function `mmlm chat` runs, on the prompt padded to a multiple of 32 text
-   tokens (a few programs cover every prompt). The vision tower and the
-   compressor run here, once.
+1. **Prefill**, alone by default (batch of 1): `mmlm.infer.generate.prefill`,
+   the function `mmlm chat` runs, on the prompt padded to a multiple of 32
+   text tokens (a few programs cover every prompt). The vision tower and the
+   compressor run here, once. With `prefill_group` G > 1, greedy requests
+   admitted together with the same shapes share one prefill of up to G rows
+   (padded to a power of two): several times faster per request under load,
+   but not batch-invariant (below).
 2. **Insert**, in the same program: its cache rows go into a free slot
    (columns `[0, P]`, the rest of the row zeroed and masked), with its first
    answer token, write column `P` and position `n_valid`.
@@ -23,7 +26,10 @@ A request's life:
 
 Per-row independence: rows meet only in batched matmuls of fixed shape, so a
 row's arithmetic does not depend on what the other slots hold; an answer is
-the same whether its request decodes alone or with 15 others (tested).
+the same whether its request decodes alone or with 15 others (tested). A
+grouped prefill is the exception: XLA's CPU kernels round a row differently
+at another batch size, so its logits differ from the batch of one's by a few
+1e-6 (its answers matched in every check: `experiments/serving`).
 
 Policy (each iteration of the engine thread): admit waiting requests in
 arrival order into free slots (their prefills dispatched back to back, then
@@ -143,41 +149,46 @@ def _slot_step(cfg: ModelConfig, params: Any, st: SlotState, all_greedy: jax.Arr
 _slot_step_jit = jax.jit(_slot_step, static_argnames=("cfg",), donate_argnames=("st",))
 
 
-def _insert(st: SlotState, cache: KVCache, valid: jax.Array, slot: jax.Array, first: jax.Array,
+def _insert(st: SlotState, cache: KVCache, valid: jax.Array, slots: jax.Array, first: jax.Array,
             n_valid: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array,
             greedy: jax.Array) -> SlotState:
-    """Puts a prefilled request (cache (1, P+1, ...), valid (1, P+1)) into `slot`; its row is reset first."""
+    """Puts G prefilled requests (cache (G, P+1, ...), valid (G, P+1)) into `slots` (G,); their rows are
+    reset first. first, n_valid, temperature, top_p, greedy: (G,); rng: (G, 2). A slot named twice must
+    get the same row twice (a group's padding repeats a request)."""
     s = st.key_valid.shape[1]
-    p1 = valid.shape[1]
 
     def put(big: jax.Array, small: jax.Array) -> jax.Array:
-        row = jnp.zeros((1, s) + big.shape[2:], big.dtype)
-        row = jax.lax.dynamic_update_slice(row, small.astype(big.dtype), (0,) * row.ndim)
-        return jax.lax.dynamic_update_slice(big, row, (slot,) + (0,) * (row.ndim - 1))
+        rows = jnp.zeros(small.shape[:1] + (s,) + big.shape[2:], big.dtype)
+        rows = jax.lax.dynamic_update_slice(rows, small.astype(big.dtype), (0,) * rows.ndim)
+        return big.at[slots].set(rows)
 
-    new_cache = jax.tree.map(put, st.cache, cache)
-    key_valid = put(st.key_valid, valid)
     return SlotState(
-        cache=new_cache, key_valid=key_valid, write=st.write.at[slot].set(p1 - 1),
-        pos=st.pos.at[slot].set(n_valid), last=st.last.at[slot].set(first), rng=st.rng.at[slot].set(rng),
-        temperature=st.temperature.at[slot].set(temperature), top_p=st.top_p.at[slot].set(top_p),
-        greedy=st.greedy.at[slot].set(greedy))
+        cache=jax.tree.map(put, st.cache, cache), key_valid=put(st.key_valid, valid),
+        write=st.write.at[slots].set(valid.shape[1] - 1), pos=st.pos.at[slots].set(n_valid),
+        last=st.last.at[slots].set(first), rng=st.rng.at[slots].set(rng),
+        temperature=st.temperature.at[slots].set(temperature), top_p=st.top_p.at[slots].set(top_p),
+        greedy=st.greedy.at[slots].set(greedy))
 
 
-def _prefill_into(cfg: ModelConfig, params: Any, st: SlotState, batch: dict, slot: jax.Array, key: jax.Array,
+def _prefill_into(cfg: ModelConfig, params: Any, st: SlotState, batch: dict, slots: jax.Array, keys: jax.Array,
                   sp: SamplingParams, *, num_vision_tokens: int | None, greedy: bool
                   ) -> tuple[SlotState, jax.Array]:
-    """One request's prefill (`generate.prefill` on a batch of 1, as `mmlm chat` runs it) and its insertion
-    into `slot`, in one program (one dispatch per request). Returns the state and [first token, n_valid].
+    """The prefill of G requests (`generate.prefill` on their batch of G rows; G = 1 is what `mmlm chat`
+    runs) and the insertion of row i into `slots[i]` (G,), in one program (one dispatch per batch).
+    Returns the state and (G, 2) [first token, n_valid] rows.
 
-    The first token is sampled with a subkey of the request's key; its slot continues from the key.
+    keys: (G, 2) the requests' PRNG keys. A batch of one samples its first token with a subkey of its key
+    (its slot continues from the key); a larger batch must be greedy (one key would serve all rows).
     """
-    pre = prefill(cfg, params, batch, sp, jax.random.split(key)[1], max_new_tokens=1,
+    if slots.shape[0] > 1 and not greedy:
+        raise ValueError("a prefill of several requests must be greedy")
+    pre = prefill(cfg, params, batch, sp, jax.random.split(keys[0])[1], max_new_tokens=1,
                   num_vision_tokens=num_vision_tokens, greedy=greedy)
-    first, n_valid = pre.tokens[0, 0], pre.prompt_valid[0]
-    st = _insert(st, pre.cache, pre.key_valid, slot, first, n_valid, key, sp.temperature, sp.top_p,
-                 jnp.asarray(greedy))
-    return st, jnp.stack([first, n_valid])
+    first, n_valid = pre.tokens[:, 0], pre.prompt_valid
+    g = slots.shape[0]
+    st = _insert(st, pre.cache, pre.key_valid, slots, first, n_valid, keys, jnp.full((g,), sp.temperature),
+                 jnp.full((g,), sp.top_p), jnp.full((g,), greedy))
+    return st, jnp.stack([first, n_valid], axis=1)
 
 
 _prefill_into_jit = jax.jit(_prefill_into, static_argnames=("cfg", "num_vision_tokens", "greedy"),
@@ -211,9 +222,12 @@ class Engine:
       max_new_tokens: the longest answer a request may ask for (sizes each slot's cache).
       admit_wait_s: longest time (seconds) a decode step waits for requests the HTTP layer is still
         reading (`expect`), so that they join this step; 0 never waits.
+      prefill_group: most greedy requests of the same shape that share one prefill (1: each alone, the
+        batch-invariant default; see `_prefill`).
     """
 
-    def __init__(self, im: InferenceModel, *, max_batch: int, max_new_tokens: int, admit_wait_s: float = 0.01):
+    def __init__(self, im: InferenceModel, *, max_batch: int, max_new_tokens: int, admit_wait_s: float = 0.01,
+                 prefill_group: int = 1):
         self.im = im
         self.cfg = im.cfg
         self.params = nn.unbox(im.params)
@@ -228,11 +242,12 @@ class Engine:
         self._active: list[Request | None] = [None] * max_batch
         self._expected = 0  # requests announced by `expect` and not yet submitted (or given up)
         self.admit_wait_s = admit_wait_s
+        self.prefill_group = prefill_group
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
         self.stats: dict[str, float] = {"admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0,
-                                        "prefill_seconds": 0.0, "step_seconds": 0.0}
+                                        "prefills": 0, "prefill_seconds": 0.0, "step_seconds": 0.0}
         self._state = self._empty_state()
 
     # ------------------------------------------------------------------ public
@@ -287,17 +302,21 @@ class Engine:
             greedy=jnp.ones((b,), bool))
 
     def _warmup(self) -> None:
-        """Compiles the decode step and the prefill of a one-image prompt in the first text bucket."""
+        """Compiles the decode step and the prefill of a one-image prompt in the first text bucket (with
+        `prefill_group` > 1, that prefill at every group size too)."""
         from mmlm.infer.loading import encode_question
 
         im = self.im
         k = views_per_frame(self.cfg)
         pixels = np.zeros((1, k, im.image_size, im.image_size, 3), np.float32)
         prompt, fuse = encode_question(im, "Hello", True, return_fuse_mask=True)
-        self._admit([Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None, max_tokens=2,
-                             temperature=0.0, top_p=1.0, seed=0, emit=lambda kind, value: None)])
-        while any(r is not None for r in self._active):
-            self._step()
+        sizes = sorted({self._group_rows(n) for n in range(1, self.prefill_group + 1)})
+        for n in sizes:
+            self._admit([Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None,
+                                 max_tokens=2, temperature=0.0, top_p=1.0, seed=0, emit=lambda kind, value: None)
+                         for _ in range(n)])
+            while any(r is not None for r in self._active):
+                self._step()
         self.stats.update({key: type(value)(0) for key, value in self.stats.items()})
 
     def _run(self, warmup: bool) -> None:
@@ -365,35 +384,69 @@ class Engine:
         return False
 
     def _admit(self, reqs: list[Request]) -> None:
-        """Prefills each request alone into a free slot; one that ends at its first token frees it again.
+        """Prefills the requests into free slots; one that ends at its first token frees it again.
 
-        All the prefills are dispatched before the first result is read: XLA runs them back to back while
-        this thread prepares the next one's batch (the programs and their order are those of one at a time).
+        Each request is prefilled alone, or with `prefill_group` > 1 greedy requests of the same shape
+        share one prefill (`_groups`). All the prefills are dispatched before the first result is read:
+        XLA runs them back to back while this thread prepares the next one's batch.
         """
         start = time.perf_counter()
-        dispatched = []
+        live = []
         for req in reqs:
             if req.cancelled:  # gone while waiting
                 self._finish(req, "cancelled")
                 continue
             with self._cv:
-                slot = self._active.index(None)
-                self._active[slot] = req  # reserved: the next request takes another slot
-            req.slot = slot
+                req.slot = self._active.index(None)
+                self._active[req.slot] = req  # reserved: the next request takes another slot
+            live.append(req)
+        dispatched = []
+        for group in self._groups(live):
             try:
-                dispatched.append((req, self._prefill(req, slot)))
-            except Exception as e:  # an internal error fails this request only
-                self._fail_prefill(req, e)
-        for req, out in dispatched:
+                dispatched.append((group, self._prefill(group)))
+                self.stats["prefills"] += 1
+            except Exception as e:  # an internal error fails these requests only
+                for req in group:
+                    self._fail_prefill(req, e)
+        for group, out in dispatched:
             try:
-                first, n_valid = (int(x) for x in np.asarray(out))
+                rows = np.asarray(out).reshape(-1, 2)
             except Exception as e:
-                self._fail_prefill(req, e)
+                for req in group:
+                    self._fail_prefill(req, e)
                 continue
-            req.prompt_tokens = n_valid
-            self.stats["admitted"] += 1
-            self._token(req, first)  # a first token that ends the answer frees the slot
+            for req, (first, n_valid) in zip(group, rows.tolist()):
+                req.prompt_tokens = n_valid
+                self.stats["admitted"] += 1
+                self._token(req, first)  # a first token that ends the answer frees the slot
         self.stats["prefill_seconds"] += time.perf_counter() - start
+
+    def _group_rows(self, n: int) -> int:
+        """Rows of the prefill batch of n requests: the next power of two, at most `prefill_group` (a few
+        programs cover every group)."""
+        return min(1 << (n - 1).bit_length(), self.prefill_group)
+
+    def _groups(self, reqs: list[Request]) -> list[list[Request]]:
+        """Splits admitted requests into prefill batches, in arrival order within each.
+
+        With `prefill_group` 1 every request is its own batch. Otherwise greedy requests whose batches have
+        the same shapes (media shape, budget, text bucket) share batches of up to `prefill_group` rows;
+        sampled requests stay alone (each needs its own key for its first token).
+        """
+        if self.prefill_group == 1:
+            return [[req] for req in reqs]
+        by_shape: dict[tuple, list[Request]] = {}
+        groups = []
+        for req in reqs:
+            if req.temperature != 0.0:
+                groups.append([req])
+                continue
+            shape = (None if req.pixels is None else req.pixels.shape, req.num_vision_tokens,
+                     round_up(len(req.prompt), PROMPT_BUCKET))
+            by_shape.setdefault(shape, []).append(req)
+        for same in by_shape.values():
+            groups += [same[i:i + self.prefill_group] for i in range(0, len(same), self.prefill_group)]
+        return groups
 
     def _fail_prefill(self, req: Request, error: Exception) -> None:
         with self._cv:
@@ -402,24 +455,29 @@ class Engine:
             self.stats["failed"] += 1
         req.emit("error", f"prefill failed: {type(error).__name__}: {error}")
 
-    def _prefill(self, req: Request, slot: int) -> jax.Array:
-        """Dispatches the request's prefill into `slot`; returns (2,) [first token, prompt length] (not yet read).
+    def _prefill(self, group: list[Request]) -> jax.Array:
+        """Dispatches the prefill of `group` into its slots; returns (G, 2) [first token, prompt length] rows
+        (not yet read).
 
-        A batch of 1, the program `mmlm chat` runs, so that a request's arithmetic never depends on which
-        requests arrive with it (a larger prefill batch rounds differently; grouping the 16 prefills of a
-        burst gained little on the demo, where the HTTP work per request weighs as much).
+        A group of one is the program `mmlm chat` runs (a batch of 1), so that its arithmetic never depends
+        on which requests arrive with it. A larger group is one batch padded to a power of two rows with
+        copies of its first request: faster per request, but XLA's CPU kernels round a row differently at
+        another batch size, so its logits may differ from the batch of 1's in the last bits.
         """
-        im = self.im
-        media = [req.pixels] if req.pixels is not None else [None]
-        batch = make_batch(self.cfg, [req.prompt], media, pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET,
-                           fuse_masks=[req.fuse_mask])
+        im, req = self.im, group[0]
         m = self.cfg.check_budget(req.num_vision_tokens) if req.pixels is not None else None
         greedy = req.temperature == 0.0
         # Host arrays (no eager device ops per request); the same values as `generate.sampling_params`.
         sp = SamplingParams(temperature=np.float32(1.0 if greedy else req.temperature), top_p=np.float32(req.top_p),
                             stop_ids=self._stop_array, pad_id=self._stop_array[0])
-        key = np.asarray([0, req.seed], np.uint32)  # = jax.random.PRNGKey(seed) for 0 <= seed < 2**32
-        self._state, out = _prefill_into_jit(self.cfg, self.params, self._state, batch, np.int32(slot), key, sp,
+        size = self._group_rows(len(group))
+        batch = make_batch(self.cfg, [r.prompt for r in group], [r.pixels for r in group],
+                           pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET, batch_size=size,
+                           fuse_masks=[r.fuse_mask for r in group])
+        # = jax.random.PRNGKey(seed) for 0 <= seed < 2**32
+        keys = np.asarray([[0, r.seed] for r in group] + [[0, req.seed]] * (size - len(group)), np.uint32)
+        slots = np.asarray([r.slot for r in group] + [req.slot] * (size - len(group)), np.int32)
+        self._state, out = _prefill_into_jit(self.cfg, self.params, self._state, batch, slots, keys, sp,
                                              num_vision_tokens=m, greedy=greedy)
         return out
 
