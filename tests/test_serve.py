@@ -504,7 +504,7 @@ def _engine_with_tiny_model(admit_wait_s: float, max_batch: int = 2, prefill_gro
     images = np.random.default_rng(0).random((4, 1, 1, im.image_size, im.image_size, 3), np.float32)
 
     def request(done: threading.Event, tokens: list | None = None, temperature: float = 0.0,
-                seed: int = 0, image: int = 0, question: str = "What is it?") -> Request:
+                seed: int = 0, image: int = 0, question: str = "What is it?", budget: int | None = None) -> Request:
         def emit(kind, value):
             if kind == "token" and tokens is not None:
                 tokens.append(value)
@@ -513,7 +513,7 @@ def _engine_with_tiny_model(admit_wait_s: float, max_batch: int = 2, prefill_gro
 
         prompt, fuse = encode_question(im, question, True, return_fuse_mask=True)
         return Request(prompt=prompt, fuse_mask=fuse, pixels=images[image] if image else images[0] * 0,
-                       num_vision_tokens=None, max_tokens=4, temperature=temperature,
+                       num_vision_tokens=budget, max_tokens=4, temperature=temperature,
                        top_p=1.0 if temperature == 0 else 0.9, seed=seed, ignore_eos=True, emit=emit)
 
     return engine, request
@@ -577,10 +577,18 @@ def test_a_sampled_and_a_greedy_answer_do_not_depend_on_what_shares_their_steps(
 
 def test_grouped_prefills_give_the_answers_of_prefills_alone():
     """--prefill_group: greedy requests admitted together share one prefill (3 padded to a batch of 4 rows),
-    a sampled one stays alone; every answer is the one it gets alone."""
+    a sampled one stays alone; every answer is the one it gets alone. A group of a shape not seen before
+    (another budget) is prefilled one request at a time while its program compiles in the background,
+    then shares one prefill."""
     engine, request = _engine_with_tiny_model(admit_wait_s=0.0, max_batch=4, prefill_group=4)
     specs = [{"image": 1}, {"image": 2, "question": "How many shapes are there here?"}, {"image": 3},
              {"image": 1, "temperature": 5.0, "seed": 3}]
+
+    def wait_compiled() -> None:
+        deadline = time.monotonic() + 300
+        while engine.status()["compiling"] and time.monotonic() < deadline:  # the grouped programs
+            time.sleep(0.05)
+        assert engine.status()["compiling"] == 0
 
     def answer(group: list[dict]) -> list[list[int]]:
         events = [threading.Event() for _ in group]
@@ -593,6 +601,7 @@ def test_grouped_prefills_give_the_answers_of_prefills_alone():
 
     try:
         alone = [answer([spec])[0] for spec in specs]
+        wait_compiled()
         before = engine.status()
         together = answer(specs)
         after = engine.status()
@@ -600,6 +609,15 @@ def test_grouped_prefills_give_the_answers_of_prefills_alone():
         assert after["prefills"] - before["prefills"] == 2  # the three greedy requests in one
         assert together == alone and all(len(a) == 4 for a in alone)
         assert len({tuple(a) for a in alone}) > 1  # distinct answers: the rows did not mix
+
+        ones = [{**spec, "budget": 1} for spec in specs[:3]]  # the default budget is 4
+        alone = [answer([spec])[0] for spec in ones]
+        before = engine.status()
+        first = answer(ones)
+        assert engine.status()["prefills"] - before["prefills"] == 3 and first == alone
+        wait_compiled()
+        before = engine.status()
+        assert answer(ones) == alone and engine.status()["prefills"] - before["prefills"] == 1
     finally:
         engine.stop()
 

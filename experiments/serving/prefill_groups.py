@@ -58,6 +58,8 @@ def answer_all(im, reqs, *, group: int, max_tokens: int) -> tuple[list[list[int]
     engine = Engine(im, max_batch=16, max_new_tokens=max_tokens, admit_wait_s=0.0, prefill_group=group)
     engine.start()
     engine.ready.wait()
+    while engine.status()["compiling"]:  # grouped prefill programs, compiled in the background
+        time.sleep(0.1)
     answers: list[list[int]] = [[] for _ in reqs]
     left = threading.Semaphore(0)
 

@@ -197,9 +197,14 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> dict:
         import httpx
 
         status = httpx.Client()  # one client for the status queries between rounds
+        while status.get(f"http://127.0.0.1:{port}/v1/mmlm/status", timeout=30).json()["compiling"]:
+            time.sleep(0.1)  # grouped prefill programs still compiling in the background
+        out["grouped_ready"] = time.monotonic() - t0
         for name, max_tokens, ignore_eos in workloads:
-            # warm-up: compiles every prompt bucket the rows need
+            # warm-up: compiles every prompt bucket the rows need, then runs the grouped prefills once
             reference = [r[0] for r in sequential(max_tokens, ignore_eos)]
+            if [r[0] for r in concurrent(max_tokens, ignore_eos)] != reference:
+                raise SystemExit(f"{name}: the concurrent warm-up's answers differ from the sequential ones")
             if not ignore_eos:
                 out["correct"] = sum(a.strip().lower() == r["answer"].strip().lower() for a, r in zip(reference, rows))
                 out["answers"] = reference
@@ -258,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         f"`mmlm serve --max_batch {args.max_batch} --admit_wait_ms {args.admit_wait_ms:g} "
         f"--prefill_group {args.prefill_group}`; {args.rounds} rounds per mode and workload. Sequential: each "
         f"request sent when the previous answer arrived; concurrent: all {args.requests} at once ({CLIENTS[args.client]}). Both "
-        f"modes gave the same answers in every round. Server start (load + compile) {run['startup']:.1f} s; exit "
+        f"modes gave the same answers in every round. Server start (load + compile) {run['startup']:.1f} s"
+        + (f", grouped prefills compiled and run once {run['grouped_ready']:.1f} s after the start" if args.prefill_group > 1
+           else "") + f"; exit "
         f"status after SIGTERM {run['rc']}.",
         "",
         "| workload | mode | tokens / round | decode steps / round | prefills / round | aggregate tokens/s "

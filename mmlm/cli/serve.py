@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     # uvicorn handles SIGTERM (graceful shutdown), then re-raises it to the handler it found installed:
     # this one, so that a requested shutdown ends with exit status 0 instead of death by the signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    groups = f", prefills of up to {args.prefill_group} requests" if args.prefill_group > 1 else ""
+    groups = (f"; prefills of up to {args.prefill_group} requests compile in the background once it is ready"
+              if args.prefill_group > 1 else "")
     print(f"mmlm serve: {im.source}: compiling the decoding programs ({args.max_batch} slots{groups})...",
           file=sys.stderr, flush=True)
     try:

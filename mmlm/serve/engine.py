@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import queue
 import threading
 import time
 from typing import Any, Callable, NamedTuple
@@ -223,7 +224,9 @@ class Engine:
       admit_wait_s: longest time (seconds) a decode step waits for requests the HTTP layer is still
         reading (`expect`), so that they join this step; 0 never waits.
       prefill_group: most greedy requests of the same shape that share one prefill (1: each alone, the
-        batch-invariant default; see `_prefill`).
+        batch-invariant default; see `_prefill`). Grouped programs compile on a background thread (those
+        of the warm-up shape after warm-up, others when a group of a new shape first comes) and run once
+        while the engine is idle; `status()["compiling"]` counts those not ready.
     """
 
     def __init__(self, im: InferenceModel, *, max_batch: int, max_new_tokens: int, admit_wait_s: float = 0.01,
@@ -243,6 +246,14 @@ class Engine:
         self._expected = 0  # requests announced by `expect` and not yet submitted (or given up)
         self.admit_wait_s = admit_wait_s
         self.prefill_group = prefill_group
+        # Grouped prefills, keyed by (rows, `_shape`): compiled ahead of time on a background thread
+        # (`_compile_groups`), then run once while the engine is idle (`_run_cold`).
+        self._group_programs: dict[tuple, Any] = {}
+        self._compiling: set[tuple] = set()  # queued or compiling
+        self._uncompilable: set[tuple] = set()  # failed to compile: those groups are prefilled one at a time
+        self._cold: list[tuple[int, Request]] = []  # compiled, not yet run: (rows, a request of its shape)
+        self._compile_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._compiler: threading.Thread | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
@@ -278,18 +289,24 @@ class Engine:
             self._cv.notify()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Ends the engine: waiting and decoding requests get an error event."""
+        """Ends the engine: waiting and decoding requests get an error event; a grouped prefill being
+        compiled is finished first."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
+        self._compile_queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._compiler is not None:  # a compile left running would crash the interpreter's exit
+            self._compiler.join(timeout)
 
     def status(self) -> dict[str, float]:
-        """Slots, active / waiting requests, counters and the engine thread's busy seconds."""
+        """Slots, active / waiting requests, grouped prefill programs still compiling (or not yet run once),
+        counters and the engine thread's busy seconds."""
         with self._cv:
             active = sum(r is not None for r in self._active)
-            return {"slots": self.max_batch, "active": active, "waiting": len(self._waiting), **self.stats}
+            return {"slots": self.max_batch, "active": active, "waiting": len(self._waiting),
+                    "compiling": len(self._compiling) + len(self._cold), **self.stats}
 
     # ---------------------------------------------------------------- internals
     def _empty_state(self) -> SlotState:
@@ -301,34 +318,87 @@ class Engine:
             temperature=jnp.ones((b,), jnp.float32), top_p=jnp.ones((b,), jnp.float32),
             greedy=jnp.ones((b,), bool))
 
-    def _warmup(self) -> None:
-        """Compiles the decode step and the prefill of a one-image prompt in the first text bucket (with
-        `prefill_group` > 1, that prefill at every group size too)."""
+    def _warmup_request(self) -> Request:
+        """A one-image prompt in the first text bucket at the default budget (what warm-up compiles)."""
         from mmlm.infer.loading import encode_question
 
         im = self.im
-        k = views_per_frame(self.cfg)
-        pixels = np.zeros((1, k, im.image_size, im.image_size, 3), np.float32)
+        pixels = np.zeros((1, views_per_frame(self.cfg), im.image_size, im.image_size, 3), np.float32)
         prompt, fuse = encode_question(im, "Hello", True, return_fuse_mask=True)
-        sizes = sorted({self._group_rows(n) for n in range(1, self.prefill_group + 1)})
-        for n in sizes:
-            self._admit([Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None,
-                                 max_tokens=2, temperature=0.0, top_p=1.0, seed=0, emit=lambda kind, value: None)
-                         for _ in range(n)])
-            while any(r is not None for r in self._active):
-                self._step()
+        return Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None, max_tokens=2,
+                       temperature=0.0, top_p=1.0, seed=0, emit=lambda kind, value: None)
+
+    def _warmup(self) -> None:
+        """Compiles the decode step and the prefill of `_warmup_request`."""
+        self._admit([self._warmup_request()])
+        while any(r is not None for r in self._active):
+            self._step()
         self.stats.update({key: type(value)(0) for key, value in self.stats.items()})
+
+    def _plan_group(self, rows: int, shape: tuple, req: Request) -> None:
+        """Queues the grouped prefill of `rows` requests shaped like `req` for the background compiler."""
+        sample = dataclasses.replace(req, emit=lambda kind, value: None, cancelled=False, generated=0, slot=-1)
+        with self._cv:
+            self._compiling.add((rows, shape))
+        self._compile_queue.put((rows, shape, sample))
+        if self._compiler is None:
+            state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._state)
+            self._compiler = threading.Thread(target=self._compile_groups, args=(state,), name="mmlm-compile",
+                                              daemon=True)
+            self._compiler.start()
+
+    def _compile_groups(self, state: SlotState) -> None:
+        """The background compiler: grouped prefill programs, ahead of time from shapes (no state is
+        copied), one after the other while the engine serves; until one is ready, its groups are prefilled
+        one request at a time (`_groups`)."""
+        while (item := self._compile_queue.get()) is not None and not self._stopping:
+            rows, shape, req = item
+            try:
+                args = self._group_inputs([req] * rows)
+                program = _prefill_into_jit.lower(self.cfg, self.params, state, args["batch"], args["slots"],
+                                                  args["keys"], args["sp"], num_vision_tokens=args["m"],
+                                                  greedy=True).compile()
+            except Exception:  # costs only speed: these groups are prefilled one request at a time
+                program = None
+            with self._cv:
+                if program is None:
+                    self._uncompilable.add((rows, shape))
+                else:
+                    self._group_programs[(rows, shape)] = program
+                    self._cold.append((rows, req))
+                self._compiling.discard((rows, shape))
+                self._cv.notify()
+
+    def _run_cold(self) -> None:
+        """Runs a grouped prefill program compiled ahead of time once, on copies of a request of its shape,
+        while the engine is idle: its first run costs tens of milliseconds more than the next ones (XLA sets
+        it up), which would otherwise fall on the first requests it serves. The counters are left as they
+        were."""
+        (rows, req), stats = self._cold[0], dict(self.stats)
+        self._admit([dataclasses.replace(req, max_tokens=1) for _ in range(rows)])
+        while any(r is not None for r in self._active):
+            self._step()
+        with self._cv:
+            self.stats = stats
+            self._cold.pop(0)  # status() counts it until here
 
     def _run(self, warmup: bool) -> None:
         if warmup:
             self._warmup()
+            req = self._warmup_request()
+            for rows in sorted({self._group_rows(n) for n in range(2, self.prefill_group + 1)}):
+                self._plan_group(rows, self._shape(req), req)
         self.ready.set()
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not any(self._active):
+                while not self._stopping and not self._waiting and not any(self._active) and not self._cold:
                     self._cv.wait()
                 if self._stopping:
                     break
+                idle = not self._waiting and not any(self._active)
+            if idle and self._cold:
+                self._run_cold()
+                continue
             self._admit_arrivals()
             if any(r is not None for r in self._active):
                 self._step()
@@ -438,15 +508,32 @@ class Engine:
         by_shape: dict[tuple, list[Request]] = {}
         groups = []
         for req in reqs:
-            if req.temperature != 0.0:
+            try:
+                shape = self._shape(req)
+            except ValueError:  # an unsupported budget: its prefill alone reports it
+                shape = None
+            if req.temperature != 0.0 or shape is None:
                 groups.append([req])
                 continue
-            shape = (None if req.pixels is None else req.pixels.shape, req.num_vision_tokens,
-                     round_up(len(req.prompt), PROMPT_BUCKET))
             by_shape.setdefault(shape, []).append(req)
-        for same in by_shape.values():
-            groups += [same[i:i + self.prefill_group] for i in range(0, len(same), self.prefill_group)]
+        for shape, same in by_shape.items():
+            for i in range(0, len(same), self.prefill_group):
+                group = same[i:i + self.prefill_group]
+                key = (self._group_rows(len(group)), shape)
+                if len(group) == 1 or key in self._group_programs:
+                    groups.append(group)
+                    continue
+                if key not in self._compiling and key not in self._uncompilable:
+                    self._plan_group(*key, group[0])  # a new shape: compiled in the background meanwhile
+                groups += [[r] for r in group]
         return groups
+
+    def _shape(self, req: Request) -> tuple:
+        """What a prefill program depends on besides its rows: media shape, budget (the default one named),
+        text bucket."""
+        m = self.cfg.check_budget(req.num_vision_tokens) if req.pixels is not None else None
+        media = None if req.pixels is None else (req.pixels.shape, req.pixels.dtype.str)
+        return media, m, round_up(len(req.prompt), PROMPT_BUCKET)
 
     def _fail_prefill(self, req: Request, error: Exception) -> None:
         with self._cv:
@@ -464,22 +551,36 @@ class Engine:
         copies of its first request: faster per request, but XLA's CPU kernels round a row differently at
         another batch size, so its logits may differ from the batch of 1's in the last bits.
         """
-        im, req = self.im, group[0]
-        m = self.cfg.check_budget(req.num_vision_tokens) if req.pixels is not None else None
-        greedy = req.temperature == 0.0
-        # Host arrays (no eager device ops per request); the same values as `generate.sampling_params`.
-        sp = SamplingParams(temperature=np.float32(1.0 if greedy else req.temperature), top_p=np.float32(req.top_p),
-                            stop_ids=self._stop_array, pad_id=self._stop_array[0])
-        size = self._group_rows(len(group))
-        batch = make_batch(self.cfg, [r.prompt for r in group], [r.pixels for r in group],
-                           pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET, batch_size=size,
-                           fuse_masks=[r.fuse_mask for r in group])
-        # = jax.random.PRNGKey(seed) for 0 <= seed < 2**32
-        keys = np.asarray([[0, r.seed] for r in group] + [[0, req.seed]] * (size - len(group)), np.uint32)
-        slots = np.asarray([r.slot for r in group] + [req.slot] * (size - len(group)), np.int32)
-        self._state, out = _prefill_into_jit(self.cfg, self.params, self._state, batch, slots, keys, sp,
-                                             num_vision_tokens=m, greedy=greedy)
+        args = self._group_inputs(group)
+        if len(group) > 1:  # compiled ahead of time (`_groups`): the jitted program below, for these shapes
+            program = self._group_programs[(len(args["slots"]), self._shape(group[0]))]
+            self._state, out = program(self.params, self._state, args["batch"], args["slots"], args["keys"],
+                                       args["sp"])
+        else:
+            self._state, out = _prefill_into_jit(self.cfg, self.params, self._state, args["batch"], args["slots"],
+                                                 args["keys"], args["sp"], num_vision_tokens=args["m"],
+                                                 greedy=args["greedy"])
         return out
+
+    def _group_inputs(self, group: list[Request]) -> dict[str, Any]:
+        """The prefill program's inputs for `group`: its batch padded to `_group_rows` rows with copies of
+        the first request, slots (G,), keys (G, 2), sampling parameters, budget and greediness."""
+        im, req = self.im, group[0]
+        greedy = req.temperature == 0.0
+        size = self._group_rows(len(group))
+        pad = size - len(group)
+        return {
+            "batch": make_batch(self.cfg, [r.prompt for r in group], [r.pixels for r in group],
+                                pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET, batch_size=size,
+                                fuse_masks=[r.fuse_mask for r in group]),
+            "slots": np.asarray([r.slot for r in group] + [req.slot] * pad, np.int32),
+            # = jax.random.PRNGKey(seed) for 0 <= seed < 2**32
+            "keys": np.asarray([[0, r.seed] for r in group] + [[0, req.seed]] * pad, np.uint32),
+            # Host arrays (no eager device ops per request); the same values as `generate.sampling_params`.
+            "sp": SamplingParams(temperature=np.float32(1.0 if greedy else req.temperature),
+                                 top_p=np.float32(req.top_p), stop_ids=self._stop_array, pad_id=self._stop_array[0]),
+            "m": self.cfg.check_budget(req.num_vision_tokens) if req.pixels is not None else None,
+            "greedy": greedy}
 
     def _step(self) -> None:
         start = time.perf_counter()
