@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy requests admitted together and of the same shape share one prefill of up to this "
                         "many rows (default 1: every request is prefilled alone, as `mmlm chat` does, so that an "
                         "answer never depends on the requests beside it; larger is faster under load, but a "
-                        "row's logits then differ from the batch of one's in the last bits)")
+                        "row's logits then differ from the batch of one's in the last bits). The grouped "
+                        "programs compile in the background once the server is ready")
     p.add_argument("--auto_threshold", type=float, default=None,
                    help="for requests with \"num_vision_tokens\": \"auto\" (Matryoshka models): the first answer "
                         "token's probability below which the cascade escalates to the next budget (default: "
