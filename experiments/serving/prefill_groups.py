@@ -61,14 +61,15 @@ def answer_all(im, reqs, *, group: int, max_tokens: int) -> tuple[list[list[int]
     while engine.status()["compiling"]:  # grouped prefill programs, compiled in the background
         time.sleep(0.1)
     answers: list[list[int]] = [[] for _ in reqs]
+    errors: list[str] = []
     left = threading.Semaphore(0)
 
     def emitter(i: int):
-        def emit(kind, value):
+        def emit(kind, value):  # called on the engine's thread: errors are raised here, after the run
             if kind == "token":
                 answers[i].append(value)
             elif kind == "error":
-                raise SystemExit(f"request {i} failed: {value}")
+                errors.append(f"request {i} failed: {value}")
             if kind in ("done", "error"):
                 left.release()
         return emit
@@ -83,6 +84,8 @@ def answer_all(im, reqs, *, group: int, max_tokens: int) -> tuple[list[list[int]
     wall = time.perf_counter() - start
     stats = engine.status()
     engine.stop()
+    if errors:
+        raise SystemExit(f"{len(errors)} requests failed, the first: {errors[0]}")
     return answers, stats, wall
 
 
@@ -125,7 +128,14 @@ def logit_gap(im, reqs, *, group: int, batches: int) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.questions < 1:
+        parser.error(f"--questions must be >= 1, got {args.questions}")
+    if not 1 <= args.group <= 16:  # the engine's 16 slots
+        parser.error(f"--group must be in [1, 16], got {args.group}")
+    if args.max_tokens < 1:
+        parser.error(f"--max_tokens must be >= 1, got {args.max_tokens}")
     from mmlm.data.synth import synthesize
     from mmlm.infer.loading import load_inference_model
 

@@ -328,12 +328,14 @@ class Engine:
         return Request(prompt=prompt, fuse_mask=fuse, pixels=pixels, num_vision_tokens=None, max_tokens=2,
                        temperature=0.0, top_p=1.0, seed=0, emit=lambda kind, value: None)
 
-    def _warmup(self) -> None:
-        """Compiles the decode step and the prefill of `_warmup_request`."""
-        self._admit([self._warmup_request()])
+    def _warmup(self) -> Request:
+        """Compiles the decode step and the prefill of `_warmup_request`; returns that request."""
+        req = self._warmup_request()
+        self._admit([req])
         while any(r is not None for r in self._active):
             self._step()
         self.stats.update({key: type(value)(0) for key, value in self.stats.items()})
+        return req
 
     def _plan_group(self, rows: int, shape: tuple, req: Request) -> None:
         """Queues the grouped prefill of `rows` requests shaped like `req` for the background compiler."""
@@ -384,8 +386,7 @@ class Engine:
 
     def _run(self, warmup: bool) -> None:
         if warmup:
-            self._warmup()
-            req = self._warmup_request()
+            req = self._warmup()
             for rows in sorted({self._group_rows(n) for n in range(2, self.prefill_group + 1)}):
                 self._plan_group(rows, self._shape(req), req)
         self.ready.set()
