@@ -882,7 +882,9 @@ def auto_markdown(study: str, st: dict[str, Any]) -> list[str]:
                      f"{_fmt_flops(a['flops'])} | {ok} | {best_text} |")
     return lines + ["", "The last column picks the threshold on the scored questions themselves (seed means of the "
                     "sweep): an upper bound for this confidence signal, not a calibrated result.", "",
-                    f"![accuracy vs mean tokens]({study}_auto.png)", ""]
+                    f"![accuracy vs mean tokens]({study}_auto.png)", "",
+                    "A learned budget head against this cascade, on the runs whose checkpoints were kept: "
+                    "[budget_head.md](budget_head.md) (`experiments/paper_trends/budget_head.py`).", ""]
 
 
 def _relative_paths(record: dict[str, Any], out: Path) -> dict[str, Any]:

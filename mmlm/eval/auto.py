@@ -17,7 +17,7 @@ import numpy as np
 
 from mmlm.errors import UserError
 from mmlm.eval.evaluate import EvalQuestion, EvalResult, evaluate, plan_batches, prepare_questions, read_jsonl
-from mmlm.infer import cascade
+from mmlm.infer import budget_head, cascade
 from mmlm.infer.loading import InferenceModel
 
 
@@ -31,13 +31,15 @@ class Scored:
     conf: np.ndarray  # (n, K) first-token probability per budget
     correct: np.ndarray  # (n, K) exact match per budget
     flops_at_stop: list[np.ndarray]  # per question: (K,) prefill FLOPs when the cascade stops at budget k
+    features: np.ndarray | None = None  # (n, K - 1, F) the budget head's features (`with_features`)
 
 
 def score_budgets(im: InferenceModel, questions: Sequence[EvalQuestion], budgets: Sequence[int], *,
                   batch_size: int, max_new_tokens: int, max_frames: int | None = None,
-                  progress: bool = False, answered: EvalResult | None = None) -> Scored:
+                  progress: bool = False, answered: EvalResult | None = None, with_features: bool = False) -> Scored:
     """Answers and first-token confidences of every question at every budget (`answered`: an
-    `evaluate` result of these questions at these budgets, reused instead of answering again)."""
+    `evaluate` result of these questions at these budgets, reused instead of answering again); with
+    `with_features` also the learned budget head's features (`mmlm.infer.budget_head.budget_features`)."""
     from mmlm.infer.batching import make_batch
     from mmlm.infer.generate import with_vision_features
     from mmlm.infer.loading import load_media
@@ -48,6 +50,7 @@ def score_budgets(im: InferenceModel, questions: Sequence[EvalQuestion], budgets
     skipped = {s["question_id"] for s in ev.skipped}
     answered = [q for q in sorted(questions, key=lambda q: q.index) if q.record["question_id"] not in skipped]
     conf_of: dict[int, np.ndarray] = {}
+    features_of: dict[int, np.ndarray] = {}
     frames = max_frames or im.max_frames
     for chunk in plan_batches([q for q in answered], batch_size):  # the evaluator's batches and shapes
         # Video files whole (not `load_batch`'s streams, which the chunked generation reads): the confidence
@@ -59,8 +62,11 @@ def score_budgets(im: InferenceModel, questions: Sequence[EvalQuestion], budgets
                            frames=frames if video else None, batch_size=batch_size)
         batch = with_vision_features(im.cfg, im.params, batch)
         c = cascade.confidences(im.cfg, im.params, batch, budgets)
+        f = budget_head.budget_features(im.cfg, im.params, batch, budgets) if with_features else None
         for j, q in enumerate(chunk):
             conf_of[q.index] = c[j]
+            if f is not None:
+                features_of[q.index] = f[j]
     conf = np.stack([conf_of[q.index] for q in answered]) if answered else np.zeros((0, len(budgets)))
     correct = np.array([[ev.answers[m][i]["accuracy"] > 0 for m in budgets] for i in range(len(answered))],
                        bool).reshape(len(answered), len(budgets))
@@ -71,7 +77,8 @@ def score_budgets(im: InferenceModel, questions: Sequence[EvalQuestion], budgets
         if t not in cache:
             cache[t] = np.array([cascade.prefill_flops(im.cfg, t, budgets, k) for k in range(len(budgets))])
         flops.append(cache[t])
-    return Scored(budgets, answered, {m: ev.answers[m] for m in budgets}, conf, correct, flops)
+    features = np.stack([features_of[q.index] for q in answered]) if with_features and answered else None
+    return Scored(budgets, answered, {m: ev.answers[m] for m in budgets}, conf, correct, flops, features)
 
 
 def cascade_row(s: Scored, threshold: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:

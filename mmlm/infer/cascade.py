@@ -114,11 +114,19 @@ def summarize(conf: np.ndarray, correct: np.ndarray, budgets: Sequence[int], thr
               flops_at_stop: Sequence[float]) -> CascadeSummary:
     """The cascade at `threshold` from per-budget confidences and scores, both (n, K); `flops_at_stop[k]`:
     a question's FLOPs when the cascade stops at budget k."""
-    stop = stop_index(conf, threshold)
+    return dataclasses.replace(summarize_stops(stop_index(conf, threshold), correct, budgets, flops_at_stop),
+                               threshold=float(threshold))
+
+
+def summarize_stops(stop: np.ndarray, correct: np.ndarray, budgets: Sequence[int],
+                    flops_at_stop: Sequence[float]) -> CascadeSummary:
+    """The outcome of any budget policy from the budget index each question stopped at (n,) and the scores
+    (n, K) (its threshold field is NaN: the policy may have none)."""
+    stop = np.asarray(stop, int)
     n = max(len(stop), 1)
     chosen = np.asarray(budgets)[stop]
     return CascadeSummary(
-        threshold=float(threshold),
+        threshold=float("nan"),
         accuracy=float(np.asarray(correct, float)[np.arange(len(stop)), stop].sum() / n),
         mean_vision_tokens=float(chosen.sum() / n),
         histogram={int(m): int((chosen == m).sum()) for m in budgets},
