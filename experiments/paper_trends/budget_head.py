@@ -31,7 +31,8 @@ import run as runner  # noqa: E402  (the study's runner: its layout, helpers and
 STUDY = "budget"
 RECORD = "budget_head.json"
 FIT_FROM = runner.AUTO_CALIBRATION_QUESTIONS  # the heads are fitted after the calibration questions
-TARGET_TOKENS = 4.0  # the budget: at most 4 LLM vision tokens per question on average
+TARGET_TOKENS = 4.0  # the goal's budget: at most 4 LLM vision tokens per question on average
+AT = str(int(TARGET_TOKENS))  # the fixed budget the policies are compared with at that cost
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -218,7 +219,8 @@ def markdown(summary: dict[str, Any], refs: dict[str, dict[str, float]], fit_que
         "Reproduce (after `run.py --study budget`, which keeps each run's checkpoint):", "", "```", command, "```",
         "",
         "| row | seeds | policy | calibrated knob (per seed) | accuracy (%) | mean LLM vision tokens | questions at "
-        "1 / 4 / 16 | MFLOPs / question | best swept point at <= 4 tokens | the row at 4 tokens, every question |",
+        f"1 / 4 / 16 | MFLOPs / question | best swept point at <= {AT} tokens | the row at {AT} tokens, every "
+        "question |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     for row, s in summary.items():
         for policy in ("head", "cascade"):
@@ -229,7 +231,7 @@ def markdown(summary: dict[str, Any], refs: dict[str, dict[str, float]], fit_que
                          f"{pct(p['accuracy'])} | {p['llm_vision_tokens']:.2f} | {hist} | {p['flops'] / 1e6:.2f} | "
                          + (f"{100 * best['accuracy']:.1f}% at {best['llm_vision_tokens']:.2f} tokens "
                             f"(knob {best['knob']:g})" if best else "none")
-                         + f" | {pct(s['fixed']['4'])} |")
+                         + f" | {pct(s['fixed'][AT]) if AT in s['fixed'] else '-'} |")
     lines += ["", "The best swept point picks the knob on the scored questions themselves (seed means of the sweep): "
               "an upper bound for each policy, not a calibrated result.", ""]
     if fixed16:
@@ -245,8 +247,8 @@ def markdown(summary: dict[str, Any], refs: dict[str, dict[str, float]], fit_que
                      f"**Not met** by either policy: the best point at <= {TARGET_TOKENS:g} tokens, even with "
                      f"the knob picked on the scored questions, is {100 * best_head:.1f}% for the head and "
                      f"{100 * best_casc:.1f}% for the cascade."), ""]
-        gains = {row: (s["head"]["best_within_target"] or {"accuracy": 0.0})["accuracy"] - s["fixed"]["4"][0]
-                 for row, s in summary.items()}
+        gains = {row: (s["head"]["best_within_target"] or {"accuracy": 0.0})["accuracy"] - s["fixed"][AT][0]
+                 for row, s in summary.items() if AT in s["fixed"]} or {"": float("nan")}
         saved = [s["cascade"]["llm_vision_tokens"] - s["head"]["llm_vision_tokens"] for s in summary.values()]
         delta = [100 * (s["head"]["accuracy"][0] - s["cascade"]["accuracy"][0]) for s in summary.values()]
         better = sum((s["head"]["best_within_target"] or {"accuracy": 0.0})["accuracy"]
@@ -255,7 +257,7 @@ def markdown(summary: dict[str, Any], refs: dict[str, dict[str, float]], fit_que
         lines += [f"Calibrated, the head spends {min(saved):.1f} to {max(saved):.1f} fewer vision tokens per question "
                   f"than the cascade (per row, seed means) at {min(delta):+.1f} to {max(delta):+.1f} points of its "
                   f"accuracy; swept to at most {TARGET_TOKENS:g} tokens it is the more accurate policy in {better} "
-                  f"of {len(summary)} rows. Against answering every question at 4 tokens, the head's best point "
+                  f"of {len(summary)} rows. Against answering every question at {AT} tokens, the head's best point "
                   f"at that budget is {100 * min(gains.values()):+.1f} to {100 * max(gains.values()):+.1f} points "
                   "(per row)"
                   + (": the LLM's state after 1 or 4 tokens hardly tells which questions 16 tokens would answer."

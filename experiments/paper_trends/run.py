@@ -476,6 +476,8 @@ def auto_scores(im: Any, config: Any, ev: Any, questions: Sequence[Any], lines: 
     raw = questions_file(config).parent
     cal_file = raw / f"{config.data.train_split}_questions.jsonl"
     cal_lines = read_jsonl(str(cal_file))[:AUTO_CALIBRATION_QUESTIONS]
+    if int(config.synthetic.num_eval) <= QUICK_EVAL_IMAGES:  # --quick: one batch calibrates (its prompt lengths)
+        cal_lines = cal_lines[: int(config.data.eval_batch_size)]
     check_disjoint(cal_lines, lines)
     cal = score_budgets(im, prepare_questions(im, cal_lines, raw), budgets, **kw)
     threshold = calibrate_threshold(cal.conf, cal.correct, budgets)
