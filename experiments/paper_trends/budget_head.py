@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -60,6 +62,7 @@ def candidate_runs(out: Path, rows: Sequence[str]) -> list[tuple[str, int, Path]
 
 def score_run(workdir: Path, fit_questions: int) -> dict[str, Any]:
     """The heads and the cascade of one run, calibrated on training questions, scored on the val questions."""
+    import ml_collections
     import numpy as np
 
     from mmlm.eval.auto import score_budgets
@@ -70,8 +73,8 @@ def score_run(workdir: Path, fit_questions: int) -> dict[str, Any]:
     t0 = time.time()
     im = load_inference_model(workdir=str(workdir))
     budgets = cascade.cascade_budgets(im.cfg)
-    config = json.loads((workdir / "config.json").read_text())
-    val_file = runner.questions_file(_Dotted(config))
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    val_file = runner.questions_file(config)
     raw = val_file.parent
     train_lines = read_jsonl(str(raw / f"{config['data']['train_split']}_questions.jsonl"))
     splits = {"calibration": train_lines[:FIT_FROM], "fit": train_lines[FIT_FROM: FIT_FROM + fit_questions],
@@ -96,6 +99,7 @@ def score_run(workdir: Path, fit_questions: int) -> dict[str, Any]:
 
     return {
         "run": workdir.name, "budgets": list(budgets), "seconds": round(time.time() - t0, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "questions": {name: len(x.questions) for name, x in s.items()},
         "fixed": {str(m): float(val.correct[:, k].mean()) for k, m in enumerate(budgets)},
         "head": {"margin": margin, **outcome(budget_head.stop_index(predicted, margin), True),
@@ -105,14 +109,6 @@ def score_run(workdir: Path, fit_questions: int) -> dict[str, Any]:
                     "sweep": [{"knob": t, **outcome(cascade.stop_index(val.conf, t), False)}
                               for t in cascade.THRESHOLD_GRID]},
     }
-
-
-class _Dotted(dict):
-    """A config.json dict read with attribute access (what `run.questions_file` reads)."""
-
-    def __getattr__(self, key: str) -> Any:
-        v = self[key]
-        return _Dotted(v) if isinstance(v, dict) else v
 
 
 def _without_sweeps(record: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +196,7 @@ def plot(summary: dict[str, Any], refs: dict[str, dict[str, float]], out: Path) 
 
 
 def markdown(summary: dict[str, Any], refs: dict[str, dict[str, float]], fit_questions: int, command: str,
-             plot_name: str) -> str:
+             plot_name: str, machines: Sequence[str]) -> str:
     pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
     fixed16 = refs.get("fixed16")
     lines = [
@@ -215,7 +211,7 @@ def markdown(summary: dict[str, Any], refs: dict[str, dict[str, float]], fit_que
         f"threshold are calibrated on its first {FIT_FROM} questions (which the heads did not see), with the "
         "same rule (the fewest mean tokens within 1 point of the best calibration accuracy); the scored val "
         "questions are checked disjoint from both. Rows with 2 seeds lack seed 0's checkpoint; which foundation "
-        "each run started from is in results.md's budget section.", "",
+        "each run started from is in results.md's budget section. Scored on: " + "; ".join(machines) + ".", "",
         "Reproduce (after `run.py --study budget`, which keeps each run's checkpoint):", "", "```", command, "```",
         "",
         "| row | seeds | policy | calibrated knob (per seed) | accuracy (%) | mean LLM vision tokens | questions at "
@@ -271,6 +267,7 @@ def markdown(summary: dict[str, Any], refs: dict[str, dict[str, float]], fit_que
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mmlm.errors import UserError
+    from mmlm.safe_io import write_text_atomic
 
     try:
         out = Path(args.out)
@@ -312,7 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              "runs": {r["run"]: _without_sweeps(r)
                                                                       for rs in records.values() for r in rs},
                                                              "summary": summary})
-        (out / "budget_head.md").write_text(markdown(summary, refs, args.fit_questions, command, name))
+        machines = sorted({r.get("machine", "not recorded") for rs in records.values() for r in rs})
+        # An interrupted write leaves the old page whole.
+        write_text_atomic(out / "budget_head.md", markdown(summary, refs, args.fit_questions, command, name, machines))
         print(f"wrote {out / 'budget_head.md'}")
         return 0
     except UserError as e:

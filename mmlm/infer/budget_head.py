@@ -31,19 +31,9 @@ import optax
 from mmlm.errors import UserError
 from mmlm.infer import cascade
 from mmlm.models.config import ModelConfig
-from mmlm.models.llama import init_cache
 from mmlm.models.llava_mini import LlavaMini
 
 MARGIN_GRID = tuple(round(0.01 * i, 2) for i in range(-10, 61))  # calibration candidates (accuracy points / 100)
-
-
-def _last_prompt_state(model: LlavaMini, embeds: jax.Array, positions: jax.Array, valid: jax.Array
-                       ) -> tuple[jax.Array, jax.Array]:
-    cache = init_cache(model.cfg.llm, embeds.shape[0], embeds.shape[1], model.cfg.compute_dtype,
-                       per_layer=not model.cfg.scan_layers)
-    hidden, _ = model.llm(embeds, positions, valid, cache=cache, cache_index=0, return_hidden=True)
-    last = hidden[:, -1]
-    return last.astype(jnp.float32), model.llm.logits(last).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_vision_tokens"))
@@ -56,7 +46,7 @@ def state_features(cfg: ModelConfig, params: Any, batch: dict[str, Any], num_vis
     variables = {"params": params}
     inputs = model.apply(variables, batch, num_vision_tokens, "left", method=LlavaMini.build_llm_inputs)
     hidden, logits = model.apply(variables, inputs["embeds"], inputs["positions"], inputs["valid"],
-                                 method=_last_prompt_state)
+                                 method=cascade.last_prompt_state)
     logp = jax.nn.log_softmax(logits, axis=-1)
     top2 = jax.lax.top_k(jnp.exp(logp), 2)[0]
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
@@ -149,10 +139,8 @@ def calibrate_margin(predicted: np.ndarray, correct: np.ndarray, budgets: Sequen
     if len(predicted) == 0:
         raise UserError("no held-out calibration questions to calibrate the budget head's margin on")
     zero = [0.0] * len(budgets)
-    runs = [(cascade.summarize_stops(stop_index(predicted, m), correct, budgets, zero), m) for m in grid]
-    best = max(r.accuracy for r, _ in runs)
-    return min(((r, m) for r, m in runs if r.accuracy >= best - tolerance),
-               key=lambda rm: (rm[0].mean_vision_tokens, -rm[1]))[1]
+    return cascade.cheapest_knob([(m, cascade.summarize_stops(stop_index(predicted, m), correct, budgets, zero))
+                                  for m in sorted(grid, reverse=True)], tolerance)  # a larger margin escalates less
 
 
 def head_flops(budgets: Sequence[int], features: int, stop: int) -> float:

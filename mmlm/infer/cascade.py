@@ -54,11 +54,15 @@ def cascade_budgets(cfg: ModelConfig) -> tuple[int, ...]:
                     f"{list(cfg.supported_budgets)}: give one of those instead")
 
 
-def _first_token_logits(model: LlavaMini, embeds: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
+def last_prompt_state(model: LlavaMini, embeds: jax.Array, positions: jax.Array, valid: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Generation's prefill up to the first answer token: the LLM's final hidden state after the last prompt
+    token (B, D) and the next-token logits (B, V), both fp32 (a `model.apply` method)."""
     cache = init_cache(model.cfg.llm, embeds.shape[0], embeds.shape[1], model.cfg.compute_dtype,
                        per_layer=not model.cfg.scan_layers)
     hidden, _ = model.llm(embeds, positions, valid, cache=cache, cache_index=0, return_hidden=True)
-    return model.llm.logits(hidden[:, -1]).astype(jnp.float32)
+    last = hidden[:, -1]
+    return last.astype(jnp.float32), model.llm.logits(last).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_vision_tokens"))
@@ -68,8 +72,8 @@ def first_token_confidence(cfg: ModelConfig, params: Any, batch: dict[str, Any],
     model = LlavaMini(cfg)
     variables = {"params": params}
     inputs = model.apply(variables, batch, num_vision_tokens, "left", method=LlavaMini.build_llm_inputs)
-    logits = model.apply(variables, inputs["embeds"], inputs["positions"], inputs["valid"],
-                         method=_first_token_logits)
+    _, logits = model.apply(variables, inputs["embeds"], inputs["positions"], inputs["valid"],
+                            method=last_prompt_state)
     return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
 
 
@@ -140,10 +144,16 @@ def calibrate_threshold(conf: np.ndarray, correct: np.ndarray, budgets: Sequence
     if len(conf) == 0:
         raise UserError("no calibration questions: give a non-empty --calibration_data file")
     zero = [0.0] * len(budgets)
-    runs = [summarize(conf, correct, budgets, t, zero) for t in grid]
-    best = max(r.accuracy for r in runs)
-    return min((r for r in runs if r.accuracy >= best - tolerance), key=lambda r: (r.mean_vision_tokens, r.threshold)
-               ).threshold
+    return cheapest_knob([(t, summarize(conf, correct, budgets, t, zero)) for t in sorted(grid)], tolerance)
+
+
+def cheapest_knob(runs: Sequence[tuple[float, CascadeSummary]], tolerance: float) -> float:
+    """The knob of a policy's calibration runs [(knob, outcome)] with the fewest mean vision tokens among
+    those within `tolerance` of the best accuracy; on a tie, the one listed first (callers list the knob
+    that escalates least first)."""
+    best = max(r.accuracy for _, r in runs)
+    ok = [(r.mean_vision_tokens, i) for i, (_, r) in enumerate(runs) if r.accuracy >= best - tolerance]
+    return runs[min(ok)[1]][0]
 
 
 def check_disjoint(calibration: Sequence[dict[str, Any]], evaluation: Sequence[dict[str, Any]]) -> None:
