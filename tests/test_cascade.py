@@ -107,6 +107,54 @@ def test_eval_auto_row_and_chat_says_which_budget(models, capsys):
     assert "auto: answered with 4 vision token(s)" in err.getvalue()  # a random model is never 50% sure
 
 
+def test_a_chat_turn_continues_from_the_cascades_prefill_and_reuses_the_image_features(models, tmp_path, monkeypatch):
+    """`mmlm chat`'s auto turn: the answer is the fixed-budget answer where the cascade stops (greedy and
+    sampled, same key), decoded from the cascade's own prefill (generation's `stream` never runs), with the
+    confidences `mmlm eval` scores on; the image's features, computed once, stand in for the vision tower
+    (any pixels give the same answer with them)."""
+    import jax
+
+    from mmlm.infer import generate
+    from mmlm.infer.batching import PROMPT_BUCKET, make_batch
+    from mmlm.infer.chat import answer, image_features
+    from mmlm.infer.loading import encode_question, load_image_pixels
+
+    config = load_config("configs/tiny.py")  # weights large enough that the budget changes the answers
+    save_model(str(tmp_path / "mat"), random_params(model_config_from_dict(config.model), seed=3, std=0.3), config)
+    im = load_inference_model(checkpoint=str(tmp_path / "mat"))
+    pixels = load_image_pixels(im, models / "img.png")
+    features = image_features(im, pixels)
+    question = "What color is the shape?"
+    prompt, fuse = encode_question(im, question, True, [], return_fuse_mask=True)
+    batch = generate.with_vision_features(im.cfg, im.params, make_batch(
+        im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET, fuse_masks=[fuse]))
+    conf = cascade.confidences(im.cfg, im.params, batch, (1, 4))[0]
+
+    def ask(budget, temperature, threshold=None, feats=None, shown=pixels) -> tuple[str, list]:
+        seen = []
+        text = answer(im, shown, question, [], num_vision_tokens=budget, max_new_tokens=5, temperature=temperature,
+                      top_p=0.9, rng=jax.random.PRNGKey(7), out=io.StringIO(), auto_threshold=threshold,
+                      vision_features=feats, on_budget=lambda m, probs: seen.append((m, probs)))
+        return text, seen
+
+    fixed = {(m, t): ask(m, t)[0] for m in (1, 4) for t in (0.0, 2.0)}
+    assert fixed[(1, 2.0)] != fixed[(4, 2.0)] and fixed[(1, 0.0)] != fixed[(4, 0.0)]  # the budget matters here
+
+    def no_second_prefill(*args, **kwargs):
+        raise AssertionError("the auto turn ran generation's prefill again")
+
+    monkeypatch.setattr(generate, "stream", no_second_prefill)
+    for threshold, m in ((float(conf[0]), 1), (float(np.nextafter(conf[0], 1.0)), 4)):  # stop at 1, escalate
+        for t in (0.0, 2.0):
+            text, seen = ask(cascade.AUTO, t, threshold)
+            assert text == fixed[(m, t)] and seen[0][0] == m
+            assert seen[0][1] == pytest.approx(conf[: len(seen[0][1])], rel=0, abs=0)  # `mmlm eval`'s numbers
+    monkeypatch.undo()
+    noise = np.random.default_rng(1).random(pixels.shape).astype(pixels.dtype)
+    for budget, t in fixed:
+        assert ask(budget, t, feats=features, shown=noise)[0] == fixed[(budget, t)]
+
+
 @pytest.mark.parametrize("which, extra, message", [
     ("fixed", [], "needs a Matryoshka model"),
     ("mat", ["--auto_threshold", "1.5"], "strictly between 0 and 1"),

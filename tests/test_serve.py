@@ -622,6 +622,38 @@ def test_grouped_prefills_give_the_answers_of_prefills_alone():
         engine.stop()
 
 
+def test_an_auto_request_is_answered_from_the_cascades_prefill_as_the_fixed_budget_it_chose():
+    """`Engine.choose_budget` (the server's "auto"): the cascade's prefill at the budget it stops at goes into
+    the slot as it is (no second prefill); greedy or sampled, the answer is the request asked at that budget."""
+    engine, request = _engine_with_tiny_model(admit_wait_s=0.0)
+
+    def run(req) -> list[int]:
+        engine.submit(req)
+        assert done.wait(120)
+        return tokens
+
+    answers = []
+    try:
+        for temperature, seed in ((0.0, 0), (5.0, 3)):
+            fixed = {}
+            for m in (1, 4):
+                done, tokens = threading.Event(), []
+                fixed[m] = run(request(done, tokens, temperature, seed, image=1, budget=m))
+            answers.append(fixed)
+            for threshold, m in ((1e-6, 1), (1 - 1e-6, 4)):  # a random model's first token: neither extreme
+                done, tokens = threading.Event(), []
+                req = request(done, tokens, temperature, seed, image=1)
+                seen = engine.choose_budget(req, threshold)
+                assert req.num_vision_tokens == m and len(seen) == (1, 4).index(m) + 1
+                assert req.prefilled is not None
+                before = engine.status()["prefills"]
+                assert run(req) == fixed[m] and len(fixed[m]) == 4
+                assert req.prefilled is None and engine.status()["prefills"] == before + 1  # inserted as it was
+        assert any(a[1] != a[4] for a in answers)  # the budget changes an answer: the check can tell them apart
+    finally:
+        engine.stop()
+
+
 def test_the_benchmark_ratio_interval_brackets_the_ratio_and_narrows_with_agreeing_rounds():
     import importlib.util
 

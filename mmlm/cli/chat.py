@@ -20,7 +20,7 @@ import jax
 from mmlm.cli.common import SEED, add_model_source, check_output_file, number, run_command
 from mmlm.errors import UserError
 from mmlm.infer.cascade import AUTO, DEFAULT_THRESHOLD, is_auto
-from mmlm.infer.chat import answer, check_question, check_text
+from mmlm.infer.chat import answer, check_question, check_text, image_features
 
 
 def budget_arg(text: str) -> int | str:
@@ -167,6 +167,11 @@ def _questions(prompt: str | None, stdin: TextIO, out: TextIO) -> Iterable[str]:
         yield line.strip()
 
 
+def _say_budget(m: int, seen: list[float], err: TextIO) -> None:
+    probs = ", ".join(f"{p:.2f}" for p in seen)
+    print(f"[mmlm chat] auto: answered with {m} vision token(s) (first-token probability {probs})", file=err)
+
+
 def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None,
         err: TextIO | None = None) -> int:
     from mmlm.infer.loading import load_inference_model, load_media
@@ -191,7 +196,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
         frames = 1
     tokens_note = f"{m} vision token(s) per {'frame' if kind == 'video' else 'image'}"
     if auto:
-        from mmlm.infer.cascade import cascade_budgets, chat_budget
+        from mmlm.infer.cascade import cascade_budgets
 
         tokens_note = (f"auto vision tokens (cascade over {list(cascade_budgets(im.cfg))}, threshold "
                        f"{args.auto_threshold:g})")
@@ -215,6 +220,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
                             "(use a .png file name)") from None
         print(f"[mmlm chat] compression map ({size[0]}x{size[1]}) -> {args.save_compression_map}", file=err)
     history: list[tuple[str, str]] = []
+    features = image_features(im, pixels) if kind == "image" else None  # the vision tower once per chat
     rng = jax.random.PRNGKey(args.seed)
     for question in _questions(args.prompt, stdin, out):
         try:
@@ -222,14 +228,10 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
             if args.prompt is None and stdin.isatty():
                 out.write("ASSISTANT: ")
             rng, sub = jax.random.split(rng)
-            if auto:
-                m, seen = chat_budget(im, pixels, question, history, args.auto_threshold)
-                probs = ", ".join(f"{p:.2f}" for p in seen)
-                print(f"[mmlm chat] auto: answered with {m} vision token(s) (first-token probability {probs})",
-                      file=err)
-            text = answer(im, pixels, question, history, num_vision_tokens=m, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, rng=sub, out=out,
-                          chunk_frames=args.video_chunk_frames)
+            text = answer(im, pixels, question, history, num_vision_tokens=AUTO if auto else m,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          rng=sub, out=out, chunk_frames=args.video_chunk_frames, auto_threshold=args.auto_threshold,
+                          vision_features=features, on_budget=lambda m, seen: _say_budget(m, seen, err))
         except UserError as e:
             if args.prompt is not None:
                 raise

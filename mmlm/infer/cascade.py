@@ -9,7 +9,9 @@ escalation costs the LLM's prefill at the next budget (and the compressor's quer
 
 The answer at the budget the cascade stops at is the fixed-budget answer at that budget: the same
 greedy generation (`mmlm.infer.generate.generate`) on the same batch. `cascade_stops` runs the cascade on
-a batch, `generate_cascade` answers a batch with it (`mmlm chat`, lmms-eval's `num_vision_tokens=auto`).
+a batch, `generate_cascade` answers a batch with it (lmms-eval's `num_vision_tokens=auto`), and
+`cascade_prefill` runs it for one request with generation's own prefill, so that decoding continues from
+the budget it stops at (`mmlm chat`, the server).
 
 `calibrate_threshold` picks the threshold on calibration questions (drawn from the training data,
 never the evaluation questions: `check_disjoint`), from the per-budget confidences and scores.
@@ -235,39 +237,49 @@ def generate_cascade(cfg: ModelConfig, params: Any, batch: dict[str, Any], thres
     return tokens, lengths, np.asarray(budgets)[stop], conf
 
 
-def choose_budget(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshold: float,
-                  budgets: Sequence[int] | None = None) -> tuple[int, list[float]]:
-    """For a one-row batch (a chat turn): the budget the cascade answers at and the confidences it saw
-    (it stops computing at the first budget that reaches the threshold)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "num_vision_tokens", "greedy"))
+def prefill_with_confidence(cfg: ModelConfig, params: Any, batch: dict[str, Any], sp: Any, rng: jax.Array, *,
+                            max_new_tokens: int, num_vision_tokens: int, greedy: bool) -> tuple[Any, jax.Array]:
+    """Generation's prefill (`mmlm.infer.generate.prefill`, the same arithmetic and answer token 0) and the
+    greedy first token's probability (B,) from its logits."""
+    from mmlm.infer.generate import prefill_logits, start_decoding
+
+    logits, cache, key_valid, n_valid = prefill_logits(cfg, params, batch, max_new_tokens=max_new_tokens,
+                                                       num_vision_tokens=num_vision_tokens)
+    state = start_decoding(logits, cache, key_valid, n_valid, sp, rng, max_new_tokens=max_new_tokens, greedy=greedy)
+    return state, jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+
+
+@dataclasses.dataclass
+class CascadePrefill:
+    """The cascade on one request: the budget it stopped at, the confidences it saw, and generation's
+    prefill at that budget (a `DecodeState`), from which decoding continues."""
+
+    budget: int
+    confidences: list[float]
+    state: Any
+
+
+def cascade_prefill(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshold: float, sp: Any,
+                    rng: jax.Array, *, max_new_tokens: int, greedy: bool, budgets: Sequence[int] | None = None
+                    ) -> CascadePrefill:
+    """The cascade for a one-row batch (a chat turn, a server request), each budget tried by generation's
+    own prefill: where it stops, the prefill is already done and decoding continues from it, which is
+    exactly the fixed-budget generation there (same batch, `sp` and `rng`). An escalation costs one
+    prefill; the vision tower runs once (not at all when the batch carries `vision_features`)."""
     from mmlm.infer.generate import with_vision_features
 
-    budgets = tuple(budgets or cascade_budgets(cfg))
+    budgets = tuple(int(m) for m in (budgets or cascade_budgets(cfg)))
+    params = nn.unbox(params)
     batch = with_vision_features(cfg, params, batch)
-    stop, conf = cascade_stops(cfg, params, batch, threshold, budgets)
-    k = int(stop[0])
-    return int(budgets[k]), [float(c) for c in conf[0, : k + 1]]
-
-
-def chat_budget(im: Any, pixels: np.ndarray, question: str, history: Sequence[tuple[str, str]],
-                threshold: float) -> tuple[int, list[float]]:
-    """`choose_budget` for a chat turn: the prompt and batch `mmlm.infer.chat.answer` builds for it."""
-    from mmlm.infer.loading import encode_question
-
-    prompt, fuse = encode_question(im, question, True, history, return_fuse_mask=True)
-    if len(prompt) > int(im.max_text_len):  # `answer` refuses it with the reason
-        return cascade_budgets(im.cfg)[-1], []
-    return prompt_budget(im, prompt, fuse, pixels, threshold)
-
-
-def prompt_budget(im: Any, prompt: list[int], fuse_mask: list[bool], pixels: np.ndarray, threshold: float
-                  ) -> tuple[int, list[float]]:
-    """`choose_budget` for one encoded prompt and its media (K views per frame), on the batch `mmlm chat` and
-    the server's prefill build for it (text padded to a multiple of `PROMPT_BUCKET` tokens)."""
-    from mmlm.infer.batching import PROMPT_BUCKET, make_batch
-
-    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET,
-                       fuse_masks=[fuse_mask])
-    return choose_budget(im.cfg, im.params, batch, threshold, cascade_budgets(im.cfg))
+    seen: list[float] = []
+    for k, m in enumerate(budgets):
+        state, conf = prefill_with_confidence(cfg, params, batch, sp, rng, max_new_tokens=max_new_tokens,
+                                              num_vision_tokens=m, greedy=greedy)
+        seen.append(float(np.asarray(conf, np.float64)[0]))  # compared in float64, as `stop_index` does
+        if seen[-1] >= float(threshold) or k == len(budgets) - 1:
+            return CascadePrefill(m, seen, state)
+    raise AssertionError("unreachable: the largest budget always stops the cascade")
 
 
 def is_auto(value: Any) -> bool:

@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence, TextIO
+from typing import Callable, Sequence, TextIO
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -52,16 +53,34 @@ class TextStreamer:
         return self.printed
 
 
+def image_features(im: InferenceModel, pixels: np.ndarray) -> jax.Array:
+    """An image's ViT patch features (1, 1, K, N, Dv) for `answer(..., vision_features=...)`: a chat about one
+    image runs the vision tower once, not at every turn (the features do not depend on the text)."""
+    from mmlm.infer.batching import PROMPT_BUCKET, make_batch
+    from mmlm.infer.generate import with_vision_features
+    from mmlm.infer.loading import encode_question
+
+    prompt = encode_question(im, "", True, [])
+    batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET)
+    return with_vision_features(im.cfg, im.params, batch)["vision_features"]
+
+
 def answer(im: InferenceModel, pixels, question: str, history: list[tuple[str, str]], *,
-           num_vision_tokens: int | None, max_new_tokens: int, temperature: float, top_p: float,
-           rng: jax.Array, out: TextIO, chunk_frames: int | None = None) -> str:
+           num_vision_tokens: int | str | None, max_new_tokens: int, temperature: float, top_p: float,
+           rng: jax.Array, out: TextIO, chunk_frames: int | None = None, auto_threshold: float | None = None,
+           vision_features: jax.Array | None = None,
+           on_budget: Callable[[int, list[float]], None] | None = None) -> str:
     """Streams the answer to `question` to `out`; returns its text.
 
     `pixels`: an image's (1, K, H, W, 3), or a `VideoStream` (encoded in chunks of `chunk_frames`,
-    `mmlm.infer.chunked`).
+    `mmlm.infer.chunked`). For an image, `vision_features` (`image_features`) skips the vision tower, and
+    `num_vision_tokens="auto"` lets the confidence cascade choose the budget at `auto_threshold`
+    (`mmlm.infer.cascade.cascade_prefill`: the answer continues from the prefill at the budget it stops at);
+    `on_budget(budget, first-token probabilities seen)` hears its choice before the answer streams.
     """
     from mmlm.infer.batching import PROMPT_BUCKET, make_batch
-    from mmlm.infer.generate import stream
+    from mmlm.infer.cascade import cascade_prefill, is_auto
+    from mmlm.infer.generate import sampling_params, stream, stream_decoding
     from mmlm.infer.loading import encode_question
 
     prompt, fuse = encode_question(im, question, True, history, return_fuse_mask=True)
@@ -82,9 +101,20 @@ def answer(im: InferenceModel, pixels, question: str, history: list[tuple[str, s
     # Prompt lengths rounded up to PROMPT_BUCKET so that a multi-turn chat reuses compiled programs.
     batch = make_batch(im.cfg, [prompt], [pixels], pad_id=im.tokenizer.pad_id, pad_len_to=PROMPT_BUCKET,
                        fuse_masks=[fuse])
+    if vision_features is not None:
+        batch["vision_features"] = vision_features
+    if is_auto(num_vision_tokens):
+        sp, greedy = sampling_params(temperature, top_p, im.stop_ids)
+        chosen = cascade_prefill(im.cfg, im.params, batch, auto_threshold, sp, rng, max_new_tokens=max_new_tokens,
+                                 greedy=greedy)
+        if on_budget is not None:
+            on_budget(chosen.budget, chosen.confidences)
+        steps = stream_decoding(im.cfg, nn.unbox(im.params), chosen.state, sp, greedy=greedy)
+    else:
+        steps = stream(im.cfg, im.params, batch, max_new_tokens=max_new_tokens, eos_id=im.stop_ids,
+                       num_vision_tokens=num_vision_tokens, temperature=temperature, top_p=top_p, rng=rng)
     stops = set(im.stop_ids)
-    for tokens in stream(im.cfg, im.params, batch, max_new_tokens=max_new_tokens, eos_id=im.stop_ids,
-                         num_vision_tokens=num_vision_tokens, temperature=temperature, top_p=top_p, rng=rng):
+    for tokens in steps:
         token = int(tokens[0])
         if token in stops:
             break

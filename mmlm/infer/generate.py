@@ -110,14 +110,10 @@ def prefill_llm(model: LlavaMini, embeds: jax.Array, positions: jax.Array, key_v
     return model.llm.logits(hidden[:, -1]).astype(jnp.float32), cache
 
 
-def prefill(cfg: ModelConfig, params: Params, batch: Batch, sp: SamplingParams, rng: jax.Array, *,
-            max_new_tokens: int, num_vision_tokens: int | None, greedy: bool) -> DecodeState:
-    """Runs the prompt through the model and samples answer token 0.
-
-    batch: input_ids / attention_mask / fuse_mask (B, T) right-padded prompts
-    (see `mmlm.infer.batching.make_batch`), and for media `images`
-    (B, F, K, H, W, 3) + `frame_mask` (B, F).
-    """
+def prefill_logits(cfg: ModelConfig, params: Params, batch: Batch, *, max_new_tokens: int,
+                   num_vision_tokens: int | None) -> tuple[jax.Array, KVCache, jax.Array, jax.Array]:
+    """The prompt through the model: next-token logits (B, V) fp32 after the last prompt token, the cache
+    (S = P + max_new_tokens slots), key_valid (B, S) and the valid prompt tokens per row (B,)."""
     model = LlavaMini(cfg)
     variables = {"params": params}
     inputs = model.apply(variables, batch, num_vision_tokens, "left", method=LlavaMini.build_llm_inputs)
@@ -127,8 +123,20 @@ def prefill(cfg: ModelConfig, params: Params, batch: Batch, sp: SamplingParams, 
     cache = init_cache(cfg.llm, b, slots, cfg.compute_dtype, per_layer=not cfg.scan_layers)
     key_valid = jnp.concatenate([valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
     logits, cache = model.apply(variables, embeds, positions, key_valid, cache, method=prefill_llm)
-    return start_decoding(logits, cache, key_valid, valid.sum(axis=1), sp, rng, max_new_tokens=max_new_tokens,
-                          greedy=greedy)
+    return logits, cache, key_valid, valid.sum(axis=1)
+
+
+def prefill(cfg: ModelConfig, params: Params, batch: Batch, sp: SamplingParams, rng: jax.Array, *,
+            max_new_tokens: int, num_vision_tokens: int | None, greedy: bool) -> DecodeState:
+    """Runs the prompt through the model and samples answer token 0.
+
+    batch: input_ids / attention_mask / fuse_mask (B, T) right-padded prompts
+    (see `mmlm.infer.batching.make_batch`), and for media `images`
+    (B, F, K, H, W, 3) + `frame_mask` (B, F).
+    """
+    logits, cache, key_valid, n_valid = prefill_logits(cfg, params, batch, max_new_tokens=max_new_tokens,
+                                                       num_vision_tokens=num_vision_tokens)
+    return start_decoding(logits, cache, key_valid, n_valid, sp, rng, max_new_tokens=max_new_tokens, greedy=greedy)
 
 
 def start_decoding(logits: jax.Array, cache: KVCache, key_valid: jax.Array, prompt_valid: jax.Array,
@@ -245,9 +253,9 @@ def with_vision_features(model: LlavaMini | ModelConfig, params: Params, batch: 
 
     Generation from such a batch skips the vision tower: scoring several
     Matryoshka budgets runs the ViT once per batch instead of once per budget.
-    A batch without media is returned as it is.
+    A batch without media, or one that already carries them, is returned as it is.
     """
-    if "images" not in batch:
+    if "images" not in batch or "vision_features" in batch:
         return batch
     feats = _vision_features_jit(_model_cfg(model), nn.unbox(params), batch)
     return {**batch, "vision_features": feats}

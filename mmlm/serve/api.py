@@ -46,7 +46,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 MAX_STOP_SEQUENCES = 4
 # Request bodies up to this size (bytes) are parsed on the event loop: decoding a small inline image takes
 # well under a millisecond, less than handing it to a worker thread and back. Larger bodies, videos, file://
-# media and "auto" budgets (which run the model) are parsed in a worker thread so the loop keeps serving.
+# media are parsed in a worker thread so the loop keeps serving (and "auto" budgets' cascades run in one).
 INLINE_PARSE_BYTES = 64 * 1024
 
 
@@ -85,7 +85,7 @@ class ChatRequest:
     fuse_mask: list[bool]
     pixels: Any  # np.ndarray (F, K, H, W, 3) or None
     media_kind: str | None
-    num_vision_tokens: int | None  # the budget to answer at (chosen by the cascade for "auto")
+    num_vision_tokens: int | str | None  # the budget to answer at, or "auto" (an image request: the cascade's)
     max_tokens: int
     temperature: float
     top_p: float
@@ -94,7 +94,6 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     ignore_eos: bool = False
-    auto_confidences: list[float] | None = None  # "auto": first-token probabilities at the budgets tried
 
 
 def _budget(body: dict, im: InferenceModel) -> int | str | None:
@@ -264,14 +263,11 @@ def parse_chat_request(body: Any, im: InferenceModel, settings: ServerSettings) 
         raise ApiError(400, f"the prompt is {len(prompt)} tokens, more than the model's text length of "
                             f"{im.max_text_len} tokens; shorten the question or the conversation", "messages",
                        "context_length_exceeded")
-    seen = None
-    if budget == cascade.AUTO:  # a text-only prompt has no vision tokens: no budget to choose
-        budget, seen = (None, None) if pixels is None else cascade.prompt_budget(im, prompt, fuse, pixels,
-                                                                                  settings.auto_threshold)
+    if budget == cascade.AUTO and pixels is None:  # a text-only prompt has no vision tokens: no budget to choose
+        budget = None
     return ChatRequest(prompt=prompt, fuse_mask=fuse, pixels=pixels, media_kind=media[0] if media else None,
                        num_vision_tokens=budget, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                       seed=seed, stop=stop, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos,
-                       auto_confidences=seen)
+                       seed=seed, stop=stop, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos)
 
 
 # ---------------------------------------------------------------------- text output
@@ -399,7 +395,6 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     def _parse_inline(raw: bytes, body: Any) -> bool:
         """Whether a chat request is cheap enough to parse on the event loop (see INLINE_PARSE_BYTES)."""
         return (len(raw) <= INLINE_PARSE_BYTES and isinstance(body, dict)
-                and not cascade.is_auto(body.get("num_vision_tokens"))
                 and b"video_url" not in raw and b"file:" not in raw)  # a file's size is not the body's
 
     # -------------------------------------------------------------- routes
@@ -497,11 +492,18 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         """Submits a parsed request (ending its `expect`) and answers it, streamed or not."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        auto = parsed.num_vision_tokens == cascade.AUTO
         req = Request(prompt=parsed.prompt, fuse_mask=parsed.fuse_mask, pixels=parsed.pixels,
-                      num_vision_tokens=parsed.num_vision_tokens, max_tokens=parsed.max_tokens,
+                      num_vision_tokens=None if auto else parsed.num_vision_tokens, max_tokens=parsed.max_tokens,
                       temperature=parsed.temperature, top_p=parsed.top_p, seed=parsed.seed,
                       ignore_eos=parsed.ignore_eos,
                       emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+        try:
+            if auto:  # the cascade's prefills, in a worker thread; the engine inserts the last one as it is
+                await run_in_threadpool(engine.choose_budget, req, settings.auto_threshold)
+        except BaseException:
+            engine.unexpect()
+            raise
         try:
             engine.submit(req, expected=True)
         except RuntimeError as e:

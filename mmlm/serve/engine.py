@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import queue
 import threading
 import time
@@ -58,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmlm.infer.batching import PROMPT_BUCKET, make_batch, round_up, views_per_frame
-from mmlm.infer.generate import SamplingParams, prefill, top_p_filter
+from mmlm.infer.generate import DecodeState, SamplingParams, prefill, top_p_filter
 from mmlm.infer.loading import InferenceModel
 from mmlm.models.config import ModelConfig
 from mmlm.models.llama import KVCache, init_cache
@@ -100,6 +101,9 @@ class Request:
     seed: int
     emit: Callable[[str, Any], None]
     ignore_eos: bool = False  # decode past stop tokens up to max_tokens (fixed-length benchmarks)
+    # `Engine.choose_budget`'s prefill at the budget it chose (a one-row `DecodeState`), inserted as it is. It
+    # lives on the device while the request waits for a slot: a cache of the prompt's length only.
+    prefilled: DecodeState | None = None
     cancelled: bool = False
     prompt_tokens: int = 0  # LLM prompt length (text + vision tokens), set by the prefill
     generated: int = 0
@@ -194,6 +198,18 @@ def _prefill_into(cfg: ModelConfig, params: Any, st: SlotState, batch: dict, slo
 
 _prefill_into_jit = jax.jit(_prefill_into, static_argnames=("cfg", "num_vision_tokens", "greedy"),
                             donate_argnames=("st",))
+
+
+@functools.partial(jax.jit, static_argnames=("greedy",), donate_argnames=("st",))
+def _insert_prefilled(st: SlotState, pre: DecodeState, slots: jax.Array, keys: jax.Array, sp: SamplingParams, *,
+                      greedy: bool) -> tuple[SlotState, jax.Array]:
+    """`_prefill_into`'s insertion of a prefill already made (`Engine.choose_budget`): (1, 2) [first token,
+    n_valid]."""
+    first, n_valid = pre.tokens[:, 0], pre.prompt_valid
+    g = slots.shape[0]
+    st = _insert(st, pre.cache, pre.key_valid, slots, first, n_valid, keys, jnp.full((g,), sp.temperature),
+                 jnp.full((g,), sp.top_p), jnp.full((g,), greedy))
+    return st, jnp.stack([first, n_valid], axis=1)
 
 
 # ----------------------------------------------------------------------------- engine
@@ -502,7 +518,8 @@ class Engine:
 
         With `prefill_group` 1 every request is its own batch. Otherwise greedy requests whose batches have
         the same shapes (media shape, budget, text bucket) share batches of up to `prefill_group` rows;
-        sampled requests stay alone (each needs its own key for its first token).
+        sampled requests stay alone (each needs its own key for its first token), and so do requests
+        prefilled by `choose_budget`.
         """
         if self.prefill_group == 1:
             return [[req] for req in reqs]
@@ -513,7 +530,7 @@ class Engine:
                 shape = self._shape(req)
             except ValueError:  # an unsupported budget: its prefill alone reports it
                 shape = None
-            if req.temperature != 0.0 or shape is None:
+            if req.temperature != 0.0 or shape is None or req.prefilled is not None:
                 groups.append([req])
                 continue
             by_shape.setdefault(shape, []).append(req)
@@ -553,7 +570,11 @@ class Engine:
         another batch size, so its logits may differ from the batch of 1's in the last bits.
         """
         args = self._group_inputs(group)
-        if len(group) > 1:  # compiled ahead of time (`_groups`): the jitted program below, for these shapes
+        if group[0].prefilled is not None:  # the cascade's prefill at the budget it chose
+            self._state, out = _insert_prefilled(self._state, group[0].prefilled, args["slots"], args["keys"],
+                                                 args["sp"], greedy=args["greedy"])
+            group[0].prefilled = None  # its cache now lives in the slot
+        elif len(group) > 1:  # compiled ahead of time (`_groups`): the jitted program below, for these shapes
             program = self._group_programs[(len(args["slots"]), self._shape(group[0]))]
             self._state, out = program(self.params, self._state, args["batch"], args["slots"], args["keys"],
                                        args["sp"])
@@ -582,6 +603,22 @@ class Engine:
                                  top_p=np.float32(req.top_p), stop_ids=self._stop_array, pad_id=self._stop_array[0]),
             "m": self.cfg.check_budget(req.num_vision_tokens) if req.pixels is not None else None,
             "greedy": greedy}
+
+    def choose_budget(self, req: Request, threshold: float) -> list[float]:
+        """`num_vision_tokens: "auto"` for an image request, on the calling thread (the HTTP layer's worker,
+        while this engine decodes): the confidence cascade (`mmlm.infer.cascade.cascade_prefill`) on the
+        inputs `_prefill` would build for it, with its key. Sets `req.num_vision_tokens` to the budget it
+        stopped at and `req.prefilled` to the prefill there, which `_prefill` then inserts as it is: the
+        answer is the fixed-budget request's, and the prefill is not run twice. Returns the first-token
+        probabilities seen."""
+        from mmlm.infer.cascade import cascade_prefill
+
+        args = self._group_inputs([req])
+        rng = jax.random.split(args["keys"][0])[1]  # as `_prefill_into` draws answer token 0
+        chosen = cascade_prefill(self.cfg, self.params, args["batch"], threshold, args["sp"], rng, max_new_tokens=1,
+                                 greedy=args["greedy"])
+        req.num_vision_tokens, req.prefilled = chosen.budget, chosen.state
+        return chosen.confidences
 
     def _step(self) -> None:
         start = time.perf_counter()
