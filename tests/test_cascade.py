@@ -151,8 +151,8 @@ def test_a_chat_turn_continues_from_the_cascades_prefill_and_reuses_the_image_fe
             assert seen[0][1] == pytest.approx(conf[: len(seen[0][1])], rel=0, abs=0)  # `mmlm eval`'s numbers
     monkeypatch.undo()
     noise = np.random.default_rng(1).random(pixels.shape).astype(pixels.dtype)
-    for budget, t in fixed:
-        assert ask(budget, t, feats=features, shown=noise)[0] == fixed[(budget, t)]
+    for budget in (1, 4):
+        assert ask(budget, 0.0, feats=features, shown=noise)[0] == fixed[(budget, 0.0)]
 
 
 @pytest.mark.parametrize("which, extra, message", [
