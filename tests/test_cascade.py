@@ -40,6 +40,16 @@ def models(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def decisive(tmp_path_factory):
+    """A tiny random Matryoshka model (budgets 1, 4) with weights large enough that the budget changes its
+    answers, loaded for inference."""
+    root = tmp_path_factory.mktemp("decisive")
+    config = load_config("configs/tiny.py")
+    save_model(str(root / "mat"), random_params(model_config_from_dict(config.model), seed=3, std=0.3), config)
+    return load_inference_model(checkpoint=str(root / "mat"))
+
+
 def test_the_cascade_answers_as_the_fixed_budget_it_stops_at(models):
     im = load_inference_model(checkpoint=str(models / "mat"))
     rows = read_jsonl(models / "data" / "val_questions.jsonl")
@@ -107,7 +117,7 @@ def test_eval_auto_row_and_chat_says_which_budget(models, capsys):
     assert "auto: answered with 4 vision token(s)" in err.getvalue()  # a random model is never 50% sure
 
 
-def test_a_chat_turn_continues_from_the_cascades_prefill_and_reuses_the_image_features(models, tmp_path, monkeypatch):
+def test_a_chat_turn_continues_from_the_cascades_prefill_and_reuses_the_image_features(models, decisive, monkeypatch):
     """`mmlm chat`'s auto turn: the answer is the fixed-budget answer where the cascade stops (greedy and
     sampled, same key), decoded from the cascade's own prefill (generation's `stream` never runs), with the
     confidences `mmlm eval` scores on; the image's features, computed once, stand in for the vision tower
@@ -119,9 +129,7 @@ def test_a_chat_turn_continues_from_the_cascades_prefill_and_reuses_the_image_fe
     from mmlm.infer.chat import answer, image_features
     from mmlm.infer.loading import encode_question, load_image_pixels
 
-    config = load_config("configs/tiny.py")  # weights large enough that the budget changes the answers
-    save_model(str(tmp_path / "mat"), random_params(model_config_from_dict(config.model), seed=3, std=0.3), config)
-    im = load_inference_model(checkpoint=str(tmp_path / "mat"))
+    im = decisive
     pixels = load_image_pixels(im, models / "img.png")
     features = image_features(im, pixels)
     question = "What color is the shape?"
@@ -153,6 +161,33 @@ def test_a_chat_turn_continues_from_the_cascades_prefill_and_reuses_the_image_fe
     noise = np.random.default_rng(1).random(pixels.shape).astype(pixels.dtype)
     for budget in (1, 4):
         assert ask(budget, 0.0, feats=features, shown=noise)[0] == fixed[(budget, 0.0)]
+
+
+def test_a_batch_decodes_from_the_cascades_prefills_as_each_rows_fixed_budget(decisive):
+    """`generate_cascade` (lmms-eval's auto): rows stop at different budgets, and each row's answer, greedy or
+    sampled with one key, is `generate`'s at its budget."""
+    from mmlm.infer.batching import make_batch
+    from mmlm.infer.generate import generate, with_vision_features
+    from mmlm.infer.loading import encode_question
+
+    im = decisive
+    rng = np.random.default_rng(2)
+    prompts = [encode_question(im, q, True, []) for q in ("What color?", "How many shapes are there?", "Is it red?",
+                                                          "What shape is the object?")]
+    pixels = [rng.random((1, 1, im.image_size, im.image_size, 3), np.float32) for _ in prompts]
+    batch = make_batch(im.cfg, prompts, pixels, pad_id=im.tokenizer.pad_id, batch_size=5)  # one padding row
+    conf = cascade.confidences(im.cfg, im.params, with_vision_features(im.cfg, im.params, batch), (1, 4))
+    threshold = float(np.median(conf[:4, 0]))
+    for temperature in (0.0, 2.0):
+        kw = dict(max_new_tokens=4, eos_id=im.stop_ids, temperature=temperature, top_p=0.9,
+                  rng=__import__("jax").random.PRNGKey(4))
+        tokens, lengths, used, seen = cascade.generate_cascade(im.cfg, im.params, batch, threshold, rows=4, **kw)
+        assert sorted(set(used[:4].tolist())) == [1, 4]
+        assert np.array_equal(seen[:4, 0], conf[:4, 0])
+        fixed = {m: generate(im.cfg, im.params, batch, num_vision_tokens=m, **kw) for m in (1, 4)}
+        for j in range(4):
+            t, n = fixed[int(used[j])]
+            assert tokens[j].tolist() == t[j].tolist() and lengths[j] == n[j]
 
 
 @pytest.mark.parametrize("which, extra, message", [

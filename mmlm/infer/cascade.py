@@ -201,7 +201,9 @@ def cascade_stops(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshol
 
 
 def generate_cascade(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshold: float, *,
-                     budgets: Sequence[int] | None = None, rows: int | None = None, **generate_kwargs: Any
+                     budgets: Sequence[int] | None = None, rows: int | None = None, max_new_tokens: int,
+                     eos_id: int | Sequence[int], temperature: float = 0.0, top_p: float = 1.0,
+                     rng: jax.Array | None = None, pad_id: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Batched generation at the budget the cascade chooses per row.
 
@@ -209,31 +211,53 @@ def generate_cascade(cfg: ModelConfig, params: Any, batch: dict[str, Any], thres
       batch: as `mmlm.infer.generate.generate` takes it (B rows, the first `rows` real).
       threshold: first-token probability below which a row escalates to the next budget.
       budgets: the cascade's budgets, smallest first (default `cascade_budgets(cfg)`).
-      generate_kwargs: `generate`'s other arguments (max_new_tokens, eos_id, temperature, rng, ...).
+      max_new_tokens, eos_id, temperature, top_p, rng, pad_id: as `generate` takes them.
 
     Returns:
       tokens (B, max_new_tokens) and lengths (B,) as `generate` returns them, the budget each row
       answered at (B,) (0 for a batch without media: the budget changes nothing, no cascade runs), and
       the confidences seen (B, K), NaN past each row's stop.
 
-    The vision tower runs once; the batch is generated once per budget that one of its rows stops at, and
-    each row keeps the generation at its own budget: exactly the fixed-budget answer there.
+    The vision tower runs once. Each budget tried is one prefill of generation (`prefill_with_confidence`),
+    and where rows stop the batch decodes from it: each row keeps the generation at its own budget, exactly
+    the fixed-budget answer there, with no prefill run twice.
     """
-    from mmlm.infer.generate import generate, with_vision_features
+    from mmlm.infer.generate import decode_loop_jit, generate, sampling_params, with_vision_features
 
     budgets = tuple(int(m) for m in (budgets or cascade_budgets(cfg)))
     b = int(np.asarray(batch["input_ids"]).shape[0])
+    kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, top_p=top_p, rng=rng,
+              pad_id=pad_id)
     if "images" not in batch:
-        tokens, lengths = generate(cfg, params, batch, **generate_kwargs)
+        tokens, lengths = generate(cfg, params, batch, **kw)
         return tokens, lengths, np.zeros(b, int), np.full((b, len(budgets)), np.nan)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    params = nn.unbox(params)
+    sp, greedy = sampling_params(temperature, top_p, eos_id, pad_id)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
     batch = with_vision_features(cfg, params, batch)
-    stop, conf = cascade_stops(cfg, params, batch, threshold, budgets, rows)
+    n = b if rows is None else int(rows)
+    conf = np.full((b, len(budgets)), np.nan)
+    stop = np.full(b, len(budgets) - 1)
+    going = np.ones(b, bool)
     tokens = lengths = None
-    for k in sorted(set(stop[: b if rows is None else int(rows)].tolist())):  # padding rows: any answer
-        t, n = generate(cfg, params, batch, num_vision_tokens=budgets[k], **generate_kwargs)
-        if tokens is None:
-            tokens, lengths = t.copy(), n.copy()
-        tokens[stop == k], lengths[stop == k] = t[stop == k], n[stop == k]
+    for k, m in enumerate(budgets):
+        state, c = prefill_with_confidence(cfg, params, batch, sp, rng, max_new_tokens=max_new_tokens,
+                                           num_vision_tokens=m, greedy=greedy)
+        c = np.asarray(c, np.float64)  # compared in float64, as `stop_index` does
+        conf[going, k] = c[going]
+        here = going & ((c >= float(threshold)) | (k == len(budgets) - 1))
+        stop[here] = k
+        going &= ~here
+        if here[:n].any():  # padding rows take any answer
+            state = decode_loop_jit(cfg, params, state, sp, greedy=greedy)
+            t, lens = np.asarray(state.tokens), np.asarray(state.lengths)
+            if tokens is None:
+                tokens, lengths = t.copy(), lens.copy()
+            tokens[here], lengths[here] = t[here], lens[here]
+        if not going[:n].any():
+            break
     return tokens, lengths, np.asarray(budgets)[stop], conf
 
 

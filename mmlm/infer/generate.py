@@ -201,6 +201,7 @@ def _generate_jit(cfg: ModelConfig, params: Params, batch: Batch, sp: SamplingPa
 
 
 prefill_jit = jax.jit(prefill, static_argnames=("cfg", "max_new_tokens", "num_vision_tokens", "greedy"))
+decode_loop_jit = jax.jit(decode_loop, static_argnames=("cfg", "greedy"), donate_argnames=("state",))
 # The cache is updated in place when the state is donated (one cache live, not two).
 decode_step_jit = jax.jit(decode_step, static_argnames=("cfg", "greedy"), donate_argnames=("state",))
 
