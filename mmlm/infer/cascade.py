@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -174,10 +174,36 @@ def check_disjoint(calibration: Sequence[dict[str, Any]], evaluation: Sequence[d
                         "raw/train_questions.jsonl), never on the questions being scored")
 
 
+def escalate(budgets: Sequence[int], threshold: float, batch_rows: int, rows: int | None,
+             measure: Callable[[int], tuple[Any, Any]],
+             on_stop: Callable[[int, np.ndarray, Any], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The cascade's escalation, whatever each budget's step computes: `measure(m)` -> (confidences (B,),
+    anything) runs per budget, smallest first, while one of the first `rows` rows (default: all; the rest
+    are padding) is below `threshold`; `on_stop(k, stopping (B,) bool, what measure(budgets[k]) returned)`
+    hears the rows that stop at budget k (the largest takes every row left). Returns per row the index it
+    stopped at (B,) and the confidences seen (B, K) float64, NaN past each row's stop."""
+    n = batch_rows if rows is None else int(rows)
+    conf = np.full((batch_rows, len(budgets)), np.nan)
+    stop = np.full(batch_rows, len(budgets) - 1)
+    going = np.ones(batch_rows, bool)
+    for k, m in enumerate(budgets):
+        c, out = measure(int(m))
+        c = np.asarray(c, np.float64)  # compared in float64, as `stop_index` does
+        conf[going, k] = c[going]
+        here = going & ((c >= float(threshold)) | (k == len(budgets) - 1))
+        stop[here] = k
+        going &= ~here
+        if on_stop is not None and here[:n].any():
+            on_stop(k, here, out)
+        if not going[:n].any():
+            break
+    return stop, conf
+
+
 def cascade_stops(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshold: float,
                   budgets: Sequence[int], rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The cascade on a batch: per row the index into `budgets` it stops at (B,), and the confidences it
-    saw (B, K) float64, NaN past each row's stop.
+    saw (B, K) float64, NaN past each row's stop (`escalate`).
 
     The batch should carry `vision_features` (`with_vision_features`: the vision tower once). The next
     budget's prefill runs only while one of the first `rows` rows (default: all; the rest are padding)
@@ -185,19 +211,7 @@ def cascade_stops(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshol
     """
     params = nn.unbox(params)
     b = int(np.asarray(batch["input_ids"]).shape[0])
-    n = b if rows is None else int(rows)
-    conf = np.full((b, len(budgets)), np.nan)
-    stop = np.full(b, len(budgets) - 1)
-    going = np.ones(b, bool)
-    for k, m in enumerate(budgets):
-        c = np.asarray(first_token_confidence(cfg, params, batch, int(m)), np.float64)
-        conf[going, k] = c[going]
-        done = going & (c >= float(threshold))
-        stop[done] = k
-        going &= ~done
-        if not going[:n].any():
-            break
-    return stop, conf
+    return escalate(budgets, threshold, b, rows, lambda m: (first_token_confidence(cfg, params, batch, m), None))
 
 
 def generate_cascade(cfg: ModelConfig, params: Any, batch: dict[str, Any], threshold: float, *,
@@ -237,41 +251,32 @@ def generate_cascade(cfg: ModelConfig, params: Any, batch: dict[str, Any], thres
     sp, greedy = sampling_params(temperature, top_p, eos_id, pad_id)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     batch = with_vision_features(cfg, params, batch)
-    n = b if rows is None else int(rows)
-    conf = np.full((b, len(budgets)), np.nan)
-    stop = np.full(b, len(budgets) - 1)
-    going = np.ones(b, bool)
-    tokens = lengths = None
-    for k, m in enumerate(budgets):
-        state, c = prefill_with_confidence(cfg, params, batch, sp, rng, max_new_tokens=max_new_tokens,
-                                           num_vision_tokens=m, greedy=greedy)
-        c = np.asarray(c, np.float64)  # compared in float64, as `stop_index` does
-        conf[going, k] = c[going]
-        here = going & ((c >= float(threshold)) | (k == len(budgets) - 1))
-        stop[here] = k
-        going &= ~here
-        if here[:n].any():  # padding rows take any answer
-            state = decode_loop_jit(cfg, params, state, sp, greedy=greedy)
-            t, lens = np.asarray(state.tokens), np.asarray(state.lengths)
-            if tokens is None:
-                tokens, lengths = t.copy(), lens.copy()
-            tokens[here], lengths[here] = t[here], lens[here]
-        if not going[:n].any():
-            break
+    answers: dict[str, np.ndarray] = {}
+    prefill_at = functools.partial(prefill_with_confidence, cfg, params, batch, sp, rng,
+                                   max_new_tokens=max_new_tokens, greedy=greedy)  # budget m -> (conf, state)
+
+    def decode(k: int, here: np.ndarray, state: Any) -> None:  # padding rows keep any answer
+        state = decode_loop_jit(cfg, params, state, sp, greedy=greedy)
+        for name, value in (("tokens", state.tokens), ("lengths", state.lengths)):
+            value = np.asarray(value)
+            answers.setdefault(name, value.copy())[here] = value[here]
+
+    stop, conf = escalate(budgets, threshold, b, rows, lambda m: prefill_at(num_vision_tokens=m), decode)
+    tokens, lengths = answers["tokens"], answers["lengths"]
     return tokens, lengths, np.asarray(budgets)[stop], conf
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "num_vision_tokens", "greedy"))
 def prefill_with_confidence(cfg: ModelConfig, params: Any, batch: dict[str, Any], sp: Any, rng: jax.Array, *,
-                            max_new_tokens: int, num_vision_tokens: int, greedy: bool) -> tuple[Any, jax.Array]:
-    """Generation's prefill (`mmlm.infer.generate.prefill`, the same arithmetic and answer token 0) and the
-    greedy first token's probability (B,) from its logits."""
+                            max_new_tokens: int, num_vision_tokens: int, greedy: bool) -> tuple[jax.Array, Any]:
+    """The greedy first token's probability (B,) and generation's prefill (`mmlm.infer.generate.prefill`, the
+    same arithmetic and answer token 0) it was read from."""
     from mmlm.infer.generate import prefill_logits, start_decoding
 
     logits, cache, key_valid, n_valid = prefill_logits(cfg, params, batch, max_new_tokens=max_new_tokens,
                                                        num_vision_tokens=num_vision_tokens)
     state = start_decoding(logits, cache, key_valid, n_valid, sp, rng, max_new_tokens=max_new_tokens, greedy=greedy)
-    return state, jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+    return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1), state
 
 
 @dataclasses.dataclass
@@ -296,14 +301,13 @@ def cascade_prefill(cfg: ModelConfig, params: Any, batch: dict[str, Any], thresh
     budgets = tuple(int(m) for m in (budgets or cascade_budgets(cfg)))
     params = nn.unbox(params)
     batch = with_vision_features(cfg, params, batch)
-    seen: list[float] = []
-    for k, m in enumerate(budgets):
-        state, conf = prefill_with_confidence(cfg, params, batch, sp, rng, max_new_tokens=max_new_tokens,
-                                              num_vision_tokens=m, greedy=greedy)
-        seen.append(float(np.asarray(conf, np.float64)[0]))  # compared in float64, as `stop_index` does
-        if seen[-1] >= float(threshold) or k == len(budgets) - 1:
-            return CascadePrefill(m, seen, state)
-    raise AssertionError("unreachable: the largest budget always stops the cascade")
+    stopped: dict[int, Any] = {}
+    prefill_at = functools.partial(prefill_with_confidence, cfg, params, batch, sp, rng,
+                                   max_new_tokens=max_new_tokens, greedy=greedy)  # budget m -> (conf, state)
+    stop, conf = escalate(budgets, threshold, 1, None, lambda m: prefill_at(num_vision_tokens=m),
+                          lambda k, here, state: stopped.setdefault(k, state))
+    k = int(stop[0])
+    return CascadePrefill(budgets[k], [float(c) for c in conf[0, : k + 1]], stopped[k])
 
 
 def is_auto(value: Any) -> bool:

@@ -48,8 +48,9 @@ questions that overlap the shipped `mmlm_questions` task's file
 (`MMLM_QUESTIONS`) are refused. `generate_until` runs
 `mmlm.infer.cascade.generate_cascade`: the vision tower once per batch, one
 prefill per budget tried (decoding continues from it where requests stop), and
-each answer is the fixed-budget answer at the budget its request stopped at (a sampled request chooses its
-budget by the greedy first token's probability, then samples there).
+each answer is the fixed-budget answer at the budget its request stopped at (a
+sampled request chooses its budget by the greedy first token's probability,
+then samples there).
 `loglikelihood` scores a continuation at the budget the cascade stops at for
 its context (the same prompt and image `generate_until` would answer): the
 budget depends on the question, not on the continuation being scored, so the
